@@ -1,0 +1,48 @@
+"""KV cache: preallocated buffers written by position, with an explicit committed length per row.
+
+Invariant (SPEC 1.3): the committed part only ever holds causal keys/values of committed tokens.
+Slots past a row's committed length are scratch: a causal pass may write them (speculative verify)
+and ``crop`` rolls the length back; bidirectional passes only read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # committed length per row
+        self.max_len = max_len
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def prefix(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the first ``length`` slots of one layer, (B, KV, length, D) each."""
+        return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, KV, n, D) at absolute positions (B, n) of each row."""
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"KV cache overflow: position {int(positions.max())} >= max_len {self.max_len}")
+        index = positions[:, None, :, None].expand_as(k)  # (B, KV, n, D)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+
+    def commit(self, lengths: torch.Tensor) -> None:
+        """Declare the first ``lengths[b]`` slots of row b committed (done by a cache-writing forward)."""
+        if bool((lengths < self.lengths).any()):
+            raise ValueError("commit cannot shrink the cache; use crop")
+        self.lengths = lengths.clone()
+
+    def crop(self, lengths: torch.Tensor) -> None:
+        """Roll committed lengths back (rejected speculation); the dropped slots become scratch."""
+        if bool((lengths > self.lengths).any()):
+            raise ValueError("crop cannot grow the cache; use commit")
+        self.lengths = lengths.clone()

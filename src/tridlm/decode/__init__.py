@@ -1,0 +1,58 @@
+"""Decoding entry points: ``stream`` yields committed tokens, ``generate`` collects them.
+
+The three decoders share prefill, sampling and stopping (``common``); each one's loop is a generator
+over a ``DecodeState``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from tridlm.decode.ar import ar
+from tridlm.decode.common import MODES, DecodeState, GenerationConfig, Row, prefill
+from tridlm.decode.diffusion import diffusion
+from tridlm.decode.spec import spec
+from tridlm.model import TriModel
+
+DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec}
+
+__all__ = ["MODES", "DecodeState", "GenerationConfig", "Row", "generate", "stream"]
+
+
+@torch.inference_mode()
+def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
+           eos_ids: Sequence[int] = (), detokenize: Callable[[list[int]], str] | None = None,
+           state: DecodeState | None = None) -> Iterator[list[tuple[int, list[int]]]]:
+    """Decode a batch of token prompts, yielding (row, newly committed tokens) pairs per cycle.
+
+    Pass your own ``state`` to read per-row results and counts (``state.rows``, ``state.stats()``).
+    """
+    cfg.validate()
+    state = state or DecodeState(len(prompts), cfg, eos_ids, detokenize)
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(model.device).manual_seed(cfg.seed)
+    max_len = max(len(p) for p in prompts) + cfg.max_tokens + cfg.block_size + 1
+    if max_len > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_tokens ({cfg.max_tokens}) "
+                         f"exceeds the model's context of {model.cfg.max_seq_len}")
+    cache, logits = prefill(model, prompts, max_len)
+    state.prefill_s = time.perf_counter() - state.start
+    sampler = cfg.sampler
+    seed = sampler.pick(sampler.distribution(logits), generator)  # (B,) first new token
+    for i, t in enumerate(seed.tolist()):
+        state.emit(i, [t])
+    yield state.flush()
+    yield from DECODERS[cfg.mode](model, cache, seed, state, generator)
+
+
+def generate(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
+             eos_ids: Sequence[int] = (), detokenize: Callable[[list[int]], str] | None = None) -> DecodeState:
+    """Decode to the end; the returned state holds each row's tokens and the call's stats."""
+    state = DecodeState(len(prompts), cfg.validate(), eos_ids, detokenize)
+    for _ in stream(model, prompts, cfg, state=state):
+        pass
+    return state

@@ -1,0 +1,25 @@
+"""Autoregressive decoding (SPEC 3.1): one causal forward, one token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from tridlm import masks
+from tridlm.cache import KVCache
+from tridlm.decode.common import DecodeState, forward_block
+from tridlm.model import TriModel
+
+
+def ar(model: TriModel, cache: KVCache, seed: torch.Tensor, state: DecodeState,
+       generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
+    """Yield committed tokens per step; ``seed`` (B,) is the last sampled token, not yet cached."""
+    sampler = state.cfg.sampler
+    while not state.all_done:
+        logits = forward_block(model, cache, seed[:, None], masks.causal, write=True)  # (B, 1, V)
+        state.count_forward()
+        seed = sampler.pick(sampler.distribution(logits[:, -1]), generator)
+        for i, t in enumerate(seed.tolist()):
+            state.emit(i, [t])
+        yield state.flush()

@@ -1,0 +1,191 @@
+"""What every decoder shares: the request config, prefill, per-row stopping and counting, forwards."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tridlm import masks
+from tridlm.cache import KVCache
+from tridlm.model import TriModel
+from tridlm.sampling import Sampler
+
+MODES = ("ar", "diffusion", "spec")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding knobs of one request (SPEC 3.5). ``validate`` rejects anything out of range."""
+
+    mode: str = "ar"
+    block_size: int = 32
+    threshold: float | None = 0.9  # diffusion: commit confidence; None = one token per step
+    max_steps_per_block: int | None = None  # diffusion: default block_size
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> GenerationConfig:
+        def bad(name, why):
+            raise ValueError(f"invalid {name}={getattr(self, name)!r}: {why}")
+        if self.mode not in MODES:
+            bad("mode", f"expected one of {', '.join(MODES)}")
+        if not 1 <= self.block_size <= 256:
+            bad("block_size", "expected an integer in [1, 256]")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            bad("threshold", "expected a probability in [0, 1]")
+        if self.max_steps_per_block is not None and self.max_steps_per_block < 1:
+            bad("max_steps_per_block", "expected a positive integer")
+        if not 0.0 <= self.temperature <= 100.0:
+            bad("temperature", "expected a value in [0, 100]")
+        if self.top_k is not None and self.top_k < 1:
+            bad("top_k", "expected a positive integer")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "expected a value in (0, 1]")
+        if self.max_tokens < 1:
+            bad("max_tokens", "expected a positive integer")
+        if any(not s for s in self.stop):
+            bad("stop", "stop strings must be non-empty")
+        return self
+
+    @property
+    def sampler(self) -> Sampler:
+        return Sampler(self.temperature, self.top_k, self.top_p)
+
+    def replace(self, **changes) -> GenerationConfig:
+        return dataclasses.replace(self, **changes).validate()
+
+
+@dataclass
+class Row:
+    """The output of one prompt of a batch."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+    nfe: int = 0  # forwards after prefill while this row was unfinished
+    accepted_lengths: list[int] = field(default_factory=list)  # spec: tokens emitted per cycle
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class DecodeState:
+    """Per-row committed tokens with exact stopping (EOS, stop strings, max_tokens) and counts."""
+
+    def __init__(self, n_rows: int, cfg: GenerationConfig, eos_ids: Sequence[int],
+                 detokenize: Callable[[list[int]], str] | None):
+        if cfg.stop and detokenize is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.cfg = cfg
+        self.rows = [Row() for _ in range(n_rows)]
+        self.eos_ids = frozenset(eos_ids)
+        self.detokenize = detokenize
+        self.forwards = 0
+        self.start = time.perf_counter()
+        self.prefill_s = 0.0
+        self._fresh: list[list[int]] = [[] for _ in range(n_rows)]
+        # Enough trailing tokens to contain any stop string (a token decodes to >= 1 char, bar split UTF-8).
+        self._stop_window = max((len(s) for s in cfg.stop), default=0) + 8
+
+    @property
+    def all_done(self) -> bool:
+        return all(r.done for r in self.rows)
+
+    def active(self, device) -> torch.Tensor:
+        return torch.tensor([not r.done for r in self.rows], device=device)
+
+    def count_forward(self) -> None:
+        self.forwards += 1
+        for r in self.rows:
+            r.nfe += not r.done
+
+    def emit(self, i: int, tokens: Sequence[int]) -> None:
+        """Commit tokens to row i, stopping exactly at EOS, a stop string or max_tokens."""
+        row = self.rows[i]
+        now = time.perf_counter() - self.start
+        for t in tokens:
+            if row.done:
+                return
+            row.tokens.append(int(t))
+            self._fresh[i].append(int(t))
+            row.first_token_s = row.first_token_s if row.first_token_s is not None else now
+            row.last_token_s = now
+            if int(t) in self.eos_ids:
+                row.finish_reason = "stop"
+            elif self.cfg.stop and any(s in self.detokenize(row.tokens[-self._stop_window:]) for s in self.cfg.stop):
+                row.finish_reason = "stop"
+            elif len(row.tokens) >= self.cfg.max_tokens:
+                row.finish_reason = "length"
+
+    def flush(self) -> list[tuple[int, list[int]]]:
+        """Tokens committed since the last flush, as (row, tokens) pairs."""
+        out = [(i, f) for i, f in enumerate(self._fresh) if f]
+        self._fresh = [[] for _ in self.rows]
+        return out
+
+    def text(self, i: int) -> str:
+        """Row i's text without special tokens, cut before the first stop string."""
+        text = self.detokenize(self.rows[i].tokens)
+        cuts = [text.find(s) for s in self.cfg.stop if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    def stats(self) -> dict:
+        """Counts of the whole call (SPEC 2): NFE after prefill, TPF, tok/s of generated tokens."""
+        wall = time.perf_counter() - self.start
+        tokens = sum(len(r.tokens) for r in self.rows)
+        row_nfe = sum(r.nfe for r in self.rows)
+        firsts = [r.first_token_s for r in self.rows if r.first_token_s is not None]
+        itl = [(r.last_token_s - r.first_token_s) / (len(r.tokens) - 1) for r in self.rows if len(r.tokens) > 1]
+        accepted = [a for r in self.rows for a in r.accepted_lengths]
+        return {
+            "mode": self.cfg.mode,
+            "rows": len(self.rows),
+            "tokens": tokens,
+            "nfe": self.forwards,
+            "tpf": tokens / row_nfe if row_nfe else float(tokens > 0),
+            "prefill_s": self.prefill_s,
+            "ttft_s": min(firsts) if firsts else None,
+            "itl_s": sum(itl) / len(itl) if itl else None,
+            "wall_s": wall,
+            "tok_s": tokens / wall if wall > 0 else 0.0,
+            "accepted_mean": sum(accepted) / len(accepted) if accepted else None,
+            "accepted_hist": dict(sorted(Counter(accepted).items())),
+        }
+
+
+def forward_block(model: TriModel, cache: KVCache, tokens: torch.Tensor, mask_fn, *, write: bool = False,
+                  adapter: bool = False, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward tokens (B, n) placed right after each row's committed cache."""
+    n = tokens.shape[1]
+    positions = cache.lengths[:, None] + torch.arange(n, device=tokens.device)  # (B, n)
+    mask = mask_fn(cache.lengths, n, int(cache.lengths.max()))
+    return model(tokens, positions, mask, cache, write_cache=write, adapter=adapter, logits_index=logits_index)
+
+
+def prefill(model: TriModel, prompts: Sequence[Sequence[int]], max_len: int) -> tuple[KVCache, torch.Tensor]:
+    """One causal forward of the (right-padded) prompts; returns the cache and last logits (B, V)."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: at least one token is needed")
+    lengths = torch.tensor([len(p) for p in prompts], device=model.device)
+    width = int(lengths.max())
+    if width >= max_len:
+        raise ValueError(f"prompt of {width} tokens leaves no room in a context of {max_len}")
+    # Padding slots hold arbitrary tokens: no real query attends to them, and crop discards their KV.
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=model.device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    cache = model.new_cache(len(prompts), max_len)
+    logits = forward_block(model, cache, tokens, masks.causal, write=True, logits_index=(lengths - 1)[:, None])
+    cache.crop(lengths)
+    return cache, logits[:, 0]

@@ -1,0 +1,58 @@
+"""Block diffusion with confidence-threshold parallel unmasking (SPEC 3.2).
+
+Each block [seed, MASK x (n-1)] is denoised by bidirectional forwards over the read-only cache,
+committing the most confident positions, then one causal pass writes its KV and predicts the next seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from tridlm import masks, unmask
+from tridlm.cache import KVCache
+from tridlm.decode.common import DecodeState, forward_block
+from tridlm.model import TriModel
+
+
+def diffusion(model: TriModel, cache: KVCache, seed: torch.Tensor, state: DecodeState,
+              generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
+    """Yield tokens as they become committed in order (never a mask), block by block."""
+    cfg, sampler = state.cfg, state.cfg.sampler
+    n = cfg.block_size
+    max_steps = cfg.max_steps_per_block or n
+    select = unmask.rule_for(cfg.threshold)
+    if n > 1 and model.cfg.mask_id is None:
+        raise ValueError("diffusion mode with block_size > 1 needs a model with a mask token")
+    while not state.all_done:
+        block = seed[:, None].repeat(1, n)  # (B, n): [seed, MASK x (n-1)]
+        masked = torch.zeros_like(block, dtype=torch.bool)
+        masked[:, 1:] = True
+        block[masked] = model.cfg.mask_id or 0  # (no-op when n == 1)
+        emitted = [1] * len(block)  # the seed was emitted when it was sampled
+        for step in range(max_steps):
+            if not (masked & state.active(block.device)[:, None]).any():
+                break
+            probs = sampler.distribution(forward_block(model, cache, block, masks.bidirectional, adapter=True))
+            state.count_forward()
+            pred = sampler.pick(probs, generator)  # (B, n): logit i predicts token i, no shift
+            conf = probs.gather(-1, pred[..., None])[..., 0]
+            chosen = masked if step == max_steps - 1 else select(conf, masked)
+            block = torch.where(chosen, pred, block)
+            masked &= ~chosen
+            # Stream each row's committed prefix (a later position may be committed before an earlier one).
+            ready = torch.where(masked.any(-1), masked.long().argmax(-1), n).tolist()
+            for i, r in enumerate(ready):
+                state.emit(i, block[i, emitted[i] : r].tolist())
+                emitted[i] = max(emitted[i], r)
+            yield state.flush()
+        if state.all_done:
+            return
+        logits = forward_block(model, cache, block, masks.causal, write=True,
+                               logits_index=torch.full((len(block), 1), n - 1, device=block.device))
+        state.count_forward()
+        seed = sampler.pick(sampler.distribution(logits[:, 0]), generator)
+        for i, t in enumerate(seed.tolist()):
+            state.emit(i, [t])
+        yield state.flush()

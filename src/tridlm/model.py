@@ -1,0 +1,236 @@
+"""The tri-mode transformer: a pre-norm Llama-family decoder with one forward.
+
+Every decoding mode and training use the same ``TriModel.forward``; they differ only in the
+positions, the attention mask and the cache policy passed in (SPEC 1). Module names follow the
+Nemotron-Labs-Diffusion checkpoint layout (``encoder.layers.N.self_attn.q_proj`` ...,
+``diffusion_head``), so a state dict is that layout as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tridlm.cache import KVCache
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    bos_id: int | None = None
+    eos_id: int | None = None
+    mask_id: int | None = None
+
+    @staticmethod
+    def preset(name: str) -> ModelConfig:
+        """A named architecture (weights come separately)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @staticmethod
+    def load(path: Path) -> ModelConfig:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown config fields {sorted(unknown)}")
+        return ModelConfig(**data)
+
+
+PRESETS = {
+    # Random-weight model for tests: small enough for thousands of forwards per second.
+    "tiny": ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                        ffn_dim=128, rope_theta=10000.0, max_seq_len=512, bos_id=1, eos_id=2, mask_id=3),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference implementations, then cast back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer with an optional low-rank adapter, used only when asked."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out, bias=False)
+        self.lora_a: nn.Parameter | None = None
+        self.lora_b: nn.Parameter | None = None
+        self.lora_scale = 0.0
+
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """Attach a LoRA (B initialised to zero, so the adapter starts as the identity)."""
+        w = self.weight
+        self.lora_a = nn.Parameter(torch.randn(rank, w.shape[1], dtype=w.dtype, device=w.device) / math.sqrt(w.shape[1]))
+        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+        self.lora_scale = alpha / rank
+
+    def forward(self, x: torch.Tensor, adapter: bool = False) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if adapter and self.lora_a is not None:
+            y = y + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
+        return y
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for integer positions (B, n) -> two (B, 1, n, head_dim) tensors."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (B, n, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, n, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, n, D) by the half-split convention of Hugging Face Llama weights."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+
+    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None, positions, write: bool, adapter: bool):
+        B, n, _ = x.shape
+        q = self.q_proj(x, adapter).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, n, D)
+        k = self.k_proj(x, adapter).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, n, D)
+        v = self.v_proj(x, adapter).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = k, v
+        prefix = mask.shape[-1] - n  # keys are [cache[:prefix] | current]
+        if prefix:
+            pk, pv = cache.prefix(layer, prefix)  # (B, KV, prefix, D)
+            keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        if write:
+            cache.write(layer, positions, k, v)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, n, -1), adapter)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim)
+        self.up_proj = Linear(cfg.dim, cfg.ffn_dim)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor, adapter: bool) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, layer: int, cache, positions, write: bool, adapter: bool):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache, positions, write, adapter)
+        return x + self.mlp(self.post_attention_layernorm(x), adapter)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class TriModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.diffusion_head = Linear(cfg.dim, cfg.vocab_size)
+        if cfg.tie_embeddings:
+            self.diffusion_head.weight = self.encoder.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.diffusion_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diffusion_head.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=self.dtype, device=self.device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None, write_cache: bool = False, adapter: bool = False,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (float32) for tokens (B, n) at positions (B, n).
+
+        mask: (B, n, P + n) bool over keys [cache[:P] | current tokens] (see ``tridlm.masks``).
+        write_cache: store the current tokens' keys/values in ``cache`` at their positions and commit
+            them (the caller rolls back what it rejects with ``cache.crop``). Causal passes only.
+        adapter: switch on the LoRA adapter (bidirectional passes only, by convention of the decoders).
+        logits_index: (B, k) positions within the n tokens whose logits are wanted (default: all).
+        """
+        if mask.shape[-1] > tokens.shape[1] and cache is None:
+            raise ValueError("mask covers cached keys but no cache was given")
+        x = self.encoder.embed_tokens(tokens)  # (B, n, dim)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.encoder.layers):
+            x = layer(x, cos, sin, mask, i, cache, positions, write_cache, adapter)
+        if write_cache:
+            cache.commit(positions[:, -1] + 1)
+        if logits_index is not None:
+            x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, k, dim)
+        return self.diffusion_head(self.encoder.norm(x), adapter).float()
+
+    def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...] = ("o_proj",)) -> None:
+        """Attach LoRA adapters to every projection whose name is in ``targets``."""
+        for name, module in self.named_modules():
+            if isinstance(module, Linear) and name.rsplit(".", 1)[-1] in targets:
+                module.add_lora(rank, alpha)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> TriModel:
+    """A model with seeded random weights (tests and timing)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = TriModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()

@@ -1,0 +1,55 @@
+"""Token distributions and sampling: temperature, top-k, top-p, explicit generators.
+
+``distribution(logits)`` gives the exact distribution a decoder samples from, so speculative
+rejection sampling can compare the draft's and the verifier's probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampler:
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities (..., V) after temperature, top-k and top-p filtering.
+
+        Greedy returns the plain softmax: its argmax is the greedy token and its values are the
+        confidences used by unmasking rules.
+        """
+        if self.greedy:
+            return torch.softmax(logits.float(), dim=-1)
+        logits = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # Drop a token when the mass before it already reaches top_p (the first token always stays).
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= self.top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
+
+    def pick(self, probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One token per distribution (..., V) -> (...): argmax when greedy, else a draw."""
+        if self.greedy:
+            return probs.argmax(-1)
+        return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample one token from each distribution (..., V) -> (...)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])

@@ -1,0 +1,125 @@
+"""Tokenizer: a ``tokenizers`` BPE plus the chat template and special-token ids of a model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2.sandbox
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+# llama.cpp's pre-tokenizer names -> the regex split that precedes byte-level BPE.
+_GPT2_PRE = {"smollm", "gpt2", "default"}
+
+
+@dataclass
+class Tokenizer:
+    backend: HFTokenizer
+    chat_template: str | None
+    bos_id: int | None
+    eos_id: int | None
+
+    @classmethod
+    def from_gguf(cls, reader) -> Tokenizer:
+        """Rebuild the byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` metadata."""
+        def field(name, default=None):
+            f = reader.fields.get(name)
+            return f.contents() if f is not None else default
+        kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")
+        if kind != "gpt2" or pre not in _GPT2_PRE:
+            raise ValueError(f"unsupported GGUF tokenizer: model={kind!r} pre={pre!r} (supported: gpt2 byte-level BPE)")
+        tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+        backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=pre == "smollm"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        backend.decoder = decoders.ByteLevel()
+        control = 3  # llama.cpp token type CONTROL
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty == control])
+        return cls(backend, field("tokenizer.chat_template"), field("tokenizer.ggml.bos_token_id"),
+                   field("tokenizer.ggml.eos_token_id"))
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        self.backend.save(str(directory / "tokenizer.json"))
+        meta = {"chat_template": self.chat_template, "bos_token_id": self.bos_id, "eos_token_id": self.eos_id}
+        (directory / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> Tokenizer:
+        directory = Path(directory)
+        meta = json.loads((directory / "tokenizer_config.json").read_text())
+        return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), meta.get("chat_template"),
+                   meta.get("bos_token_id"), meta.get("eos_token_id"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def token_id(self, token: str) -> int:
+        i = self.backend.token_to_id(token)
+        if i is None:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text; special-token strings in it are recognised as such."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids without special tokens."""
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template applied to OpenAI-style messages."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"chat messages need string 'role' and 'content' fields, got {m!r}")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        special = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.eos_id)}
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special)
+
+    def _token(self, i: int | None) -> str:
+        return "" if i is None else self.backend.id_to_token(i)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.render_chat(messages))
+
+
+class TextStream:
+    """Incremental detokenizer for streaming: deltas never split a UTF-8 character, and text that
+    might begin a stop string is held back until it is known not to (stop strings never leak)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.sent = 0  # characters already returned
+
+    def push(self, tokens: list[int]) -> str:
+        self.tokens.extend(tokens)
+        text = self.tokenizer.decode(self.tokens)
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:
+            safe = min(hits)
+        else:
+            # An incomplete multi-byte character decodes to U+FFFD at the end: hold it back.
+            safe = len(text.rstrip("\ufffd"))
+            held = max((n for s in self.stop for n in range(1, len(s)) if text[:safe].endswith(s[:n])), default=0)
+            safe -= held
+        delta, self.sent = text[self.sent:safe], max(self.sent, safe)
+        return delta
+
+    def finish(self) -> str:
+        """What was held back, once the row is finished (cut at a stop string if one appeared)."""
+        text = self.tokenizer.decode(self.tokens)
+        hits = [text.find(s) for s in self.stop if s in text]
+        end = min(hits) if hits else len(text)
+        delta, self.sent = text[self.sent:end], max(self.sent, end)
+        return delta
