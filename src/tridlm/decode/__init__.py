@@ -24,14 +24,15 @@ __all__ = ["MODES", "DecodeState", "GenerationConfig", "Row", "generate", "strea
 
 @torch.inference_mode()
 def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
-           eos_ids: Sequence[int] = (), detokenize: Callable[[list[int]], str] | None = None,
+           eos_ids: Sequence[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
            state: DecodeState | None = None) -> Iterator[list[tuple[int, list[int]]]]:
     """Decode a batch of token prompts, yielding (row, newly committed tokens) pairs per cycle.
 
-    Pass your own ``state`` to read per-row results and counts (``state.rows``, ``state.stats()``).
+    eos_ids defaults to the model's EOS. Pass your own ``state`` to read per-row results and counts
+    (``state.rows``, ``state.stats()``).
     """
     cfg.validate()
-    state = state or DecodeState(len(prompts), cfg, eos_ids, detokenize)
+    state = state or DecodeState(len(prompts), cfg, _eos(model, eos_ids), detokenize)
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(model.device).manual_seed(cfg.seed)
@@ -50,9 +51,16 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
 
 
 def generate(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
-             eos_ids: Sequence[int] = (), detokenize: Callable[[list[int]], str] | None = None) -> DecodeState:
+             eos_ids: Sequence[int] | None = None, detokenize: Callable[[list[int]], str] | None = None
+             ) -> DecodeState:
     """Decode to the end; the returned state holds each row's tokens and the call's stats."""
-    state = DecodeState(len(prompts), cfg.validate(), eos_ids, detokenize)
+    state = DecodeState(len(prompts), cfg.validate(), _eos(model, eos_ids), detokenize)
     for _ in stream(model, prompts, cfg, state=state):
         pass
     return state
+
+
+def _eos(model: TriModel, eos_ids: Sequence[int] | None) -> Sequence[int]:
+    if eos_ids is not None:
+        return eos_ids
+    return () if model.cfg.eos_id is None else (model.cfg.eos_id,)

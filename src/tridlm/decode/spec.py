@@ -65,7 +65,8 @@ def spec(model: TriModel, cache: KVCache, seed: torch.Tensor, state: DecodeState
         p = sampler.distribution(forward_block(model, cache, block, masks.causal, write=True))
         state.count_forward()
         k, bonus = accept(block, p, q, sampler, generator)
-        cache.crop(start + k + 1)  # keep the seed and the accepted drafts; the bonus is the next seed
+        # Keep the seed and the accepted drafts (the bonus is the next seed); finished rows stay put.
+        cache.crop(torch.where(state.active(k.device), start + k + 1, start))
         for i, (n_ok, b) in enumerate(zip(k.tolist(), bonus.tolist())):
             if not state.rows[i].done:
                 state.rows[i].accepted_lengths.append(n_ok + 1)
