@@ -99,7 +99,7 @@ def test_sampling_with_seed_is_reproducible(tiny_model, prompts, mode):
 def test_counts_are_honest(small_vocab_model):
     prompt = [[5, 6, 7]]
     ar = generate(small_vocab_model, prompt, GREEDY, eos_ids=[]).stats()
-    assert ar["tokens"] == 40 and ar["nfe"] == 39  # the first token comes from the prefill
+    assert ar["completion_tokens"] == 40 and ar["nfe"] == 39  # the first token comes from the prefill
     sp = generate(small_vocab_model, prompt, GREEDY.replace(mode="spec", block_size=4, max_tokens=300),
                   eos_ids=[]).rows[0]
     cycles = len(sp.accepted_lengths)
@@ -108,7 +108,7 @@ def test_counts_are_honest(small_vocab_model):
                     eos_ids=[]).stats()
     # One token per denoising step, 3 steps + 1 commit pass per block of 4: 9 blocks give the prefill's
     # token + 36, then 3 steps of the 10th block finish the 40 (no commit pass after the last token).
-    assert diff["tokens"] == 40 and diff["nfe"] == 9 * 4 + 3
+    assert diff["completion_tokens"] == 40 and diff["nfe"] == 9 * 4 + 3
     assert diff["tpf"] == pytest.approx(40 / 39)
 
 

@@ -93,6 +93,12 @@ class Tokenizer:
         return self.encode(self.render_chat(messages))
 
 
+def stop_index(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the first stop string in text begins (None if there is none)."""
+    hits = [text.find(s) for s in stop if s in text]
+    return min(hits) if hits else None
+
+
 class TextStream:
     """Incremental detokenizer for streaming: deltas never split a UTF-8 character, and text that
     might begin a stop string is held back until it is known not to (stop strings never leak)."""
@@ -102,24 +108,17 @@ class TextStream:
         self.tokens: list[int] = []
         self.sent = 0  # characters already returned
 
-    def push(self, tokens: list[int]) -> str:
+    def push(self, tokens: list[int], final: bool = False) -> str:
+        """The new text after appending tokens; ``final`` releases whatever was held back."""
         self.tokens.extend(tokens)
         text = self.tokenizer.decode(self.tokens)
-        hits = [text.find(s) for s in self.stop if s in text]
-        if hits:
-            safe = min(hits)
-        else:
-            # An incomplete multi-byte character decodes to U+FFFD at the end: hold it back.
-            safe = len(text.rstrip("\ufffd"))
-            held = max((n for s in self.stop for n in range(1, len(s)) if text[:safe].endswith(s[:n])), default=0)
-            safe -= held
-        delta, self.sent = text[self.sent:safe], max(self.sent, safe)
-        return delta
-
-    def finish(self) -> str:
-        """What was held back, once the row is finished (cut at a stop string if one appeared)."""
-        text = self.tokenizer.decode(self.tokens)
-        hits = [text.find(s) for s in self.stop if s in text]
-        end = min(hits) if hits else len(text)
+        end = stop_index(text, self.stop)
+        if end is None and final:
+            end = len(text)
+        elif end is None:
+            # An incomplete multi-byte character decodes to U+FFFD at the end: hold it back, and
+            # any tail that could be the start of a stop string.
+            end = len(text.rstrip("\ufffd"))
+            end -= max((n for s in self.stop for n in range(1, len(s)) if text[:end].endswith(s[:n])), default=0)
         delta, self.sent = text[self.sent:end], max(self.sent, end)
         return delta

@@ -14,6 +14,7 @@ from tridlm import masks
 from tridlm.cache import KVCache
 from tridlm.model import TriModel
 from tridlm.sampling import Sampler
+from tridlm.tokenizer import stop_index
 
 MODES = ("ar", "diffusion", "spec")
 
@@ -137,13 +138,13 @@ class DecodeState:
     def text(self, i: int) -> str:
         """Row i's text without special tokens, cut before the first stop string."""
         text = self.detokenize(self.rows[i].tokens)
-        cuts = [text.find(s) for s in self.cfg.stop if s in text]
-        return text[: min(cuts)] if cuts else text
+        return text[: stop_index(text, self.cfg.stop)]
 
     def stats(self) -> dict:
-        """Counts of the whole call (SPEC 2): NFE after prefill, TPF, tok/s of generated tokens."""
-        wall = time.perf_counter() - self.start
+        """Counts of the whole call (SPEC 2): NFE after prefill, TPF, and tok/s of generated tokens
+        over the wall time from the request to the last token."""
         tokens = sum(len(r.tokens) for r in self.rows)
+        wall = max((r.last_token_s for r in self.rows if r.last_token_s is not None), default=0.0)
         row_nfe = sum(r.nfe for r in self.rows)
         firsts = [r.first_token_s for r in self.rows if r.first_token_s is not None]
         itl = [(r.last_token_s - r.first_token_s) / (len(r.tokens) - 1) for r in self.rows if len(r.tokens) > 1]
@@ -151,7 +152,7 @@ class DecodeState:
         return {
             "mode": self.cfg.mode,
             "rows": len(self.rows),
-            "tokens": tokens,
+            "completion_tokens": tokens,
             "nfe": self.forwards,
             "tpf": tokens / row_nfe if row_nfe else float(tokens > 0),
             "prefill_s": self.prefill_s,

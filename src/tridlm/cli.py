@@ -1,0 +1,135 @@
+"""Command line: ``tridlm generate`` and ``tridlm demo``. Argument parsing lives here only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from tridlm import checkpoint
+from tridlm.decode import MODES, DecodeState, GenerationConfig, stream
+from tridlm.tokenizer import TextStream
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        self.exit(2, f"tridlm: error: {message}\n")
+
+
+def _threshold(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    d = GenerationConfig()
+    p.add_argument("--mode", choices=MODES, default=d.mode)
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--threshold", type=_threshold, default=d.threshold, help="diffusion confidence, or 'none'")
+    p.add_argument("--max-steps-per-block", type=int)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tridlm", description="Tri-mode diffusion language models: ar, diffusion, spec.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    out = gen.add_mutually_exclusive_group()
+    out.add_argument("--stream", action="store_true", help="print text as tokens are committed")
+    out.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and counts")
+    _add_decode_args(gen)
+    _add_model_args(gen)
+    demo = sub.add_parser("demo", help="answer a chat prompt in all three modes and compare")
+    demo.add_argument("--prompt", default="Explain in a few sentences why the sky is blue.")
+    demo.add_argument("--max-tokens", type=int, default=96)
+    demo.add_argument("--block-size", type=int, default=8)
+    _add_model_args(demo)
+    return parser
+
+
+def _config(args) -> GenerationConfig:
+    return GenerationConfig(mode=args.mode, block_size=args.block_size, threshold=args.threshold,
+                            max_steps_per_block=args.max_steps_per_block, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
+                            stop=tuple(args.stop)).validate()
+
+
+def _load(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    if args.model:
+        return checkpoint.load(args.model, dtype, args.device)
+    return checkpoint.load_default(dtype, args.device)
+
+
+def _run(model, tok, prompt_ids, cfg, on_tokens=None) -> DecodeState:
+    state = DecodeState(1, cfg, [tok.eos_id] if tok.eos_id is not None else [], tok.decode)
+    for chunk in stream(model, [prompt_ids], cfg, state=state):
+        if on_tokens:
+            for _, tokens in chunk:
+                on_tokens(tokens)
+    return state
+
+
+def cmd_generate(args) -> None:
+    cfg = _config(args)
+    model, tok = _load(args)
+    ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+    if args.stream:
+        text = TextStream(tok, cfg.stop)
+        state = _run(model, tok, ids, cfg, lambda t: print(text.push(t), end="", flush=True))
+        print(text.push([], final=True))
+        return
+    state = _run(model, tok, ids, cfg)
+    row, stats = state.rows[0], state.stats()
+    if not args.json:
+        print(state.text(0))
+        return
+    print(json.dumps({
+        "text": state.text(0), "tokens": row.tokens, "finish_reason": row.finish_reason,
+        "prompt_tokens": len(ids), "accepted_lengths": row.accepted_lengths, **stats,
+    }))
+
+
+def cmd_demo(args) -> None:
+    model, tok = _load(args)
+    ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    base = GenerationConfig(max_tokens=args.max_tokens, block_size=args.block_size).validate()
+    print(f"prompt: {args.prompt!r} ({len(ids)} tokens), block size {args.block_size}, greedy\n")
+    _run(model, tok, ids, base.replace(max_tokens=4))  # warm-up: first-call allocations
+    results = {mode: _run(model, tok, ids, base.replace(mode=mode)) for mode in MODES}
+    ar_tokens = results["ar"].rows[0].tokens
+    print(f"{'mode':<10} {'tokens':>6} {'NFE':>5} {'TPF':>5} {'tok/s':>7} {'= AR':>5}")
+    for mode, state in results.items():
+        s = state.stats()
+        same = "yes" if state.rows[0].tokens == ar_tokens else "no"
+        print(f"{mode:<10} {s['completion_tokens']:>6} {s['nfe']:>5} {s['tpf']:>5.2f} {s['tok_s']:>7.1f} {same:>5}")
+    for mode, state in results.items():
+        print(f"\n[{mode}] {state.text(0)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tridlm: error: {e}", file=sys.stderr)
+        sys.exit(2)

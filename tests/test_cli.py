@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tridlm import checkpoint
+from tridlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_model, char_tokenizer):
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny"
+    checkpoint.save(directory, tiny_model, char_tokenizer)
+    return directory
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-c", "from tridlm.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+def test_generate_json(tiny_checkpoint, mode, capsys):
+    main(["generate", "hello", "--model", str(tiny_checkpoint), "--mode", mode, "--block-size", "4",
+          "--max-tokens", "12", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == mode and len(out["tokens"]) == out["completion_tokens"] <= 12
+    assert out["nfe"] >= 1 and out["tpf"] > 0 and isinstance(out["text"], str) and "tok_s" in out
+    assert (len(out["accepted_lengths"]) > 0) == (mode == "spec")
+
+
+def test_spec_cli_equals_ar_cli(tiny_checkpoint, capsys):
+    texts = []
+    for mode in ("ar", "spec"):
+        main(["generate", "abc", "--model", str(tiny_checkpoint), "--mode", mode, "--max-tokens", "30", "--json"])
+        texts.append(json.loads(capsys.readouterr().out)["tokens"])
+    assert texts[0] == texts[1]
+
+
+def test_stream_prints_the_same_text(tiny_checkpoint, capsys):
+    common = ["generate", "hi", "--model", str(tiny_checkpoint), "--max-tokens", "20", "--mode", "diffusion",
+              "--block-size", "4"]
+    main(common)
+    plain = capsys.readouterr().out
+    main(common + ["--stream"])
+    assert capsys.readouterr().out == plain
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--block-size", "0"], "invalid block_size=0"),
+    (["--mode", "fast"], "invalid choice: 'fast'"),
+    (["--temperature", "hot"], "invalid float value: 'hot'"),
+    (["--top-p", "1.5"], "invalid top_p=1.5"),
+    (["--model", "/nonexistent"], "not a tridlm checkpoint"),
+    (["--json", "--stream"], "not allowed with argument"),
+])
+def test_bad_arguments_exit_2_with_one_line(tiny_checkpoint, args, message):
+    argv = ["generate", "hi", "--model", str(tiny_checkpoint), *args]
+    if "--model" in args:
+        argv = ["generate", "hi", *args]
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
