@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tridlm.cache import KVCache
 
@@ -63,6 +64,9 @@ PRESETS = {
     "tiny": ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                         ffn_dim=128, rope_theta=10000.0, max_seq_len=512, bos_id=1, eos_id=2, mask_id=3),
 }
+
+
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class RMSNorm(nn.Module):
@@ -209,8 +213,10 @@ class TriModel(nn.Module):
             raise ValueError("mask covers cached keys but no cache was given")
         x = self.encoder.embed_tokens(tokens)  # (B, n, dim)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        for i, layer in enumerate(self.encoder.layers):
-            x = layer(x, cos, sin, mask, i, cache, positions, write_cache, adapter)
+        # cuDNN attention builds a graph per new key length (every decode step): leave it out.
+        with sdpa_kernel(_SDPA_BACKENDS):
+            for i, layer in enumerate(self.encoder.layers):
+                x = layer(x, cos, sin, mask, i, cache, positions, write_cache, adapter)
         if write_cache:
             cache.commit(positions[:, -1] + 1)
         if logits_index is not None:
