@@ -188,3 +188,11 @@ def test_spec_sampling_is_distributionally_lossless():
     # Power check: diffusion mode is not lossless, and the same test sees it.
     p_diffusion, _ = p_value("diffusion")
     assert p_diffusion < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["spec", "diffusion"])
+def test_blocks_need_a_mask_token(mode):
+    model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), mask_id=None))
+    with pytest.raises(ValueError, match="need a model with a mask token"):
+        generate(model, [[5, 6]], GREEDY.replace(mode=mode, block_size=4))
+    assert len(generate(model, [[5, 6]], GREEDY.replace(mode=mode, block_size=1)).rows[0].tokens) == 40

@@ -174,6 +174,16 @@ def forward_block(model: TriModel, cache: KVCache, tokens: torch.Tensor, mask_fn
     return model(tokens, positions, mask, cache, write_cache=write, adapter=adapter, logits_index=logits_index)
 
 
+def masked_block(seed: torch.Tensor, n: int, mask_id: int | None) -> torch.Tensor:
+    """The block [seed, MASK x (n-1)] per row, (B, n), that diffusion and spec drafting start from."""
+    block = seed[:, None].repeat(1, n)
+    if n > 1:
+        if mask_id is None:
+            raise ValueError("block sizes above 1 need a model with a mask token (config mask_id)")
+        block[:, 1:] = mask_id
+    return block
+
+
 def prefill(model: TriModel, prompts: Sequence[Sequence[int]], max_len: int) -> tuple[KVCache, torch.Tensor]:
     """One causal forward of the (right-padded) prompts; returns the cache and last logits (B, V)."""
     if any(len(p) == 0 for p in prompts):

@@ -12,7 +12,7 @@ import torch
 
 from tridlm import masks, unmask
 from tridlm.cache import KVCache
-from tridlm.decode.common import DecodeState, forward_block
+from tridlm.decode.common import DecodeState, forward_block, masked_block
 from tridlm.model import TriModel
 
 
@@ -23,13 +23,10 @@ def diffusion(model: TriModel, cache: KVCache, seed: torch.Tensor, state: Decode
     n = cfg.block_size
     max_steps = cfg.max_steps_per_block or n
     select = unmask.rule_for(cfg.threshold)
-    if n > 1 and model.cfg.mask_id is None:
-        raise ValueError("diffusion mode with block_size > 1 needs a model with a mask token")
     while not state.all_done:
-        block = seed[:, None].repeat(1, n)  # (B, n): [seed, MASK x (n-1)]
+        block = masked_block(seed, n, model.cfg.mask_id)  # (B, n)
         masked = torch.zeros_like(block, dtype=torch.bool)
         masked[:, 1:] = True
-        block[masked] = model.cfg.mask_id or 0  # (no-op when n == 1)
         emitted = [1] * len(block)  # the seed was emitted when it was sampled
         for step in range(max_steps):
             if not (masked & state.active(block.device)[:, None]).any():

@@ -12,7 +12,7 @@ import torch
 
 from tridlm import masks
 from tridlm.cache import KVCache
-from tridlm.decode.common import DecodeState, forward_block
+from tridlm.decode.common import DecodeState, forward_block, masked_block
 from tridlm.model import TriModel
 from tridlm.sampling import Sampler, draw
 
@@ -50,15 +50,11 @@ def spec(model: TriModel, cache: KVCache, seed: torch.Tensor, state: DecodeState
          generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield the tokens of each draft+verify cycle (accepted drafts + bonus) per row."""
     cfg, sampler = state.cfg, state.cfg.sampler
-    mask_id = model.cfg.mask_id
-    if cfg.block_size > 1 and mask_id is None:
-        raise ValueError("spec mode with block_size > 1 needs a model with a mask token")
     while not state.all_done:
         start = cache.lengths
-        block = seed[:, None].repeat(1, cfg.block_size)  # (B, n): [seed, MASK x (n-1)]
+        block = masked_block(seed, cfg.block_size, model.cfg.mask_id)  # (B, n)
         q = None
         if cfg.block_size > 1:
-            block[:, 1:] = mask_id
             q = sampler.distribution(forward_block(model, cache, block, masks.bidirectional, adapter=True))
             state.count_forward()
             block[:, 1:] = sampler.pick(q[:, 1:], generator)
