@@ -23,7 +23,7 @@ import transformers
 from transformers import DynamicCache
 
 from tridlm import masks
-from tridlm.checkpoint import default_gguf_path, load_default
+from tridlm.gguf_file import default_gguf_path, load_default
 from tridlm.decode import GenerationConfig, generate
 from tridlm.decode.common import forward_block, prefill
 

@@ -28,12 +28,11 @@ from tridlm.decode.common import forward_block, prefill
 from tridlm.model import ModelConfig, TriModel
 
 BIG = {
-    "1b": ModelConfig(vocab_size=131072, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, head_dim=128,
-                      ffn_dim=8192, rope_theta=1e6, max_seq_len=4096, bos_id=1, eos_id=11, mask_id=100),
+    "1b": dataclasses.replace(ModelConfig.preset("nld-3b"), dim=2048, n_layers=16, n_heads=16, ffn_dim=8192),
     "tiny": ModelConfig.preset("tiny"),
 }
 CHECK = ModelConfig(vocab_size=512, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, ffn_dim=512,
-                    max_seq_len=1024, bos_id=1, eos_id=2, mask_id=3)
+                    max_seq_len=1024, bos_id=1, eos_ids=(2,), mask_id=3)
 
 
 def random_on(cfg: ModelConfig, device, dtype, std: float, seed: int = 0) -> TriModel:

@@ -47,7 +47,7 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="session")
 def default_model():
-    from tridlm.checkpoint import load_default
+    from tridlm.gguf_file import load_default
 
     torch.manual_seed(0)
     return load_default()
@@ -58,7 +58,7 @@ def hf_reference():
     """transformers' own GGUF loader and tokenizer on the same file: independent dequantization,
     q/k un-permutation, tokenizer conversion and Llama forward."""
     transformers = pytest.importorskip("transformers")
-    from tridlm.checkpoint import default_gguf_path
+    from tridlm.gguf_file import default_gguf_path
 
     path = default_gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

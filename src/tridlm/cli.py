@@ -1,14 +1,16 @@
-"""Command line: ``tridlm generate`` and ``tridlm demo``. Argument parsing lives here only."""
+"""Command line: ``tridlm generate``, ``tridlm convert`` and ``tridlm demo``. Argument parsing lives here only."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from tridlm import checkpoint
+from tridlm import checkpoint, gguf_file
 from tridlm.decode import MODES, DecodeState, GenerationConfig, stream
 from tridlm.tokenizer import TextStream
 
@@ -25,7 +27,8 @@ def _threshold(value: str) -> float | None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="NLD or Hugging Face checkpoint directory, or a GGUF file "
+                                   "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -61,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=96)
     demo.add_argument("--block-size", type=int, default=8)
     _add_model_args(demo)
+    conv = sub.add_parser("convert", help="convert an HF/NLD directory or a GGUF file to an NLD directory")
+    conv.add_argument("source", help="HF or NLD checkpoint directory, or a GGUF file")
+    conv.add_argument("output", help="NLD directory to write")
+    mask = conv.add_mutually_exclusive_group()
+    mask.add_argument("--mask-token", help="existing token to use as MASK (default: the model's, or an unused "
+                                           "special token)")
+    mask.add_argument("--add-mask-token", action="store_true", help="grow the vocabulary by a new <|mask|> token")
+    conv.add_argument("--block-size", type=int, default=32, help="block size recorded in config.json")
+    conv.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    conv.add_argument("--shard-gb", type=float, default=4.0, help="maximum size of one safetensors shard")
     return parser
 
 
@@ -71,17 +84,24 @@ def _config(args) -> GenerationConfig:
                             stop=tuple(args.stop)).validate()
 
 
+def load_model(path: str | None, dtype: torch.dtype, device: str = "cpu"):
+    """A model and tokenizer from a checkpoint directory, a GGUF file, or the embedded default."""
+    if path is None:
+        return gguf_file.load_default(dtype, device)
+    if Path(path).is_file() and path.endswith(".gguf"):
+        model, tok = gguf_file.load_gguf(Path(path), dtype)
+        return model.to(device), tok
+    return checkpoint.load(Path(path), dtype, device)
+
+
 def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
-    if args.model:
-        return checkpoint.load(args.model, dtype, args.device)
-    return checkpoint.load_default(dtype, args.device)
+    return load_model(args.model, DTYPES[args.dtype], args.device)
 
 
 def _run(model, tok, prompt_ids, cfg, on_tokens=None) -> DecodeState:
-    state = DecodeState(1, cfg, [tok.eos_id] if tok.eos_id is not None else [], tok.decode)
+    state = DecodeState(1, cfg, model.cfg.eos_ids, tok.decode)
     for chunk in stream(model, [prompt_ids], cfg, state=state):
         if on_tokens:
             for _, tokens in chunk:
@@ -126,10 +146,28 @@ def cmd_demo(args) -> None:
         print(f"\n[{mode}] {state.text(0)}")
 
 
+def cmd_convert(args) -> None:
+    if args.block_size < 1:
+        raise ValueError(f"invalid block_size={args.block_size}: expected a positive integer")
+    model, tok = load_model(args.source, DTYPES[args.dtype])
+    if args.add_mask_token:
+        model = checkpoint.add_mask_token(model, tok)
+    elif args.mask_token:
+        model.cfg = dataclasses.replace(model.cfg, mask_id=tok.token_id(args.mask_token))
+    elif model.cfg.mask_id is None:
+        raise ValueError(f"{args.source}: no mask token and no unused special token to reuse; "
+                         "pass --mask-token TOKEN or --add-mask-token")
+    checkpoint.save(Path(args.output), model, tok, block_size=args.block_size,
+                    max_shard_bytes=int(args.shard_gb * 2**30))
+    mask = tok.backend.id_to_token(model.cfg.mask_id)
+    print(f"wrote {args.output}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{args.dtype}, mask token {mask!r} (id {model.cfg.mask_id})")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+        {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tridlm: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,18 +8,17 @@ Nemotron-Labs-Diffusion checkpoint layout (``encoder.layers.N.self_attn.q_proj``
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tridlm import rope
 from tridlm.cache import KVCache
+from tridlm.rope import RopeConfig
 
 
 @dataclass(frozen=True)
@@ -32,11 +31,13 @@ class ModelConfig:
     head_dim: int
     ffn_dim: int
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope: RopeConfig = RopeConfig()
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    attention_bias: bool = False  # biases on q/k/v (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
     bos_id: int | None = None
-    eos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
     mask_id: int | None = None
 
     @staticmethod
@@ -46,23 +47,17 @@ class ModelConfig:
             raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
         return PRESETS[name]
 
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-
-    @staticmethod
-    def load(path: Path) -> ModelConfig:
-        data = json.loads(Path(path).read_text())
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown config fields {sorted(unknown)}")
-        return ModelConfig(**data)
-
 
 PRESETS = {
     # Random-weight model for tests: small enough for thousands of forwards per second.
     "tiny": ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                        ffn_dim=128, rope_theta=10000.0, max_seq_len=512, bos_id=1, eos_id=2, mask_id=3),
+                        ffn_dim=128, max_seq_len=512, bos_id=1, eos_ids=(2,), mask_id=3),
+    # Nemotron-Labs-Diffusion 3B shapes (yarn + Llama-4 query scaling), for timing without weights.
+    "nld-3b": ModelConfig(vocab_size=131072, dim=3072, n_layers=26, n_heads=32, n_kv_heads=8, head_dim=128,
+                          ffn_dim=9216, rope=RopeConfig(theta=1e6, type="yarn", factor=16.0,
+                                                        original_max_position_embeddings=16384, mscale=1.0,
+                                                        mscale_all_dim=1.0, llama_4_scaling_beta=0.1),
+                          max_seq_len=262144, bos_id=1, eos_ids=(11,), mask_id=100),
 }
 
 
@@ -83,10 +78,10 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """A bias-free linear layer with an optional low-rank adapter, used only when asked."""
+    """A linear layer with an optional low-rank adapter, used only when asked."""
 
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__(d_in, d_out, bias=False)
+    def __init__(self, d_in: int, d_out: int, bias: bool = False):
+        super().__init__(d_in, d_out, bias=bias)
         self.lora_a: nn.Parameter | None = None
         self.lora_b: nn.Parameter | None = None
         self.lora_scale = 0.0
@@ -99,41 +94,36 @@ class Linear(nn.Linear):
         self.lora_scale = alpha / rank
 
     def forward(self, x: torch.Tensor, adapter: bool = False) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if adapter and self.lora_a is not None:
             y = y + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
         return y
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for integer positions (B, n) -> two (B, 1, n, head_dim) tensors."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[..., None] * inv_freq  # (B, n, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, n, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, n, D) by the half-split convention of Hugging Face Llama weights."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
-        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.attention_bias)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None, positions, write: bool, adapter: bool):
+    def forward(self, x, cos, sin, q_scale, mask, layer: int, cache: KVCache | None, positions, write: bool,
+                adapter: bool):
         B, n, _ = x.shape
-        q = self.q_proj(x, adapter).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, n, D)
-        k = self.k_proj(x, adapter).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, n, D)
-        v = self.v_proj(x, adapter).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = self.q_proj(x, adapter).view(B, n, self.n_heads, self.head_dim)  # (B, n, H, D)
+        k = self.k_proj(x, adapter).view(B, n, self.n_kv_heads, self.head_dim)  # (B, n, KV, D)
+        v = self.v_proj(x, adapter).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, n, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply(q.transpose(1, 2), cos, sin), rope.apply(k.transpose(1, 2), cos, sin)
+        if q_scale is not None:
+            q = q * q_scale
         keys, values = k, v
         prefix = mask.shape[-1] - n  # keys are [cache[:prefix] | current]
         if prefix:
@@ -164,8 +154,9 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, layer: int, cache, positions, write: bool, adapter: bool):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache, positions, write, adapter)
+    def forward(self, x, cos, sin, q_scale, mask, layer: int, cache, positions, write: bool, adapter: bool):
+        h = self.input_layernorm(x)
+        x = x + self.self_attn(h, cos, sin, q_scale, mask, layer, cache, positions, write, adapter)
         return x + self.mlp(self.post_attention_layernorm(x), adapter)
 
 
@@ -185,6 +176,7 @@ class TriModel(nn.Module):
         self.diffusion_head = Linear(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.diffusion_head.weight = self.encoder.embed_tokens.weight
+        self._rope_tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -212,11 +204,15 @@ class TriModel(nn.Module):
         if mask.shape[-1] > tokens.shape[1] and cache is None:
             raise ValueError("mask covers cached keys but no cache was given")
         x = self.encoder.embed_tokens(tokens)  # (B, n, dim)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if positions.device not in self._rope_tables:
+            inv_freq, factor = rope.inv_freq_and_attention_factor(self.cfg.rope, self.cfg.head_dim)
+            self._rope_tables[positions.device] = inv_freq.to(positions.device), factor
+        cos, sin = rope.cos_sin(positions, *self._rope_tables[positions.device], x.dtype)
+        q_scale = rope.query_scale(positions, self.cfg.rope, x.dtype)
         # cuDNN attention builds a graph per new key length (every decode step): leave it out.
         with sdpa_kernel(_SDPA_BACKENDS):
             for i, layer in enumerate(self.encoder.layers):
-                x = layer(x, cos, sin, mask, i, cache, positions, write_cache, adapter)
+                x = layer(x, cos, sin, q_scale, mask, i, cache, positions, write_cache, adapter)
         if write_cache:
             cache.commit(positions[:, -1] + 1)
         if logits_index is not None:

@@ -44,17 +44,36 @@ class Tokenizer:
                    field("tokenizer.ggml.eos_token_id"))
 
     def save(self, directory: Path) -> None:
+        """Write ``tokenizer.json`` and a Hugging Face style ``tokenizer_config.json``."""
         directory = Path(directory)
         self.backend.save(str(directory / "tokenizer.json"))
-        meta = {"chat_template": self.chat_template, "bos_token_id": self.bos_id, "eos_token_id": self.eos_id}
+        meta = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": self.chat_template,
+                "bos_token": self._token(self.bos_id) or None, "eos_token": self._token(self.eos_id) or None}
         (directory / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> Tokenizer:
+        """Read ``tokenizer.json`` plus the chat template and BOS/EOS of ``tokenizer_config.json``
+        (or ``chat_template.jinja``) as Hugging Face writes them."""
         directory = Path(directory)
-        meta = json.loads((directory / "tokenizer_config.json").read_text())
-        return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), meta.get("chat_template"),
-                   meta.get("bos_token_id"), meta.get("eos_token_id"))
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory}: missing tokenizer.json")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise ValueError(f"{path}: unreadable tokenizer ({e})") from None
+        meta_path = directory / "tokenizer_config.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        template = meta.get("chat_template")
+        if template is None and (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text()
+
+        def token_id(key):
+            token = meta.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            return None if token is None else backend.token_to_id(token)
+        return cls(backend, template, token_id("bos_token"), token_id("eos_token"))
 
     @property
     def vocab_size(self) -> int:

@@ -61,6 +61,4 @@ def generate(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationC
 
 
 def _eos(model: TriModel, eos_ids: Sequence[int] | None) -> Sequence[int]:
-    if eos_ids is not None:
-        return eos_ids
-    return () if model.cfg.eos_id is None else (model.cfg.eos_id,)
+    return model.cfg.eos_ids if eos_ids is None else eos_ids

