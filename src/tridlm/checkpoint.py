@@ -278,23 +278,25 @@ def find_mask_token(tokenizer: Tokenizer) -> int | None:
 
 
 def add_mask_token(model: TriModel, tokenizer: Tokenizer, token: str = "<|mask|>") -> TriModel:
-    """Grow the vocabulary by one MASK row (embedding = mean embedding; head row likewise)."""
+    """Add a MASK token to the tokenizer (in place) and return the model with a row for it: a spare row
+    of a padded vocabulary when there is one, else one more row; it starts as the mean embedding."""
     from tokenizers import AddedToken
 
     if tokenizer.backend.token_to_id(token) is not None:
         raise ValueError(f"token {token!r} already exists; reuse it with --mask-token")
     tokenizer.backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
     new_id = tokenizer.backend.token_to_id(token)
-    cfg = dataclasses.replace(model.cfg, vocab_size=max(model.cfg.vocab_size, new_id + 1), mask_id=new_id)
+    old_vocab = model.cfg.vocab_size
+    cfg = dataclasses.replace(model.cfg, vocab_size=max(old_vocab, new_id + 1), mask_id=new_id)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("encoder.embed_tokens.weight",) + (() if cfg.tie_embeddings else ("diffusion_head.weight",)):
+        w = state[name]
+        w = torch.cat([w, w.new_zeros(cfg.vocab_size - old_vocab, w.shape[1])])
+        w[new_id] = w[:old_vocab].mean(0)
+        state[name] = w
+    state.pop("diffusion_head.weight", None) if cfg.tie_embeddings else None
     grown = TriModel(cfg).to(dtype=model.dtype, device=model.device)
-    state = model.state_dict()
-    for name in ("encoder.embed_tokens.weight", "diffusion_head.weight"):
-        old = state[name]
-        extra = old.mean(0, keepdim=True).expand(cfg.vocab_size - old.shape[0], -1)
-        state[name] = torch.cat([old, extra])
-    if cfg.tie_embeddings:
-        state.pop("diffusion_head.weight")
-    grown.load_state_dict(state, strict=False)
+    grown.load_state_dict(state, strict=not cfg.tie_embeddings)
     return grown.eval()
 
 
