@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--block-size", type=int, default=32, help="block size recorded in config.json")
     conv.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     conv.add_argument("--shard-gb", type=float, default=4.0, help="maximum size of one safetensors shard")
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    srv.add_argument("--served-model-name", help="the model id clients send (default: from --model)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 429")
+    srv.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
+    srv.add_argument("--default-mode", choices=(*MODES, "auto"), default="ar")
+    srv.add_argument("--block-size", type=int, default=8, help="default block size of diffusion and spec")
+    _add_model_args(srv)
     return parser
 
 
@@ -164,10 +174,25 @@ def cmd_convert(args) -> None:
           f"{args.dtype}, mask token {mask!r} (id {model.cfg.mask_id})")
 
 
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from tridlm.serve.app import ServerConfig, create_app
+
+    defaults = GenerationConfig(block_size=args.block_size).validate()
+    if args.max_queue < 1 or args.max_batch < 1:
+        raise ValueError("--max-queue and --max-batch must be positive")
+    model, tok = _load(args)
+    name = args.served_model_name or (Path(args.model).name if args.model else gguf_file.DEFAULT_NAME.split(".")[0])
+    config = ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                          max_batch=args.max_batch, default_mode=args.default_mode, defaults=defaults)
+    uvicorn.run(create_app(model, tok, config), host=args.host, port=args.port, log_level="info")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert}[args.command](args)
+        {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, "serve": cmd_serve}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tridlm: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -29,7 +29,10 @@ class Sampler:
         """
         if self.greedy:
             return torch.softmax(logits.float(), dim=-1)
-        logits = logits.float() / self.temperature
+        # Shift by the max first so a tiny temperature gives -inf (probability 0), never inf - inf; below
+        # 1e-6 (where float32 would round the temperature to 0) sampling is already argmax with random ties.
+        logits = logits.float()
+        logits = (logits - logits.amax(-1, keepdim=True)) / max(self.temperature, 1e-6)
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -36,10 +36,11 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(model.device).manual_seed(cfg.seed)
-    max_len = max(len(p) for p in prompts) + cfg.max_tokens + cfg.block_size + 1
-    if max_len > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_tokens ({cfg.max_tokens}) "
-                         f"exceeds the model's context of {model.cfg.max_seq_len}")
+    for p, row in zip(prompts, state.rows):
+        if len(p) + row.max_tokens + cfg.block_size + 1 > model.cfg.max_seq_len:
+            raise ValueError(f"prompt ({len(p)} tokens) + max_tokens ({row.max_tokens}) + block_size exceeds "
+                             f"the model's context of {model.cfg.max_seq_len}")
+    max_len = max(len(p) + row.max_tokens for p, row in zip(prompts, state.rows)) + cfg.block_size + 1
     cache, logits = prefill(model, prompts, max_len)
     state.prefill_s = time.perf_counter() - state.start
     sampler = cfg.sampler

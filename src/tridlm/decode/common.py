@@ -67,10 +67,12 @@ class GenerationConfig:
 
 @dataclass
 class Row:
-    """The output of one prompt of a batch."""
+    """One prompt of a batch: its limits and its output."""
 
+    max_tokens: int
+    stop: tuple[str, ...] = ()
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | "cancelled"
     nfe: int = 0  # forwards after prefill while this row was unfinished
     accepted_lengths: list[int] = field(default_factory=list)  # spec: tokens emitted per cycle
     first_token_s: float | None = None
@@ -85,19 +87,22 @@ class DecodeState:
     """Per-row committed tokens with exact stopping (EOS, stop strings, max_tokens) and counts."""
 
     def __init__(self, n_rows: int, cfg: GenerationConfig, eos_ids: Sequence[int],
-                 detokenize: Callable[[list[int]], str] | None):
-        if cfg.stop and detokenize is None:
+                 detokenize: Callable[[list[int]], str] | None,
+                 limits: Sequence[tuple[int, tuple[str, ...]]] | None = None):
+        """``limits`` gives (max_tokens, stop) per row; default: the config's for every row."""
+        limits = limits or [(cfg.max_tokens, cfg.stop)] * n_rows
+        if len(limits) != n_rows:
+            raise ValueError(f"{len(limits)} row limits for {n_rows} rows")
+        if any(stop for _, stop in limits) and detokenize is None:
             raise ValueError("stop strings need a tokenizer")
         self.cfg = cfg
-        self.rows = [Row() for _ in range(n_rows)]
+        self.rows = [Row(max_tokens, tuple(stop)) for max_tokens, stop in limits]
         self.eos_ids = frozenset(eos_ids)
         self.detokenize = detokenize
         self.forwards = 0
         self.start = time.perf_counter()
         self.prefill_s = 0.0
         self._fresh: list[list[int]] = [[] for _ in range(n_rows)]
-        # Enough trailing tokens to contain any stop string (a token decodes to >= 1 char, bar split UTF-8).
-        self._stop_window = max((len(s) for s in cfg.stop), default=0) + 8
 
     @property
     def all_done(self) -> bool:
@@ -122,12 +127,23 @@ class DecodeState:
             self._fresh[i].append(int(t))
             row.first_token_s = row.first_token_s if row.first_token_s is not None else now
             row.last_token_s = now
-            if int(t) in self.eos_ids:
+            if int(t) in self.eos_ids or self._stopped(row):
                 row.finish_reason = "stop"
-            elif self.cfg.stop and any(s in self.detokenize(row.tokens[-self._stop_window:]) for s in self.cfg.stop):
-                row.finish_reason = "stop"
-            elif len(row.tokens) >= self.cfg.max_tokens:
+            elif len(row.tokens) >= row.max_tokens:
                 row.finish_reason = "length"
+
+    def _stopped(self, row: Row) -> bool:
+        if not row.stop:
+            return False
+        # Enough trailing tokens to contain any stop string (a token decodes to >= 1 char, bar split UTF-8).
+        window = max(len(s) for s in row.stop) + 8
+        tail = self.detokenize(row.tokens[-window:])
+        return any(s in tail for s in row.stop)
+
+    def cancel(self, i: int) -> None:
+        """Stop row i now (its client went away); the batch goes on without it."""
+        if not self.rows[i].done:
+            self.rows[i].finish_reason = "cancelled"
 
     def flush(self) -> list[tuple[int, list[int]]]:
         """Tokens committed since the last flush, as (row, tokens) pairs."""
@@ -138,7 +154,7 @@ class DecodeState:
     def text(self, i: int) -> str:
         """Row i's text without special tokens, cut before the first stop string."""
         text = self.detokenize(self.rows[i].tokens)
-        return text[: stop_index(text, self.cfg.stop)]
+        return text[: stop_index(text, self.rows[i].stop)]
 
     def stats(self) -> dict:
         """Counts of the whole call (SPEC 2): NFE after prefill, TPF, and tok/s of generated tokens

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving (needs the ``serve`` extra: fastapi, uvicorn, prometheus-client)."""

@@ -1,0 +1,113 @@
+"""OpenAI-compatible request bodies (plus our decoding knobs) and response shapes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tridlm.decode import GenerationConfig
+
+MODES_OR_AUTO = Literal["ar", "diffusion", "spec", "auto"]
+
+
+class APIError(Exception):
+    """An error the client caused or must hear about, shaped like OpenAI's."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    # strict: "0.5" is not a temperature; extra="forbid": a misspelt knob is an error, not ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=8)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted at their neutral values only (see ``unsupported``).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | int | None = None
+    echo: bool | None = None
+    # tridlm decoding knobs (SPEC 3.5)
+    mode: MODES_OR_AUTO | None = None
+    block_size: int | None = None
+    threshold: float | None = None
+    max_steps_per_block: int | None = None
+
+    def unsupported(self) -> str | None:
+        """The name of a standard field set to something this server does not do."""
+        if self.frequency_penalty not in (None, 0, 0.0):
+            return "frequency_penalty"
+        if self.presence_penalty not in (None, 0, 0.0):
+            return "presence_penalty"
+        if self.logprobs not in (None, False, 0):
+            return "logprobs"
+        if self.echo:
+            return "echo"
+        return None
+
+    def generation_config(self, defaults: GenerationConfig, mode: str, max_tokens: int) -> GenerationConfig:
+        """Our config: the request's values over the server's defaults, validated once."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        changes = {"mode": mode, "max_tokens": max_tokens, "stop": stop, "seed": self.seed}
+        for name in ("temperature", "top_p", "top_k", "block_size", "max_steps_per_block"):
+            if getattr(self, name) is not None:
+                changes[name] = getattr(self, name)
+        if "threshold" in self.model_fields_set:
+            changes["threshold"] = self.threshold
+        return defaults.replace(**changes)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, nfe: int, tpf: float, mode: str) -> dict:
+    """OpenAI usage plus our counts (SPEC 2): forwards after prefill, tokens per forward, mode used."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "nfe": nfe, "tpf": tpf, "mode": mode}
+
+
+def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict:
+    body = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body

@@ -1,0 +1,136 @@
+"""The model owner: one thread that runs every generation, batching compatible requests.
+
+Requests wait in a bounded queue. When the model is free, the worker takes the oldest job and every
+waiting job with the same decoding settings (mode, block size, threshold, sampling), up to ``max_batch``
+rows, and decodes them as one batch: prefill, AR decode steps, diffusion denoising steps and spec
+draft/verify cycles all run batched across requests. Jobs with a seed run alone so their samples
+do not depend on their neighbours. Committed tokens go back to each request's asyncio queue as they
+are produced; a cancelled job's rows stop at the next cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tridlm.decode import DecodeState, GenerationConfig, stream
+from tridlm.model import TriModel
+from tridlm.tokenizer import Tokenizer
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    prompts: list[list[int]]  # one per choice (n)
+    cfg: GenerationConfig
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def batch_key(self):
+        c = self.cfg
+        alone = id(self) if c.seed is not None else None
+        return (c.mode, c.block_size, c.threshold, c.max_steps_per_block, c.temperature, c.top_k, c.top_p, alone)
+
+    def send(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass
+class RowResult:
+    tokens: list[int]
+    finish_reason: str
+    nfe: int
+    accepted_lengths: list[int]
+
+
+class Worker:
+    def __init__(self, model: TriModel, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
+                 on_batch=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.on_batch = on_batch  # callback(jobs, seconds) for metrics
+        self._waiting: list[Job] = []
+        self._running = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="tridlm-model", daemon=True)
+
+    @property
+    def load(self) -> int:
+        """Jobs waiting or running."""
+        with self._cond:
+            return len(self._waiting) + self._running
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self._waiting) + self._running >= self.max_queue:
+                raise QueueFull
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def _take_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._waiting and not self._stop:
+                self._cond.wait()
+            if self._stop:
+                return None
+            key = self._waiting[0].batch_key()
+            batch, rows = [], 0
+            for job in list(self._waiting):
+                if job.batch_key() == key and (not batch or rows + len(job.prompts) <= self.max_batch):
+                    batch.append(job)
+                    rows += len(job.prompts)
+                    self._waiting.remove(job)
+            self._running = len(batch)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            live = [j for j in batch if not j.cancelled.is_set()]
+            start = time.perf_counter()
+            try:
+                if live:
+                    self._decode(live)
+            except Exception as e:  # report to the requests, keep serving
+                for job in live:
+                    job.send("error", f"generation failed: {e}")
+            finally:
+                with self._cond:
+                    self._running = 0
+            if self.on_batch and live:
+                self.on_batch(live, time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def _decode(self, jobs: list[Job]) -> None:
+        owner = [(j, k) for j in jobs for k in range(len(j.prompts))]  # batch row -> (job, choice)
+        prompts = [p for j in jobs for p in j.prompts]
+        limits = [(j.cfg.max_tokens, j.cfg.stop) for j, _ in owner]
+        state = DecodeState(len(prompts), jobs[0].cfg, self.model.cfg.eos_ids, self.tokenizer.decode, limits)
+        for chunk in stream(self.model, prompts, jobs[0].cfg, state=state):
+            for row, tokens in chunk:
+                job, choice = owner[row]
+                job.send("tokens", choice, tokens)
+            for row, (job, _) in enumerate(owner):
+                if job.cancelled.is_set():
+                    state.cancel(row)
+        for job in jobs:
+            rows = [state.rows[r] for r, (j, _) in enumerate(owner) if j is job]
+            job.send("done", [RowResult(r.tokens, r.finish_reason, r.nfe, r.accepted_lengths) for r in rows])

@@ -1,0 +1,287 @@
+"""The HTTP server through the official openai client and raw HTTP, on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
+
+import httpx
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tridlm.decode import GenerationConfig, generate  # noqa: E402
+from tridlm.serve.app import ServerConfig, create_app  # noqa: E402
+
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+PROMPTS = ["hello there", "a quick test", "what is one plus two?", "tell me more", "x", "the end is near"]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(char_tokenizer):
+    return replace(char_tokenizer, chat_template=TEMPLATE)
+
+
+@contextmanager
+def running(model, tokenizer, **config):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(model, tokenizer, ServerConfig(model_name="tiny", **config))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, chat_tokenizer):
+    with running(tiny_model, chat_tokenizer, max_queue=256, max_batch=8) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def expected(model, tokenizer, text, chat=False, **knobs):
+    """The library's own greedy result for one prompt: what the server must return."""
+    ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
+    cfg = GenerationConfig(block_size=8, max_tokens=24).replace(**knobs)
+    state = generate(model, [ids], cfg, detokenize=tokenizer.decode)
+    return state.text(0), state.rows[0]
+
+
+def extra(usage, name):
+    return usage.model_extra[name]
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+def test_completion_and_chat_match_the_library(client, tiny_model, chat_tokenizer, mode):
+    want, row = expected(tiny_model, chat_tokenizer, "hello there", mode=mode)
+    r = client.completions.create(model="tiny", prompt="hello there", max_tokens=24, temperature=0,
+                                  extra_body={"mode": mode})
+    assert r.choices[0].text == want
+    assert r.usage.completion_tokens == len(row.tokens) and extra(r.usage, "mode") == mode
+    assert extra(r.usage, "nfe") == row.nfe and extra(r.usage, "tpf") == pytest.approx(len(row.tokens) / row.nfe)
+    want_chat, _ = expected(tiny_model, chat_tokenizer, "hello there", chat=True, mode=mode)
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello there"}],
+                                       max_tokens=24, extra_body={"mode": mode})
+    assert c.choices[0].message.content == want_chat and c.choices[0].message.role == "assistant"
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+def test_streaming_carries_the_same_text_and_usage(client, tiny_model, chat_tokenizer, mode):
+    want, row = expected(tiny_model, chat_tokenizer, "a quick test", mode=mode)
+    chunks = list(client.completions.create(model="tiny", prompt="a quick test", max_tokens=24, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"mode": mode}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == want
+    assert chunks[-1].usage.completion_tokens == len(row.tokens) and extra(chunks[-1].usage, "mode") == mode
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length" if row.finish_reason == "length" else "stop"]
+    want_chat, _ = expected(tiny_model, chat_tokenizer, "a quick test", chat=True, mode=mode)
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a quick test"}],
+                                            max_tokens=24, stream=True, extra_body={"mode": mode})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want_chat
+
+
+def test_stop_strings_never_leak_and_max_tokens_is_exact(client, tiny_model, chat_tokenizer):
+    free, _ = expected(tiny_model, chat_tokenizer, "hello there")
+    stop = free[5:7]
+    r = client.completions.create(model="tiny", prompt="hello there", max_tokens=24, stop=[stop])
+    assert r.choices[0].text == free[: free.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="hello there", max_tokens=24, stop=stop, stream=True) if c.choices)
+    assert streamed == free[: free.index(stop)]
+    for mode in ("ar", "diffusion", "spec"):
+        r = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=7, extra_body={
+            "mode": mode, "block_size": 4})
+        assert r.usage.completion_tokens <= 7
+        if r.choices[0].finish_reason == "length":
+            assert r.usage.completion_tokens == 7
+
+
+def test_n_choices_and_seeded_sampling(client):
+    kw = dict(model="tiny", prompt="hello", max_tokens=16, temperature=1.0, seed=3, n=3)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 3
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+def test_concurrent_requests_are_batched_and_exact(server, client, tiny_model, chat_tokenizer):
+    jobs = [(PROMPTS[i % len(PROMPTS)], ("ar", "spec", "diffusion")[i % 3]) for i in range(24)]
+    want = {(p, m): expected(tiny_model, chat_tokenizer, p, mode=m)[0] for p, m in set(jobs)}
+
+    def call(job):
+        p, m = job
+        return client.completions.create(model="tiny", prompt=p, max_tokens=24, extra_body={"mode": m})
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, jobs))
+    assert [r.choices[0].text for r in results] == [want[j] for j in jobs]
+    metrics = httpx.get(server + "/metrics").text
+    single = _metric(metrics, 'tridlm_batch_rows_bucket{le="1.0"}')
+    total = _metric(metrics, "tridlm_batch_rows_count")
+    assert total > single, "no batch held more than one request"
+
+
+def test_auto_mode_picks_spec_when_idle_and_ar_under_load(client):
+    idle = client.completions.create(model="tiny", prompt="hello", max_tokens=8, extra_body={"mode": "auto"})
+    assert extra(idle.usage, "mode") == "spec"
+    with ThreadPoolExecutor(12) as pool:
+        modes = list(pool.map(lambda p: extra(client.completions.create(
+            model="tiny", prompt=p, max_tokens=64, extra_body={"mode": "auto"}).usage, "mode"), PROMPTS * 2))
+    assert "ar" in modes
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"temperature": -1}, "BadRequestError", "temperature"),
+    ({"top_p": 1.5}, "BadRequestError", "top_p"),
+    ({"max_tokens": 0}, "BadRequestError", "max_tokens"),
+    ({"max_tokens": 100000}, "BadRequestError", "max_tokens"),
+    ({"extra_body": {"mode": "fast"}}, "BadRequestError", "mode"),
+    ({"extra_body": {"block_size": 0}}, "BadRequestError", "block_size"),
+    ({"extra_body": {"temprature": 0.5}}, "BadRequestError", "temprature"),
+    ({"model": "gpt-9"}, "NotFoundError", "gpt-9"),
+    ({"prompt": ""}, "BadRequestError", "empty"),
+    ({"prompt": "a" * 600}, "BadRequestError", "too long"),
+    ({"presence_penalty": 1.0}, "BadRequestError", "presence_penalty"),
+])
+def test_bad_requests_get_openai_errors(client, kwargs, error, message):
+    args = {"model": "tiny", "prompt": "hi", "max_tokens": 8, **kwargs}
+    with pytest.raises(getattr(openai, error)) as e:
+        client.completions.create(**args)
+    assert message in str(e.value)
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+
+
+def test_raw_http_errors_are_json_4xx(server):
+    for body in (b"{not json", b"[1, 2]", b'{"prompt": 5}', b'{"messages": []}', b'{"prompt": "x", "n": 99}',
+                 b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "top_p": Infinity}'):
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            r = httpx.post(server + path, content=body, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500 and "message" in r.json()["error"]
+    big = json.dumps({"prompt": "a" * (2 << 20)})
+    assert httpx.post(server + "/v1/completions", content=big).status_code == 413
+
+
+def test_api_key_is_checked(tiny_model, chat_tokenizer):
+    with running(tiny_model, chat_tokenizer, api_key="sesame") as url:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+        assert good.completions.create(model="tiny", prompt="hi", max_tokens=3).choices
+
+
+class Slow(torch.nn.Module):
+    """The tiny model with a delay per forward, so that a request outlives its client."""
+
+    def __init__(self, inner, delay):
+        super().__init__()
+        self.inner, self.delay, self.cfg = inner, delay, inner.cfg
+        self.device, self.dtype, self.new_cache = inner.device, inner.dtype, inner.new_cache
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.inner(*args, **kwargs)
+
+
+def test_queue_limit_answers_429_and_disconnect_frees_the_slot(tiny_model, chat_tokenizer):
+    with running(Slow(tiny_model, 0.02), chat_tokenizer, max_queue=2, max_batch=1) as url:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 400}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as first:
+                next(first.iter_lines())  # generation has started
+                statuses = [http.post(url + "/v1/completions", json={**body, "max_tokens": 2}).status_code
+                            for _ in range(1)]
+                with ThreadPoolExecutor(4) as pool:
+                    statuses += list(pool.map(lambda _: http.post(url + "/v1/completions", json=body).status_code,
+                                              range(4)))
+            # The streaming client left: its rows stop at the next cycle, not after 400 tokens (8 s).
+            assert 429 in statuses
+            deadline = time.time() + 20
+            while http.get(url + "/health").json()["queue_depth"] and time.time() < deadline:
+                time.sleep(0.05)
+            assert http.get(url + "/health").json()["queue_depth"] == 0
+            assert http.post(url + "/v1/completions", json={**body, "max_tokens": 3}).status_code == 200
+            assert 'status="499"' in http.get(url + "/metrics").text
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+                    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children,
+                                                                                       max_size=3), max_leaves=6)
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
+          "mode", "block_size", "threshold", "max_steps_per_block", "stream_options", "logprobs", "bogus"]
+VALUES = {"prompt": st.text(max_size=12) | st.lists(st.integers(-5, 100), max_size=4),
+          "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "robot"]),
+                                                      "content": st.text(max_size=8)}), max_size=2),
+          "max_tokens": st.integers(-2, 40), "n": st.integers(-1, 4), "mode": st.sampled_from(
+              ["ar", "spec", "diffusion", "auto", "x"]), "block_size": st.integers(-1, 40)}
+BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6).flatmap(
+    lambda d: st.fixed_dictionaries({k: VALUES.get(k, JSON) for k in d}))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=BODIES, path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+def test_fuzzed_bodies_never_5xx(server, body, path):
+    r = httpx.post(server + path, json=body, timeout=60)
+    assert r.status_code < 500, r.text
+    if r.status_code != 200:
+        assert r.json()["error"]["message"]
+
+
+KNOBS = st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=12)}, optional={
+    "max_tokens": st.integers(-1, 30), "temperature": st.floats(-1, 3), "top_p": st.floats(-0.5, 1.5),
+    "top_k": st.integers(-1, 80), "seed": st.integers(0, 2**31), "n": st.integers(1, 3),
+    "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3), "stream": st.booleans(),
+    "mode": st.sampled_from(["ar", "spec", "diffusion", "auto"]), "block_size": st.integers(0, 20),
+    "threshold": st.none() | st.floats(-0.5, 1.5), "max_steps_per_block": st.integers(0, 10)})
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=KNOBS)
+def test_fuzzed_knobs_decode_or_get_a_4xx(server, body):
+    r = httpx.post(server + "/v1/completions", json=body, timeout=60)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 200 and not body.get("stream"):
+        out = r.json()
+        assert len(out["choices"]) == body.get("n", 1)
+        assert out["usage"]["completion_tokens"] <= body.get("max_tokens", 256) * body.get("n", 1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(raw=st.binary(max_size=64))
+def test_fuzzed_bytes_never_5xx(server, raw):
+    r = httpx.post(server + "/v1/chat/completions", content=raw, timeout=30)
+    assert 400 <= r.status_code < 500
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"metric {name} not found")
