@@ -37,3 +37,9 @@ def test_seeded_draws_repeat():
     a = s.pick(probs, torch.Generator().manual_seed(1))
     b = s.pick(probs, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and len(set(a.tolist())) > 1
+
+
+@pytest.mark.parametrize("top_p", [1e-200, 1e-9, 0.3])
+def test_tiny_top_p_keeps_the_best_token(top_p):
+    p = Sampler(temperature=1.0, top_p=top_p).distribution(LOGITS)
+    assert torch.equal(p, torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]]))

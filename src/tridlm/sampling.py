@@ -39,8 +39,10 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         if self.top_p is not None and self.top_p < 1.0:
             sorted_p, order = probs.sort(dim=-1, descending=True)
-            # Drop a token when the mass before it already reaches top_p (the first token always stays).
+            # Drop a token when the mass before it already reaches top_p; the most likely one always stays
+            # (explicitly: a top_p that rounds to 0 in float32 would otherwise drop everything).
             drop = (sorted_p.cumsum(-1) - sorted_p) >= self.top_p
+            drop[..., 0] = False
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
             probs = probs / probs.sum(-1, keepdim=True)
         return probs
