@@ -4,8 +4,9 @@
    several block sizes), diffusion with block size 1 == AR, batch row == single, cached == uncached,
    and device logits == CPU logits for the same weights.
 2. Timing in bfloat16 on a random 1B-class model with the NLD head layout (no weights needed):
-   batch-1 AR tok/s against the weight-read bound (weight bytes / measured copy bandwidth), spec
-   cycles, and a forward-latency-vs-new-tokens sweep over a cached prompt, up to B*(B+1) tokens.
+   batch-1 AR tok/s against the weight-read bound (weight bytes / measured copy bandwidth), linear and
+   quadratic spec cycles, and a forward-latency-vs-new-tokens sweep over a cached prompt, up to
+   B*(B+1) tokens (the quadratic forward).
 
 Writes <out>/gpu_check.json and prints a table, then one JSON line.
 Usage: python bench/gpu_check.py OUT_DIR [--device cuda] [--big-preset 1b]
@@ -83,9 +84,9 @@ def correctness(device) -> dict:
     cfg = GenerationConfig(max_tokens=48)
     ar = [r.tokens for r in generate(model, prompts, cfg, eos_ids=[]).rows]
     out = {}
-    for b in (2, 4, 16):
-        sp = generate(model, prompts, cfg.replace(mode="spec", block_size=b), eos_ids=[])
-        out[f"spec_b{b}_equals_ar"] = [r.tokens for r in sp.rows] == ar
+    for variant, b in (("linear", 2), ("linear", 4), ("linear", 16), ("quadratic", 4), ("quadratic", 8)):
+        sp = generate(model, prompts, cfg.replace(mode="spec", block_size=b, spec_variant=variant), eos_ids=[])
+        out[f"spec_{variant}_b{b}_equals_ar"] = [r.tokens for r in sp.rows] == ar
     diff1 = generate(model, prompts, cfg.replace(mode="diffusion", block_size=1), eos_ids=[])
     out["diffusion_b1_equals_ar"] = [r.tokens for r in diff1.rows] == ar
     out["batch_equals_single"] = all(generate(model, [p], cfg, eos_ids=[]).rows[0].tokens == t
@@ -118,8 +119,9 @@ def timing(device, cfg: ModelConfig, context: int, tokens: int) -> dict:
     prompt = torch.randint(4, cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
     gen = GenerationConfig(max_tokens=tokens)
     decode = {}
-    for mode, block in (("ar", 1), ("spec", 16), ("spec", 32)):
-        run = gen.replace(mode=mode, block_size=block)
+    for mode, block, variant in (("ar", 1, "linear"), ("spec", 16, "linear"), ("spec", 32, "linear"),
+                                 ("spec", 8, "quadratic"), ("spec", 16, "quadratic")):
+        run = gen.replace(mode=mode, block_size=block, spec_variant=variant)
         generate(model, [prompt], run.replace(max_tokens=8), eos_ids=[])
         if timer.cuda:
             torch.cuda.synchronize()
@@ -129,12 +131,12 @@ def timing(device, cfg: ModelConfig, context: int, tokens: int) -> dict:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
         s = state.stats()
-        decode[f"{mode}_b{block}"] = {"tok_s": s["completion_tokens"] / wall, "nfe": s["nfe"],
+        decode[f"{mode}_{variant}_b{block}" if mode == "spec" else mode] = {"tok_s": s["completion_tokens"] / wall, "nfe": s["nfe"],
                                       "ms_per_forward": wall * 1e3 / max(s["nfe"], 1), "tpf": s["tpf"]}
     cache, _ = prefill(model, [prompt], max_len=context + 1200)
     start = cache.lengths.clone()
     sweep = {}
-    for n in (1, 2, 4, 8, 16, 32, 64, 128, 16 * 17, 32 * 33):
+    for n in (1, 2, 4, 8, 16, 32, 64, 8 * 9, 128, 16 * 17, 32 * 33):
         block = torch.randint(4, cfg.vocab_size, (1, n), device=device)
 
         def step():
@@ -167,7 +169,8 @@ def main():
     print(f"  copy bandwidth {res['copy_bandwidth_gb_s']:.0f} GB/s -> weight-read bound "
           f"{res['weight_read_bound_tok_s']:.0f} tok/s at batch 1")
     for k, d in res["decode"].items():
-        print(f"  {k:<9} {d['tok_s']:8.1f} tok/s  {d['ms_per_forward']:7.2f} ms/forward  NFE {d['nfe']}")
+        print(f"  {k:<20} {d['tok_s']:8.1f} tok/s  {d['ms_per_forward']:7.2f} ms/forward  NFE {d['nfe']}  "
+              f"TPF {d['tpf']:.2f}")
     base = res["forward_ms"][1]
     print("  forward of n new tokens: " + ", ".join(f"{n}: {ms:.2f} ms ({ms / base:.2f}x)"
                                                    for n, ms in res["forward_ms"].items()))

@@ -35,6 +35,47 @@ def test_spec_greedy_equals_ar(small_vocab_model, prompts, block_size):
         assert max(hist) >= 2, "the accept path was not exercised"
 
 
+@pytest.mark.parametrize("block_size", [1, 2, 3, 5, 8])
+def test_quadratic_spec_greedy_equals_ar(small_vocab_model, prompts, block_size):
+    prompts = [[t % 16 for t in p] for p in prompts]
+    cfg = GREEDY.replace(mode="spec", spec_variant="quadratic", block_size=block_size)
+    for batch in (prompts, prompts[:1]):
+        ar = generate(small_vocab_model, batch, GREEDY, eos_ids=[])
+        sp = generate(small_vocab_model, batch, cfg, eos_ids=[])
+        assert tokens(sp) == tokens(ar)
+    row = sp.rows[0]
+    if block_size > 1:
+        assert max(row.accepted_lengths) >= 2, "the accept path was not exercised"
+        assert row.nfe == len(row.accepted_lengths) + 1  # one forward per cycle after one linear draft
+        assert sp.stats()["tpf"] > 1.0
+
+
+@pytest.mark.parametrize("variant", ["linear", "quadratic"])
+def test_adapter_never_changes_spec_output(tiny_cfg, prompts, variant):
+    model = random_model(tiny_cfg, seed=6, std=0.3)
+    ar = tokens(generate(model, prompts, GREEDY))
+    model.add_lora(rank=4, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
+    for name, p in model.named_parameters():
+        if "lora_b" in name:
+            torch.nn.init.normal_(p, 0, 0.3)
+    cfg = GREEDY.replace(mode="spec", spec_variant=variant, block_size=4)
+    assert tokens(generate(model, prompts, cfg)) == ar
+    assert tokens(generate(model, prompts, GREEDY)) == ar  # AR itself never uses the adapter
+
+
+def test_quadratic_spec_sampling_is_distributionally_lossless():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
+    prompt, n = [1, 2, 3], 4
+    cfg = GenerationConfig(mode="spec", spec_variant="quadratic", block_size=3, temperature=1.0, seed=12,
+                           max_tokens=n)
+    expected = _exact_ar_distribution(model, prompt, n, cfg.sampler)
+    state = generate(model, [prompt] * 6000, cfg, eos_ids=[])
+    stat, dof = _chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)
+    assert scipy_stats.chi2.sf(stat, dof) > 1e-3
+    assert max(state.stats()["accepted_hist"]) >= 2
+
+
 def test_spec_greedy_equals_ar_tiny_model(tiny_model, prompts):
     ar = generate(tiny_model, prompts, GREEDY)
     assert tokens(generate(tiny_model, prompts, GREEDY.replace(mode="spec", block_size=5))) == tokens(ar)
@@ -48,6 +89,7 @@ def test_diffusion_block_size_one_is_ar(tiny_model, prompts):
 @pytest.mark.parametrize("cfg", [
     GREEDY,
     GREEDY.replace(mode="spec", block_size=4),
+    GREEDY.replace(mode="spec", block_size=4, spec_variant="quadratic"),
     GREEDY.replace(mode="diffusion", block_size=4, threshold=0.3),
     GREEDY.replace(mode="diffusion", block_size=6, threshold=None),
 ])
@@ -123,7 +165,8 @@ def test_streaming_yields_every_token_once_in_order(tiny_model, prompts):
 
 @pytest.mark.parametrize("field,value", [("mode", "fast"), ("block_size", 0), ("threshold", 1.5),
                                          ("temperature", -1.0), ("top_p", 0.0), ("top_k", 0), ("max_tokens", 0),
-                                         ("max_steps_per_block", 0), ("stop", ("",))])
+                                         ("max_steps_per_block", 0), ("stop", ("",)),
+                                         ("spec_variant", "cubic")])
 def test_config_rejects_out_of_range(field, value):
     with pytest.raises(ValueError, match=f"invalid {field}="):
         GenerationConfig(**{field: value}).validate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 from importlib import resources
 import json
 import platform
@@ -52,7 +53,7 @@ class Setting:
         g = self.gen
         if self.engine != "tridlm":
             return self.engine
-        parts = [g.mode]
+        parts = [g.mode if g.mode != "spec" or g.spec_variant == "linear" else "spec-quadratic"]
         if g.mode != "ar":
             parts.append(f"B={g.block_size}")
         if g.mode == "diffusion":
@@ -64,19 +65,18 @@ class Setting:
         return " ".join(parts)
 
 
-def grid(modes, block_sizes, thresholds, temperatures, batch_sizes, max_tokens: int) -> list[Setting]:
+def grid(modes, block_sizes, thresholds, temperatures, batch_sizes, max_tokens: int,
+         spec_variants=("linear",)) -> list[Setting]:
     """Every meaningful combination (AR ignores block size and threshold; spec ignores threshold)."""
     out = []
     for mode in modes:
-        for temp in temperatures:
-            for bs in batch_sizes:
-                blocks = [1] if mode == "ar" else block_sizes
-                thr = thresholds if mode == "diffusion" else [None]
-                for b in blocks:
-                    for t in thr:
-                        gen = GenerationConfig(mode=mode, block_size=b, threshold=t, temperature=temp,
-                                               seed=0 if temp else None, max_tokens=max_tokens).validate()
-                        out.append(Setting("tridlm", gen, bs))
+        blocks = [1] if mode == "ar" else block_sizes
+        thr = thresholds if mode == "diffusion" else [None]
+        variants = spec_variants if mode == "spec" else ["linear"]
+        for temp, bs, v, b, t in itertools.product(temperatures, batch_sizes, variants, blocks, thr):
+            gen = GenerationConfig(mode=mode, block_size=b, threshold=t, temperature=temp, spec_variant=v,
+                                   seed=0 if temp else None, max_tokens=max_tokens).validate()
+            out.append(Setting("tridlm", gen, bs))
     return out
 
 
@@ -343,7 +343,8 @@ def finalize(report: dict) -> dict:
 
 def _describe(s: Setting) -> dict:
     g = s.gen
-    return {"engine": s.engine, "mode": g.mode, "block_size": g.block_size, "threshold": g.threshold,
+    return {"engine": s.engine, "mode": g.mode, "spec_variant": g.spec_variant, "block_size": g.block_size,
+            "threshold": g.threshold,
             "temperature": g.temperature, "batch_size": s.batch_size}
 
 

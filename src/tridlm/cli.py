@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tridlm import checkpoint, gguf_file
-from tridlm.decode import MODES, DecodeState, GenerationConfig, stream
+from tridlm.decode import MODES, SPEC_VARIANTS, DecodeState, GenerationConfig, stream
 from tridlm.tokenizer import TextStream
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,6 +47,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default=d.mode)
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--threshold", type=_threshold, default=d.threshold, help="diffusion confidence, or 'none'")
+    p.add_argument("--spec-variant", choices=SPEC_VARIANTS, default=d.spec_variant,
+                   help="spec: linear (draft + verify forwards) or quadratic (one forward of B*(B+1) tokens)")
     p.add_argument("--max-steps-per-block", type=int)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature)
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", type=_list(str), default=["ar", "spec", "diffusion"])
     b.add_argument("--block-sizes", type=_list(int), default=[4, 16])
     b.add_argument("--thresholds", type=_list(_threshold), default=[0.9, 0.5])
+    b.add_argument("--spec-variants", type=_list(str), default=["linear"], help="linear and/or quadratic")
     b.add_argument("--temperatures", type=_list(float), default=[0.0])
     b.add_argument("--batch-sizes", type=_list(int), default=[1])
     b.add_argument("--max-tokens", type=int, default=64)
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args) -> GenerationConfig:
     return GenerationConfig(mode=args.mode, block_size=args.block_size, threshold=args.threshold,
+                            spec_variant=args.spec_variant,
                             max_steps_per_block=args.max_steps_per_block, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
                             stop=tuple(args.stop)).validate()
@@ -216,14 +220,15 @@ def cmd_bench(args) -> None:
 
     from tridlm import bench
 
-    bad = set(args.baselines) - {"hf", "hf-lookup", "none"} or set(args.modes) - set(MODES)
+    bad = (set(args.baselines) - {"hf", "hf-lookup", "none"} or set(args.modes) - set(MODES)
+           or set(args.spec_variants) - set(SPEC_VARIANTS))
     if bad:
-        raise ValueError(f"unknown mode or baseline {sorted(bad)}")
+        raise ValueError(f"unknown mode, spec variant or baseline {sorted(bad)}")
     if args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
     model, tok = _load(args)
     settings = bench.grid(args.modes, args.block_sizes, args.thresholds, args.temperatures, args.batch_sizes,
-                          args.max_tokens)
+                          args.max_tokens, args.spec_variants)
     if "ar" not in args.modes:  # the reference for exact match and speedups
         settings.insert(0, bench.grid(["ar"], [1], [None], [0.0], [1], args.max_tokens)[0])
     baselines = [b for b in args.baselines if b != "none"]

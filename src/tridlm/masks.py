@@ -24,3 +24,27 @@ def bidirectional(cache_lengths: torch.Tensor, n: int, prefix: int) -> torch.Ten
     """Every query sees the committed cache and all n current tokens (diffusion denoising, spec draft)."""
     current = torch.ones(len(cache_lengths), n, n, dtype=torch.bool, device=cache_lengths.device)
     return torch.cat([_cache_part(cache_lengths, n, prefix), current], dim=-1)
+
+
+def quadratic_offsets(block: int, device=None) -> torch.Tensor:
+    """Positions, relative to the committed length, of the B*(B+1) tokens of a quadratic-spec forward:
+    B draft rows at 0..B-1, then for each sub-block i its B MASK rows at i+1..i+B."""
+    drafts = torch.arange(block, device=device)
+    masks_ = (drafts[:, None] + 1 + drafts[None, :]).flatten()
+    return torch.cat([drafts, masks_])
+
+
+def quadratic(cache_lengths: torch.Tensor, n: int, prefix: int, block: int) -> torch.Tensor:
+    """Quadratic self-speculation (SPEC 3.4). Tokens: B draft rows, then B sub-blocks of B MASK rows.
+    Draft row i sees the cache and draft rows 0..i (it verifies); MASK rows of sub-block i see the
+    cache, draft rows 0..i and their own sub-block (they draft the block after an accept of i drafts)."""
+    if n != block * (block + 1):
+        raise ValueError(f"a quadratic forward of block {block} has {block * (block + 1)} tokens, not {n}")
+    dev = cache_lengths.device
+    sub = torch.cat([torch.arange(block, device=dev), torch.arange(block, device=dev).repeat_interleave(block)])
+    is_draft = torch.arange(n, device=dev) < block
+    # Query q may see draft row j when j <= sub[q]; MASK key k only from its own sub-block's MASK rows.
+    sees_draft = is_draft[None, :] & (sub[None, :] <= sub[:, None])
+    sees_mask = ~is_draft[None, :] & ~is_draft[:, None] & (sub[None, :] == sub[:, None])
+    current = (sees_draft | sees_mask).expand(len(cache_lengths), -1, -1)
+    return torch.cat([_cache_part(cache_lengths, n, prefix), current], dim=-1)

@@ -93,10 +93,12 @@ class Linear(nn.Linear):
         self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
         self.lora_scale = alpha / rank
 
-    def forward(self, x: torch.Tensor, adapter: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter: bool | torch.Tensor = False) -> torch.Tensor:
+        """adapter: True/False for every token, or a (B, n) bool tensor choosing tokens."""
         y = F.linear(x, self.weight, self.bias)
-        if adapter and self.lora_a is not None:
-            y = y + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
+        if self.lora_a is not None and (adapter is not False):
+            delta = F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
+            y = y + (delta if adapter is True else delta * adapter[..., None].to(delta.dtype))
         return y
 
 
@@ -113,8 +115,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, q_scale, mask, layer: int, cache: KVCache | None, positions, write: bool,
-                adapter: bool):
+    def forward(self, x, cos, sin, q_scale, mask, layer: int, cache: KVCache | None, positions, write: bool | int,
+                adapter: bool | torch.Tensor):
         B, n, _ = x.shape
         q = self.q_proj(x, adapter).view(B, n, self.n_heads, self.head_dim)  # (B, n, H, D)
         k = self.k_proj(x, adapter).view(B, n, self.n_kv_heads, self.head_dim)  # (B, n, KV, D)
@@ -129,8 +131,9 @@ class Attention(nn.Module):
         if prefix:
             pk, pv = cache.prefix(layer, prefix)  # (B, KV, prefix, D)
             keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        if write:
-            cache.write(layer, positions, k, v)
+        if write is not False:
+            w = n if write is True else int(write)
+            cache.write(layer, positions[:, :w], k[:, :, :w], v[:, :, :w])
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, n, -1), adapter)
 
@@ -142,7 +145,7 @@ class MLP(nn.Module):
         self.up_proj = Linear(cfg.dim, cfg.ffn_dim)
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim)
 
-    def forward(self, x: torch.Tensor, adapter: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
 
 
@@ -154,7 +157,7 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, q_scale, mask, layer: int, cache, positions, write: bool, adapter: bool):
+    def forward(self, x, cos, sin, q_scale, mask, layer: int, cache, positions, write, adapter):
         h = self.input_layernorm(x)
         x = x + self.self_attn(h, cos, sin, q_scale, mask, layer, cache, positions, write, adapter)
         return x + self.mlp(self.post_attention_layernorm(x), adapter)
@@ -191,14 +194,16 @@ class TriModel(nn.Module):
         return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=self.dtype, device=self.device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None = None, write_cache: bool = False, adapter: bool = False,
+                cache: KVCache | None = None, write_cache: bool | int = False, adapter: bool | torch.Tensor = False,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) for tokens (B, n) at positions (B, n).
 
         mask: (B, n, P + n) bool over keys [cache[:P] | current tokens] (see ``tridlm.masks``).
         write_cache: store the current tokens' keys/values in ``cache`` at their positions and commit
-            them (the caller rolls back what it rejects with ``cache.crop``). Causal passes only.
-        adapter: switch on the LoRA adapter (bidirectional passes only, by convention of the decoders).
+            them (the caller rolls back what it rejects with ``cache.crop``); an int writes only that
+            many leading tokens (whose queries must be causal). Causal tokens only.
+        adapter: switch on the LoRA adapter, for all tokens or a (B, n) bool selection of them
+            (bidirectional queries only, by convention of the decoders).
         logits_index: (B, k) positions within the n tokens whose logits are wanted (default: all).
         """
         if mask.shape[-1] > tokens.shape[1] and cache is None:
@@ -213,11 +218,15 @@ class TriModel(nn.Module):
         with sdpa_kernel(_SDPA_BACKENDS):
             for i, layer in enumerate(self.encoder.layers):
                 x = layer(x, cos, sin, q_scale, mask, i, cache, positions, write_cache, adapter)
-        if write_cache:
-            cache.commit(positions[:, -1] + 1)
+        if write_cache is not False:
+            cache.commit(positions[:, self._written(write_cache, tokens) - 1] + 1)
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, k, dim)
         return self.diffusion_head(self.encoder.norm(x), adapter).float()
+
+    @staticmethod
+    def _written(write_cache: bool | int, tokens: torch.Tensor) -> int:
+        return tokens.shape[1] if write_cache is True else int(write_cache)
 
     def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...] = ("o_proj",)) -> None:
         """Attach LoRA adapters to every projection whose name is in ``targets``."""

@@ -12,14 +12,14 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from tridlm.decode.ar import ar
-from tridlm.decode.common import MODES, DecodeState, GenerationConfig, Row, prefill
+from tridlm.decode.common import MODES, SPEC_VARIANTS, DecodeState, GenerationConfig, Row, prefill
 from tridlm.decode.diffusion import diffusion
 from tridlm.decode.spec import spec
 from tridlm.model import TriModel
 
 DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec}
 
-__all__ = ["MODES", "DecodeState", "GenerationConfig", "Row", "generate", "stream"]
+__all__ = ["MODES", "SPEC_VARIANTS", "DecodeState", "GenerationConfig", "Row", "generate", "stream"]
 
 
 @torch.inference_mode()

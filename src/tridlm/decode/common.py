@@ -17,6 +17,7 @@ from tridlm.sampling import Sampler
 from tridlm.tokenizer import stop_index
 
 MODES = ("ar", "diffusion", "spec")
+SPEC_VARIANTS = ("linear", "quadratic")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class GenerationConfig:
     mode: str = "ar"
     block_size: int = 32
     threshold: float | None = 0.9  # diffusion: commit confidence; None = one token per step
+    spec_variant: str = "linear"  # spec: "linear" (draft + verify forwards) | "quadratic" (one forward)
     max_steps_per_block: int | None = None  # diffusion: default block_size
     temperature: float = 0.0
     top_k: int | None = None
@@ -39,6 +41,8 @@ class GenerationConfig:
             raise ValueError(f"invalid {name}={getattr(self, name)!r}: {why}")
         if self.mode not in MODES:
             bad("mode", f"expected one of {', '.join(MODES)}")
+        if self.spec_variant not in SPEC_VARIANTS:
+            bad("spec_variant", f"expected one of {', '.join(SPEC_VARIANTS)}")
         if not 1 <= self.block_size <= 256:
             bad("block_size", "expected an integer in [1, 256]")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -181,11 +185,14 @@ class DecodeState:
         }
 
 
-def forward_block(model: TriModel, cache: KVCache, tokens: torch.Tensor, mask_fn, *, write: bool = False,
-                  adapter: bool = False, logits_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward tokens (B, n) placed right after each row's committed cache."""
+def forward_block(model: TriModel, cache: KVCache, tokens: torch.Tensor, mask_fn, *, write: bool | int = False,
+                  adapter: bool | torch.Tensor = False, logits_index: torch.Tensor | None = None,
+                  offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward tokens (B, n) placed right after each row's committed cache (at ``offsets`` from it,
+    default 0..n-1)."""
     n = tokens.shape[1]
-    positions = cache.lengths[:, None] + torch.arange(n, device=tokens.device)  # (B, n)
+    offsets = torch.arange(n, device=tokens.device) if offsets is None else offsets
+    positions = cache.lengths[:, None] + offsets  # (B, n)
     mask = mask_fn(cache.lengths, n, int(cache.lengths.max()))
     return model(tokens, positions, mask, cache, write_cache=write, adapter=adapter, logits_index=logits_index)
 

@@ -6,6 +6,7 @@ sampling makes every emitted token follow the AR distribution exactly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -49,23 +50,62 @@ def accept(block: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, sampler
 def spec(model: TriModel, cache: KVCache, seed: torch.Tensor, state: DecodeState,
          generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield the tokens of each draft+verify cycle (accepted drafts + bonus) per row."""
-    cfg, sampler = state.cfg, state.cfg.sampler
+    if state.cfg.spec_variant == "quadratic" and state.cfg.block_size > 1:
+        yield from spec_quadratic(model, cache, seed, state, generator)
+        return
     while not state.all_done:
         start = cache.lengths
-        block = masked_block(seed, cfg.block_size, model.cfg.mask_id)  # (B, n)
-        q = None
-        if cfg.block_size > 1:
-            q = sampler.distribution(forward_block(model, cache, block, masks.bidirectional, adapter=True))
-            state.count_forward()
-            block[:, 1:] = sampler.pick(q[:, 1:], generator)
-        p = sampler.distribution(forward_block(model, cache, block, masks.causal, write=True))
+        block, q = draft(model, cache, seed, state, generator)
+        p = state.cfg.sampler.distribution(forward_block(model, cache, block, masks.causal, write=True))
         state.count_forward()
-        k, bonus = accept(block, p, q, sampler, generator)
-        # Keep the seed and the accepted drafts (the bonus is the next seed); finished rows stay put.
-        cache.crop(torch.where(state.active(k.device), start + k + 1, start))
-        for i, (n_ok, b) in enumerate(zip(k.tolist(), bonus.tolist())):
-            if not state.rows[i].done:
-                state.rows[i].accepted_lengths.append(n_ok + 1)
-            state.emit(i, block[i, 1 : n_ok + 1].tolist() + [b])
-        seed = bonus
+        seed, _ = settle(cache, state, start, block, p, q, generator)
+        yield state.flush()
+
+
+def draft(model, cache, seed, state, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[seed, drafts...] (B, n) from one bidirectional pass over [seed, MASK...], and their distributions."""
+    sampler = state.cfg.sampler
+    block = masked_block(seed, state.cfg.block_size, model.cfg.mask_id)  # (B, n)
+    if block.shape[1] == 1:
+        return block, None
+    q = sampler.distribution(forward_block(model, cache, block, masks.bidirectional, adapter=True))
+    state.count_forward()
+    block[:, 1:] = sampler.pick(q[:, 1:], generator)
+    return block, q
+
+
+def settle(cache, state, start, block, p, q, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept a prefix of the drafts, keep its KV, emit it with the bonus token.
+    Returns (bonus token, accepted draft count) per row."""
+    k, bonus = accept(block, p, q, state.cfg.sampler, generator)
+    # Keep the seed and the accepted drafts (the bonus is the next seed); finished rows stay put.
+    cache.crop(torch.where(state.active(k.device), start + k + 1, start))
+    for i, (n_ok, b) in enumerate(zip(k.tolist(), bonus.tolist())):
+        if not state.rows[i].done:
+            state.rows[i].accepted_lengths.append(n_ok + 1)
+        state.emit(i, block[i, 1 : n_ok + 1].tolist() + [b])
+    return bonus, k
+
+
+def spec_quadratic(model: TriModel, cache: KVCache, seed: torch.Tensor, state: DecodeState,
+                   generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
+    """Quadratic self-speculation (SPEC 3.4): one forward per cycle verifies the current drafts and,
+    for every possible number of accepted drafts, drafts the block after it."""
+    n, sampler = state.cfg.block_size, state.cfg.sampler
+    rows = len(seed)
+    offsets = masks.quadratic_offsets(n, seed.device)
+    mask_fn = functools.partial(masks.quadratic, block=n)
+    mask_rows = (torch.arange(n * (n + 1), device=seed.device) >= n).expand(rows, -1)  # adapter on MASK rows
+    block, q = draft(model, cache, seed, state, generator)  # the first cycle's drafts: one linear pass
+    while not state.all_done:
+        start = cache.lengths
+        tokens = torch.cat([block, torch.full((rows, n * n), model.cfg.mask_id, device=block.device)], dim=1)
+        dist = sampler.distribution(forward_block(model, cache, tokens, mask_fn, write=n, adapter=mask_rows,
+                                                  offsets=offsets))  # (B, n(n+1), V)
+        state.count_forward()
+        bonus, k = settle(cache, state, start, block, dist[:, :n], q, generator)
+        # Sub-block k (k drafts accepted) drafted positions bonus, bonus+1, ...: its row 0 stands where
+        # the bonus now is, rows 1.. are the next drafts.
+        q = dist[:, n:].view(rows, n, n, -1)[torch.arange(rows, device=block.device), k]
+        block = torch.cat([bonus[:, None], sampler.pick(q[:, 1:], generator)], dim=1)
         yield state.flush()

@@ -55,6 +55,7 @@ class _Request(BaseModel):
     block_size: int | None = None
     threshold: float | None = None
     max_steps_per_block: int | None = None
+    spec_variant: Literal["linear", "quadratic"] | None = None
 
     def unsupported(self) -> str | None:
         """The name of a standard field set to something this server does not do."""
@@ -72,7 +73,7 @@ class _Request(BaseModel):
         """Our config: the request's values over the server's defaults, validated once."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         changes = {"mode": mode, "max_tokens": max_tokens, "stop": stop, "seed": self.seed}
-        for name in ("temperature", "top_p", "top_k", "block_size", "max_steps_per_block"):
+        for name in ("temperature", "top_p", "top_k", "block_size", "max_steps_per_block", "spec_variant"):
             if getattr(self, name) is not None:
                 changes[name] = getattr(self, name)
         if "threshold" in self.model_fields_set:
