@@ -6,7 +6,7 @@
 2. Timing in bfloat16 on a random 1B-class model with the NLD head layout (no weights needed):
    batch-1 AR tok/s against the weight-read bound (weight bytes / measured copy bandwidth), linear and
    quadratic spec cycles, and a forward-latency-vs-new-tokens sweep over a cached prompt, up to
-   B*(B+1) tokens (the quadratic forward).
+   B*(B+1) tokens (the quadratic forward); decoding timed eagerly and with CUDA graphs.
 
 Writes <out>/gpu_check.json and prints a table, then one JSON line.
 Usage: python bench/gpu_check.py OUT_DIR [--device cuda] [--big-preset 1b]
@@ -26,6 +26,7 @@ import torch
 from tridlm import masks
 from tridlm.decode import GenerationConfig, generate
 from tridlm.decode.common import forward_block, prefill
+from tridlm.graphs import GraphedModel
 from tridlm.model import ModelConfig, TriModel
 
 BIG = {
@@ -87,6 +88,13 @@ def correctness(device) -> dict:
     for variant, b in (("linear", 2), ("linear", 4), ("linear", 16), ("quadratic", 4), ("quadratic", 8)):
         sp = generate(model, prompts, cfg.replace(mode="spec", block_size=b, spec_variant=variant), eos_ids=[])
         out[f"spec_{variant}_b{b}_equals_ar"] = [r.tokens for r in sp.rows] == ar
+    graphed = GraphedModel(model, capacity=256)
+    for variant, b in (("linear", 1), ("linear", 4), ("quadratic", 4)):
+        run = cfg.replace(mode="spec", block_size=b, spec_variant=variant)
+        generate(graphed, prompts, run, eos_ids=[])  # first sight of each shape runs eagerly
+        out[f"cuda_graphs_spec_{variant}_b{b}_equals_ar"] = [r.tokens for r in generate(
+            graphed, prompts, run, eos_ids=[]).rows] == ar
+    out["cuda_graphs_captured"] = graphed.graphs
     diff1 = generate(model, prompts, cfg.replace(mode="diffusion", block_size=1), eos_ids=[])
     out["diffusion_b1_equals_ar"] = [r.tokens for r in diff1.rows] == ar
     out["batch_equals_single"] = all(generate(model, [p], cfg, eos_ids=[]).rows[0].tokens == t
@@ -119,20 +127,24 @@ def timing(device, cfg: ModelConfig, context: int, tokens: int) -> dict:
     prompt = torch.randint(4, cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
     gen = GenerationConfig(max_tokens=tokens)
     decode = {}
-    for mode, block, variant in (("ar", 1, "linear"), ("spec", 16, "linear"), ("spec", 32, "linear"),
-                                 ("spec", 8, "quadratic"), ("spec", 16, "quadratic")):
-        run = gen.replace(mode=mode, block_size=block, spec_variant=variant)
-        generate(model, [prompt], run.replace(max_tokens=8), eos_ids=[])
-        if timer.cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        state = generate(model, [prompt], run, eos_ids=[])
-        if timer.cuda:
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t
-        s = state.stats()
-        decode[f"{mode}_{variant}_b{block}" if mode == "spec" else mode] = {"tok_s": s["completion_tokens"] / wall, "nfe": s["nfe"],
-                                      "ms_per_forward": wall * 1e3 / max(s["nfe"], 1), "tpf": s["tpf"]}
+    graphed = GraphedModel(model, capacity=context + tokens + 64)
+    for engine, runner in (("eager", model), ("graphs", graphed)):
+        for mode, block, variant in (("ar", 1, "linear"), ("spec", 16, "linear"), ("spec", 32, "linear"),
+                                     ("spec", 8, "quadratic"), ("spec", 16, "quadratic")):
+            run = gen.replace(mode=mode, block_size=block, spec_variant=variant)
+            for _ in range(2):  # warm-up (and, for graphs, capture) every shape this setting uses
+                generate(runner, [prompt], run, eos_ids=[])
+            if timer.cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            state = generate(runner, [prompt], run, eos_ids=[])
+            if timer.cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+            s = state.stats()
+            name = f"{engine}:{mode}_{variant}_b{block}" if mode == "spec" else f"{engine}:{mode}"
+            decode[name] = {"tok_s": s["completion_tokens"] / wall, "nfe": s["nfe"],
+                            "ms_per_forward": wall * 1e3 / max(s["nfe"], 1), "tpf": s["tpf"]}
     cache, _ = prefill(model, [prompt], max_len=context + 1200)
     start = cache.lengths.clone()
     sweep = {}
@@ -169,7 +181,7 @@ def main():
     print(f"  copy bandwidth {res['copy_bandwidth_gb_s']:.0f} GB/s -> weight-read bound "
           f"{res['weight_read_bound_tok_s']:.0f} tok/s at batch 1")
     for k, d in res["decode"].items():
-        print(f"  {k:<20} {d['tok_s']:8.1f} tok/s  {d['ms_per_forward']:7.2f} ms/forward  NFE {d['nfe']}  "
+        print(f"  {k:<28} {d['tok_s']:8.1f} tok/s  {d['ms_per_forward']:7.2f} ms/forward  NFE {d['nfe']}  "
               f"TPF {d['tpf']:.2f}")
     base = res["forward_ms"][1]
     print("  forward of n new tokens: " + ", ".join(f"{n}: {ms:.2f} ms ({ms / base:.2f}x)"

@@ -12,7 +12,10 @@ import torch
 
 class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", static: bool = False):
+        """static: attention reads all max_len slots (masked past each row's length) instead of the
+        longest committed prefix, so every decoding step has the same shapes (CUDA graphs)."""
+        self.static = static
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -27,10 +30,17 @@ class KVCache:
         """Views of the first ``length`` slots of one layer, (B, KV, length, D) each."""
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
-    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, KV, n, D) at absolute positions (B, n) of each row."""
+    @property
+    def attended(self) -> int:
+        """How many leading slots a forward attends to (all of them when static)."""
+        return self.max_len if self.static else int(self.lengths.max())
+
+    def check_room(self, positions: torch.Tensor) -> None:
         if int(positions.max()) >= self.max_len:
             raise ValueError(f"KV cache overflow: position {int(positions.max())} >= max_len {self.max_len}")
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, KV, n, D) at absolute positions (B, n) of each row (``check_room`` first)."""
         index = positions[:, None, :, None].expand_as(k)  # (B, KV, n, D)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)

@@ -40,6 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16), else float32")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--cuda-graphs", type=int, metavar="CAPACITY", default=0,
+                   help="replay per-cycle forwards as CUDA graphs over a static cache of CAPACITY tokens")
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -148,7 +150,14 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model, resolve_dtype(args.dtype, args.device), args.device)
+    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+        raise ValueError("--cuda-graphs needs --device cuda")
+    model, tok = load_model(args.model, resolve_dtype(args.dtype, args.device), args.device)
+    if args.cuda_graphs:
+        from tridlm.graphs import GraphedModel
+
+        model = GraphedModel(model, capacity=args.cuda_graphs)
+    return model, tok
 
 
 def _run(model, tok, prompt_ids, cfg, on_tokens=None) -> DecodeState:

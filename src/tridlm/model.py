@@ -189,9 +189,10 @@ class TriModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.diffusion_head.weight.dtype
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, static: bool = False) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=self.dtype, device=self.device)
+        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=self.dtype, device=self.device,
+                       static=static)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None = None, write_cache: bool | int = False, adapter: bool | torch.Tensor = False,
@@ -208,6 +209,17 @@ class TriModel(nn.Module):
         """
         if mask.shape[-1] > tokens.shape[1] and cache is None:
             raise ValueError("mask covers cached keys but no cache was given")
+        written = self.written(write_cache, tokens)
+        if written:
+            cache.check_room(positions[:, :written])
+        logits = self.compute(tokens, positions, mask, cache, write_cache, adapter, logits_index)
+        if written:
+            cache.commit(positions[:, written - 1] + 1)
+        return logits
+
+    def compute(self, tokens, positions, mask, cache, write_cache, adapter, logits_index) -> torch.Tensor:
+        """The forward without host synchronisation or cache bookkeeping (what a CUDA graph captures):
+        same arguments as ``forward``; KV writes happen, commits do not."""
         x = self.encoder.embed_tokens(tokens)  # (B, n, dim)
         if positions.device not in self._rope_tables:
             inv_freq, factor = rope.inv_freq_and_attention_factor(self.cfg.rope, self.cfg.head_dim)
@@ -218,14 +230,13 @@ class TriModel(nn.Module):
         with sdpa_kernel(_SDPA_BACKENDS):
             for i, layer in enumerate(self.encoder.layers):
                 x = layer(x, cos, sin, q_scale, mask, i, cache, positions, write_cache, adapter)
-        if write_cache is not False:
-            cache.commit(positions[:, self._written(write_cache, tokens) - 1] + 1)
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, k, dim)
         return self.diffusion_head(self.encoder.norm(x), adapter).float()
 
     @staticmethod
-    def _written(write_cache: bool | int, tokens: torch.Tensor) -> int:
+    def written(write_cache: bool | int, tokens: torch.Tensor) -> int:
+        """How many leading tokens a forward writes to the cache."""
         return tokens.shape[1] if write_cache is True else int(write_cache)
 
     def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...] = ("o_proj",)) -> None:

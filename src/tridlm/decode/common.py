@@ -193,7 +193,7 @@ def forward_block(model: TriModel, cache: KVCache, tokens: torch.Tensor, mask_fn
     n = tokens.shape[1]
     offsets = torch.arange(n, device=tokens.device) if offsets is None else offsets
     positions = cache.lengths[:, None] + offsets  # (B, n)
-    mask = mask_fn(cache.lengths, n, int(cache.lengths.max()))
+    mask = mask_fn(cache.lengths, n, cache.attended)
     return model(tokens, positions, mask, cache, write_cache=write, adapter=adapter, logits_index=logits_index)
 
 
