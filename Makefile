@@ -23,9 +23,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The standard suite (about 20 minutes on 2 CPU cores; float32, where spec == AR exactly); writes bench/results/bench-<date>.{json,png}.
+# The standard suite on 2 CPU cores (float32, where spec == AR exactly); writes bench/results/bench-<date>.{json,png}.
 bench: setup
-	$(BIN)/tridlm bench --dtype float32 --repeats 2 --humaneval 6 --out bench/results
+	$(BIN)/tridlm bench --dtype float32 --block-sizes 4,8 --repeats 2 --humaneval 6 --out bench/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
