@@ -1,0 +1,105 @@
+"""The joint objective against references built from the inference-time passes."""
+
+import torch
+import torch.nn.functional as F
+
+from tridlm import masks
+from tridlm.decode.common import forward_block, prefill
+from tridlm.model import random_model
+from tridlm.train.objective import add_noise, dual_stream, joint_loss
+
+SPEC_FIGURE = """\
+####....|........
+####....|........
+####....|........
+####....|........
+....####|####....
+....####|####....
+....####|####....
+....####|####....
+........|#.......
+........|##......
+........|###.....
+........|####....
+........|#####...
+........|######..
+........|#######.
+........|########"""
+
+
+def test_dual_stream_mask_is_the_spec_figure():
+    want = torch.tensor([[c == "#" for c in row.replace("|", "")] for row in SPEC_FIGURE.splitlines()])
+    assert torch.equal(dual_stream(8, 4), want)
+
+
+def test_noise_masks_only_loss_bearing_tokens():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(4, 64, (64, 16), generator=g)
+    bearing = torch.zeros_like(x0, dtype=torch.bool)
+    bearing[:, 6:] = True
+    n = add_noise(x0, bearing, mask_id=3, generator=g)
+    assert not n.masked[:, :6].any() and torch.equal(n.xt[n.masked], torch.full((int(n.masked.sum()),), 3))
+    assert torch.equal(n.xt[~n.masked], x0[~n.masked]) and ((n.p > 0) & (n.p <= 1)).all()
+    rate = n.masked[:, 6:].float().mean(1)
+    assert torch.corrcoef(torch.stack([rate, n.p]))[0, 1] > 0.8  # the masked fraction follows p
+
+
+@torch.no_grad()
+def test_loss_equals_a_reference_built_from_inference_passes(tiny_cfg):
+    """Block b of x_t is scored like a drafting pass: prefill x_0 of earlier blocks into a cache, then a
+    bidirectional forward of the noisy block; the clean stream is a plain causal forward."""
+    model = random_model(tiny_cfg, seed=3, std=0.3)
+    model.add_lora(rank=4, alpha=8, targets=("q_proj", "o_proj"))
+    for name, p in model.named_parameters():
+        if "lora_b" in name:
+            p.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(1)
+    L, block, alpha = 12, 4, 0.3
+    x0 = torch.randint(4, 64, (3, L), generator=g)
+    noised = add_noise(x0, torch.ones_like(x0, dtype=torch.bool), tiny_cfg.mask_id, g)
+    got = joint_loss(model, x0, noised, block, alpha, adapter=True)
+
+    diffusion_sum, ar_sum = 0.0, 0.0
+    for b in range(3):
+        seq = x0[b].tolist()
+        full = model(x0[b : b + 1], torch.arange(L)[None], masks.causal(torch.zeros(1, dtype=torch.long), L, 0))[0]
+        ar_sum += F.cross_entropy(full[:-1], x0[b, 1:], reduction="sum")
+        for start in range(0, L, block):
+            noisy = noised.xt[b : b + 1, start : start + block]
+            if start:
+                cache, _ = prefill(model, [seq[:start]], max_len=L + 1)
+                logits = forward_block(model, cache, noisy, masks.bidirectional, adapter=True)[0]
+            else:
+                logits = model(noisy, torch.arange(block)[None], masks.bidirectional(torch.zeros(1, dtype=torch.long),
+                                                                                     block, 0), adapter=True)[0]
+            for i in range(block):
+                if noised.masked[b, start + i]:
+                    diffusion_sum += F.cross_entropy(logits[i], x0[b, start + i]) / noised.p[b]
+    n_masked, n_ar = int(noised.masked.sum()), 3 * (L - 1)
+    torch.testing.assert_close(got.diffusion_sum, torch.as_tensor(diffusion_sum), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.ar_sum, torch.as_tensor(ar_sum), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.loss, (alpha * got.diffusion_sum + got.ar_sum) / (n_masked + n_ar))
+    assert got.n_masked == n_masked > 0
+
+
+@torch.no_grad()
+def test_clean_stream_term_is_the_causal_lm_loss(tiny_model):
+    x0 = torch.randint(4, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    noised = add_noise(x0, torch.ones_like(x0, dtype=torch.bool), 3, torch.Generator().manual_seed(3))
+    got = joint_loss(tiny_model, x0, noised, block=5)
+    logits = tiny_model(x0, torch.arange(10).expand(2, -1), masks.causal(torch.zeros(2, dtype=torch.long), 10, 0))
+    lm = F.cross_entropy(logits[:, :-1].reshape(-1, 64), x0[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(got.ar_sum, lm, rtol=1e-5, atol=1e-4)
+
+
+def test_adapter_regime_gradients_reach_only_the_adapter(tiny_cfg):
+    model = random_model(tiny_cfg, seed=4, std=0.3)
+    model.add_lora(rank=4, alpha=8, targets=("o_proj",))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    x0 = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(5))
+    noised = add_noise(x0, torch.ones_like(x0, dtype=torch.bool), 3, torch.Generator().manual_seed(6))
+    joint_loss(model, x0, noised, block=4, adapter=True, diffusion_only=True).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("lora_a") or n.endswith("lora_b"))
