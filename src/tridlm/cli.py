@@ -11,8 +11,11 @@ from pathlib import Path
 import torch
 
 from tridlm import checkpoint, gguf_file
+from tridlm.device import fast_dtype
 from tridlm.decode import MODES, SPEC_VARIANTS, DecodeState, GenerationConfig, stream
 from tridlm.tokenizer import TextStream
+from tridlm.train.data import DataConfig
+from tridlm.train.loop import REGIMES, TrainConfig, Trainer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -104,6 +107,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-sweep", action="store_true", help="skip the forward-latency-vs-block-size sweep")
     b.add_argument("--out", default="bench/results", help="folder for the JSON results and PNG plots")
     _add_model_args(b)
+    t = sub.add_parser("train", help="train a draft adapter (or all weights) on the joint AR + diffusion objective")
+    t.add_argument("--data", nargs="+", required=True, help="text/code files, folders, or chat JSONL files")
+    t.add_argument("--out", required=True, help="folder for checkpoint.pt and the trained adapter or model")
+    td = TrainConfig()
+    t.add_argument("--regime", choices=REGIMES, default=td.regime)
+    t.add_argument("--steps", type=int, default=td.steps)
+    t.add_argument("--batch-size", type=int, default=td.batch_size)
+    t.add_argument("--grad-accum", type=int, default=td.grad_accum)
+    t.add_argument("--seq-len", type=int, default=DataConfig(()).seq_len)
+    t.add_argument("--block-size", type=int, default=td.block_size)
+    t.add_argument("--alpha", type=float, default=td.alpha, help="weight of the diffusion term")
+    t.add_argument("--lr", type=float, default=td.lr)
+    t.add_argument("--warmup-steps", type=int, default=td.warmup_steps)
+    t.add_argument("--lora-rank", type=int, default=td.lora_rank)
+    t.add_argument("--lora-alpha", type=float, default=td.lora_alpha)
+    t.add_argument("--lora-targets", type=_list(str), default=list(td.lora_targets))
+    t.add_argument("--eval-every", type=int, default=td.eval_every)
+    t.add_argument("--checkpoint-every", type=int, default=td.checkpoint_every)
+    t.add_argument("--seed", type=int, default=td.seed)
+    t.add_argument("--autocast", choices=("auto", "bf16", "off"), default=td.autocast)
+    _add_model_args(t)
+    e = sub.add_parser("eval-draft", help="held-out spec accepted length and diffusion quality of a draft adapter")
+    e.add_argument("--adapter", help="adapter folder (PEFT layout; default: the model's own, if any)")
+    e.add_argument("--prompts", help="JSONL prompt set (default: the packaged chat prompts)")
+    e.add_argument("--block-size", type=int, default=8)
+    e.add_argument("--threshold", type=_threshold, default=0.9)
+    e.add_argument("--max-tokens", type=int, default=64)
+    _add_model_args(e)
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
@@ -136,15 +167,7 @@ def load_model(path: str | None, dtype: torch.dtype, device: str = "cpu"):
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    return fast_dtype(device) if name == "auto" else DTYPES[name]
 
 
 def _load(args):
@@ -262,6 +285,49 @@ def cmd_bench(args) -> None:
     print(json.dumps(report))
 
 
+def cmd_train(args) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    cfg = TrainConfig(regime=args.regime, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                      lora_targets=tuple(args.lora_targets), block_size=args.block_size, alpha=args.alpha,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                      warmup_steps=args.warmup_steps, steps=args.steps, eval_every=args.eval_every,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed, autocast=args.autocast).validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+        dist.init_process_group("nccl" if torch.device(args.device).type == "cuda" else "gloo")
+    try:
+        torch.manual_seed(cfg.seed)
+        model, tok = _load(args)
+        trainer = Trainer(model, tok, DataConfig(tuple(args.data), seq_len=args.seq_len), cfg, Path(args.out))
+        result = trainer.train()
+        if trainer.rank == 0:
+            print(json.dumps({"step": trainer.step, **result}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cmd_eval_draft(args) -> None:
+    from tridlm import bench
+
+    model, tok = _load(args)
+    if args.adapter:
+        checkpoint.load_adapter(model, Path(args.adapter))
+    prompts = bench.load_prompts(args.prompts, tok)
+    settings = bench.grid(["ar", "spec", "diffusion"], [args.block_size], [args.threshold], [0.0], [1], args.max_tokens)
+    report = {"adapter": args.adapter, "prompts": len(prompts), "block_size": args.block_size}
+    for s in settings:
+        outs = bench.run_tridlm(model, prompts, s)
+        tokens, nfe = sum(len(o.tokens) for o in outs), sum(o.nfe for o in outs)
+        accepted = [a for o in outs for a in o.accepted]
+        report[s.gen.mode] = {"tokens": tokens, "nfe": nfe, "tpf": tokens / nfe if nfe else None,
+                              "accepted_mean": sum(accepted) / len(accepted) if accepted else None,
+                              "gen_ppl": bench.generative_perplexity(model, prompts, outs)}
+    print(json.dumps(report))
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
@@ -281,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, "bench": cmd_bench,
-                    "serve": cmd_serve}
+                    "train": cmd_train, "eval-draft": cmd_eval_draft, "serve": cmd_serve}
         commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tridlm: error: {e}", file=sys.stderr)

@@ -1,0 +1,151 @@
+"""Training: data packing, exact resume, the adapter regime's AR invariance, learning, and DDP."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tridlm import checkpoint
+from tridlm.decode import GenerationConfig, generate
+from tridlm.model import random_model
+from tridlm.train.data import DataConfig, PackedData
+from tridlm.train.loop import TrainConfig, Trainer
+
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(40):
+        (d / f"doc{i}.txt").write_text(f"the number {i} comes after {i - 1} and before {i + 1}. " * 3)
+    chats = [{"messages": [{"role": "user", "content": f"count to {i}"},
+                           {"role": "assistant", "content": " ".join(str(j) for j in range(i))}]} for i in range(3, 9)]
+    (d / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+    return d
+
+
+@pytest.fixture
+def tok(char_tokenizer):
+    return replace(char_tokenizer, chat_template=TEMPLATE)
+
+
+def test_packing_is_deterministic_and_skips_exactly(corpus, tok):
+    data = PackedData(DataConfig((str(corpus),), seq_len=32), tok)
+    first = [r for _, r in zip(range(12), data.rows())]
+    assert all(t.shape == (32,) and m.shape == (32,) for t, m in first)
+    skipped = [r for _, r in zip(range(7), data.rows(skip=5))]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first[5:], skipped))
+
+
+def test_chat_loss_mask_covers_assistant_replies_only(tmp_path, tok):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo"}]}) + "\n")
+    data = PackedData(DataConfig((str(tmp_path / "c.jsonl"),), seq_len=8, heldout_percent=0.0), tok)
+    ids, bearing = next(data.rows())
+    text = "user: hi\nassistant: yo\n"
+    full = tok.encode(text) + [tok.eos_id]
+    assert ids.tolist() == (full * 2)[:8]
+    user_len = len(tok.encode("user: hi\n"))
+    assert not bearing[:user_len].any() and bearing[user_len:len(full)].all()
+
+
+def test_heldout_split_is_disjoint(corpus, tok):
+    cfg = DataConfig((str(corpus),), seq_len=16, heldout_percent=30.0)
+    train = {tuple(t.tolist()) for _, (t, _) in zip(range(60), PackedData(cfg, tok, "train").rows())}
+    held = {tuple(t.tolist()) for _, (t, _) in zip(range(20), PackedData(cfg, tok, "heldout").rows())}
+    assert train and held and not (train & held)
+
+
+def small_cfg(**kw):
+    return TrainConfig(**{**dict(block_size=4, batch_size=2, steps=6, warmup_steps=2, lr=1e-2, eval_every=3,
+                                 eval_batches=1, checkpoint_every=3, lora_rank=4, autocast="off"), **kw})
+
+
+def test_resume_after_a_stop_is_exact(corpus, tok, tiny_cfg, tmp_path):
+    data = DataConfig((str(corpus),), seq_len=24)
+    straight = random_model(tiny_cfg, seed=1, std=0.3)
+    torch.manual_seed(0)
+    Trainer(straight, tok, data, small_cfg(), tmp_path / "a", log=lambda *_: None).train()
+
+    stopped = random_model(tiny_cfg, seed=1, std=0.3)
+    torch.manual_seed(0)
+    Trainer(stopped, tok, data, small_cfg(), tmp_path / "b", log=lambda *_: None).train(until=4)
+    again = random_model(tiny_cfg, seed=1, std=0.3)  # a fresh process: weights come back from the checkpoint
+    trainer = Trainer(again, tok, data, small_cfg(), tmp_path / "b", log=lambda *_: None)
+    assert trainer.step == 4
+    trainer.train()
+    for (n, a), (_, b) in zip(straight.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), n
+    assert (tmp_path / "b" / "linear_spec_lora" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_refuses_other_settings(corpus, tok, tiny_cfg, tmp_path):
+    data = DataConfig((str(corpus),), seq_len=24)
+    Trainer(random_model(tiny_cfg), tok, data, small_cfg(steps=3), tmp_path, log=lambda *_: None).train()
+    with pytest.raises(ValueError, match="other settings"):
+        Trainer(random_model(tiny_cfg), tok, data, small_cfg(lr=5e-3), tmp_path, log=lambda *_: None)
+
+
+def test_adapter_training_learns_and_leaves_ar_bit_identical(corpus, tok, tiny_cfg, tmp_path):
+    model = random_model(tiny_cfg, seed=2, std=0.3)
+    prompts = [tok.encode("the number 5"), tok.encode("count")]
+    ar_before = [r.tokens for r in generate(model, prompts, GenerationConfig(max_tokens=20)).rows]
+    trainer = Trainer(model, tok, DataConfig((str(corpus),), seq_len=32), small_cfg(steps=40, eval_every=40),
+                      tmp_path, log=lambda *_: None)
+    before = trainer.evaluate()
+    after = trainer.train()["eval_loss"]
+    assert after < before * 0.8  # the diffusion term is learned
+    assert [r.tokens for r in generate(model, prompts, GenerationConfig(max_tokens=20)).rows] == ar_before
+    loaded = random_model(tiny_cfg, seed=2, std=0.3)
+    checkpoint.load_adapter(loaded, tmp_path / "linear_spec_lora")
+    spec = GenerationConfig(mode="spec", block_size=4, max_tokens=20)
+    assert [r.tokens for r in generate(loaded, prompts, spec).rows] == ar_before
+
+
+def test_full_regime_trains_the_base_weights(corpus, tok, tiny_cfg, tmp_path):
+    model = random_model(tiny_cfg, seed=3, std=0.3)
+    embed = model.encoder.embed_tokens.weight.detach().clone()
+    Trainer(model, tok, DataConfig((str(corpus),), seq_len=24), small_cfg(regime="full", steps=2), tmp_path,
+            log=lambda *_: None).train()
+    assert not torch.equal(model.encoder.embed_tokens.weight, embed)
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_two_process_data_parallel_training(corpus, tok, tiny_model, tmp_path):
+    ckpt = tmp_path / "tiny"
+    checkpoint.save(ckpt, tiny_model, tok)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tridlm = shutil.which("tridlm", path=str(Path(sys.executable).parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", tridlm,
+           "train", "--model", str(ckpt), "--data", str(corpus), "--out", str(tmp_path / "out"), "--steps", "3",
+           "--batch-size", "2", "--seq-len", "24", "--block-size", "4", "--lora-rank", "4", "--eval-every", "3",
+           "--checkpoint-every", "3", "--autocast", "off", "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3 and state["rows"] == 3 * 2 * 2  # both processes consumed distinct rows
+    assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 3
+
+
+def test_eval_draft_reports_acceptance_and_quality(tmp_path, tok, tiny_model, capsys):
+    from tridlm.cli import main
+
+    ckpt = tmp_path / "tiny"
+    checkpoint.save(ckpt, tiny_model, tok)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "the end"}\n')
+    main(["eval-draft", "--model", str(ckpt), "--prompts", str(prompts), "--block-size", "4", "--max-tokens", "12"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["spec"]["accepted_mean"] >= 1 and out["ar"]["tokens"] == out["spec"]["tokens"]
+    assert out["diffusion"]["tpf"] > 0 and out["ar"]["gen_ppl"] > 1
