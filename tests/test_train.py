@@ -149,3 +149,19 @@ def test_eval_draft_reports_acceptance_and_quality(tmp_path, tok, tiny_model, ca
     out = json.loads(capsys.readouterr().out)
     assert out["spec"]["accepted_mean"] >= 1 and out["ar"]["tokens"] == out["spec"]["tokens"]
     assert out["diffusion"]["tpf"] > 0 and out["ar"]["gen_ppl"] > 1
+
+
+def test_distill_writes_the_models_own_answers(tmp_path, tok, tiny_model):
+    from tridlm.train.distill import distill, stdlib_prompts
+
+    prompts = stdlib_prompts(5, seed=1)
+    assert prompts == stdlib_prompts(5, seed=1) and len(set(prompts)) == 5
+    chat_tok = replace(tok, chat_template=TEMPLATE + "assistant:")
+    n = distill(tiny_model, chat_tok, [p.lower()[:20] for p in prompts], tmp_path / "d.jsonl", batch=2, max_tokens=8,
+                log=lambda *_: None)
+    records = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert n == len(records) == 5
+    first = records[0]["messages"]
+    ids = chat_tok.encode_chat(first[:1])
+    want = generate(tiny_model, [ids], GenerationConfig(max_tokens=8), detokenize=chat_tok.decode).text(0)
+    assert first[1] == {"role": "assistant", "content": want}

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=td.seed)
     t.add_argument("--autocast", choices=("auto", "bf16", "off"), default=td.autocast)
     _add_model_args(t)
+    ds = sub.add_parser("distill", help="write the model's own greedy answers to stdlib questions as chat JSONL")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--prompts", type=int, default=512, help="how many questions")
+    ds.add_argument("--batch", type=int, default=16)
+    ds.add_argument("--max-tokens", type=int, default=128)
+    ds.add_argument("--seed", type=int, default=0)
+    _add_model_args(ds)
     e = sub.add_parser("eval-draft", help="held-out spec accepted length and diffusion quality of a draft adapter")
     e.add_argument("--adapter", help="adapter folder (PEFT layout; default: the model's own, if any)")
     e.add_argument("--prompts", help="JSONL prompt set (default: the packaged chat prompts)")
@@ -309,6 +316,14 @@ def cmd_train(args) -> None:
             dist.destroy_process_group()
 
 
+def cmd_distill(args) -> None:
+    from tridlm.train.distill import distill, stdlib_prompts
+
+    model, tok = _load(args)
+    n = distill(model, tok, stdlib_prompts(args.prompts, args.seed), Path(args.out), args.batch, args.max_tokens)
+    print(json.dumps({"out": args.out, "records": n}))
+
+
 def cmd_eval_draft(args) -> None:
     from tridlm import bench
 
@@ -347,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, "bench": cmd_bench,
-                    "train": cmd_train, "eval-draft": cmd_eval_draft, "serve": cmd_serve}
+                    "train": cmd_train, "distill": cmd_distill, "eval-draft": cmd_eval_draft, "serve": cmd_serve}
         commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tridlm: error: {e}", file=sys.stderr)
