@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tridlm import masks
 from tridlm.decode.common import forward_block, prefill
 from tridlm.model import random_model
-from tridlm.train.objective import add_noise, dual_stream, joint_loss
+from tridlm.train.objective import add_noise, diffusion_loss, dual_stream, joint_loss
 
 SPEC_FIGURE = """\
 ####....|........
@@ -42,6 +42,22 @@ def test_noise_masks_only_loss_bearing_tokens():
     assert torch.equal(n.xt[~n.masked], x0[~n.masked]) and ((n.p > 0) & (n.p <= 1)).all()
     rate = n.masked[:, 6:].float().mean(1)
     assert torch.corrcoef(torch.stack([rate, n.p]))[0, 1] > 0.8  # the masked fraction follows p
+
+
+def test_suffix_noise_masks_block_suffixes_like_a_spec_draft():
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randint(4, 64, (200, 16), generator=g)
+    bearing = torch.ones_like(x0, dtype=torch.bool)
+    bearing[:, :3] = False
+    n = add_noise(x0, bearing, mask_id=3, generator=g, block=4, suffix_fraction=0.5)
+    spec_rows = n.p == 1
+    assert 60 < int(spec_rows.sum()) < 140
+    blocks = n.masked[spec_rows].view(-1, 4, 4).long()  # (rows, block, position in block)
+    assert (blocks.diff(dim=-1) >= 0).all()  # once masked, the rest of the block is masked too
+    assert not n.masked[:, :3].any()  # never a token that bears no loss
+    counts = blocks[:, 1:].sum(-1).flatten().bincount(minlength=5)  # full blocks: cut 0..3 -> 4..1 masked
+    assert (counts[1:] > 0).all() and counts[0] == 0
+    assert torch.equal(n.xt[n.masked], torch.full((int(n.masked.sum()),), 3))
 
 
 @torch.no_grad()
@@ -99,7 +115,33 @@ def test_adapter_regime_gradients_reach_only_the_adapter(tiny_cfg):
         p.requires_grad_("lora_" in name)
     x0 = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(5))
     noised = add_noise(x0, torch.ones_like(x0, dtype=torch.bool), 3, torch.Generator().manual_seed(6))
-    joint_loss(model, x0, noised, block=4, adapter=True, diffusion_only=True).loss.backward()
+    diffusion_loss(model, x0, noised, block=4).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values())
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("lora_a") or n.endswith("lora_b"))
+
+
+def test_adapter_regime_loss_equals_the_dual_stream_diffusion_term(tiny_cfg):
+    """The cached-context computation matches the dual-stream forward in value and in adapter gradients,
+    including rows with only a few loss-bearing tokens (padding of the masked-logits gather)."""
+    model = random_model(tiny_cfg, seed=7, std=0.3)
+    model.add_lora(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_b" in name:
+            p.data.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.randint(4, 64, (3, 16), generator=g)
+    bearing = torch.ones_like(x0, dtype=torch.bool)
+    bearing[1, :13] = False
+    noised = add_noise(x0, bearing, tiny_cfg.mask_id, g)
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    ref = joint_loss(model, x0, noised, block=4, loss_mask=bearing, adapter=True)
+    ref_grads = torch.autograd.grad(ref.diffusion_sum / ref.n_masked, lora)
+    got = diffusion_loss(model, x0, noised, block=4)
+    got_grads = torch.autograd.grad(got.loss, lora)
+    assert got.n_masked == ref.n_masked > 0
+    torch.testing.assert_close(got.diffusion_sum, ref.diffusion_sum, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """Training: data packing, exact resume, the adapter regime's AR invariance, learning, and DDP."""
 
 import json
+import re
 import os
 import shutil
 import socket
@@ -86,6 +87,10 @@ def test_resume_after_a_stop_is_exact(corpus, tok, tiny_cfg, tmp_path):
     for (n, a), (_, b) in zip(straight.named_parameters(), again.named_parameters()):
         assert torch.equal(a, b), n
     assert (tmp_path / "b" / "linear_spec_lora" / "adapter_model.safetensors").is_file()
+    snapshots = sorted(p.name for p in (tmp_path / "b" / "adapters").iterdir())
+    assert snapshots == ["step-000003", "step-000004", "step-000006"]  # one per checkpoint (and the stop)
+    final = (tmp_path / "b" / "adapters" / "step-000006" / "adapter_model.safetensors").read_bytes()
+    assert final == (tmp_path / "b" / "linear_spec_lora" / "adapter_model.safetensors").read_bytes()
 
 
 def test_resume_refuses_other_settings(corpus, tok, tiny_cfg, tmp_path):
@@ -145,10 +150,64 @@ def test_eval_draft_reports_acceptance_and_quality(tmp_path, tok, tiny_model, ca
     checkpoint.save(ckpt, tiny_model, tok)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n{"prompt": "the end"}\n')
-    main(["eval-draft", "--model", str(ckpt), "--prompts", str(prompts), "--block-size", "4", "--max-tokens", "12"])
+    main(["eval-draft", "--model", str(ckpt), "--prompts", str(prompts), "--block-sizes", "4", "--max-tokens", "12"])
     out = json.loads(capsys.readouterr().out)
-    assert out["spec"]["accepted_mean"] >= 1 and out["ar"]["tokens"] == out["spec"]["tokens"]
-    assert out["diffusion"]["tpf"] > 0 and out["ar"]["gen_ppl"] > 1
+    assert out["spec B=4"]["accepted_mean"] >= 1 and out["ar"]["tokens"] == out["spec B=4"]["tokens"]
+    assert out["diffusion B=4 t=0.9"]["tpf"] > 0 and out["ar"]["gen_ppl"] > 1
+
+
+def test_eval_draft_snapshots_give_the_acceptance_curve(corpus, tok, tiny_cfg, tmp_path, capsys):
+    from tridlm.cli import main
+
+    model = random_model(tiny_cfg, seed=2, std=0.3)
+    ckpt = tmp_path / "tiny"
+    checkpoint.save(ckpt, model, tok)
+    Trainer(model, tok, DataConfig((str(corpus),), seq_len=24), small_cfg(steps=4, checkpoint_every=2), tmp_path / "run",
+            log=lambda *_: None).train()
+    capsys.readouterr()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the number"}\n')
+    main(["eval-draft", "--model", str(ckpt), "--prompts", str(prompts), "--modes", "spec", "--block-sizes", "4",
+          "--max-tokens", "10", "--snapshots", str(tmp_path / "run" / "adapters"), "--plot", str(tmp_path / "c.png")])
+    curve = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [c["step"] for c in curve] == [0, 2, 4]
+    assert [c["tokens"] for c in curve] == [0, 2 * 2 * 24, 4 * 2 * 24]  # steps x batch rows x seq_len
+    assert curve[0]["adapter"] is None and all(c["spec B=4"]["accepted_mean"] >= 1 for c in curve)
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_adapter_flag_and_export(tmp_path, tok, tiny_model, capsys):
+    """--adapter DIR attaches that adapter, --adapter none drops the model's own, export-adapter casts."""
+    from tridlm.cli import load_model, main
+
+    with_adapter = random_model(tiny_model.cfg, seed=5, std=0.3)
+    with_adapter.add_lora(rank=2, alpha=4, targets=("q_proj",))
+    for name, p in with_adapter.named_parameters():
+        if "lora_b" in name:
+            p.data.normal_(0, 0.1)
+    ckpt = tmp_path / "tiny"
+    checkpoint.save(ckpt, with_adapter, tok)
+    assert checkpoint.has_adapter(load_model(str(ckpt), torch.float32)[0])
+    assert not checkpoint.has_adapter(load_model(str(ckpt), torch.float32, adapter="none")[0])
+    main(["export-adapter", str(tmp_path / "exported"), "--model", str(ckpt)])
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
+    model, _ = load_model(str(ckpt), torch.float32, adapter=str(tmp_path / "exported"))
+    got = model.encoder.layers[0].self_attn.q_proj.lora_b
+    want = with_adapter.encoder.layers[0].self_attn.q_proj.lora_b
+    assert got.dtype == torch.float32 and torch.equal(got, want.bfloat16().float())
+    with pytest.raises(SystemExit):
+        main(["export-adapter", str(tmp_path / "x"), "--model", str(ckpt), "--adapter", "none"])
+    assert "no draft adapter" in capsys.readouterr().err
+
+
+def test_distill_prompts_are_distinct_seeded_and_prefix_stable():
+    from tridlm.train.distill import mixed_prompts
+
+    many = mixed_prompts(3000, seed=0)
+    assert len(set(many)) == 3000 and many == mixed_prompts(3000, seed=0) and many != mixed_prompts(3000, seed=1)
+    assert mixed_prompts(640, seed=0) == many[:640]  # a shorter run distills a prefix of a longer one
+    assert any(re.search(r"\b[a-z_]+\.[a-z_]+\b", p) for p in many[:10])  # stdlib questions name module.function
+    assert any(p.startswith(("Explain", "Give", "Write", "What", "How")) and "Python" not in p for p in many[:10])
 
 
 def test_distill_writes_the_models_own_answers(tmp_path, tok, tiny_model):

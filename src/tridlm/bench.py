@@ -341,6 +341,40 @@ def finalize(report: dict) -> dict:
     return report
 
 
+def eval_draft(model: TriModel, prompts: list[list[int]], settings: list[Setting]) -> dict:
+    """Per setting: tokens, NFE, TPF, mean accepted length and generative perplexity under the AR model."""
+    report = {}
+    for s in settings:
+        name, o = s.name, run_tridlm(model, prompts, s)
+        tokens, nfe = sum(len(x.tokens) for x in o), sum(x.nfe for x in o)
+        accepted = [a for x in o for a in x.accepted]
+        report[name] = {"tokens": tokens, "nfe": nfe, "tpf": tokens / nfe if nfe else None,
+                        "accepted_mean": sum(accepted) / len(accepted) if accepted else None,
+                        "gen_ppl": generative_perplexity(model, prompts, o)}
+    return report
+
+
+def plot_curve(curve: list[dict], path: Path) -> None:
+    """Mean accepted length per spec setting vs training tokens, from ``eval-draft --snapshots``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    names = [n for n, r in curve[0].items() if isinstance(r, dict) and r.get("accepted_mean")]
+    for n in names:
+        ax.plot([c["tokens"] / 1e6 for c in curve], [c[n]["accepted_mean"] for c in curve], marker="o", label=n)
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("mean tokens per draft+verify cycle")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _describe(s: Setting) -> dict:
     g = s.gen
     return {"engine": s.engine, "mode": g.mode, "spec_variant": g.spec_variant, "block_size": g.block_size,

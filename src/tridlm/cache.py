@@ -40,10 +40,11 @@ class KVCache:
             raise ValueError(f"KV cache overflow: position {int(positions.max())} >= max_len {self.max_len}")
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, KV, n, D) at absolute positions (B, n) of each row (``check_room`` first)."""
+        """Store k, v (B, KV, n, D) at absolute positions (B, n) of each row (``check_room`` first), in
+        the cache's dtype (under autocast a forward may produce them in another)."""
         index = positions[:, None, :, None].expand_as(k)  # (B, KV, n, D)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
+        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
 
     def commit(self, lengths: torch.Tensor) -> None:
         """Declare the first ``lengths[b]`` slots of row b committed (done by a cache-writing forward)."""

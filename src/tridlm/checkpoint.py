@@ -306,15 +306,16 @@ def has_adapter(model: TriModel) -> bool:
     return any(isinstance(m, Linear) and m.lora_a is not None for m in model.modules())
 
 
-def save_adapter(model: TriModel, directory: Path) -> None:
-    """PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` (lora_A/lora_B per module)."""
+def save_adapter(model: TriModel, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` (lora_A/lora_B per module),
+    in ``dtype`` (default: the adapter's own)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, targets, rank, alpha = {}, set(), None, None
     for name, m in model.named_modules():
         if isinstance(m, Linear) and m.lora_a is not None:
-            tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_a.detach().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_b.detach().contiguous()
+            tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_a.detach().to(dtype).contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_b.detach().to(dtype).contiguous()
             targets.add(name.rsplit(".", 1)[-1])
             rank, alpha = m.lora_a.shape[0], m.lora_scale * m.lora_a.shape[0]
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})

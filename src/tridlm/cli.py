@@ -42,6 +42,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=(*DTYPES, "auto"), default="float32",
                    help="auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16), else float32")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--adapter", help="draft adapter folder (PEFT layout), or 'none' for the bare model (default: the "
+                                     "model's own linear_spec_lora/, or the shipped one of the default model)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--cuda-graphs", type=int, metavar="CAPACITY", default=0,
                    help="replay per-cycle forwards as CUDA graphs over a static cache of CAPACITY tokens")
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, default=DataConfig(()).seq_len)
     t.add_argument("--block-size", type=int, default=td.block_size)
     t.add_argument("--alpha", type=float, default=td.alpha, help="weight of the diffusion term")
+    t.add_argument("--suffix-fraction", type=float, default=td.suffix_fraction,
+                   help="share of sequences masked like a spec draft (each block from a random cut on)")
     t.add_argument("--lr", type=float, default=td.lr)
     t.add_argument("--warmup-steps", type=int, default=td.warmup_steps)
     t.add_argument("--lora-rank", type=int, default=td.lora_rank)
@@ -128,19 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=td.seed)
     t.add_argument("--autocast", choices=("auto", "bf16", "off"), default=td.autocast)
     _add_model_args(t)
-    ds = sub.add_parser("distill", help="write the model's own greedy answers to stdlib questions as chat JSONL")
+    ds = sub.add_parser("distill", help="write the model's own greedy answers to generated prompts as chat JSONL")
     ds.add_argument("--out", required=True)
-    ds.add_argument("--prompts", type=int, default=512, help="how many questions")
+    ds.add_argument("--prompts", type=int, default=512, help="how many prompts")
     ds.add_argument("--batch", type=int, default=16)
     ds.add_argument("--max-tokens", type=int, default=128)
     ds.add_argument("--seed", type=int, default=0)
     _add_model_args(ds)
+    x = sub.add_parser("export-adapter", help="write the model's draft adapter (see --adapter) as a PEFT folder")
+    x.add_argument("out", help="folder to write")
+    x.add_argument("--adapter-dtype", choices=DTYPES, default="bfloat16", help="dtype of the written weights")
+    _add_model_args(x)
     e = sub.add_parser("eval-draft", help="held-out spec accepted length and diffusion quality of a draft adapter")
-    e.add_argument("--adapter", help="adapter folder (PEFT layout; default: the model's own, if any)")
     e.add_argument("--prompts", help="JSONL prompt set (default: the packaged chat prompts)")
-    e.add_argument("--block-size", type=int, default=8)
+    e.add_argument("--modes", type=_list(str), default=["ar", "spec", "diffusion"])
+    e.add_argument("--block-sizes", type=_list(int), default=[8])
+    e.add_argument("--spec-variants", type=_list(str), default=["linear"])
     e.add_argument("--threshold", type=_threshold, default=0.9)
     e.add_argument("--max-tokens", type=int, default=64)
+    e.add_argument("--snapshots", help="a training run's adapters/ folder: evaluate the bare model and every "
+                                       "step-N adapter in it (one JSON line each: the acceptance curve)")
+    e.add_argument("--plot", help="with --snapshots: write accepted length vs training tokens to this PNG")
     _add_model_args(e)
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     srv.add_argument("--host", default="127.0.0.1")
@@ -163,14 +175,20 @@ def _config(args) -> GenerationConfig:
                             stop=tuple(args.stop)).validate()
 
 
-def load_model(path: str | None, dtype: torch.dtype, device: str = "cpu"):
-    """A model and tokenizer from a checkpoint directory, a GGUF file, or the embedded default."""
+def load_model(path: str | None, dtype: torch.dtype, device: str = "cpu", adapter: str | None = None):
+    """A model and tokenizer from a checkpoint directory, a GGUF file, or the embedded default.
+    adapter: a PEFT folder to attach instead of the model's own, or "none" for no adapter."""
+    own = adapter is None
     if path is None:
-        return gguf_file.load_default(dtype, device)
-    if Path(path).is_file() and path.endswith(".gguf"):
+        model, tok = gguf_file.load_default(dtype, device, adapter=own)
+    elif Path(path).is_file() and path.endswith(".gguf"):
         model, tok = gguf_file.load_gguf(Path(path), dtype)
-        return model.to(device), tok
-    return checkpoint.load(Path(path), dtype, device)
+        model = model.to(device)
+    else:
+        model, tok = checkpoint.load(Path(path), dtype, device, adapter=own)
+    if adapter not in (None, "none"):
+        checkpoint.load_adapter(model, Path(adapter))
+    return model, tok
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -182,7 +200,7 @@ def _load(args):
         torch.set_num_threads(args.threads)
     if args.cuda_graphs and torch.device(args.device).type != "cuda":
         raise ValueError("--cuda-graphs needs --device cuda")
-    model, tok = load_model(args.model, resolve_dtype(args.dtype, args.device), args.device)
+    model, tok = load_model(args.model, resolve_dtype(args.dtype, args.device), args.device, args.adapter)
     if args.cuda_graphs:
         from tridlm.graphs import GraphedModel
 
@@ -299,6 +317,7 @@ def cmd_train(args) -> None:
 
     cfg = TrainConfig(regime=args.regime, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                       lora_targets=tuple(args.lora_targets), block_size=args.block_size, alpha=args.alpha,
+                      suffix_fraction=args.suffix_fraction,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       warmup_steps=args.warmup_steps, steps=args.steps, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, autocast=args.autocast).validate()
@@ -317,30 +336,48 @@ def cmd_train(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from tridlm.train.distill import distill, stdlib_prompts
+    from tridlm.train.distill import distill, mixed_prompts
 
     model, tok = _load(args)
-    n = distill(model, tok, stdlib_prompts(args.prompts, args.seed), Path(args.out), args.batch, args.max_tokens)
+    n = distill(model, tok, mixed_prompts(args.prompts, args.seed), Path(args.out), args.batch, args.max_tokens)
     print(json.dumps({"out": args.out, "records": n}))
+
+
+def cmd_export_adapter(args) -> None:
+    model, _ = _load(args)
+    if not checkpoint.has_adapter(model):
+        raise ValueError("the model has no draft adapter to export (pass --adapter FOLDER)")
+    checkpoint.save_adapter(model, Path(args.out), DTYPES[args.adapter_dtype])
+    print(json.dumps({"out": args.out, "dtype": args.adapter_dtype}))
 
 
 def cmd_eval_draft(args) -> None:
     from tridlm import bench
 
+    if args.snapshots:
+        if args.adapter:
+            raise ValueError("--snapshots evaluates the bare model and each snapshot; leave out --adapter")
+        args.adapter = "none"
     model, tok = _load(args)
-    if args.adapter:
-        checkpoint.load_adapter(model, Path(args.adapter))
     prompts = bench.load_prompts(args.prompts, tok)
-    settings = bench.grid(["ar", "spec", "diffusion"], [args.block_size], [args.threshold], [0.0], [1], args.max_tokens)
-    report = {"adapter": args.adapter, "prompts": len(prompts), "block_size": args.block_size}
-    for s in settings:
-        outs = bench.run_tridlm(model, prompts, s)
-        tokens, nfe = sum(len(o.tokens) for o in outs), sum(o.nfe for o in outs)
-        accepted = [a for o in outs for a in o.accepted]
-        report[s.gen.mode] = {"tokens": tokens, "nfe": nfe, "tpf": tokens / nfe if nfe else None,
-                              "accepted_mean": sum(accepted) / len(accepted) if accepted else None,
-                              "gen_ppl": bench.generative_perplexity(model, prompts, outs)}
-    print(json.dumps(report))
+    settings = bench.grid(args.modes, args.block_sizes, [args.threshold], [0.0], [1], args.max_tokens,
+                          spec_variants=args.spec_variants)
+    if not args.snapshots:
+        print(json.dumps({"adapter": args.adapter, "prompts": len(prompts), **bench.eval_draft(model, prompts, settings)}))
+        return
+    snapshots = sorted(Path(args.snapshots).glob("step-*"))
+    if not snapshots:
+        raise FileNotFoundError(f"no step-N adapter folders under {args.snapshots}")
+    curve = []
+    for snap in [None, *snapshots]:
+        if snap is not None:
+            checkpoint.load_adapter(model, snap)
+        progress = json.loads((snap / "progress.json").read_text()) if snap else {"step": 0, "tokens": 0}
+        point = {**progress, "adapter": str(snap) if snap else None, **bench.eval_draft(model, prompts, settings)}
+        curve.append(point)
+        print(json.dumps(point), flush=True)
+    if args.plot:
+        bench.plot_curve(curve, Path(args.plot))
 
 
 def cmd_serve(args) -> None:
@@ -362,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, "bench": cmd_bench,
-                    "train": cmd_train, "distill": cmd_distill, "eval-draft": cmd_eval_draft, "serve": cmd_serve}
+                    "train": cmd_train, "distill": cmd_distill, "export-adapter": cmd_export_adapter,
+                    "eval-draft": cmd_eval_draft, "serve": cmd_serve}
         commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tridlm: error: {e}", file=sys.stderr)

@@ -114,6 +114,15 @@ def default_dir() -> Path:
     return directory
 
 
-def load_default(dtype: torch.dtype = torch.float32, device="cpu") -> tuple[TriModel, Tokenizer]:
-    """The embedded default model (SPEC 5.1): SmolLM2-135M-Instruct, cached after the first conversion."""
-    return checkpoint.load(default_dir(), dtype, device)
+def default_adapter_dir() -> Path:
+    """The draft adapter shipped with the package for the default model (how it was trained: README)."""
+    return Path(__file__).parent / "adapters" / DEFAULT_NAME.removesuffix(".nld")
+
+
+def load_default(dtype: torch.dtype = torch.float32, device="cpu", adapter: bool = True) -> tuple[TriModel, Tokenizer]:
+    """The embedded default model (SPEC 5.1): SmolLM2-135M-Instruct, cached after the first conversion,
+    with the shipped draft adapter unless ``adapter`` is false."""
+    model, tokenizer = checkpoint.load(default_dir(), dtype, device, adapter=False)
+    if adapter and default_adapter_dir().is_dir():
+        checkpoint.load_adapter(model, default_adapter_dir())
+    return model, tokenizer

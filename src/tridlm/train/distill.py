@@ -1,8 +1,9 @@
 """Self-distillation data: the base model's own greedy answers to prompts, as chat JSONL.
 
 A draft adapter must predict what the AR model will say, so the best training text is exactly that.
-Prompts come from the Python standard library (one question per public function), which every machine
-with Python has, so the corpus is rebuilt anywhere with the same command.
+Prompts are generated, so the corpus is rebuilt anywhere with the same command: questions about the
+Python standard library (one per public function and template, from the running interpreter) mixed with
+general chat requests (task templates crossed with a topic list and small programming tasks).
 """
 
 from __future__ import annotations
@@ -26,6 +27,50 @@ TEMPLATES = ("Explain what the Python function {name} does and give a short exam
              "Write a small Python snippet that uses {name}.")
 
 
+TOPICS = (
+    "photosynthesis", "black holes", "plate tectonics", "the water cycle", "vaccines", "climate change",
+    "the French Revolution", "the Roman Empire", "the Industrial Revolution", "the printing press",
+    "the Cold War", "ancient Egypt", "the Renaissance", "democracy", "supply and demand", "compound interest",
+    "the stock market", "budgeting", "renewable energy", "electric cars", "recycling", "coral reefs",
+    "honeybees", "volcanoes", "earthquakes", "hurricanes", "the moon", "Mars", "gravity", "electricity",
+    "magnetism", "atoms", "DNA", "evolution", "the immune system", "sleep", "meditation", "running",
+    "healthy breakfasts", "drinking enough water", "learning a new language", "public speaking",
+    "time management", "remote work", "job interviews", "writing a resume", "saving money", "gardening",
+    "houseplants", "baking bread", "making pasta", "brewing coffee", "green tea", "chocolate", "cheese",
+    "vegetarian cooking", "camping", "hiking", "traveling on a budget", "photography", "painting",
+    "playing the guitar", "learning piano", "chess", "soccer", "basketball", "the Olympic Games",
+    "Shakespeare", "poetry", "science fiction", "fairy tales", "libraries", "museums", "friendship",
+    "kindness", "rainy days", "the ocean", "mountains", "deserts", "rivers", "forests", "winter", "spring",
+    "cats", "dogs", "owls", "dolphins", "elephants", "penguins", "the internet", "email etiquette",
+    "passwords", "encryption", "open source software", "version control with git", "unit testing",
+    "recursion", "binary search", "sorting algorithms", "hash tables", "linked lists", "binary trees",
+    "graphs", "dynamic programming", "big O notation", "databases", "SQL joins", "REST APIs", "JSON",
+    "HTML and CSS", "JavaScript promises", "Python decorators", "Python generators", "list comprehensions",
+    "object-oriented programming", "functional programming", "operating systems", "compilers",
+    "computer memory", "cloud computing", "machine learning", "neural networks", "statistics",
+    "probability", "prime numbers", "fractions", "the Pythagorean theorem", "calculus", "maps",
+    "the metric system", "time zones", "calendars", "bicycles", "trains", "airplanes", "bridges",
+)
+TOPIC_TEMPLATES = ("Explain {x} in simple terms.", "Give me three interesting facts about {x}.",
+                   "Write a short paragraph about {x}.", "What are the advantages and disadvantages of {x}?",
+                   "Write a four-line poem about {x}.", "How would you explain {x} to a ten-year-old?",
+                   "What are common misconceptions about {x}?", "Give me a short list of tips related to {x}.")
+TASKS = (
+    "reverses a string", "counts the vowels in a string", "returns the largest number in a list",
+    "removes duplicates from a list while keeping order", "checks whether a number is prime",
+    "computes the factorial of a number", "returns the n-th Fibonacci number", "merges two sorted lists",
+    "flattens a nested list", "counts word frequencies in a text", "converts Celsius to Fahrenheit",
+    "checks whether two strings are anagrams", "finds the second smallest element of a list",
+    "reads a CSV file and prints each row", "computes the average of a list of numbers",
+    "capitalizes the first letter of each word", "rotates a list by k positions",
+    "finds the greatest common divisor of two numbers", "checks whether a year is a leap year",
+    "transposes a matrix", "groups a list of words by their first letter", "validates an email address",
+    "sums the digits of an integer", "returns the intersection of two lists", "sorts a dictionary by value",
+)
+TASK_TEMPLATES = ("Write a Python function that {x}.", "Write a JavaScript function that {x}.",
+                  "Describe step by step how to write a program that {x}.")
+
+
 def stdlib_prompts(n: int, seed: int = 0) -> list[str]:
     """n distinct questions about public standard-library functions, in a seeded order."""
     names = []
@@ -37,6 +82,22 @@ def stdlib_prompts(n: int, seed: int = 0) -> list[str]:
     questions = [t.format(name=name) for name in sorted(set(names)) for t in TEMPLATES]
     rng.shuffle(questions)
     return questions[:n]
+
+
+def general_prompts(n: int, seed: int = 0) -> list[str]:
+    """n distinct general chat requests (topic and programming-task templates), in a seeded order."""
+    questions = [t.format(x=x) for x in TOPICS for t in TOPIC_TEMPLATES]
+    questions += [t.format(x=x) for x in TASKS for t in TASK_TEMPLATES]
+    random.Random(seed).shuffle(questions)
+    return questions[:n]
+
+
+def mixed_prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts alternating general requests and stdlib questions while both last."""
+    general, stdlib = general_prompts(n, seed), stdlib_prompts(n, seed)
+    mixed = [p for pair in zip(general, stdlib) for p in pair]
+    longer = general if len(general) > len(stdlib) else stdlib
+    return (mixed + longer[len(mixed) // 2 :])[:n]
 
 
 def distill(model: TriModel, tokenizer: Tokenizer, prompts: list[str], out: Path, batch: int = 16,

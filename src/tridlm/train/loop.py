@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -25,7 +26,7 @@ from tridlm.device import fast_dtype
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 from tridlm.train.data import DataConfig, PackedData
-from tridlm.train.objective import add_noise, joint_loss
+from tridlm.train.objective import add_noise, diffusion_loss, joint_loss
 
 REGIMES = ("adapter", "full")
 
@@ -38,6 +39,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     block_size: int = 32
     alpha: float = 0.3
+    suffix_fraction: float = 0.0  # share of sequences masked spec-style (block suffixes), see add_noise
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-3
@@ -60,6 +62,8 @@ class TrainConfig:
                 raise ValueError(f"invalid {name}={getattr(self, name)}: expected a positive integer")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"invalid autocast={self.autocast!r}: expected auto, bf16 or off")
+        if not 0 <= self.suffix_fraction <= 1:
+            raise ValueError(f"invalid suffix_fraction={self.suffix_fraction}: expected a value in [0, 1]")
         if not 0 < self.lr < 1:
             raise ValueError(f"invalid lr={self.lr}: expected a value in (0, 1)")
         return self
@@ -120,11 +124,12 @@ class Trainer:
         return torch.autocast(torch.device(self.model.device).type, dtype=self.autocast)
 
     def _loss(self, model, x0, loss_mask, generator):
-        noised = add_noise(x0, loss_mask, self.model.cfg.mask_id, generator)
-        adapter = self.cfg.regime == "adapter"
+        noised = add_noise(x0, loss_mask, self.model.cfg.mask_id, generator, block=self.cfg.block_size,
+                           suffix_fraction=self.cfg.suffix_fraction)
         with self._context():
-            return joint_loss(model, x0, noised, self.cfg.block_size, self.cfg.alpha, loss_mask,
-                              adapter=adapter, diffusion_only=adapter)
+            if self.cfg.regime == "adapter":
+                return diffusion_loss(model, x0, noised, self.cfg.block_size)
+            return joint_loss(model, x0, noised, self.cfg.block_size, self.cfg.alpha, loss_mask)
 
     def train(self, until: int | None = None) -> dict:
         """Train to ``cfg.steps`` (or stop early at step ``until``, checkpointing there, as a kill after
@@ -187,7 +192,8 @@ class Trainer:
                 "noise_rng": self.noise.get_state(), "config": dataclasses.asdict(self.cfg)}
 
     def save(self) -> None:
-        """Atomic checkpoint (written aside, then renamed) plus, for adapters, the PEFT-layout adapter."""
+        """Atomic checkpoint (written aside, then renamed) plus, for adapters, the PEFT-layout adapter and
+        a copy of it per checkpoint step under ``adapters/step-N`` (for acceptance-vs-training curves)."""
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +202,10 @@ class Trainer:
         os.replace(tmp, self.out / "checkpoint.pt")
         if self.cfg.regime == "adapter":
             checkpoint.save_adapter(self.model, self.out / checkpoint.ADAPTER_DIR)
+            snapshot = self.out / "adapters" / f"step-{self.step:06d}"
+            checkpoint.save_adapter(self.model, snapshot)
+            progress = {"step": self.step, "rows": self.rows, "tokens": self.rows * self.train_data.cfg.seq_len}
+            (snapshot / "progress.json").write_text(json.dumps(progress) + "\n")
         else:
             checkpoint.save(self.out / "model", self.model, self.tokenizer, block_size=self.cfg.block_size)
 

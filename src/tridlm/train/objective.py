@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tridlm import masks
 from tridlm.model import TriModel
 
 
@@ -37,11 +38,24 @@ class Noised:
 
 
 def add_noise(x0: torch.Tensor, loss_mask: torch.Tensor, mask_id: int, generator: torch.Generator | None,
-              eps: float = 1e-3) -> Noised:
-    """t ~ U(0,1) per sequence, p = (1 - eps) t + eps; each loss-bearing token becomes MASK with prob p."""
-    t = torch.rand(x0.shape[0], generator=generator, device=x0.device)
+              eps: float = 1e-3, block: int = 1, suffix_fraction: float = 0.0) -> Noised:
+    """t ~ U(0,1) per sequence, p = (1 - eps) t + eps; each loss-bearing token becomes MASK with prob p.
+
+    suffix_fraction: share of sequences noised the way spec drafts instead (an option beyond SPEC 4):
+    in every block the loss-bearing tokens from a uniform cut in [0, block) on are masked, so the
+    model also learns the exact inference pattern [seed, MASK, ...]; these carry weight p = 1.
+    """
+    B, L = x0.shape
+    t = torch.rand(B, generator=generator, device=x0.device)
     p = (1 - eps) * t + eps
     masked = (torch.rand(x0.shape, generator=generator, device=x0.device) < p[:, None]) & loss_mask
+    if suffix_fraction > 0:
+        rows = torch.rand(B, generator=generator, device=x0.device) < suffix_fraction
+        cuts = torch.randint(0, block, (B, -(-L // block)), generator=generator, device=x0.device)
+        within = torch.arange(L, device=x0.device) % block
+        suffix = (within[None, :] >= cuts.repeat_interleave(block, dim=1)[:, :L]) & loss_mask
+        masked = torch.where(rows[:, None], suffix, masked)
+        p = torch.where(rows, torch.ones_like(p), p)
     return Noised(torch.where(masked, torch.full_like(x0, mask_id), x0), masked, p)
 
 
@@ -55,12 +69,11 @@ class Loss:
 
 
 def joint_loss(model: TriModel, x0: torch.Tensor, noised: Noised, block: int, alpha: float = 0.3,
-               loss_mask: torch.Tensor | None = None, adapter: bool = False, diffusion_only: bool = False) -> Loss:
+               loss_mask: torch.Tensor | None = None, adapter: bool = False) -> Loss:
     """``(alpha * diffusion_sum + ar_sum) / (n_masked + n_ar)`` from one dual-stream forward.
 
     loss_mask (B, L): tokens that bear loss (default all); the AR term predicts x0[i+1] where it bears loss.
     adapter: use the LoRA for the x_t half only (the bidirectional queries), never for x_0.
-    diffusion_only: backpropagate ``diffusion_sum / n_masked`` (the adapter regime's objective).
     """
     B, L = x0.shape
     loss_mask = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask
@@ -76,8 +89,32 @@ def joint_loss(model: TriModel, x0: torch.Tensor, noised: Noised, block: int, al
     ar_bearing = loss_mask[:, 1:]
     ar_sum = (ce_clean * ar_bearing).sum()
     n_masked, n_ar = int(noised.masked.sum()), int(ar_bearing.sum())
-    if diffusion_only:
-        loss = diffusion_sum / max(n_masked, 1)
-    else:
-        loss = (alpha * diffusion_sum + ar_sum) / max(n_masked + n_ar, 1)
+    loss = (alpha * diffusion_sum + ar_sum) / max(n_masked + n_ar, 1)
     return Loss(loss, diffusion_sum, ar_sum, n_masked, n_ar)
+
+
+def diffusion_loss(model: TriModel | torch.nn.Module, x0: torch.Tensor, noised: Noised, block: int) -> Loss:
+    """The adapter regime's objective, ``diffusion_sum / n_masked``: the diffusion term of ``joint_loss``
+    with the LoRA on, computed without a dual-stream forward.
+
+    With the base frozen the clean stream is context only, so its keys/values come from one causal pass
+    without gradient into a KV cache; the noisy stream then attends to them through the top half of the
+    dual-stream mask, and logits are computed only at masked positions. model may be wrapped in DDP.
+    """
+    net = getattr(model, "module", model)
+    B, L = x0.shape
+    device = x0.device
+    positions = torch.arange(L, device=device).expand(B, -1)
+    cache = net.new_cache(B, L)
+    with torch.no_grad():
+        net(x0, positions, masks.causal(cache.lengths, L, 0), cache, write_cache=True,
+            logits_index=torch.zeros(B, 0, dtype=torch.long, device=device))
+    both = dual_stream(L, block, device)
+    mask = torch.cat([both[:L, L:], both[:L, :L]], dim=1).expand(B, -1, -1)  # keys [cached x_0 | x_t]
+    # Each row's masked positions first (stable), cut at the largest count; padding carries weight 0.
+    index = torch.argsort((~noised.masked).to(torch.uint8), dim=1, stable=True)[:, : int(noised.masked.sum(1).max())]
+    logits = model(noised.xt, positions, mask, cache, adapter=True, logits_index=index)  # (B, k, V)
+    ce = F.cross_entropy(logits.transpose(1, 2), x0.gather(1, index), reduction="none")
+    diffusion_sum = (ce * noised.masked.gather(1, index) / noised.p[:, None]).sum()
+    n_masked = int(noised.masked.sum())
+    return Loss(diffusion_sum / max(n_masked, 1), diffusion_sum, torch.zeros((), device=device), n_masked, 0)
