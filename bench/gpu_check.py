@@ -6,7 +6,7 @@
 2. Timing in bfloat16 on a random 1B-class model with the NLD head layout (no weights needed):
    batch-1 AR tok/s against the weight-read bound (weight bytes / measured copy bandwidth), linear and
    quadratic spec cycles, and a forward-latency-vs-new-tokens sweep over a cached prompt, up to
-   B*(B+1) tokens (the quadratic forward); decoding timed eagerly and with CUDA graphs.
+   B*(B+1) tokens (the quadratic forward); decoding and the sweep timed eagerly and with CUDA graphs.
 
 Writes <out>/gpu_check.json and prints a table, then one JSON line.
 Usage: python bench/gpu_check.py OUT_DIR [--device cuda] [--big-preset 1b]
@@ -54,8 +54,9 @@ class Timer:
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
 
-    def __call__(self, fn, reps: int) -> float:
-        fn()  # warm-up
+    def __call__(self, fn, reps: int, warmup: int = 1) -> float:
+        for _ in range(warmup):  # graphs: the first call runs eagerly, the second captures
+            fn()
         if self.cuda:
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -145,16 +146,19 @@ def timing(device, cfg: ModelConfig, context: int, tokens: int) -> dict:
             name = f"{engine}:{mode}_{variant}_b{block}" if mode == "spec" else f"{engine}:{mode}"
             decode[name] = {"tok_s": s["completion_tokens"] / wall, "nfe": s["nfe"],
                             "ms_per_forward": wall * 1e3 / max(s["nfe"], 1), "tpf": s["tpf"]}
-    cache, _ = prefill(model, [prompt], max_len=context + 1200)
-    start = cache.lengths.clone()
     sweep = {}
-    for n in (1, 2, 4, 8, 16, 32, 64, 8 * 9, 128, 16 * 17, 32 * 33):
-        block = torch.randint(4, cfg.vocab_size, (1, n), device=device)
+    room = context + 1200
+    for engine, runner in (("eager", model), ("graphs", GraphedModel(model, capacity=room))):
+        cache, _ = prefill(runner, [prompt], max_len=room)
+        start = cache.lengths.clone()
+        sweep[engine] = {}
+        for n in (1, 2, 4, 8, 16, 32, 64, 8 * 9, 128, 16 * 17, 32 * 33):
+            block = torch.randint(4, cfg.vocab_size, (1, n), device=device)
 
-        def step():
-            forward_block(model, cache, block, masks.causal, write=True)
-            cache.crop(start)
-        sweep[n] = timer(step, 10)
+            def step():
+                forward_block(runner, cache, block, masks.causal, write=True)
+                cache.crop(start)
+            sweep[engine][n] = timer(step, 10, warmup=2)
     return {"weight_bytes": weight_bytes, "copy_bandwidth_gb_s": bandwidth / 1e9,
             "weight_read_bound_tok_s": bandwidth / 2 / weight_bytes,  # copy bandwidth counts read + write
             "decode": decode, "forward_ms": sweep, "context": context}
@@ -183,9 +187,9 @@ def main():
     for k, d in res["decode"].items():
         print(f"  {k:<28} {d['tok_s']:8.1f} tok/s  {d['ms_per_forward']:7.2f} ms/forward  NFE {d['nfe']}  "
               f"TPF {d['tpf']:.2f}")
-    base = res["forward_ms"][1]
-    print("  forward of n new tokens: " + ", ".join(f"{n}: {ms:.2f} ms ({ms / base:.2f}x)"
-                                                   for n, ms in res["forward_ms"].items()))
+    for engine, sweep in res["forward_ms"].items():
+        print(f"  forward of n new tokens ({engine}): " + ", ".join(f"{n}: {ms:.2f} ms ({ms / sweep[1]:.2f}x)"
+                                                                  for n, ms in sweep.items()))
     result = {**info, "correctness": checks, "timing": res, "preset": dataclasses.asdict(cfg)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
