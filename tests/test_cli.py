@@ -62,3 +62,21 @@ def test_bad_arguments_exit_2_with_one_line(tiny_checkpoint, args, message):
     result = run_cli(*argv)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_block_size_defaults_per_device_and_mode(tiny_checkpoint, capsys):
+    from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig
+    from tridlm.device import default_block_size
+
+    for device in ("cpu", "cuda"):
+        for mode in MODES:
+            for variant in SPEC_VARIANTS:
+                block = default_block_size(device, mode, variant)
+                GenerationConfig(mode=mode, spec_variant=variant, block_size=block).validate()
+    assert default_block_size("cpu", "ar") == 1
+    for variant in SPEC_VARIANTS:
+        main(["generate", "abc", "--model", str(tiny_checkpoint), "--mode", "spec", "--spec-variant", variant,
+              "--max-tokens", "20", "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert out["block_size"] == default_block_size("cpu", "spec", variant)
+        assert max(out["accepted_lengths"]) <= out["block_size"]

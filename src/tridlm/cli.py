@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tridlm import checkpoint, gguf_file
-from tridlm.device import fast_dtype
+from tridlm.device import default_block_size, fast_dtype
 from tridlm.decode import MODES, SPEC_VARIANTS, DecodeState, GenerationConfig, stream
 from tridlm.tokenizer import TextStream
 from tridlm.train.data import DataConfig
@@ -52,7 +52,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     d = GenerationConfig()
     p.add_argument("--mode", choices=MODES, default=d.mode)
-    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--block-size", type=int, help="default: chosen per device and mode (tridlm.device.BLOCK_SIZES)")
     p.add_argument("--threshold", type=_threshold, default=d.threshold, help="diffusion confidence, or 'none'")
     p.add_argument("--spec-variant", choices=SPEC_VARIANTS, default=d.spec_variant,
                    help="spec: linear (draft + verify forwards) or quadratic (one forward of B*(B+1) tokens)")
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="answer a chat prompt in all three modes and compare")
     demo.add_argument("--prompt", default="Explain in a few sentences why the sky is blue.")
     demo.add_argument("--max-tokens", type=int, default=96)
-    demo.add_argument("--block-size", type=int, default=8)
+    demo.add_argument("--block-size", type=int, help="default: chosen per device and mode")
     _add_model_args(demo)
     conv = sub.add_parser("convert", help="convert an HF/NLD directory or a GGUF file to an NLD directory")
     conv.add_argument("source", help="HF or NLD checkpoint directory, or a GGUF file")
@@ -162,13 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 429")
     srv.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     srv.add_argument("--default-mode", choices=(*MODES, "auto"), default="ar")
-    srv.add_argument("--block-size", type=int, default=8, help="default block size of diffusion and spec")
+    srv.add_argument("--block-size", type=int, help="block size of requests that name none (default: chosen per "
+                                                    "device and mode)")
     _add_model_args(srv)
     return parser
 
 
+def _block(args, mode: str, variant: str) -> int:
+    return args.block_size if args.block_size is not None else default_block_size(args.device, mode, variant)
+
+
 def _config(args) -> GenerationConfig:
-    return GenerationConfig(mode=args.mode, block_size=args.block_size, threshold=args.threshold,
+    return GenerationConfig(mode=args.mode, block_size=_block(args, args.mode, args.spec_variant),
+                            threshold=args.threshold,
                             spec_variant=args.spec_variant,
                             max_steps_per_block=args.max_steps_per_block, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
@@ -233,25 +239,32 @@ def cmd_generate(args) -> None:
         return
     print(json.dumps({
         "text": state.text(0), "tokens": row.tokens, "finish_reason": row.finish_reason,
-        "prompt_tokens": len(ids), "accepted_lengths": row.accepted_lengths, **stats,
+        "prompt_tokens": len(ids), "accepted_lengths": row.accepted_lengths, "block_size": cfg.block_size, **stats,
     }))
 
 
 def cmd_demo(args) -> None:
     model, tok = _load(args)
     ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
-    base = GenerationConfig(max_tokens=args.max_tokens, block_size=args.block_size).validate()
-    print(f"prompt: {args.prompt!r} ({len(ids)} tokens), block size {args.block_size}, greedy\n")
-    _run(model, tok, ids, base.replace(max_tokens=4))  # warm-up: first-call allocations
-    results = {mode: _run(model, tok, ids, base.replace(mode=mode)) for mode in MODES}
+    runs = {"ar": ("ar", "linear"), "diffusion": ("diffusion", "linear"), "spec": ("spec", "linear"),
+            "spec-quad": ("spec", "quadratic")}
+    configs = {name: GenerationConfig(mode=mode, spec_variant=variant, max_tokens=args.max_tokens,
+                                      block_size=_block(args, mode, variant))
+               for name, (mode, variant) in runs.items()}
+    print(f"prompt: {args.prompt!r} ({len(ids)} tokens), greedy, draft adapter: "
+          f"{'yes' if checkpoint.has_adapter(model) else 'none'}\n")
+    _run(model, tok, ids, configs["ar"].replace(max_tokens=4))  # warm-up: first-call allocations
+    results = {name: _run(model, tok, ids, cfg.validate()) for name, cfg in configs.items()}
     ar_tokens = results["ar"].rows[0].tokens
-    print(f"{'mode':<10} {'tokens':>6} {'NFE':>5} {'TPF':>5} {'tok/s':>7} {'= AR':>5}")
-    for mode, state in results.items():
+    print(f"{'mode':<10} {'block':>5} {'tokens':>6} {'NFE':>5} {'TPF':>5} {'tok/s':>7} {'= AR':>5}")
+    for name, state in results.items():
         s = state.stats()
         same = "yes" if state.rows[0].tokens == ar_tokens else "no"
-        print(f"{mode:<10} {s['completion_tokens']:>6} {s['nfe']:>5} {s['tpf']:>5.2f} {s['tok_s']:>7.1f} {same:>5}")
-    for mode, state in results.items():
-        print(f"\n[{mode}] {state.text(0)}")
+        block = configs[name].block_size if name != "ar" else "-"
+        print(f"{name:<10} {block:>5} {s['completion_tokens']:>6} {s['nfe']:>5} {s['tpf']:>5.2f} {s['tok_s']:>7.1f} "
+              f"{same:>5}")
+    for name, state in results.items():
+        print(f"\n[{name}] {state.text(0)}")
 
 
 def cmd_convert(args) -> None:
@@ -385,13 +398,14 @@ def cmd_serve(args) -> None:
 
     from tridlm.serve.app import ServerConfig, create_app
 
-    defaults = GenerationConfig(block_size=args.block_size).validate()
+    if args.block_size is not None:
+        GenerationConfig(block_size=args.block_size).validate()
     if args.max_queue < 1 or args.max_batch < 1:
         raise ValueError("--max-queue and --max-batch must be positive")
     model, tok = _load(args)
     name = args.served_model_name or (Path(args.model).name if args.model else gguf_file.DEFAULT_NAME.split(".")[0])
     config = ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                          max_batch=args.max_batch, default_mode=args.default_mode, defaults=defaults)
+                          max_batch=args.max_batch, default_mode=args.default_mode, block_size=args.block_size)
     uvicorn.run(create_app(model, tok, config), host=args.host, port=args.port, log_level="info")
 
 

@@ -21,3 +21,22 @@ def fast_dtype(device: str | torch.device) -> torch.dtype:
     if torch.device(device).type == "cuda" or cpu_has_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+# Block sizes used when a request names none, per device kind and (mode, spec variant). Chosen from the
+# measured forward-latency curves and the shipped adapter's acceptance (README, "Measured"): on the
+# 2-core CPU a forward of n new tokens costs 1.4-1.5x a 1-token forward for n = 4-8 in float32 and a
+# quadratic forward of B(B+1) tokens grows quickly with B, so small blocks win there; on an H200 under
+# CUDA graphs a forward of 16 to 272 new tokens costs 1-2x an AR step, so larger blocks are nearly free.
+BLOCK_SIZES = {
+    "cpu": {"spec-linear": 8, "spec-quadratic": 4, "diffusion": 8},
+    "cuda": {"spec-linear": 16, "spec-quadratic": 16, "diffusion": 16},
+}
+
+
+def default_block_size(device: str | torch.device, mode: str, spec_variant: str = "linear") -> int:
+    """The block size for ``mode`` on ``device`` when none is given (AR has no blocks: 1)."""
+    if mode == "ar":
+        return 1
+    table = BLOCK_SIZES["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    return table["diffusion" if mode == "diffusion" else f"spec-{spec_variant}"]

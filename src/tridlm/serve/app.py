@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tridlm.decode import GenerationConfig
+from tridlm.device import default_block_size
 from tridlm.model import TriModel
 from tridlm.serve.protocol import APIError, ChatRequest, CompletionRequest, envelope, new_id, usage
 from tridlm.serve.worker import Job, QueueFull, Worker
@@ -36,7 +37,8 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 256
     default_mode: str = "ar"  # a mode or "auto"
-    defaults: GenerationConfig = GenerationConfig(block_size=8)  # the other knobs' defaults
+    block_size: int | None = None  # for requests that name none; None: per device and mode
+    defaults: GenerationConfig = GenerationConfig()  # the other knobs' defaults
 
 
 class Metrics:
@@ -242,7 +244,10 @@ def make_config(body, ids: list[int], mode: str, model: TriModel, config: Server
     if not ids:
         raise APIError(400, "the prompt is empty", "prompt")
     context = model.cfg.max_seq_len
-    room = context - len(ids) - (body.block_size or config.defaults.block_size) - 1
+    block = body.block_size if body.block_size is not None else config.block_size
+    if block is None:
+        block = default_block_size(model.device, mode, body.spec_variant or config.defaults.spec_variant)
+    room = context - len(ids) - block - 1
     if room < 1:
         raise APIError(400, f"prompt of {len(ids)} tokens is too long for the context of {context}", "prompt",
                        code="context_length_exceeded")
@@ -251,7 +256,7 @@ def make_config(body, ids: list[int], mode: str, model: TriModel, config: Server
         raise APIError(400, f"max_tokens={max_tokens} exceeds the {room} tokens left in the context after the "
                             f"{len(ids)}-token prompt", "max_tokens", code="context_length_exceeded")
     try:
-        return body.generation_config(config.defaults, mode, max_tokens)
+        return body.generation_config(config.defaults.replace(block_size=block), mode, max_tokens)
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
