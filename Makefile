@@ -39,9 +39,9 @@ draft-adapter: $(DRAFT)/distill.jsonl
 	$(BIN)/tridlm train --adapter none --data $< --out $(DRAFT)/run --regime adapter --lora-rank 8 --lora-alpha 16 \
 		--lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --block-size 8 --suffix-fraction 0.5 \
 		--batch-size 8 --seq-len 256 --lr 1e-3 --warmup-steps 30 --steps $(DRAFT_STEPS) --eval-every 100 \
-		--checkpoint-every 50
+		--checkpoint-every 100
 	$(BIN)/tridlm export-adapter src/tridlm/adapters/smollm2-135m-instruct --adapter $(DRAFT)/run/linear_spec_lora
-	$(BIN)/tridlm eval-draft --snapshots $(DRAFT)/run/adapters --modes spec --block-sizes 4,8 \
+	$(BIN)/tridlm eval-draft --snapshots $(DRAFT)/run/adapters --modes spec --block-sizes 8 \
 		--plot bench/results/draft-curve.png | tee bench/results/draft-curve.jsonl
 
 clean:

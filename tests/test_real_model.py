@@ -69,3 +69,20 @@ def test_spec_equals_ar_on_real_model(default_model, block_size):
     sp = generate(model, prompts, cfg.replace(mode="spec", block_size=block_size))
     assert [r.tokens for r in sp.rows] == [r.tokens for r in ar.rows]
     assert sp.stats()["nfe"] > 0
+
+
+def test_shipped_draft_adapter_is_attached_and_drafts_better(default_model):
+    """The default model carries the shipped adapter (AR untouched: test_real_model's parity tests run
+    with it attached); its drafts are accepted more often than the bare model's."""
+    from tridlm import checkpoint
+    from tridlm.gguf_file import default_adapter_dir, load_default
+
+    model, tok = default_model
+    assert checkpoint.has_adapter(model) and (default_adapter_dir() / "adapter_model.safetensors").is_file()
+    bare, _ = load_default(adapter=False)
+    assert not checkpoint.has_adapter(bare)
+    prompts = [tok.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
+    cfg = GenerationConfig(mode="spec", block_size=8, max_tokens=32)
+    trained, untrained = generate(model, prompts, cfg), generate(bare, prompts, cfg)
+    assert [r.tokens for r in trained.rows] == [r.tokens for r in untrained.rows]  # lossless either way
+    assert trained.stats()["nfe"] < 0.8 * untrained.stats()["nfe"]

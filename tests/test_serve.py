@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tridlm.decode import GenerationConfig, generate  # noqa: E402
+from tridlm.device import default_block_size  # noqa: E402
 from tridlm.serve.app import ServerConfig, create_app  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -63,9 +64,11 @@ def client(server):
 
 
 def expected(model, tokenizer, text, chat=False, **knobs):
-    """The library's own greedy result for one prompt: what the server must return."""
+    """The library's own greedy result for one prompt: what the server must return (at the device's
+    default block size for the mode unless the knobs name one)."""
     ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
-    cfg = GenerationConfig(block_size=8, max_tokens=24).replace(**knobs)
+    block = default_block_size(model.device, knobs.get("mode", "ar"), knobs.get("spec_variant", "linear"))
+    cfg = GenerationConfig(block_size=block, max_tokens=24).replace(**knobs)
     state = generate(model, [ids], cfg, detokenize=tokenizer.decode)
     return state.text(0), state.rows[0]
 

@@ -23,13 +23,14 @@ def fast_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float32
 
 
-# Block sizes used when a request names none, per device kind and (mode, spec variant). Chosen from the
-# measured forward-latency curves and the shipped adapter's acceptance (README, "Measured"): on the
-# 2-core CPU a forward of n new tokens costs 1.4-1.5x a 1-token forward for n = 4-8 in float32 and a
-# quadratic forward of B(B+1) tokens grows quickly with B, so small blocks win there; on an H200 under
-# CUDA graphs a forward of 16 to 272 new tokens costs 1-2x an AR step, so larger blocks are nearly free.
+# Block sizes used when a request names none, per device kind and (mode, spec variant). CPU: measured
+# with the shipped draft adapter on the 2-core CPU in float32 (README, "Measured"): spec linear B=8 13.9
+# tok/s vs B=4 13.0; quadratic B=4 10.9 vs B=8 5.7 (a B(B+1)-token forward grows quickly there);
+# diffusion at threshold 0.9 B=4 12.8 vs B=8 12.7 tok/s with better text at B=4 (generative perplexity
+# 2.64 vs 3.35). CUDA: on an H200 under CUDA graphs forwards of 16 to 272 new tokens cost 1-2x an AR
+# step, so larger blocks are nearly free there (not yet measured with a trained adapter).
 BLOCK_SIZES = {
-    "cpu": {"spec-linear": 8, "spec-quadratic": 4, "diffusion": 8},
+    "cpu": {"spec-linear": 8, "spec-quadratic": 4, "diffusion": 4},
     "cuda": {"spec-linear": 16, "spec-quadratic": 16, "diffusion": 16},
 }
 
