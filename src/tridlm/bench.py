@@ -294,21 +294,7 @@ class Bench:
         return run_hf(self.hf, counter, prompts, s, self.model.cfg.eos_ids)
 
     def _summarize(self, s: Setting, outs: list[Output], reference: list[Output] | None) -> dict:
-        tokens = sum(len(o.tokens) for o in outs)
-        nfe = sum(o.nfe for o in outs)
-        accepted = [a for o in outs for a in o.accepted]
-        summary = {
-            "tokens": tokens, "nfe": nfe, "tpf": tokens / nfe if nfe else None,
-            "ttft_ms": _median([o.ttft_s * 1e3 for o in outs if o.ttft_s is not None]),
-            "itl_ms": _median([o.itl_s * 1e3 for o in outs if o.itl_s is not None]),
-            "accepted_mean": statistics.mean(accepted) if accepted else None,
-            "accepted_hist": dict(sorted(Counter(accepted).items())),
-            "gen_ppl": generative_perplexity(self.model, self.prompts, outs),
-        }
-        if reference is not None and s.gen.temperature == 0:
-            same = [o.tokens == r.tokens for o, r in zip(outs, reference)]
-            summary["exact_match_vs_ar"] = sum(same) / len(same)
-        return summary
+        return summarize(self.model, self.prompts, outs, reference if s.gen.temperature == 0 else None)
 
     def _humaneval(self, counter) -> dict:
         problems = humaneval_problems(self.humaneval)
@@ -341,17 +327,30 @@ def finalize(report: dict) -> dict:
     return report
 
 
+def summarize(model: TriModel, prompts: list[list[int]], outs: list[Output],
+              reference: list[Output] | None = None) -> dict:
+    """Tokens, NFE, TPF, latencies, accepted lengths and generative perplexity under the AR model of one
+    setting's outputs; with a (greedy) reference, the share of prompts whose tokens equal it."""
+    tokens = sum(len(o.tokens) for o in outs)
+    nfe = sum(o.nfe for o in outs)
+    accepted = [a for o in outs for a in o.accepted]
+    summary = {
+        "tokens": tokens, "nfe": nfe, "tpf": tokens / nfe if nfe else None,
+        "ttft_ms": _median([o.ttft_s * 1e3 for o in outs if o.ttft_s is not None]),
+        "itl_ms": _median([o.itl_s * 1e3 for o in outs if o.itl_s is not None]),
+        "accepted_mean": statistics.mean(accepted) if accepted else None,
+        "accepted_hist": dict(sorted(Counter(accepted).items())),
+        "gen_ppl": generative_perplexity(model, prompts, outs),
+    }
+    if reference is not None:
+        same = [o.tokens == r.tokens for o, r in zip(outs, reference)]
+        summary["exact_match_vs_ar"] = sum(same) / len(same)
+    return summary
+
+
 def eval_draft(model: TriModel, prompts: list[list[int]], settings: list[Setting]) -> dict:
-    """Per setting: tokens, NFE, TPF, mean accepted length and generative perplexity under the AR model."""
-    report = {}
-    for s in settings:
-        name, o = s.name, run_tridlm(model, prompts, s)
-        tokens, nfe = sum(len(x.tokens) for x in o), sum(x.nfe for x in o)
-        accepted = [a for x in o for a in x.accepted]
-        report[name] = {"tokens": tokens, "nfe": nfe, "tpf": tokens / nfe if nfe else None,
-                        "accepted_mean": sum(accepted) / len(accepted) if accepted else None,
-                        "gen_ppl": generative_perplexity(model, prompts, o)}
-    return report
+    """``summarize`` per setting (one untimed run each): what ``tridlm eval-draft`` reports."""
+    return {s.name: summarize(model, prompts, run_tridlm(model, prompts, s)) for s in settings}
 
 
 def plot_curve(curve: list[dict], path: Path) -> None:
