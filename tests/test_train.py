@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tridlm import checkpoint
 from tridlm.decode import GenerationConfig, generate
@@ -89,8 +90,10 @@ def test_resume_after_a_stop_is_exact(corpus, tok, tiny_cfg, tmp_path):
     assert (tmp_path / "b" / "linear_spec_lora" / "adapter_model.safetensors").is_file()
     snapshots = sorted(p.name for p in (tmp_path / "b" / "adapters").iterdir())
     assert snapshots == ["step-000003", "step-000004", "step-000006"]  # one per checkpoint (and the stop)
-    final = (tmp_path / "b" / "adapters" / "step-000006" / "adapter_model.safetensors").read_bytes()
-    assert final == (tmp_path / "b" / "linear_spec_lora" / "adapter_model.safetensors").read_bytes()
+    final = load_file(tmp_path / "b" / "adapters" / "step-000006" / "adapter_model.safetensors")
+    weights = load_file(tmp_path / "b" / "linear_spec_lora" / "adapter_model.safetensors")
+    assert final.keys() == weights.keys()
+    assert all(final[k].dtype == torch.bfloat16 and torch.equal(final[k], weights[k].bfloat16()) for k in final)
 
 
 def test_resume_refuses_other_settings(corpus, tok, tiny_cfg, tmp_path):
@@ -208,6 +211,27 @@ def test_distill_prompts_are_distinct_seeded_and_prefix_stable():
     assert mixed_prompts(640, seed=0) == many[:640]  # a shorter run distills a prefix of a longer one
     assert any(re.search(r"\b[a-z_]+\.[a-z_]+\b", p) for p in many[:10])  # stdlib questions name module.function
     assert any(p.startswith(("Explain", "Give", "Write", "What", "How")) and "Python" not in p for p in many[:10])
+
+
+def test_magpie_prompts_are_the_models_own_finished_requests(tok, tiny_model):
+    from tridlm.train.distill import heldout_requests, magpie_prompts, user_turn_prefix
+
+    assert user_turn_prefix(tok) == tok.encode("user: ")
+    assert "Explain in a few sentences why the sky is blue." in heldout_requests()
+    quiet = dict(log=lambda *_: None)
+    prompts = magpie_prompts(tiny_model, tok, 6, batch=8, seed=3, max_tokens=48, **quiet)
+    assert len(set(prompts)) == 6 and all(p and p == p.strip() for p in prompts)
+    assert prompts == magpie_prompts(tiny_model, tok, 6, batch=8, seed=3, max_tokens=48, **quiet)
+    assert magpie_prompts(tiny_model, tok, 6, batch=8, seed=3, max_tokens=48, exclude=(prompts[0],),
+                          **quiet)[0] != prompts[0]
+    # Each kept request is a sample the model ended itself: re-sampling its round reproduces it.
+    state = generate(tiny_model, [user_turn_prefix(tok)] * 8,
+                     GenerationConfig(max_tokens=48, temperature=1.0, top_p=0.95, seed=3 * 1_000_003),
+                     detokenize=tok.decode)
+    finished = [state.text(j).strip() for j, r in enumerate(state.rows) if r.finish_reason == "stop"]
+    assert [p for p in finished if p][:1] == prompts[:1]
+    with pytest.raises(ValueError, match="complete and distinct"):
+        magpie_prompts(tiny_model, tok, 4, batch=4, max_tokens=1, **quiet)  # nothing can end in one token
 
 
 def test_distill_writes_the_models_own_answers(tmp_path, tok, tiny_model):

@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--batch", type=int, default=16)
     ds.add_argument("--max-tokens", type=int, default=128)
     ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--source", choices=("mixed", "magpie"), default="mixed",
+                    help="mixed: stdlib questions and templated requests; magpie: requests the model writes itself")
     _add_model_args(ds)
     x = sub.add_parser("export-adapter", help="write the model's draft adapter (see --adapter) as a PEFT folder")
     x.add_argument("out", help="folder to write")
@@ -349,10 +351,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from tridlm.train.distill import distill, mixed_prompts
+    from tridlm.train.distill import distill, heldout_requests, magpie_prompts, mixed_prompts
 
     model, tok = _load(args)
-    n = distill(model, tok, mixed_prompts(args.prompts, args.seed), Path(args.out), args.batch, args.max_tokens)
+    if args.source == "magpie":
+        prompts = magpie_prompts(model, tok, args.prompts, args.batch, args.seed, exclude=heldout_requests())
+    else:
+        prompts = mixed_prompts(args.prompts, args.seed)
+    n = distill(model, tok, prompts, Path(args.out), args.batch, args.max_tokens)
     print(json.dumps({"out": args.out, "records": n}))
 
 

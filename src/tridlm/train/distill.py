@@ -1,9 +1,13 @@
 """Self-distillation data: the base model's own greedy answers to prompts, as chat JSONL.
 
 A draft adapter must predict what the AR model will say, so the best training text is exactly that.
-Prompts are generated, so the corpus is rebuilt anywhere with the same command: questions about the
-Python standard library (one per public function and template, from the running interpreter) mixed with
-general chat requests (task templates crossed with a topic list and small programming tasks).
+Prompts are generated, so the corpus is rebuilt anywhere with the same command. Two sources:
+
+- ``mixed``: questions about the Python standard library (one per public function and template, from the
+  running interpreter) mixed with general chat requests (task templates crossed with a topic list and
+  small programming tasks); a few thousand at most.
+- ``magpie``: requests the model writes itself, sampled from the chat template cut where a user message
+  begins (the Magpie recipe); as many as wanted, in the model's own distribution.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import importlib
 import inspect
 import json
 import random
+from importlib import resources
 from pathlib import Path
 
 from tridlm.decode import GenerationConfig, generate
@@ -98,6 +103,46 @@ def mixed_prompts(n: int, seed: int = 0) -> list[str]:
     mixed = [p for pair in zip(general, stdlib) for p in pair]
     longer = general if len(general) > len(stdlib) else stdlib
     return (mixed + longer[len(mixed) // 2 :])[:n]
+
+
+def heldout_requests() -> tuple[str, ...]:
+    """The user messages of the packaged chat prompts (bench and eval-draft), kept out of training."""
+    text = (resources.files("tridlm") / "prompts" / "chat.jsonl").read_text()
+    return tuple(m["content"] for line in text.splitlines() if line.strip()
+                 for m in json.loads(line)["messages"] if m["role"] == "user")
+
+
+def user_turn_prefix(tokenizer: Tokenizer) -> list[int]:
+    """Token ids of the chat template up to where a user message's text begins."""
+    marker = "\x00user message\x00"
+    text = tokenizer.render_chat([{"role": "user", "content": marker}], add_generation_prompt=False)
+    if marker not in text:
+        raise ValueError("the chat template does not show the user's message verbatim")
+    return tokenizer.encode(text.split(marker)[0])
+
+
+def magpie_prompts(model: TriModel, tokenizer: Tokenizer, n: int, batch: int = 64, seed: int = 0,
+                   max_tokens: int = 64, temperature: float = 1.0, top_p: float = 0.95,
+                   exclude: tuple[str, ...] = (), log=print) -> list[str]:
+    """n distinct user requests written by the model: samples after the user-turn prefix, kept when the
+    model ended the message itself (not cut at max_tokens) and it is new and not in ``exclude``.
+    Deterministic for a seed and batch size on one device."""
+    prefix = user_turn_prefix(tokenizer)
+    seen, prompts = set(exclude), []
+    for round_ in range(max(8, 4 * -(-n // batch))):  # give up when most samples are rejected
+        cfg = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               seed=seed * 1_000_003 + round_)
+        state = generate(model, [prefix] * batch, cfg, detokenize=tokenizer.decode)
+        for j, row in enumerate(state.rows):
+            text = state.text(j).strip()
+            if row.finish_reason == "stop" and text and text not in seen:
+                seen.add(text)
+                prompts.append(text)
+        log(f"magpie: {min(len(prompts), n)}/{n} prompts written")
+        if len(prompts) >= n:
+            return prompts[:n]
+    raise ValueError(f"only {len(prompts)} of {n} sampled requests were complete and distinct; "
+                     "raise max_tokens or lower n")
 
 
 def distill(model: TriModel, tokenizer: Tokenizer, prompts: list[str], out: Path, batch: int = 16,

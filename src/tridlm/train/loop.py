@@ -193,7 +193,7 @@ class Trainer:
 
     def save(self) -> None:
         """Atomic checkpoint (written aside, then renamed) plus, for adapters, the PEFT-layout adapter and
-        a copy of it per checkpoint step under ``adapters/step-N`` (for acceptance-vs-training curves)."""
+        a bfloat16 copy of it per checkpoint step under ``adapters/step-N`` (for acceptance-vs-training curves)."""
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -202,8 +202,8 @@ class Trainer:
         os.replace(tmp, self.out / "checkpoint.pt")
         if self.cfg.regime == "adapter":
             checkpoint.save_adapter(self.model, self.out / checkpoint.ADAPTER_DIR)
-            snapshot = self.out / "adapters" / f"step-{self.step:06d}"
-            checkpoint.save_adapter(self.model, snapshot)
+            snapshot = self.out / "adapters" / f"step-{self.step:06d}"  # in the shipped precision, half the size
+            checkpoint.save_adapter(self.model, snapshot, torch.bfloat16)
             progress = {"step": self.step, "rows": self.rows, "tokens": self.rows * self.train_data.cfg.seq_len}
             (snapshot / "progress.json").write_text(json.dumps(progress) + "\n")
         else:

@@ -46,12 +46,15 @@ def add_noise(x0: torch.Tensor, loss_mask: torch.Tensor, mask_id: int, generator
     model also learns the exact inference pattern [seed, MASK, ...]; these carry weight p = 1.
     """
     B, L = x0.shape
-    t = torch.rand(B, generator=generator, device=x0.device)
+    # Draw where the generator lives (the same noise for a seed on any device), then move to x0's device.
+    where = generator.device if generator is not None else x0.device
+    rand = lambda *shape: torch.rand(shape, generator=generator, device=where).to(x0.device)  # noqa: E731
+    t = rand(B)
     p = (1 - eps) * t + eps
-    masked = (torch.rand(x0.shape, generator=generator, device=x0.device) < p[:, None]) & loss_mask
+    masked = (rand(B, L) < p[:, None]) & loss_mask
     if suffix_fraction > 0:
-        rows = torch.rand(B, generator=generator, device=x0.device) < suffix_fraction
-        cuts = torch.randint(0, block, (B, -(-L // block)), generator=generator, device=x0.device)
+        rows = rand(B) < suffix_fraction
+        cuts = torch.randint(0, block, (B, -(-L // block)), generator=generator, device=where).to(x0.device)
         within = torch.arange(L, device=x0.device) % block
         suffix = (within[None, :] >= cuts.repeat_interleave(block, dim=1)[:, :L]) & loss_mask
         masked = torch.where(rows[:, None], suffix, masked)
