@@ -15,13 +15,14 @@ RUN=${RUN:-$DRAFT/run}                    # the training run: checkpoint.pt, ada
 EXPORT=${EXPORT:-src/tridlm/adapters/smollm2-135m-instruct}
 CURVE=${CURVE:-bench/results/draft-curve} # .jsonl and .png of accepted length vs training tokens
 MIXED=${MIXED:-2304}                      # templated prompts (tridlm distill --source mixed)
-MAGPIE=${MAGPIE:-12288}                   # prompts the model writes itself (--source magpie)
-DISTILL_BATCH=${DISTILL_BATCH:-64}
+MAGPIE=${MAGPIE:-9216}                    # prompts the model writes itself (--source magpie)
+DISTILL_BATCH=${DISTILL_BATCH:-1024}      # rows generated together; the magpie prompts depend on it
 RANK=${RANK:-8}
-STEPS=${STEPS:-2400}
+STEPS=${STEPS:-540}                       # length of the learning-rate schedule
+UNTIL=${UNTIL:-360}                       # the step the shipped run stopped at (device time ran out)
 BATCH=${BATCH:-32}
-WARMUP=${WARMUP:-60}
-EVERY=${EVERY:-400}                       # held-out loss and checkpoint (curve point) interval
+WARMUP=${WARMUP:-30}
+EVERY=${EVERY:-90}                        # held-out loss and checkpoint (curve point) interval
 EVAL=${EVAL:-1}                           # 0: stop after the export (evaluate the snapshots elsewhere)
 
 model=(--device "$DEVICE" --dtype float32)
@@ -40,7 +41,7 @@ distill magpie "$MAGPIE"
 $TRIDLM train "${model[@]}" --adapter none --data "$DRAFT/mixed.jsonl" "$DRAFT/magpie.jsonl" --out "$RUN" \
     --regime adapter --lora-rank "$RANK" --lora-alpha $((2 * RANK)) \
     --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --block-size 8 --suffix-fraction 0.5 \
-    --batch-size "$BATCH" --seq-len 256 --lr 1e-3 --warmup-steps "$WARMUP" --steps "$STEPS" \
+    --batch-size "$BATCH" --seq-len 256 --lr 1e-3 --warmup-steps "$WARMUP" --steps "$STEPS" --until "$UNTIL" \
     --eval-every "$EVERY" --checkpoint-every "$EVERY"
 $TRIDLM export-adapter "$EXPORT" "${model[@]}" --adapter "$RUN/linear_spec_lora"
 [ "$EVAL" = 1 ] || exit 0

@@ -128,6 +128,26 @@ def test_full_regime_trains_the_base_weights(corpus, tok, tiny_cfg, tmp_path):
     assert (tmp_path / "model" / "config.json").is_file()
 
 
+def test_cli_train_until_stops_inside_the_schedule_and_goes_on(corpus, tok, tiny_model, tmp_path, capsys):
+    from tridlm.cli import main
+
+    ckpt = tmp_path / "tiny"
+    checkpoint.save(ckpt, tiny_model, tok)
+    args = ["train", "--model", str(ckpt), "--data", str(corpus), "--out", str(tmp_path / "out"), "--steps", "4",
+            "--batch-size", "2", "--seq-len", "24", "--block-size", "4", "--lora-rank", "4", "--eval-every", "2",
+            "--checkpoint-every", "4", "--autocast", "off"]
+    main([*args, "--until", "2"])
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2 and state["sched"]["last_epoch"] == 2  # the 4-step schedule, stopped halfway
+    assert sorted(p.name for p in (tmp_path / "out" / "adapters").iterdir()) == ["step-000002"]
+    main(args)
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*args, "--until", "0"])
+    assert "until" in capsys.readouterr().err
+
+
 def test_two_process_data_parallel_training(corpus, tok, tiny_model, tmp_path):
     ckpt = tmp_path / "tiny"
     checkpoint.save(ckpt, tiny_model, tok)

@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder for checkpoint.pt and the trained adapter or model")
     td = TrainConfig()
     t.add_argument("--regime", choices=REGIMES, default=td.regime)
-    t.add_argument("--steps", type=int, default=td.steps)
+    t.add_argument("--steps", type=int, default=td.steps, help="length of the learning-rate schedule")
+    t.add_argument("--until", type=int, help="stop (with a checkpoint) at this step of the schedule; rerun with a "
+                   "later --until, or none, to go on")
     t.add_argument("--batch-size", type=int, default=td.batch_size)
     t.add_argument("--grad-accum", type=int, default=td.grad_accum)
     t.add_argument("--seq-len", type=int, default=DataConfig(()).seq_len)
@@ -336,13 +338,15 @@ def cmd_train(args) -> None:
                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       warmup_steps=args.warmup_steps, steps=args.steps, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, autocast=args.autocast).validate()
+    if args.until is not None and args.until < 1:
+        raise ValueError(f"invalid --until {args.until}: expected a positive step")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         dist.init_process_group("nccl" if torch.device(args.device).type == "cuda" else "gloo")
     try:
         torch.manual_seed(cfg.seed)
         model, tok = _load(args)
         trainer = Trainer(model, tok, DataConfig(tuple(args.data), seq_len=args.seq_len), cfg, Path(args.out))
-        result = trainer.train()
+        result = trainer.train(until=args.until)
         if trainer.rank == 0:
             print(json.dumps({"step": trainer.step, **result}))
     finally:

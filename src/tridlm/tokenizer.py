@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,13 @@ from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, p
 
 # llama.cpp's pre-tokenizer names -> the regex split that precedes byte-level BPE.
 _GPT2_PRE = {"smollm", "gpt2", "default"}
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> jinja2.Template:
+    """A chat template compiled once (compiling costs milliseconds, far more than rendering)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template)
 
 
 @dataclass
@@ -100,9 +108,8 @@ class Tokenizer:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"chat messages need string 'role' and 'content' fields, got {m!r}")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         special = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.eos_id)}
-        return env.from_string(self.chat_template).render(
+        return _compiled(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **special)
 
     def _token(self, i: int | None) -> str:
