@@ -338,8 +338,6 @@ def cmd_train(args) -> None:
                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       warmup_steps=args.warmup_steps, steps=args.steps, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, autocast=args.autocast).validate()
-    if args.until is not None and args.until < 1:
-        raise ValueError(f"invalid --until {args.until}: expected a positive step")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         dist.init_process_group("nccl" if torch.device(args.device).type == "cuda" else "gloo")
     try:

@@ -137,7 +137,9 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        until = min(until or cfg.steps, cfg.steps)
+        if until is not None and until < 1:
+            raise ValueError(f"invalid until={until}: expected a positive step")
+        until = cfg.steps if until is None else min(until, cfg.steps)
         batches = self.train_data.batches(cfg.batch_size, self.rows, self.rank, self.world)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc=f"train ({cfg.regime})")
         last = {}
