@@ -35,9 +35,12 @@ BLOCK_SIZES = {
 }
 
 
-def default_block_size(device: str | torch.device, mode: str, spec_variant: str = "linear") -> int:
-    """The block size for ``mode`` on ``device`` when none is given (AR has no blocks: 1)."""
+def default_block_size(device: str | torch.device, mode: str, spec_variant: str = "linear",
+                       trained_block: int | None = None) -> int:
+    """The block size for ``mode`` on ``device`` when a request names none (AR has no blocks: 1), never
+    above the block size the model was trained with (``block_size`` of its config) when it names one."""
     if mode == "ar":
         return 1
     table = BLOCK_SIZES["cuda" if torch.device(device).type == "cuda" else "cpu"]
-    return table["diffusion" if mode == "diffusion" else f"spec-{spec_variant}"]
+    block = table["diffusion" if mode == "diffusion" else f"spec-{spec_variant}"]
+    return min(block, trained_block) if trained_block else block

@@ -2,12 +2,13 @@
 
 Decoding repeats a few forward shapes (an AR step, a draft block, a verify block, a quadratic block),
 and on a GPU an eager forward of a small model is bound by kernel launches. ``GraphedModel`` captures
-``TriModel.compute`` once per shape and replays it. Shapes stay fixed because it hands out static
+``TriModel.forward`` once per shape and replays it. Shapes stay fixed because it hands out static
 caches (attention over all slots, masked) from a pool it reuses across requests; tokens, positions,
-mask and adapter selection are copied into the graph's input buffers, and the cache bookkeeping the
-graph cannot do (room check, commit) happens around the replay. A shape runs eagerly the first time
+mask and adapter selection are copied into the graph's input buffers. The model's forward is pure (the
+decoders' ``forward_block`` checks room and commits around it), so the wrapper only captures and replays.
+A shape runs eagerly the first time
 (warm-up); it is captured the second time it is seen, so one-off shapes such as prompt prefills
-never are. Without CUDA the same bookkeeping runs with eager calls, which is what the CPU tests check.
+never are. Without CUDA the same path runs with eager calls, which is what the CPU tests check.
 """
 
 from __future__ import annotations
@@ -26,18 +27,18 @@ class _Graph:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                model.compute(**self.inputs)  # warm-up on a side stream, as CUDA graph capture requires
+                model(**self.inputs)  # warm-up on a side stream, as CUDA graph capture requires
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
-                self.output = model.compute(**self.inputs)
+                self.output = model(**self.inputs)
 
     def __call__(self, args: dict) -> torch.Tensor:
         for k, v in args.items():
             if isinstance(v, torch.Tensor):
                 self.inputs[k].copy_(v)
         if self.graph is None:
-            return self.model.compute(**self.inputs)
+            return self.model(**self.inputs)
         self.graph.replay()
         return self.output.clone()
 
@@ -76,25 +77,18 @@ class GraphedModel:
         cache.crop(torch.zeros_like(cache.lengths))
         return cache
 
-    def __call__(self, tokens, positions, mask, cache=None, write_cache=False, adapter=False, logits_index=None):
-        written = self.model.written(write_cache, tokens)
-        if cache is None or not cache.static:
-            return self.model(tokens, positions, mask, cache, write_cache, adapter, logits_index)
-        if written:
-            cache.check_room(positions[:, :written])
-        args = {"tokens": tokens, "positions": positions, "mask": mask, "cache": cache, "write_cache": write_cache,
+    def __call__(self, tokens, positions, mask, cache=None, write=0, adapter=False, logits_index=None):
+        """``TriModel.forward``: replayed from a graph for static caches, eager otherwise."""
+        args = {"tokens": tokens, "positions": positions, "mask": mask, "cache": cache, "write": write,
                 "adapter": adapter, "logits_index": logits_index}
-        key = (tuple(tokens.shape), tuple(mask.shape), id(cache), write_cache,
+        if cache is None or not cache.static:
+            return self.model(**args)
+        key = (tuple(tokens.shape), tuple(mask.shape), id(cache), write,
                "tensor" if isinstance(adapter, torch.Tensor) else adapter,
                None if logits_index is None else tuple(logits_index.shape))
-        if key in self._graphs:
-            logits = self._graphs[key](args)
-        elif key in self._seen:
+        if key not in self._graphs and key in self._seen:
             self._graphs[key] = _Graph(self.model, args, self.capture, self._pool)
-            logits = self._graphs[key](args)
-        else:
-            self._seen.add(key)
-            logits = self.model.compute(**args)
-        if written:
-            cache.commit(positions[:, written - 1] + 1)
-        return logits
+        if key in self._graphs:
+            return self._graphs[key](args)
+        self._seen.add(key)
+        return self.model(**args)

@@ -39,6 +39,7 @@ class ModelConfig:
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
     mask_id: int | None = None
+    block_size: int | None = None  # the block size the diffusion objective was trained with, when known
 
     @staticmethod
     def preset(name: str) -> ModelConfig:
@@ -102,10 +103,29 @@ class Linear(nn.Linear):
         return y
 
 
+@dataclass
+class Pass:
+    """What every layer of one forward shares: built once per forward from its arguments."""
+
+    positions: torch.Tensor  # (B, n) absolute positions of the current tokens
+    mask: torch.Tensor  # (B, 1, n, P + n) over keys [cache[:P] | current tokens]
+    cos: torch.Tensor  # (B, 1, n, head_dim)
+    sin: torch.Tensor  # (B, 1, n, head_dim)
+    q_scale: torch.Tensor | None  # (B, 1, n, 1) Llama-4 query scaling, None when off
+    cache: KVCache | None
+    write: int  # leading current tokens whose keys/values are stored in the cache
+    adapter: bool | torch.Tensor  # which tokens use the LoRA: all, none, or a (B, n) selection
+
+    @property
+    def prefix(self) -> int:
+        """How many cached slots the keys start with."""
+        return self.mask.shape[-1] - self.positions.shape[1]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.index = cfg, index
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.attention_bias)
         self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias)
@@ -115,27 +135,24 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, q_scale, mask, layer: int, cache: KVCache | None, positions, write: bool | int,
-                adapter: bool | torch.Tensor):
-        B, n, _ = x.shape
-        q = self.q_proj(x, adapter).view(B, n, self.n_heads, self.head_dim)  # (B, n, H, D)
-        k = self.k_proj(x, adapter).view(B, n, self.n_kv_heads, self.head_dim)  # (B, n, KV, D)
-        v = self.v_proj(x, adapter).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, n, D)
+    def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        B, n, _ = x.shape  # B: batch rows, n: current tokens
+        q = self.q_proj(x, p.adapter).view(B, n, self.n_heads, self.head_dim)  # (B, n, H, D)
+        k = self.k_proj(x, p.adapter).view(B, n, self.n_kv_heads, self.head_dim)  # (B, n, KV, D)
+        v = self.v_proj(x, p.adapter).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, n, D)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q.transpose(1, 2), cos, sin), rope.apply(k.transpose(1, 2), cos, sin)
-        if q_scale is not None:
-            q = q * q_scale
+        q, k = rope.apply(q.transpose(1, 2), p.cos, p.sin), rope.apply(k.transpose(1, 2), p.cos, p.sin)
+        if p.q_scale is not None:
+            q = q * p.q_scale
         keys, values = k, v
-        prefix = mask.shape[-1] - n  # keys are [cache[:prefix] | current]
-        if prefix:
-            pk, pv = cache.prefix(layer, prefix)  # (B, KV, prefix, D)
+        if p.prefix:
+            pk, pv = p.cache.prefix(self.index, p.prefix)  # (B, KV, P, D)
             keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        if write is not False:
-            w = n if write is True else int(write)
-            cache.write(layer, positions[:, :w], k[:, :, :w], v[:, :, :w])
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], enable_gqa=True)
-        return self.o_proj(o.transpose(1, 2).reshape(B, n, -1), adapter)
+        if p.write:
+            p.cache.write(self.index, p.positions[:, : p.write], k[:, :, : p.write], v[:, :, : p.write])
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.mask, enable_gqa=True)  # (B, H, n, D)
+        return self.o_proj(o.transpose(1, 2).reshape(B, n, -1), p.adapter)
 
 
 class MLP(nn.Module):
@@ -150,24 +167,23 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, q_scale, mask, layer: int, cache, positions, write, adapter):
-        h = self.input_layernorm(x)
-        x = x + self.self_attn(h, cos, sin, q_scale, mask, layer, cache, positions, write, adapter)
-        return x + self.mlp(self.post_attention_layernorm(x), adapter)
+    def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), p)
+        return x + self.mlp(self.post_attention_layernorm(x), p.adapter)
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
 
@@ -195,49 +211,37 @@ class TriModel(nn.Module):
                        static=static)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None = None, write_cache: bool | int = False, adapter: bool | torch.Tensor = False,
+                cache: KVCache | None = None, write: int = 0, adapter: bool | torch.Tensor = False,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (float32) for tokens (B, n) at positions (B, n).
+        """Logits (float32) for tokens (B, n) at positions (B, n). Pure computation: no host
+        synchronisation and no cache bookkeeping (the decoders' ``forward_block`` checks room and
+        commits), so a CUDA graph can capture it as is.
 
         mask: (B, n, P + n) bool over keys [cache[:P] | current tokens] (see ``tridlm.masks``).
-        write_cache: store the current tokens' keys/values in ``cache`` at their positions and commit
-            them (the caller rolls back what it rejects with ``cache.crop``); an int writes only that
-            many leading tokens (whose queries must be causal). Causal tokens only.
+        write: store the keys/values of this many leading tokens in ``cache`` at their positions
+            (their queries must be causal); the cache's committed lengths are left alone.
         adapter: switch on the LoRA adapter, for all tokens or a (B, n) bool selection of them
             (bidirectional queries only, by convention of the decoders).
         logits_index: (B, k) positions within the n tokens whose logits are wanted (default: all).
         """
         if mask.shape[-1] > tokens.shape[1] and cache is None:
             raise ValueError("mask covers cached keys but no cache was given")
-        written = self.written(write_cache, tokens)
-        if written:
-            cache.check_room(positions[:, :written])
-        logits = self.compute(tokens, positions, mask, cache, write_cache, adapter, logits_index)
-        if written:
-            cache.commit(positions[:, written - 1] + 1)
-        return logits
-
-    def compute(self, tokens, positions, mask, cache, write_cache, adapter, logits_index) -> torch.Tensor:
-        """The forward without host synchronisation or cache bookkeeping (what a CUDA graph captures):
-        same arguments as ``forward``; KV writes happen, commits do not."""
         x = self.encoder.embed_tokens(tokens)  # (B, n, dim)
         if positions.device not in self._rope_tables:
             inv_freq, factor = rope.inv_freq_and_attention_factor(self.cfg.rope, self.cfg.head_dim)
             self._rope_tables[positions.device] = inv_freq.to(positions.device), factor
         cos, sin = rope.cos_sin(positions, *self._rope_tables[positions.device], x.dtype)
-        q_scale = rope.query_scale(positions, self.cfg.rope, x.dtype)
+        p = Pass(positions, mask[:, None], cos, sin, rope.query_scale(positions, self.cfg.rope, x.dtype), cache,
+                 write, adapter)
         # cuDNN attention builds a graph per new key length (every decode step): leave it out.
         with sdpa_kernel(_SDPA_BACKENDS):
-            for i, layer in enumerate(self.encoder.layers):
-                x = layer(x, cos, sin, q_scale, mask, i, cache, positions, write_cache, adapter)
+            for layer in self.encoder.layers:
+                x = layer(x, p)
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, k, dim)
+            if isinstance(adapter, torch.Tensor):
+                adapter = adapter.gather(1, logits_index)
         return self.diffusion_head(self.encoder.norm(x), adapter).float()
-
-    @staticmethod
-    def written(write_cache: bool | int, tokens: torch.Tensor) -> int:
-        """How many leading tokens a forward writes to the cache."""
-        return tokens.shape[1] if write_cache is True else int(write_cache)
 
     def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...] = ("o_proj",)) -> None:
         """Attach LoRA adapters to every projection whose name is in ``targets``."""

@@ -31,8 +31,9 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     eos_ids defaults to the model's EOS. Pass your own ``state`` to read per-row results and counts
     (``state.rows``, ``state.stats()``).
     """
-    cfg.validate()
+    cfg = cfg.validate().resolve(model)
     state = state or DecodeState(len(prompts), cfg, _eos(model, eos_ids), detokenize)
+    state.cfg = cfg
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(model.device).manual_seed(cfg.seed)
@@ -44,11 +45,11 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     cache, logits = prefill(model, prompts, max_len)
     state.prefill_s = time.perf_counter() - state.start
     sampler = cfg.sampler
-    seed = sampler.pick(sampler.distribution(logits), generator)  # (B,) first new token
-    for i, t in enumerate(seed.tolist()):
+    pending = sampler.pick(sampler.distribution(logits), generator)  # (B,) first new token, not yet cached
+    for i, t in enumerate(pending.tolist()):
         state.emit(i, [t])
     yield state.flush()
-    yield from DECODERS[cfg.mode](model, cache, seed, state, generator)
+    yield from DECODERS[cfg.mode](model, cache, pending, state, generator)
 
 
 def generate(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,

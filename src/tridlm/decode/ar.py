@@ -12,14 +12,14 @@ from tridlm.decode.common import DecodeState, forward_block
 from tridlm.model import TriModel
 
 
-def ar(model: TriModel, cache: KVCache, seed: torch.Tensor, state: DecodeState,
+def ar(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
        generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
-    """Yield committed tokens per step; ``seed`` (B,) is the last sampled token, not yet cached."""
+    """Yield committed tokens per step; ``pending`` (B,) is the last sampled token, not yet cached."""
     sampler = state.cfg.sampler
     while not state.all_done:
-        logits = forward_block(model, cache, seed[:, None], masks.causal, write=True)  # (B, 1, V)
+        logits = forward_block(model, cache, pending[:, None], masks.causal, write=True)  # (B, 1, V)
         state.count_forward()
-        seed = sampler.pick(sampler.distribution(logits[:, -1]), generator)
-        for i, t in enumerate(seed.tolist()):
+        pending = sampler.pick(sampler.distribution(logits[:, -1]), generator)
+        for i, t in enumerate(pending.tolist()):
             state.emit(i, [t])
         yield state.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -12,6 +13,7 @@ import torch
 
 from tridlm import masks
 from tridlm.cache import KVCache
+from tridlm.device import default_block_size
 from tridlm.model import TriModel
 from tridlm.sampling import Sampler
 from tridlm.tokenizer import stop_index
@@ -25,7 +27,7 @@ class GenerationConfig:
     """Decoding knobs of one request (SPEC 3.5). ``validate`` rejects anything out of range."""
 
     mode: str = "ar"
-    block_size: int = 32
+    block_size: int | None = None  # None: the default for the device, mode and model (``resolve``)
     threshold: float | None = 0.9  # diffusion: commit confidence; None = one token per step
     spec_variant: str = "linear"  # spec: "linear" (draft + verify forwards) | "quadratic" (one forward)
     max_steps_per_block: int | None = None  # diffusion: default block_size
@@ -43,7 +45,7 @@ class GenerationConfig:
             bad("mode", f"expected one of {', '.join(MODES)}")
         if self.spec_variant not in SPEC_VARIANTS:
             bad("spec_variant", f"expected one of {', '.join(SPEC_VARIANTS)}")
-        if not 1 <= self.block_size <= 256:
+        if self.block_size is not None and not 1 <= self.block_size <= 256:
             bad("block_size", "expected an integer in [1, 256]")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             bad("threshold", "expected a probability in [0, 1]")
@@ -60,6 +62,14 @@ class GenerationConfig:
         if any(not s for s in self.stop):
             bad("stop", "stop strings must be non-empty")
         return self
+
+    def resolve(self, model) -> GenerationConfig:
+        """This config with every default filled in for ``model`` (its device and training block size):
+        the one place API, CLI, server and bench get defaults from."""
+        if self.block_size is not None:
+            return self
+        block = default_block_size(model.device, self.mode, self.spec_variant, model.cfg.block_size)
+        return self.replace(block_size=block)
 
     @property
     def sampler(self) -> Sampler:
@@ -161,45 +171,72 @@ class DecodeState:
         return text[: stop_index(text, self.rows[i].stop)]
 
     def stats(self) -> dict:
-        """Counts of the whole call (SPEC 2): NFE after prefill, TPF, and tok/s of generated tokens
-        over the wall time from the request to the last token."""
-        tokens = sum(len(r.tokens) for r in self.rows)
+        """Counts of the whole call (``summarize``), plus the mode and the batch's forward calls."""
         wall = max((r.last_token_s for r in self.rows if r.last_token_s is not None), default=0.0)
-        row_nfe = sum(r.nfe for r in self.rows)
-        firsts = [r.first_token_s for r in self.rows if r.first_token_s is not None]
-        itl = [(r.last_token_s - r.first_token_s) / (len(r.tokens) - 1) for r in self.rows if len(r.tokens) > 1]
-        accepted = [a for r in self.rows for a in r.accepted_lengths]
-        return {
-            "mode": self.cfg.mode,
-            "rows": len(self.rows),
-            "completion_tokens": tokens,
-            "nfe": self.forwards,
-            "tpf": tokens / row_nfe if row_nfe else float(tokens > 0),
-            "prefill_s": self.prefill_s,
-            "ttft_s": min(firsts) if firsts else None,
-            "itl_s": sum(itl) / len(itl) if itl else None,
-            "wall_s": wall,
-            "tok_s": tokens / wall if wall > 0 else 0.0,
-            "accepted_mean": sum(accepted) / len(accepted) if accepted else None,
-            "accepted_hist": dict(sorted(Counter(accepted).items())),
-        }
+        return {"mode": self.cfg.mode, "rows": len(self.rows), "forwards": self.forwards,
+                "prefill_s": self.prefill_s, **summarize(self.rows, wall)}
+
+
+def summarize(rows: Sequence[Row], wall_s: float | None = None) -> dict:
+    """The counts of SPEC 2 over finished rows, computed here only (API, CLI, bench, HTTP usage, metrics).
+
+    NFE counts, per row, the forwards after the prefill while that row was unfinished, summed over rows
+    (for one row: the forward calls; the prefill is not counted, nor is a final commit pass, which
+    tridlm does not run). TPF = completion tokens / NFE, None when no forward ran (a reply that ended
+    with the token sampled from the prefill). TTFT and ITL are medians over rows; tok/s needs the wall
+    time of the rows' call (generated tokens only).
+    """
+    tokens = sum(len(r.tokens) for r in rows)
+    nfe = sum(r.nfe for r in rows)
+    firsts = [r.first_token_s for r in rows if r.first_token_s is not None]
+    itl = [(r.last_token_s - r.first_token_s) / (len(r.tokens) - 1) for r in rows if len(r.tokens) > 1]
+    accepted = [a for r in rows for a in r.accepted_lengths]
+    return {
+        "completion_tokens": tokens,
+        "nfe": nfe,
+        "tpf": tokens / nfe if nfe else None,
+        "ttft_s": statistics.median(firsts) if firsts else None,
+        "itl_s": statistics.median(itl) if itl else None,
+        "wall_s": wall_s,
+        "tok_s": tokens / wall_s if wall_s else None,
+        "accepted_mean": statistics.mean(accepted) if accepted else None,
+        "accepted_hist": dict(sorted(Counter(accepted).items())),
+    }
 
 
 def forward_block(model: TriModel, cache: KVCache, tokens: torch.Tensor, mask_fn, *, write: bool | int = False,
                   adapter: bool | torch.Tensor = False, logits_index: torch.Tensor | None = None,
                   offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward tokens (B, n) placed right after each row's committed cache (at ``offsets`` from it,
-    default 0..n-1)."""
+    """The decoders' one way to run the model: tokens (B, n) placed right after each row's committed
+    cache (at ``offsets`` from it, default 0..n-1), keys [committed cache | tokens] under ``mask_fn``.
+
+    write: commit the keys/values of all tokens (True) or of that many leading ones (their queries must
+    be causal); the room check before and the commit after the forward happen here only.
+    """
     n = tokens.shape[1]
     offsets = torch.arange(n, device=tokens.device) if offsets is None else offsets
     positions = cache.lengths[:, None] + offsets  # (B, n)
     mask = mask_fn(cache.lengths, n, cache.attended)
-    return model(tokens, positions, mask, cache, write_cache=write, adapter=adapter, logits_index=logits_index)
+    written = n if write is True else int(write)
+    if written:
+        cache.check_room(positions[:, :written])
+    logits = model(tokens, positions, mask, cache, write=written, adapter=adapter, logits_index=logits_index)
+    if written:
+        cache.commit(positions[:, written - 1] + 1)
+    return logits
 
 
-def masked_block(seed: torch.Tensor, n: int, mask_id: int | None) -> torch.Tensor:
-    """The block [seed, MASK x (n-1)] per row, (B, n), that diffusion and spec drafting start from."""
-    block = seed[:, None].repeat(1, n)
+def unmasking_distribution(sampler: Sampler, logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """What a bidirectional prediction samples from (diffusion denoising, spec drafting): the sampler's
+    distribution with the MASK token excluded, so a masked position is never filled with MASK."""
+    return sampler.distribution(logits.index_fill(-1, torch.tensor([mask_id], device=logits.device),
+                                                  float("-inf")))
+
+
+def masked_block(pending: torch.Tensor, n: int, mask_id: int | None) -> torch.Tensor:
+    """The block [pending, MASK x (n-1)] per row, (B, n), that diffusion and spec drafting start from;
+    ``pending`` (B,) is the last sampled token, not yet in the cache."""
+    block = pending[:, None].repeat(1, n)
     if n > 1:
         if mask_id is None:
             raise ValueError("block sizes above 1 need a model with a mask token (config mask_id)")

@@ -1,7 +1,8 @@
 """Block diffusion with confidence-threshold parallel unmasking (SPEC 3.2).
 
-Each block [seed, MASK x (n-1)] is denoised by bidirectional forwards over the read-only cache,
-committing the most confident positions, then one causal pass writes its KV and predicts the next seed.
+Each block [pending token, MASK x (n-1)] is denoised by bidirectional forwards over the read-only cache,
+committing the most confident positions (never the MASK token itself), then one causal pass writes
+its KV and predicts the next block's first token.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import torch
 
 from tridlm import masks, unmask
 from tridlm.cache import KVCache
-from tridlm.decode.common import DecodeState, forward_block, masked_block
+from tridlm.decode.common import DecodeState, forward_block, masked_block, unmasking_distribution
 from tridlm.model import TriModel
 
 
-def diffusion(model: TriModel, cache: KVCache, seed: torch.Tensor, state: DecodeState,
+def diffusion(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
               generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield tokens as they become committed in order (never a mask), block by block."""
     cfg, sampler = state.cfg, state.cfg.sampler
@@ -24,14 +25,15 @@ def diffusion(model: TriModel, cache: KVCache, seed: torch.Tensor, state: Decode
     max_steps = cfg.max_steps_per_block or n
     select = unmask.rule_for(cfg.threshold)
     while not state.all_done:
-        block = masked_block(seed, n, model.cfg.mask_id)  # (B, n)
+        block = masked_block(pending, n, model.cfg.mask_id)  # (B, n)
         masked = torch.zeros_like(block, dtype=torch.bool)
         masked[:, 1:] = True
-        emitted = [1] * len(block)  # the seed was emitted when it was sampled
+        emitted = [1] * len(block)  # the pending token was emitted when it was sampled
         for step in range(max_steps):
             if not (masked & state.active(block.device)[:, None]).any():
                 break
-            probs = sampler.distribution(forward_block(model, cache, block, masks.bidirectional, adapter=True))
+            logits = forward_block(model, cache, block, masks.bidirectional, adapter=True)
+            probs = unmasking_distribution(sampler, logits, model.cfg.mask_id)
             state.count_forward()
             pred = sampler.pick(probs, generator)  # (B, n): logit i predicts token i, no shift
             conf = probs.gather(-1, pred[..., None])[..., 0]
@@ -49,7 +51,7 @@ def diffusion(model: TriModel, cache: KVCache, seed: torch.Tensor, state: Decode
         logits = forward_block(model, cache, block, masks.causal, write=True,
                                logits_index=torch.full((len(block), 1), n - 1, device=block.device))
         state.count_forward()
-        seed = sampler.pick(sampler.distribution(logits[:, 0]), generator)
-        for i, t in enumerate(seed.tolist()):
+        pending = sampler.pick(sampler.distribution(logits[:, 0]), generator)
+        for i, t in enumerate(pending.tolist()):
             state.emit(i, [t])
         yield state.flush()

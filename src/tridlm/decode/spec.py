@@ -13,14 +13,14 @@ import torch
 
 from tridlm import masks
 from tridlm.cache import KVCache
-from tridlm.decode.common import DecodeState, forward_block, masked_block
+from tridlm.decode.common import DecodeState, forward_block, masked_block, unmasking_distribution
 from tridlm.model import TriModel
 from tridlm.sampling import Sampler, draw
 
 
 def accept(block: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, sampler: Sampler,
            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accepted draft count k (B,) and bonus token (B,) for a block [seed, draft_1..draft_{n-1}].
+    """Accepted draft count k (B,) and bonus token (B,) for a block [pending, draft_1..draft_{n-1}].
 
     p: (B, n, V) verifier distributions, p[:, i] for the token after block[:, :i+1].
     q: (B, n, V) draft distributions, q[:, i] the one block[:, i] was drawn from (None when n == 1).
@@ -47,28 +47,31 @@ def accept(block: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, sampler
     return k, draw(target, generator)
 
 
-def spec(model: TriModel, cache: KVCache, seed: torch.Tensor, state: DecodeState,
+def spec(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
          generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
-    """Yield the tokens of each draft+verify cycle (accepted drafts + bonus) per row."""
+    """Yield the tokens of each draft+verify cycle (accepted drafts + bonus) per row; ``pending`` (B,)
+    is the last sampled token, not yet cached."""
     if state.cfg.spec_variant == "quadratic" and state.cfg.block_size > 1:
-        yield from spec_quadratic(model, cache, seed, state, generator)
+        yield from spec_quadratic(model, cache, pending, state, generator)
         return
     while not state.all_done:
         start = cache.lengths
-        block, q = draft(model, cache, seed, state, generator)
+        block, q = draft(model, cache, pending, state, generator)
         p = state.cfg.sampler.distribution(forward_block(model, cache, block, masks.causal, write=True))
         state.count_forward()
-        seed, _ = settle(cache, state, start, block, p, q, generator)
+        pending, _ = settle(cache, state, start, block, p, q, generator)
         yield state.flush()
 
 
-def draft(model, cache, seed, state, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[seed, drafts...] (B, n) from one bidirectional pass over [seed, MASK...], and their distributions."""
+def draft(model, cache, pending, state, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[pending, drafts...] (B, n) from one bidirectional pass over [pending, MASK...], and the
+    distributions the drafts were drawn from (MASK excluded)."""
     sampler = state.cfg.sampler
-    block = masked_block(seed, state.cfg.block_size, model.cfg.mask_id)  # (B, n)
+    block = masked_block(pending, state.cfg.block_size, model.cfg.mask_id)  # (B, n)
     if block.shape[1] == 1:
         return block, None
-    q = sampler.distribution(forward_block(model, cache, block, masks.bidirectional, adapter=True))
+    logits = forward_block(model, cache, block, masks.bidirectional, adapter=True)
+    q = unmasking_distribution(sampler, logits, model.cfg.mask_id)
     state.count_forward()
     block[:, 1:] = sampler.pick(q[:, 1:], generator)
     return block, q
@@ -78,7 +81,8 @@ def settle(cache, state, start, block, p, q, generator) -> tuple[torch.Tensor, t
     """Accept a prefix of the drafts, keep its KV, emit it with the bonus token.
     Returns (bonus token, accepted draft count) per row."""
     k, bonus = accept(block, p, q, state.cfg.sampler, generator)
-    # Keep the seed and the accepted drafts (the bonus is the next seed); finished rows stay put.
+    # Keep the pending token and the accepted drafts (the bonus is the next pending token); finished
+    # rows stay put.
     cache.crop(torch.where(state.active(k.device), start + k + 1, start))
     for i, (n_ok, b) in enumerate(zip(k.tolist(), bonus.tolist())):
         if not state.rows[i].done:
@@ -87,25 +91,26 @@ def settle(cache, state, start, block, p, q, generator) -> tuple[torch.Tensor, t
     return bonus, k
 
 
-def spec_quadratic(model: TriModel, cache: KVCache, seed: torch.Tensor, state: DecodeState,
+def spec_quadratic(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
                    generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
     """Quadratic self-speculation (SPEC 3.4): one forward per cycle verifies the current drafts and,
     for every possible number of accepted drafts, drafts the block after it."""
     n, sampler = state.cfg.block_size, state.cfg.sampler
-    rows = len(seed)
-    offsets = masks.quadratic_offsets(n, seed.device)
+    rows = len(pending)
+    offsets = masks.quadratic_offsets(n, pending.device)
     mask_fn = functools.partial(masks.quadratic, block=n)
-    mask_rows = (torch.arange(n * (n + 1), device=seed.device) >= n).expand(rows, -1)  # adapter on MASK rows
-    block, q = draft(model, cache, seed, state, generator)  # the first cycle's drafts: one linear pass
+    mask_rows = (torch.arange(n * (n + 1), device=pending.device) >= n).expand(rows, -1)  # adapter on MASK rows
+    block, q = draft(model, cache, pending, state, generator)  # the first cycle's drafts: one linear pass
     while not state.all_done:
         start = cache.lengths
         tokens = torch.cat([block, torch.full((rows, n * n), model.cfg.mask_id, device=block.device)], dim=1)
-        dist = sampler.distribution(forward_block(model, cache, tokens, mask_fn, write=n, adapter=mask_rows,
-                                                  offsets=offsets))  # (B, n(n+1), V)
+        logits = forward_block(model, cache, tokens, mask_fn, write=n, adapter=mask_rows, offsets=offsets)
         state.count_forward()
-        bonus, k = settle(cache, state, start, block, dist[:, :n], q, generator)
+        p = sampler.distribution(logits[:, :n])  # (B, n, V): the verifying draft rows
+        bonus, k = settle(cache, state, start, block, p, q, generator)
         # Sub-block k (k drafts accepted) drafted positions bonus, bonus+1, ...: its row 0 stands where
         # the bonus now is, rows 1.. are the next drafts.
-        q = dist[:, n:].view(rows, n, n, -1)[torch.arange(rows, device=block.device), k]
+        chosen = logits[:, n:].view(rows, n, n, -1)[torch.arange(rows, device=block.device), k]  # (B, n, V)
+        q = unmasking_distribution(sampler, chosen, model.cfg.mask_id)
         block = torch.cat([bonus[:, None], sampler.pick(q[:, 1:], generator)], dim=1)
         yield state.flush()

@@ -110,7 +110,7 @@ def diffusion_loss(model: TriModel | torch.nn.Module, x0: torch.Tensor, noised: 
     positions = torch.arange(L, device=device).expand(B, -1)
     cache = net.new_cache(B, L)
     with torch.no_grad():
-        net(x0, positions, masks.causal(cache.lengths, L, 0), cache, write_cache=True,
+        net(x0, positions, masks.causal(cache.lengths, L, 0), cache, write=L,
             logits_index=torch.zeros(B, 0, dtype=torch.long, device=device))
     both = dual_stream(L, block, device)
     mask = torch.cat([both[:L, L:], both[:L, :L]], dim=1).expand(B, -1, -1)  # keys [cached x_0 | x_t]
