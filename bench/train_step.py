@@ -2,9 +2,9 @@
 with the shipped adapter's training settings (batch 8 x 256, block 8, LoRA rank 8 on all projections,
 bf16 autocast), alternating in one process."""
 import time, torch
-from tridlm.gguf_file import load_default
+from tridlm import default_model
 from tridlm.train.objective import add_noise, joint_loss, diffusion_loss
-model, tok = load_default(adapter=False)
+model, tok = default_model.load(adapter=False)
 model.add_lora(8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 for n, p in model.named_parameters(): p.requires_grad_("lora_" in n)
 g = torch.Generator().manual_seed(0)

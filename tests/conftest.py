@@ -47,10 +47,10 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="session")
 def default_model():
-    from tridlm.gguf_file import load_default
+    from tridlm import default_model
 
     torch.manual_seed(0)
-    return load_default()
+    return default_model.load()
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +58,9 @@ def hf_reference():
     """transformers' own GGUF loader and tokenizer on the same file: independent dequantization,
     q/k un-permutation, tokenizer conversion and Llama forward."""
     transformers = pytest.importorskip("transformers")
-    from tridlm.gguf_file import default_gguf_path
+    from tridlm import default_model
 
-    path = default_gguf_path()
+    path = default_model.gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval(), tokenizer

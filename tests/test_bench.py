@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tridlm import bench
+from tridlm import bench, plots
 from tridlm.decode import GenerationConfig
 
 
@@ -28,7 +28,7 @@ def test_bench_on_tiny_model(tiny_model, char_tokenizer, tmp_path):
     assert ar["gen_ppl"] > 1.0 and set(report["sweep_ms"]) == set(bench.SWEEP)
     text = bench.table(report)
     assert "spec B=4" in text and "forward of n new tokens" in text
-    paths = bench.plots(report, tmp_path / "b")
+    paths = plots.bench(report, tmp_path / "b")
     assert all(p.stat().st_size > 1000 for p in paths) and len(paths) == 3
     json.dumps(report)
 

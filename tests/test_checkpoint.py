@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from tridlm import checkpoint, masks
 from tridlm.checkpoint import CheckpointError
 from tridlm.cli import main
+from tridlm.loading import convert
 from tridlm.model import random_model
 
 transformers = pytest.importorskip("transformers")
@@ -63,10 +65,11 @@ def test_hf_checkpoint_matches_transformers(tmp_path, char_tokenizer, name):
 def test_nld_round_trip_is_exact(tmp_path, char_tokenizer, shard_bytes):
     _, directory = hf_dir(tmp_path, "ministral3", char_tokenizer)
     model, tok = checkpoint.load(directory)
-    checkpoint.save(tmp_path / "nld", model, tok, block_size=16, max_shard_bytes=shard_bytes)
+    model.cfg = replace(model.cfg, block_size=16)
+    checkpoint.save(tmp_path / "nld", model, tok, max_shard_bytes=shard_bytes)
     config = json.loads((tmp_path / "nld" / "config.json").read_text())
     assert config["architectures"] == ["NemotronLabsDiffusionModel"] and config["mask_token_id"] == 3
-    assert config["rope_scaling"]["llama_4_scaling_beta"] == 0.1 and config["block_size"] == 16
+    assert config["rope_parameters"]["llama_4_scaling_beta"] == 0.1 and config["block_size"] == 16
     shards = sorted(p.name for p in (tmp_path / "nld").glob("*.safetensors"))
     assert (len(shards) > 1) == (shard_bytes < 2**20)
     assert (tmp_path / "nld" / "model.safetensors.index.json").is_file() == (len(shards) > 1)
@@ -131,11 +134,11 @@ def test_convert_can_add_a_mask_token(tmp_path, char_tokenizer, capsys):
     torch.testing.assert_close(emb[52], before.encoder.embed_tokens.weight.mean(0))
 
 
-def test_gguf_convert_round_trip(tmp_path, default_model, capsys):
-    from tridlm.gguf_file import default_gguf_path
+@pytest.mark.slow
+def test_gguf_convert_round_trip(tmp_path, default_model):
+    from tridlm import default_model as default
 
-    main(["convert", str(default_gguf_path()), str(tmp_path / "smol"), "--dtype", "float32", "--shard-gb", "0.2"])
-    capsys.readouterr()
+    convert(default.gguf_path(), tmp_path / "smol", dtype="float32", shard_gb=0.2)
     model, _ = default_model
     converted, _ = checkpoint.load(tmp_path / "smol")
     assert len(list((tmp_path / "smol").glob("model-*.safetensors"))) > 1
@@ -183,8 +186,8 @@ def test_config_disagreeing_with_weights_is_named(sharded):
 
 @pytest.mark.parametrize("changes,message", [
     ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
-    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "unsupported rope type 'longrope'"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "need original_max_position_embeddings"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0}}, "unsupported rope type 'longrope'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "need original_max_position_embeddings"),
     ({"hidden_size": None}, "missing field 'hidden_size'|hidden_size"),
 ])
 def test_bad_config_is_a_clear_error(sharded, changes, message):
@@ -218,8 +221,6 @@ def test_cli_reports_bad_checkpoint_in_one_line(sharded):
 
 @torch.no_grad()
 def test_add_mask_token_grows_a_full_vocabulary(tiny_model, char_tokenizer):
-    from dataclasses import replace
-
     small = random_model(replace(tiny_model.cfg, vocab_size=52, tie_embeddings=True), seed=1)
     tok = replace(char_tokenizer, backend=type(char_tokenizer.backend).from_str(char_tokenizer.backend.to_str()))
     grown = checkpoint.add_mask_token(small, tok)
@@ -231,15 +232,14 @@ def test_add_mask_token_grows_a_full_vocabulary(tiny_model, char_tokenizer):
 def test_synthetic_nld_checkpoint_end_to_end(tmp_path, tiny_cfg, char_tokenizer, capsys):
     """An NLD-format model with yarn + Llama-4 query scaling and a draft adapter, generated here,
     decodes in all three modes through the CLI past original_max_position_embeddings."""
-    from dataclasses import replace
-
     from tridlm.rope import RopeConfig
 
     cfg = replace(tiny_cfg, rope=RopeConfig(theta=1e6, type="yarn", factor=16.0, original_max_position_embeddings=16,
                                             mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))
     model = random_model(cfg, seed=9, std=0.3)
     model.add_lora(rank=2, alpha=4)
-    checkpoint.save(tmp_path / "nld", model, char_tokenizer, block_size=4)
+    model.cfg = replace(model.cfg, block_size=4)
+    checkpoint.save(tmp_path / "nld", model, char_tokenizer)
     tokens = {}
     for mode in ("ar", "diffusion", "spec"):
         main(["generate", "hello", "--model", str(tmp_path / "nld"), "--mode", mode, "--block-size", "4",
@@ -248,3 +248,61 @@ def test_synthetic_nld_checkpoint_end_to_end(tmp_path, tiny_cfg, char_tokenizer,
         tokens[mode] = out["tokens"]
         assert out["mode"] == mode and out["nfe"] >= 1
     assert tokens["spec"] == tokens["ar"] and len(tokens["ar"]) > 16
+
+
+# ------------------------------------------------------------------------- interop with NVIDIA's reader
+
+def reference_rope(config: dict) -> dict:
+    """RoPE settings as NVIDIA's NLD configuration class sees them under transformers 5.0 (the version its
+    configs name): only the ``rope_parameters`` object counts (a top-level ``rope_theta`` does not), its
+    theta defaulting to 10000, and a ``rope_scaling`` key would replace the object (an alias in v5)."""
+    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    params.setdefault("rope_theta", 10000.0)
+    params.setdefault("rope_type", "default")
+    return params
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["ministral3", "llama"])
+def test_converted_config_reads_right_in_nvidias_layout(tmp_path, char_tokenizer, name):
+    """Every RoPE field of a converted model, as NVIDIA's class reads it, equals ours; transformers 5's own
+    RoPE initialisation of that config gives our frequencies and attention factor."""
+    from transformers.configuration_utils import PretrainedConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tridlm.rope import RopeConfig, inv_freq_and_attention_factor
+
+    hf, directory = hf_dir(tmp_path, name, char_tokenizer)
+    hf.config.save_pretrained(directory)  # theta 1e6 for both: the value the old layout lost
+    data = json.loads((directory / "config.json").read_text())
+    data.setdefault("rope_parameters", {})["rope_theta"] = 1e6
+    (directory / "config.json").write_text(json.dumps(data))
+    convert(directory, tmp_path / "nld", dtype="float32")
+    model, _ = checkpoint.load(tmp_path / "nld")
+    config = json.loads((tmp_path / "nld" / "config.json").read_text())
+    assert "rope_scaling" not in config
+    seen, ours = reference_rope(config), model.cfg.rope
+    assert seen["rope_theta"] == ours.theta == 1e6 and seen["rope_type"] == ours.type == (
+        "yarn" if name == "ministral3" else "default")
+    fields = {k: v for k, v in seen.items() if k not in ("rope_theta", "rope_type")}
+    assert RopeConfig(theta=seen["rope_theta"], type=seen["rope_type"], **fields) == ours  # every field
+    if ours.type == "yarn":
+        hf_config = PretrainedConfig(**{**config, "architectures": None})
+        inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+        want_freq, want_factor = inv_freq_and_attention_factor(ours, model.cfg.head_dim)
+        torch.testing.assert_close(inv_freq.float(), want_freq)
+        assert factor == pytest.approx(want_factor)
+
+
+def test_block_size_round_trips_and_bounds_the_decoding_default(tmp_path, char_tokenizer):
+    from tridlm.decode import GenerationConfig
+
+    _, directory = hf_dir(tmp_path, "llama", char_tokenizer)
+    convert(directory, tmp_path / "b2", dtype="float32", block_size=2)
+    model, _ = checkpoint.load(tmp_path / "b2")
+    assert json.loads((tmp_path / "b2" / "config.json").read_text())["block_size"] == 2 == model.cfg.block_size
+    assert GenerationConfig(mode="spec").resolve(model).block_size == 2  # the device default would be larger
+    convert(tmp_path / "b2", tmp_path / "again", dtype="float32")  # kept when not given again
+    assert checkpoint.load(tmp_path / "again")[0].cfg.block_size == 2
+    plain, _ = checkpoint.load(directory)  # an AR checkpoint has none: the device default applies
+    assert plain.cfg.block_size is None and GenerationConfig(mode="spec").resolve(plain).block_size > 2

@@ -239,3 +239,37 @@ def test_blocks_need_a_mask_token(mode):
     with pytest.raises(ValueError, match="need a model with a mask token"):
         generate(model, [[5, 6]], GREEDY.replace(mode=mode, block_size=4))
     assert len(generate(model, [[5, 6]], GREEDY.replace(mode=mode, block_size=1)).rows[0].tokens) == 40
+
+
+@pytest.fixture
+def mask_loving_model(tiny_cfg):
+    """A model whose bidirectional (adapter) passes put almost all mass on the MASK token and whose causal
+    passes never predict it (so any MASK in an output came from a bidirectional prediction)."""
+    model = random_model(tiny_cfg, seed=6, std=0.3)
+    boost = torch.zeros(tiny_cfg.vocab_size)
+    boost[tiny_cfg.mask_id] = 50.0
+
+    def hook(module, args, out):
+        adapter = torch.as_tensor(args[1] if len(args) > 1 else False).float()
+        sign = 2 * (adapter[..., None] if adapter.dim() else adapter) - 1  # +1 on adapter rows, -1 on causal ones
+        return out + boost * sign
+
+    model.diffusion_head.register_forward_hook(hook)
+    return model
+
+
+def test_mask_token_is_never_emitted_from_a_bidirectional_prediction(mask_loving_model, tiny_cfg, prompts):
+    mask_id = tiny_cfg.mask_id
+    x = torch.tensor([[5, mask_id, mask_id, mask_id]])
+    logits = mask_loving_model(x, torch.arange(4)[None], masks.bidirectional(torch.zeros(1, dtype=torch.long), 4, 0),
+                               adapter=True)
+    assert (logits.argmax(-1) == mask_id).all()  # without the exclusion every masked slot would stay MASK
+    ar = tokens(generate(mask_loving_model, prompts, GREEDY, eos_ids=[]))
+    assert all(mask_id not in row for row in ar)
+    for cfg in (GREEDY.replace(mode="diffusion", block_size=4), GREEDY.replace(mode="diffusion", block_size=4,
+                                                                                temperature=1.0, seed=3)):
+        out = tokens(generate(mask_loving_model, prompts, cfg, eos_ids=[]))
+        assert all(mask_id not in row for row in out) and all(len(row) == 40 for row in out)
+    for variant in ("linear", "quadratic"):
+        cfg = GREEDY.replace(mode="spec", spec_variant=variant, block_size=4)
+        assert tokens(generate(mask_loving_model, prompts, cfg, eos_ids=[])) == ar

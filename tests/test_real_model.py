@@ -75,11 +75,11 @@ def test_shipped_draft_adapter_is_attached_and_drafts_better(default_model):
     """The default model carries the shipped adapter (AR untouched: test_real_model's parity tests run
     with it attached); its drafts are accepted more often than the bare model's."""
     from tridlm import checkpoint
-    from tridlm.gguf_file import default_adapter_dir, load_default
+    from tridlm import default_model as default
 
     model, tok = default_model
-    assert checkpoint.has_adapter(model) and (default_adapter_dir() / "adapter_model.safetensors").is_file()
-    bare, _ = load_default(adapter=False)
+    assert checkpoint.has_adapter(model) and (default.adapter_dir() / "adapter_model.safetensors").is_file()
+    bare, _ = default.load(adapter=False)
     assert not checkpoint.has_adapter(bare)
     prompts = [tok.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
     cfg = GenerationConfig(mode="spec", block_size=8, max_tokens=32)

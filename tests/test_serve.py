@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tridlm.decode import GenerationConfig, generate  # noqa: E402
-from tridlm.device import default_block_size  # noqa: E402
 from tridlm.serve.app import ServerConfig, create_app  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -37,7 +36,7 @@ def running(model, tokenizer, **config):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(model, tokenizer, ServerConfig(model_name="tiny", **config))
+    app = create_app(model, tokenizer, ServerConfig(served_model_name="tiny", **config))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -64,11 +63,10 @@ def client(server):
 
 
 def expected(model, tokenizer, text, chat=False, **knobs):
-    """The library's own greedy result for one prompt: what the server must return (at the device's
-    default block size for the mode unless the knobs name one)."""
+    """The library's own greedy result for one prompt: what the server must return (both take their
+    defaults from ``GenerationConfig.resolve``)."""
     ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
-    block = default_block_size(model.device, knobs.get("mode", "ar"), knobs.get("spec_variant", "linear"))
-    cfg = GenerationConfig(block_size=block, max_tokens=24).replace(**knobs)
+    cfg = GenerationConfig(max_tokens=24).replace(**knobs)
     state = generate(model, [ids], cfg, detokenize=tokenizer.decode)
     return state.text(0), state.rows[0]
 

@@ -201,7 +201,8 @@ def test_eval_draft_snapshots_give_the_acceptance_curve(corpus, tok, tiny_cfg, t
 
 def test_adapter_flag_and_export(tmp_path, tok, tiny_model, capsys):
     """--adapter DIR attaches that adapter, --adapter none drops the model's own, export-adapter casts."""
-    from tridlm.cli import load_model, main
+    from tridlm.cli import main
+    from tridlm.loading import open_model
 
     with_adapter = random_model(tiny_model.cfg, seed=5, std=0.3)
     with_adapter.add_lora(rank=2, alpha=4, targets=("q_proj",))
@@ -210,11 +211,11 @@ def test_adapter_flag_and_export(tmp_path, tok, tiny_model, capsys):
             p.data.normal_(0, 0.1)
     ckpt = tmp_path / "tiny"
     checkpoint.save(ckpt, with_adapter, tok)
-    assert checkpoint.has_adapter(load_model(str(ckpt), torch.float32)[0])
-    assert not checkpoint.has_adapter(load_model(str(ckpt), torch.float32, adapter="none")[0])
+    assert checkpoint.has_adapter(open_model(ckpt)[0])
+    assert not checkpoint.has_adapter(open_model(ckpt, adapter="none")[0])
     main(["export-adapter", str(tmp_path / "exported"), "--model", str(ckpt)])
     assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
-    model, _ = load_model(str(ckpt), torch.float32, adapter=str(tmp_path / "exported"))
+    model, _ = open_model(ckpt, adapter=tmp_path / "exported")
     got = model.encoder.layers[0].self_attn.q_proj.lora_b
     want = with_adapter.encoder.layers[0].self_attn.q_proj.lora_b
     assert got.dtype == torch.float32 and torch.equal(got, want.bfloat16().float())

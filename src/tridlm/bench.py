@@ -23,19 +23,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tridlm import masks
-from tridlm.decode import DecodeState, GenerationConfig, stream
+from tridlm import checkpoint, masks, plots
+from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, Row, generate
+from tridlm.decode import summarize as decode_summary
 from tridlm.decode.common import forward_block, prefill
+
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
+BASELINES = ("hf", "hf-lookup")
 HUMANEVAL_PROMPT = ("Complete the following Python function. Answer with the whole function in a Python code "
                     "block.\n\n```python\n{prompt}```")
 
@@ -80,15 +82,6 @@ def grid(modes, block_sizes, thresholds, temperatures, batch_sizes, max_tokens: 
     return out
 
 
-@dataclass
-class Output:
-    tokens: list[int]
-    nfe: int
-    ttft_s: float | None
-    itl_s: float | None
-    accepted: list[int] = field(default_factory=list)
-
-
 def load_prompts(path: Path | None, tokenizer: Tokenizer) -> list[list[int]]:
     """A JSONL prompt set: each line {"messages": [...]} (chat template applied) or {"prompt": "..."}.
     Default: the packaged set of 12 short chat requests."""
@@ -112,19 +105,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-@torch.inference_mode()
-def run_tridlm(model: TriModel, prompts: list[list[int]], s: Setting) -> list[Output]:
-    outs = []
+def run_tridlm(model: TriModel, prompts: list[list[int]], s: Setting) -> list[Row]:
+    """Every prompt decoded by ``generate``, ``s.batch_size`` at a time; one finished row per prompt."""
+    rows = []
     for i in range(0, len(prompts), s.batch_size):
-        batch = prompts[i : i + s.batch_size]
-        state = DecodeState(len(batch), s.gen, model.cfg.eos_ids, None)
-        for _ in stream(model, batch, s.gen, state=state):
-            pass
+        rows += generate(model, prompts[i : i + s.batch_size], s.gen).rows
         _sync(model.device)
-        for r in state.rows:
-            itl = (r.last_token_s - r.first_token_s) / (len(r.tokens) - 1) if len(r.tokens) > 1 else None
-            outs.append(Output(r.tokens, r.nfe, r.first_token_s, itl, r.accepted_lengths))
-    return outs
+    return rows
 
 
 class _HFCounter:
@@ -151,7 +138,7 @@ class _HFCounter:
 
 
 @torch.inference_mode()
-def run_hf(hf, counter: _HFCounter, prompts: list[list[int]], s: Setting, eos_ids) -> list[Output]:
+def run_hf(hf, counter: _HFCounter, prompts: list[list[int]], s: Setting, eos_ids) -> list[Row]:
     outs = []
     for p in prompts:
         x = torch.tensor([p], device=hf.device)
@@ -167,13 +154,13 @@ def run_hf(hf, counter: _HFCounter, prompts: list[list[int]], s: Setting, eos_id
         if eos_ids and tokens and tokens[-1] in eos_ids:  # drop padding after EOS (batch of one: none)
             tokens = tokens[: tokens.index(tokens[-1]) + 1]
         first = counter.first - t if counter.first else None
-        itl = (end - counter.first) / (len(tokens) - 1) if counter.first and len(tokens) > 1 else None
-        outs.append(Output(tokens, counter.calls - 1, first, itl))
+        outs.append(Row(s.gen.max_tokens, tokens=tokens, nfe=counter.calls - 1, first_token_s=first,
+                        last_token_s=end - t))
     return outs
 
 
 @torch.inference_mode()
-def generative_perplexity(model: TriModel, prompts: list[list[int]], outputs: list[Output]) -> float | None:
+def generative_perplexity(model: TriModel, prompts: list[list[int]], outputs: list[Row]) -> float | None:
     """exp(mean NLL) of generated tokens under the AR model (causal passes, adapter off)."""
     nll, count = 0.0, 0
     for p, o in zip(prompts, outputs):
@@ -256,7 +243,7 @@ class Bench:
     def run(self) -> dict:
         counter = _HFCounter(self.hf) if self.hf is not None else None
         results = {s.name: {"setting": _describe(s), "walls": [], "peak_mem_mb": None} for s in self.settings}
-        outputs: dict[str, list[Output]] = {}
+        outputs: dict[str, list[Row]] = {}
         self.log(f"warm-up ({len(self.settings)} settings)")
         for s in self.settings:
             self._run(s, self.prompts[:1], counter, max_tokens=8)
@@ -286,14 +273,14 @@ class Bench:
             report["sweep_ms"] = latency_sweep(self.model, context)
         return report
 
-    def _run(self, s: Setting, prompts, counter, max_tokens: int | None = None) -> list[Output]:
+    def _run(self, s: Setting, prompts, counter, max_tokens: int | None = None) -> list[Row]:
         if max_tokens is not None:
             s = dataclasses.replace(s, gen=s.gen.replace(max_tokens=max_tokens))
         if s.engine == "tridlm":
             return run_tridlm(self.model, prompts, s)
         return run_hf(self.hf, counter, prompts, s, self.model.cfg.eos_ids)
 
-    def _summarize(self, s: Setting, outs: list[Output], reference: list[Output] | None) -> dict:
+    def _summarize(self, s: Setting, outs: list[Row], reference: list[Row] | None) -> dict:
         return summarize(self.model, self.prompts, outs, reference if s.gen.temperature == 0 else None)
 
     def _humaneval(self, counter) -> dict:
@@ -305,9 +292,8 @@ class Bench:
             outs = self._run(s, prompts, counter)
             texts = [self.tokenizer.decode(o.tokens) for o in outs]
             passed = sum(passes(p, t) for p, t in zip(problems, texts))
-            tokens, nfe = sum(len(o.tokens) for o in outs), sum(o.nfe for o in outs)
-            out[s.name] = {"pass@1": passed / len(problems), "passed": passed, "tpf": tokens / nfe if nfe else None}
-            self.log(f"  humaneval {s.name:<24} {passed}/{len(problems)} passed, TPF {out[s.name]['tpf']:.2f}")
+            out[s.name] = {"pass@1": passed / len(problems), "passed": passed, "tpf": decode_summary(outs)["tpf"]}
+            self.log(f"  humaneval {s.name:<24} {passed}/{len(problems)} passed, TPF {_fmt(out[s.name]['tpf'], '.2f')}")
         return out
 
 
@@ -327,19 +313,15 @@ def finalize(report: dict) -> dict:
     return report
 
 
-def summarize(model: TriModel, prompts: list[list[int]], outs: list[Output],
-              reference: list[Output] | None = None) -> dict:
-    """Tokens, NFE, TPF, latencies, accepted lengths and generative perplexity under the AR model of one
-    setting's outputs; with a (greedy) reference, the share of prompts whose tokens equal it."""
-    tokens = sum(len(o.tokens) for o in outs)
-    nfe = sum(o.nfe for o in outs)
-    accepted = [a for o in outs for a in o.accepted]
+def summarize(model: TriModel, prompts: list[list[int]], outs: list[Row], reference: list[Row] | None = None) -> dict:
+    """One setting's counts (``tridlm.decode.summarize``: tokens, NFE, TPF, TTFT, ITL, accepted lengths) and
+    generative perplexity under the AR model; with a (greedy) reference, the share of prompts whose tokens
+    equal it."""
+    counts = decode_summary(outs)
     summary = {
-        "tokens": tokens, "nfe": nfe, "tpf": tokens / nfe if nfe else None,
-        "ttft_ms": _median([o.ttft_s * 1e3 for o in outs if o.ttft_s is not None]),
-        "itl_ms": _median([o.itl_s * 1e3 for o in outs if o.itl_s is not None]),
-        "accepted_mean": statistics.mean(accepted) if accepted else None,
-        "accepted_hist": dict(sorted(Counter(accepted).items())),
+        "tokens": counts["completion_tokens"], "nfe": counts["nfe"], "tpf": counts["tpf"],
+        "ttft_ms": _ms(counts["ttft_s"]), "itl_ms": _ms(counts["itl_s"]),
+        "accepted_mean": counts["accepted_mean"], "accepted_hist": counts["accepted_hist"],
         "gen_ppl": generative_perplexity(model, prompts, outs),
     }
     if reference is not None:
@@ -353,27 +335,6 @@ def eval_draft(model: TriModel, prompts: list[list[int]], settings: list[Setting
     return {s.name: summarize(model, prompts, run_tridlm(model, prompts, s)) for s in settings}
 
 
-def plot_curve(curve: list[dict], path: Path) -> None:
-    """Mean accepted length per spec setting vs training tokens, from ``eval-draft --snapshots``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    names = [n for n, r in curve[0].items() if isinstance(r, dict) and r.get("accepted_mean")]
-    for n in names:
-        ax.plot([c["tokens"] / 1e6 for c in curve], [c[n]["accepted_mean"] for c in curve], marker="o", label=n)
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("mean tokens per draft+verify cycle")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _describe(s: Setting) -> dict:
     g = s.gen
     return {"engine": s.engine, "mode": g.mode, "spec_variant": g.spec_variant, "block_size": g.block_size,
@@ -381,8 +342,12 @@ def _describe(s: Setting) -> dict:
             "temperature": g.temperature, "batch_size": s.batch_size}
 
 
-def _median(xs):
-    return statistics.median(xs) if xs else None
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
 
 
 def _peak_mb(device) -> float:
@@ -404,8 +369,7 @@ def machine(model: TriModel) -> dict:
 def table(report: dict) -> str:
     lines = [f"{'setting':<24} {'tok/s':>7} {'(min-max)':>13} {'xAR':>5} {'TPF':>5} {'NFE':>5} {'TTFT ms':>8} "
              f"{'ITL ms':>7} {'acc':>5} {'=AR':>5} {'gen ppl':>8}"]
-    def f(v, fmt):
-        return format(v, fmt) if v is not None else "-"
+    f = _fmt
     for name, r in report["results"].items():
         spread = f"{r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}"
         lines.append(
@@ -416,7 +380,7 @@ def table(report: dict) -> str:
     if "humaneval" in report:
         h = report["humaneval"]
         lines.append(f"\nHumanEval pass@1 on the first {h['problems']} problems:")
-        lines += [f"  {k:<24} {v['passed']}/{h['problems']} ({v['pass@1']:.0%}), TPF {v['tpf']:.2f}"
+        lines += [f"  {k:<24} {v['passed']}/{h['problems']} ({v['pass@1']:.0%}), TPF {f(v['tpf'], '.2f')}"
                   for k, v in h.items() if isinstance(v, dict)]
     if "sweep_ms" in report:
         sw = report["sweep_ms"]
@@ -425,72 +389,14 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(report: dict, prefix: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = report["results"]
-    names = list(res)
-    paths = []
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    a.barh(names, [res[n]["tok_s"] for n in names],
-           xerr=[[res[n]["tok_s"] - res[n]["tok_s_min"] for n in names],
-                 [res[n]["tok_s_max"] - res[n]["tok_s"] for n in names]], color="tab:blue")
-    a.set_xlabel("tokens/s (median, min-max over repeats)")
-    a.invert_yaxis()
-    b.barh(names, [res[n]["tpf"] or 0 for n in names], color="tab:green")
-    b.set_xlabel("tokens per forward (TPF)")
-    b.invert_yaxis()
-    b.set_yticklabels([])
-    fig.suptitle(f"{report['machine']['device']}, {report['machine']['dtype']}")
-    fig.tight_layout()
-    paths.append(prefix.with_name(prefix.name + "-speed.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for n in names:
-        if res[n]["tpf"] and res[n]["gen_ppl"]:
-            ax.scatter(res[n]["tpf"], res[n]["gen_ppl"])
-            ax.annotate(n, (res[n]["tpf"], res[n]["gen_ppl"]), fontsize=7)
-    ax.set_xlabel("tokens per forward")
-    ax.set_ylabel("generative perplexity under AR (lower is better)")
-    ax.set_yscale("log")
-    ax.set_title("quality vs parallelism")
-    fig.tight_layout()
-    paths.append(prefix.with_name(prefix.name + "-quality.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    spec = [n for n in names if res[n]["accepted_hist"]]
-    if spec:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        width = 0.8 / len(spec)
-        for i, n in enumerate(spec):
-            hist = {int(k): v for k, v in res[n]["accepted_hist"].items()}
-            total = sum(hist.values())
-            ax.bar([k + i * width for k in hist], [v / total for v in hist.values()], width, label=n)
-        ax.set_xticks(sorted({int(k) for n in spec for k in res[n]["accepted_hist"]}))
-        ax.set_xlabel("tokens accepted per draft+verify cycle")
-        ax.set_ylabel("fraction of cycles")
-        ax.legend()
-        fig.tight_layout()
-        paths.append(prefix.with_name(prefix.name + "-accepted.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
-
-
 def load_hf_baseline(model_arg: str | None, dtype: torch.dtype, device: str):
     """The same weights in transformers: from the default GGUF, a GGUF file or an HF directory."""
     import transformers
 
-    from tridlm.gguf_file import default_gguf_path
+    from tridlm import default_model
 
     if model_arg is None or model_arg.endswith(".gguf"):
-        path = default_gguf_path() if model_arg is None else Path(model_arg)
+        path = default_model.gguf_path() if model_arg is None else Path(model_arg)
         hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     else:
         config = json.loads((Path(model_arg) / "config.json").read_text())
@@ -498,3 +404,82 @@ def load_hf_baseline(model_arg: str | None, dtype: torch.dtype, device: str):
             raise ValueError(f"{model_arg}: transformers cannot load this checkpoint; use --baselines none")
         hf = transformers.AutoModelForCausalLM.from_pretrained(model_arg, dtype=dtype)
     return hf.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+@dataclass(frozen=True)
+class Options:
+    """What ``tridlm bench`` runs: the tridlm settings grid, the baselines, HumanEval and the sweep."""
+
+    prompts: str | None = None  # JSONL prompt set (default: the packaged chat prompts)
+    modes: tuple[str, ...] = ("ar", "spec", "diffusion")
+    block_sizes: tuple[int, ...] = (4, 16)
+    thresholds: tuple[float | None, ...] = (0.9, 0.5)
+    spec_variants: tuple[str, ...] = ("linear",)
+    temperatures: tuple[float, ...] = (0.0,)
+    batch_sizes: tuple[int, ...] = (1,)
+    max_tokens: int = 64
+    repeats: int = 3
+    baselines: tuple[str, ...] = ("hf", "hf-lookup")  # transformers generate: hf, hf-lookup, or none
+    humaneval: int = 0  # problems to score (0 = skip)
+    humaneval_modes: tuple[str, ...] = ("ar", "diffusion")
+    humaneval_max_tokens: int = 256
+    sweep: bool = True
+    out: str = "bench/results"
+
+    def validate(self) -> Options:
+        bad = (set(self.baselines) - {*BASELINES, "none"} or set(self.modes) - set(MODES)
+               or set(self.spec_variants) - set(SPEC_VARIANTS))
+        if bad:
+            raise ValueError(f"unknown mode, spec variant or baseline {sorted(bad)}")
+        if self.repeats < 1:
+            raise ValueError("--repeats must be at least 1")
+        return self
+
+
+def run_suite(model: TriModel, tokenizer: Tokenizer, opts: Options, model_path: str | None, command: str) -> dict:
+    """Run the whole bench, print its table and one JSON line, write JSON + PNG under ``opts.out``."""
+    opts.validate()
+    settings = grid(opts.modes, opts.block_sizes, opts.thresholds, opts.temperatures, opts.batch_sizes,
+                    opts.max_tokens, opts.spec_variants)
+    if "ar" not in opts.modes:  # the reference for exact match and speedups
+        settings.insert(0, grid(["ar"], [1], [None], [0.0], [1], opts.max_tokens)[0])
+    baselines = [b for b in opts.baselines if b != "none"]
+    hf = load_hf_baseline(model_path, model.dtype, str(model.device)) if baselines else None
+    settings += [Setting(b, GenerationConfig(max_tokens=opts.max_tokens)) for b in baselines]
+    he_settings = [dataclasses.replace(s, gen=s.gen.replace(max_tokens=opts.humaneval_max_tokens))
+                   for s in settings if s.engine == "tridlm" and s.gen.mode in opts.humaneval_modes
+                   and s.gen.temperature == 0 and s.batch_size == 1]
+    runner = Bench(model, tokenizer, settings, load_prompts(opts.prompts, tokenizer), repeats=opts.repeats, hf=hf,
+                   humaneval=opts.humaneval, humaneval_settings=he_settings, sweep=opts.sweep)
+    report = finalize(runner.run())
+    report["command"] = command
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / f"bench-{datetime.date.today().isoformat()}"
+    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    images = plots.bench(report, prefix)
+    print(f"\n{table(report)}\n\nwrote {prefix.with_suffix('.json')} and {', '.join(str(p) for p in images)}")
+    print(json.dumps(report))
+    return report
+
+
+def acceptance_curve(model: TriModel, prompts: list[list[int]], settings: list[Setting], snapshots: Path,
+                     plot: Path | None = None) -> list[dict]:
+    """``eval_draft`` of the bare model, then of every ``step-N`` adapter of a training run's
+    ``adapters/`` folder, one JSON line each as it is measured; optionally plotted against training tokens."""
+    folders = sorted(Path(snapshots).glob("step-*"))
+    if not folders:
+        raise FileNotFoundError(f"no step-N adapter folders under {snapshots}")
+    curve = []
+    for snap in [None, *folders]:
+        if snap is not None:
+            checkpoint.load_adapter(model, snap)
+        progress = json.loads((snap / "progress.json").read_text()) if snap else {"step": 0, "tokens": 0}
+        point = {**progress, "adapter": str(snap) if snap else None, **eval_draft(model, prompts, settings)}
+        curve.append(point)
+        print(json.dumps(point), flush=True)
+    if plot:
+        plots.acceptance_curve(curve, Path(plot))
+    return curve

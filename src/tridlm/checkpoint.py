@@ -90,36 +90,46 @@ def config_from_json(path: Path) -> tuple[ModelConfig, str]:
             max_seq_len=data.get("max_position_embeddings", 4096),
             tie_embeddings=bool(data.get("tie_word_embeddings", False)), attention_bias=bias, qk_norm=qk_norm,
             bos_id=data.get("bos_token_id"), eos_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
-            mask_id=data.get("mask_token_id"))
+            mask_id=data.get("mask_token_id"), block_size=data.get("block_size") if fmt == "nld" else None)
     except KeyError as e:
         raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
     return cfg, fmt
 
 
-def config_to_nld_json(cfg: ModelConfig, dtype: torch.dtype, block_size: int) -> dict:
-    r = cfg.rope
-    rope_scaling = None
-    if r.type != "default" or r.llama_4_scaling_beta is not None:
-        rope_scaling = {"rope_type": r.type, "factor": r.factor,
-                        "original_max_position_embeddings": r.original_max_position_embeddings}
-        if r.type == "yarn":
-            rope_scaling.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale,
-                                mscale_all_dim=r.mscale_all_dim)
-        if r.type == "llama3":
-            rope_scaling.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
-        if r.llama_4_scaling_beta is not None:
-            rope_scaling["llama_4_scaling_beta"] = r.llama_4_scaling_beta
-    return {
+def rope_parameters(rope: RopeConfig) -> dict:
+    """RoPE settings as the ``rope_parameters`` object of the shipped NLD configs (transformers 5 layout,
+    read by NVIDIA's configuration class, transformers 5.x and vLLM/SGLang): theta and type always, the
+    scaling fields of the type, and the query scaling when on."""
+    params = {"rope_type": rope.type, "rope_theta": rope.theta}
+    if rope.type != "default" or rope.llama_4_scaling_beta is not None:
+        params.update(factor=rope.factor, original_max_position_embeddings=rope.original_max_position_embeddings)
+    if rope.type == "yarn":
+        params.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, mscale=rope.mscale,
+                      mscale_all_dim=rope.mscale_all_dim)
+    if rope.type == "llama3":
+        params.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
+    if rope.llama_4_scaling_beta is not None:
+        params["llama_4_scaling_beta"] = rope.llama_4_scaling_beta
+    return params
+
+
+def config_to_nld_json(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """An NLD ``config.json`` in the layout NVIDIA ships (RoPE in ``rope_parameters``, no ``rope_scaling``:
+    transformers 5 treats that name as an alias and would let it replace the theta-bearing object)."""
+    config = {
         "architectures": [NLD_ARCH], "model_type": NLD_MODEL_TYPE,
         "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": r.theta,
-        "rope_scaling": rope_scaling, "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm,
-        "hidden_act": "silu", "mask_token_id": cfg.mask_id, "block_size": block_size,
+        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope_parameters(cfg.rope),
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm, "mlp_bias": False, "sliding_window": None,
+        "hidden_act": "silu", "mask_token_id": cfg.mask_id, "dlm_paradigm": "bidirectional",
         "bos_token_id": cfg.bos_id, "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) != 1 else cfg.eos_ids[0],
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if cfg.block_size is not None:
+        config["block_size"] = cfg.block_size
+    return config
 
 
 # -------------------------------------------------------------------------------------------- weights
@@ -229,8 +239,7 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str
         yield shard
 
 
-def save(directory: Path, model: TriModel, tokenizer: Tokenizer, block_size: int = 32,
-         max_shard_bytes: int = 4 * 2**30) -> None:
+def save(directory: Path, model: TriModel, tokenizer: Tokenizer, max_shard_bytes: int = 4 * 2**30) -> None:
     """Write an NLD directory atomically (a crash leaves no half-written directory): config.json,
     safetensors shards (+ index when more than one), tokenizer files and the adapter if attached."""
     directory = Path(directory)
@@ -251,7 +260,7 @@ def save(directory: Path, model: TriModel, tokenizer: Tokenizer, block_size: int
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config = config_to_nld_json(model.cfg, model.dtype, block_size)
+        config = config_to_nld_json(model.cfg, model.dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(tmp)
         if has_adapter(model):

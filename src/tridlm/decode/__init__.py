@@ -12,14 +12,14 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from tridlm.decode.ar import ar
-from tridlm.decode.common import MODES, SPEC_VARIANTS, DecodeState, GenerationConfig, Row, prefill
+from tridlm.decode.common import MODES, SPEC_VARIANTS, DecodeState, GenerationConfig, Row, prefill, summarize
 from tridlm.decode.diffusion import diffusion
 from tridlm.decode.spec import spec
 from tridlm.model import TriModel
 
 DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec}
 
-__all__ = ["MODES", "SPEC_VARIANTS", "DecodeState", "GenerationConfig", "Row", "generate", "stream"]
+__all__ = ["MODES", "SPEC_VARIANTS", "DecodeState", "GenerationConfig", "Row", "generate", "stream", "summarize"]
 
 
 @torch.inference_mode()
@@ -53,12 +53,14 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
 
 
 def generate(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
-             eos_ids: Sequence[int] | None = None, detokenize: Callable[[list[int]], str] | None = None
-             ) -> DecodeState:
-    """Decode to the end; the returned state holds each row's tokens and the call's stats."""
+             eos_ids: Sequence[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
+             on_tokens: Callable[[int, list[int]], None] | None = None) -> DecodeState:
+    """Decode to the end; the returned state holds each row's tokens and the call's stats.
+    ``on_tokens(row, tokens)`` sees each row's tokens as they are committed."""
     state = DecodeState(len(prompts), cfg.validate(), _eos(model, eos_ids), detokenize)
-    for _ in stream(model, prompts, cfg, state=state):
-        pass
+    for chunk in stream(model, prompts, cfg, state=state):
+        for row, tokens in chunk if on_tokens else ():
+            on_tokens(row, tokens)
     return state
 
 

@@ -12,7 +12,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -20,25 +19,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tridlm.decode import GenerationConfig
-from tridlm.device import default_block_size
+from tridlm.decode import GenerationConfig, Row, summarize
+
 from tridlm.model import TriModel
+from tridlm.serve.config import ServerConfig
 from tridlm.serve.protocol import APIError, ChatRequest, CompletionRequest, envelope, new_id, usage
 from tridlm.serve.worker import Job, QueueFull, Worker
 from tridlm.tokenizer import TextStream, Tokenizer
-
-
-@dataclass
-class ServerConfig:
-    model_name: str = "tridlm"
-    api_key: str | None = None
-    max_queue: int = 64
-    max_batch: int = 16
-    max_body_bytes: int = 1 << 20
-    default_max_tokens: int = 256
-    default_mode: str = "ar"  # a mode or "auto"
-    block_size: int | None = None  # for requests that name none; None: per device and mode
-    defaults: GenerationConfig = GenerationConfig()  # the other knobs' defaults
 
 
 class Metrics:
@@ -58,28 +45,118 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self._counts: dict[str, list[int]] = {}
 
-    def finished(self, mode: str, tokens: int, nfe: int) -> None:
-        self.tokens.labels(mode).inc(tokens)
-        self.nfe.labels(mode).inc(nfe)
+    def finished(self, mode: str, rows: list[Row]) -> None:
+        counts = summarize(rows)
+        self.tokens.labels(mode).inc(counts["completion_tokens"])
+        self.nfe.labels(mode).inc(counts["nfe"])
         total = self._counts.setdefault(mode, [0, 0])
-        total[0] += tokens
-        total[1] += nfe
-        self.tpf.labels(mode).set(total[0] / total[1] if total[1] else 0.0)
+        total[0] += counts["completion_tokens"]
+        total[1] += counts["nfe"]
+        if total[1]:
+            self.tpf.labels(mode).set(total[0] / total[1])
+
+
+class Server:
+    """The endpoints' logic over one worker thread that owns the model."""
+
+    def __init__(self, model: TriModel, tokenizer: Tokenizer, config: ServerConfig):
+        self.model, self.tokenizer, self.config = model, tokenizer, config.validate()
+        self.metrics = Metrics()
+        self.worker = Worker(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
+                             on_batch=lambda jobs, s: self.metrics.batch_rows.observe(sum(len(j.prompts) for j in jobs)))
+
+    async def completions(self, request: Request):
+        body = await parse(request, CompletionRequest, self.config)
+        if isinstance(body.prompt, str):
+            ids = self.tokenizer.encode(body.prompt)
+        else:
+            if any(not 0 <= t < self.model.cfg.vocab_size for t in body.prompt):
+                raise APIError(400, "prompt token ids out of vocabulary range", "prompt")
+            ids = list(body.prompt)
+        return await self.run(request, body, ids, "text_completion", "/v1/completions")
+
+    async def chat(self, request: Request):
+        body = await parse(request, ChatRequest, self.config)
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        try:
+            ids = self.tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+        return await self.run(request, body, ids, "chat.completion", "/v1/chat/completions")
+
+    async def run(self, request: Request, body, ids: list[int], kind: str, endpoint: str):
+        mode = body.mode or self.config.default_mode
+        if mode == "auto":
+            mode = "spec" if self.worker.load == 0 else "ar"
+        cfg = make_config(body, ids, mode, self.model, self.config)
+        job = Job([ids] * body.n, cfg, asyncio.get_running_loop())
+        try:
+            self.worker.submit(job)
+        except QueueFull:
+            self.metrics.requests.labels(endpoint, mode, "429").inc()
+            raise APIError(429, f"server busy: {self.config.max_queue} requests queued; retry later",
+                           kind="rate_limit_error") from None
+        rid = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
+        finish = Finisher(self.metrics, endpoint, mode, job)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self.sse(job, ids, kind, rid, include_usage, finish),
+                                     media_type="text/event-stream")
+        try:
+            rows = await collect(job, request)
+        except APIError as e:
+            finish(None, str(e.status))
+            raise
+        finally:
+            job.cancelled.set()  # no-op when finished; frees the rows if the client went away
+        finish(rows)
+        choices = [choice(kind, i, cut(self.tokenizer, r.tokens, cfg.stop), reason(r)) for i, r in enumerate(rows)]
+        return envelope(kind, rid, self.config.served_model_name, choices, usage_of(len(ids), rows, mode))
+
+    async def sse(self, job: Job, ids, kind, rid, include_usage, finish) -> AsyncIterator[str]:
+        chunk_kind, name = ("chat.completion.chunk" if kind == "chat.completion" else kind), self.config.served_model_name
+        texts = [TextStream(self.tokenizer, job.cfg.stop) for _ in job.prompts]
+        try:
+            if kind == "chat.completion":
+                for i in range(len(job.prompts)):
+                    yield event(envelope(chunk_kind, rid, name, [{"index": i, "delta": {"role": "assistant"},
+                                                                   "finish_reason": None}]))
+            while True:
+                item = await job.events.get()
+                if item[0] == "tokens":
+                    if delta := texts[item[1]].push(item[2]):
+                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, item[1], delta, None)]))
+                    continue
+                if item[0] == "done":
+                    rows = item[1]
+                    for i, r in enumerate(rows):
+                        tail = texts[i].push([], final=True)
+                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, tail, reason(r))]))
+                    if include_usage:
+                        yield event(envelope(chunk_kind, rid, name, [], usage_of(len(ids), rows, job.cfg.mode)))
+                    finish(rows)
+                else:
+                    yield event(APIError(500, item[1], kind="server_error").body())
+                    finish(None, "500")
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()
+            finish(None, "499")  # the client went away mid-stream (no-op after a normal end)
 
 
 def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = ServerConfig()) -> FastAPI:
-    metrics = Metrics()
-    worker = Worker(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
-                    on_batch=lambda jobs, s: metrics.batch_rows.observe(sum(len(j.prompts) for j in jobs)))
+    server = Server(model, tokenizer, config)
 
     @asynccontextmanager
     async def lifespan(app):
-        worker.start()
+        server.worker.start()
         yield
-        worker.stop()
+        server.worker.stop()
 
     app = FastAPI(title="tridlm", lifespan=lifespan)
-    app.state.worker = worker
+    app.state.worker = server.worker
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -92,102 +169,21 @@ def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = Ser
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queue_depth": worker.load}
+        return {"status": "ok", "queue_depth": server.worker.load}
 
     @app.get("/metrics")
     async def prometheus():
-        metrics.queue.set(worker.load)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        server.metrics.queue.set(server.worker.load)
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request, config)
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model", "created": 0,
                                             "owned_by": "tridlm"}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await parse(request, CompletionRequest, config)
-        if isinstance(body.prompt, str):
-            ids = tokenizer.encode(body.prompt)
-        else:
-            if any(not 0 <= t < model.cfg.vocab_size for t in body.prompt):
-                raise APIError(400, "prompt token ids out of vocabulary range", "prompt")
-            ids = list(body.prompt)
-        return await run(request, body, ids, "text_completion", "/v1/completions")
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await parse(request, ChatRequest, config)
-        if body.max_completion_tokens is not None:
-            body.max_tokens = body.max_completion_tokens
-        try:
-            ids = tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
-        except ValueError as e:
-            raise APIError(400, str(e), "messages") from None
-        return await run(request, body, ids, "chat.completion", "/v1/chat/completions")
-
-    async def run(request: Request, body, ids: list[int], kind: str, endpoint: str):
-        mode = body.mode or config.default_mode
-        if mode == "auto":
-            mode = "spec" if worker.load == 0 else "ar"
-        cfg = make_config(body, ids, mode, model, config)
-        job = Job([ids] * body.n, cfg, asyncio.get_running_loop())
-        try:
-            worker.submit(job)
-        except QueueFull:
-            metrics.requests.labels(endpoint, mode, "429").inc()
-            raise APIError(429, f"server busy: {config.max_queue} requests queued; retry later",
-                           kind="rate_limit_error") from None
-        rid = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
-        finish = Finisher(metrics, endpoint, mode, job)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(job, body, ids, kind, rid, config.model_name, include_usage, finish),
-                                     media_type="text/event-stream")
-        try:
-            results = await collect(job, request)
-        except APIError as e:
-            finish(None, str(e.status))
-            raise
-        finally:
-            job.cancelled.set()  # no-op when finished; frees the rows if the client went away
-        finish(results)
-        choices = [choice(kind, i, cut(tokenizer, r.tokens, cfg.stop), reason(r)) for i, r in enumerate(results)]
-        return envelope(kind, rid, config.model_name, choices, usage_of(len(ids), results, mode))
-
-    async def sse(job: Job, body, ids, kind, rid, name, include_usage, finish) -> AsyncIterator[str]:
-        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
-        texts = [TextStream(tokenizer, job.cfg.stop) for _ in job.prompts]
-        try:
-            if kind == "chat.completion":
-                for i in range(len(job.prompts)):
-                    yield event(envelope(chunk_kind, rid, name, [{"index": i, "delta": {"role": "assistant"},
-                                                                   "finish_reason": None}]))
-            while True:
-                item = await job.events.get()
-                if item[0] == "tokens":
-                    delta = texts[item[1]].push(item[2])
-                    if delta:
-                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, item[1], delta, None)]))
-                elif item[0] == "done":
-                    results = item[1]
-                    for i, r in enumerate(results):
-                        tail = texts[i].push([], final=True)
-                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, tail, reason(r))]))
-                    if include_usage:
-                        yield event(envelope(chunk_kind, rid, name, [], usage_of(len(ids), results, job.cfg.mode)))
-                    finish(results)
-                    break
-                else:
-                    yield event(APIError(500, item[1], kind="server_error").body())
-                    finish(None, "500")
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            job.cancelled.set()
-            finish(None, "499")  # the client went away mid-stream (no-op after a normal end)
-
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat)
     return app
 
 
@@ -198,15 +194,15 @@ class Finisher:
         self.metrics, self.endpoint, self.mode, self.job = metrics, endpoint, mode, job
         self.done = False
 
-    def __call__(self, results, status: str = "200") -> None:
+    def __call__(self, rows: list[Row] | None, status: str = "200") -> None:
         if self.done:
             return
         self.done = True
         m = self.metrics
         m.requests.labels(self.endpoint, self.mode, status).inc()
         m.latency.labels(self.mode).observe(time.perf_counter() - self.job.submitted)
-        if results:
-            m.finished(self.mode, sum(len(r.tokens) for r in results), max(r.nfe for r in results))
+        if rows:
+            m.finished(self.mode, rows)
 
 
 def check_key(request: Request, config: ServerConfig) -> None:
@@ -232,8 +228,8 @@ async def parse(request: Request, schema, config: ServerConfig):
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"])
         raise APIError(400, f"invalid field '{param}': {err['msg']}", param) from None
-    if body.model not in (None, config.model_name):
-        raise APIError(404, f"model '{body.model}' does not exist; this server serves '{config.model_name}'",
+    if body.model not in (None, config.served_model_name):
+        raise APIError(404, f"model '{body.model}' does not exist; this server serves '{config.served_model_name}'",
                        "model", code="model_not_found")
     if (field := body.unsupported()) is not None:
         raise APIError(400, f"'{field}' is not supported by this server", field)
@@ -241,13 +237,16 @@ async def parse(request: Request, schema, config: ServerConfig):
 
 
 def make_config(body, ids: list[int], mode: str, model: TriModel, config: ServerConfig) -> GenerationConfig:
+    """The request's decoding config over the server's defaults, resolved for the model, with max_tokens
+    checked against the room the prompt leaves in the context."""
     if not ids:
         raise APIError(400, "the prompt is empty", "prompt")
+    try:
+        cfg = body.generation_config(config.defaults, mode, max_tokens=1).resolve(model)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
     context = model.cfg.max_seq_len
-    block = body.block_size if body.block_size is not None else config.block_size
-    if block is None:
-        block = default_block_size(model.device, mode, body.spec_variant or config.defaults.spec_variant)
-    room = context - len(ids) - block - 1
+    room = context - len(ids) - cfg.block_size - 1
     if room < 1:
         raise APIError(400, f"prompt of {len(ids)} tokens is too long for the context of {context}", "prompt",
                        code="context_length_exceeded")
@@ -256,7 +255,7 @@ def make_config(body, ids: list[int], mode: str, model: TriModel, config: Server
         raise APIError(400, f"max_tokens={max_tokens} exceeds the {room} tokens left in the context after the "
                             f"{len(ids)}-token prompt", "max_tokens", code="context_length_exceeded")
     try:
-        return body.generation_config(config.defaults.replace(block_size=block), mode, max_tokens)
+        return cfg.replace(max_tokens=max_tokens)
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
@@ -298,11 +297,10 @@ def delta_choice(kind: str, i: int, text: str, finish: str | None) -> dict:
     return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
 
 
-def usage_of(prompt_tokens: int, results, mode: str) -> dict:
-    """Usage of all choices; nfe is the forwards the request took (choices decode side by side)."""
-    tokens, row_nfe = sum(len(r.tokens) for r in results), sum(r.nfe for r in results)
-    return usage(prompt_tokens * len(results), tokens, max(r.nfe for r in results),
-                 tokens / row_nfe if row_nfe else float(tokens), mode)
+def usage_of(prompt_tokens: int, rows: list[Row], mode: str) -> dict:
+    """Usage of all choices (``summarize``: NFE sums the choices' forwards, TPF = tokens / NFE)."""
+    counts = summarize(rows)
+    return usage(prompt_tokens * len(rows), counts["completion_tokens"], counts["nfe"], counts["tpf"], mode)
 
 
 def event(obj: dict) -> str:

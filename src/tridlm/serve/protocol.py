@@ -101,8 +101,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, nfe: int, tpf: float, mode: str) -> dict:
-    """OpenAI usage plus our counts (SPEC 2): forwards after prefill, tokens per forward, mode used."""
+def usage(prompt_tokens: int, completion_tokens: int, nfe: int, tpf: float | None, mode: str) -> dict:
+    """OpenAI usage plus our counts (SPEC 2): forwards after prefill, tokens per forward (null when no
+    forward ran), mode used."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens, "nfe": nfe, "tpf": tpf, "mode": mode}
 

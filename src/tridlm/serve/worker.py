@@ -45,14 +45,6 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-@dataclass
-class RowResult:
-    tokens: list[int]
-    finish_reason: str
-    nfe: int
-    accepted_lengths: list[int]
-
-
 class Worker:
     def __init__(self, model: TriModel, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                  on_batch=None):
@@ -134,4 +126,4 @@ class Worker:
                     state.cancel(row)
         for job in jobs:
             rows = [state.rows[r] for r, (j, _) in enumerate(owner) if j is job]
-            job.send("done", [RowResult(r.tokens, r.finish_reason, r.nfe, r.accepted_lengths) for r in rows])
+            job.send("done", rows)

@@ -145,6 +145,19 @@ def magpie_prompts(model: TriModel, tokenizer: Tokenizer, n: int, batch: int = 6
                      "raise max_tokens or lower n")
 
 
+SOURCES = ("mixed", "magpie")
+
+
+def prompts_from(source: str, model: TriModel, tokenizer: Tokenizer, n: int, batch: int, seed: int) -> list[str]:
+    """n prompts to distill on: "mixed" (stdlib questions and templated requests) or "magpie" (requests the
+    model writes itself, the held-out bench prompts excluded)."""
+    if source == "magpie":
+        return magpie_prompts(model, tokenizer, n, batch, seed, exclude=heldout_requests())
+    if source == "mixed":
+        return mixed_prompts(n, seed)
+    raise ValueError(f"invalid source={source!r}: expected one of {', '.join(SOURCES)}")
+
+
 def distill(model: TriModel, tokenizer: Tokenizer, prompts: list[str], out: Path, batch: int = 16,
             max_tokens: int = 128, log=print) -> int:
     """Answer each prompt greedily with the AR model (in batches) and write chat records; returns count.

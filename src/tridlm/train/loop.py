@@ -37,7 +37,7 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    block_size: int = 32
+    block_size: int | None = None  # None: the model's own (config block_size), else 32 (SPEC 4)
     alpha: float = 0.3
     suffix_fraction: float = 0.0  # share of sequences masked spec-style (block suffixes), see add_noise
     batch_size: int = 4
@@ -56,7 +56,9 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.regime not in REGIMES:
             raise ValueError(f"invalid regime={self.regime!r}: expected one of {', '.join(REGIMES)}")
-        for name in ("lora_rank", "block_size", "batch_size", "grad_accum", "steps", "eval_every",
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"invalid block_size={self.block_size}: expected a positive integer")
+        for name in ("lora_rank", "batch_size", "grad_accum", "steps", "eval_every",
                      "checkpoint_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"invalid {name}={getattr(self, name)}: expected a positive integer")
@@ -82,6 +84,8 @@ def schedule(cfg: TrainConfig):
 class Trainer:
     def __init__(self, model: TriModel, tokenizer: Tokenizer, data: DataConfig, cfg: TrainConfig, out: Path,
                  log=print):
+        if cfg.block_size is None:
+            cfg = dataclasses.replace(cfg, block_size=model.cfg.block_size or 32)
         self.cfg, self.out = cfg.validate(), Path(out)
         self.model, self.tokenizer = model, tokenizer
         if model.cfg.mask_id is None:
@@ -209,7 +213,8 @@ class Trainer:
             progress = {"step": self.step, "rows": self.rows, "tokens": self.rows * self.train_data.cfg.seq_len}
             (snapshot / "progress.json").write_text(json.dumps(progress) + "\n")
         else:
-            checkpoint.save(self.out / "model", self.model, self.tokenizer, block_size=self.cfg.block_size)
+            self.model.cfg = dataclasses.replace(self.model.cfg, block_size=self.cfg.block_size)
+            checkpoint.save(self.out / "model", self.model, self.tokenizer)
 
     def _load(self) -> None:
         state = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -226,3 +231,16 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.noise.set_state(state["noise_rng"])
         self.log(f"resumed from {self.out}/checkpoint.pt at step {self.step}")
+
+
+@contextlib.contextmanager
+def distributed(device: str | torch.device):
+    """A process group for the duration of a training run when launched by ``torchrun`` (nccl on CUDA,
+    gloo on CPUs); nothing otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,81 @@
+"""Open any model the project reads, by path: an NLD or Hugging Face directory, a GGUF file, or the
+embedded default; and convert one to an NLD directory. What every command, the server and the bench use."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from tridlm import checkpoint, default_model
+from tridlm.device import fast_dtype
+from tridlm.gguf_file import load_gguf
+from tridlm.model import TriModel
+from tridlm.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = (*DTYPES, "auto")
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """A dtype by name; "auto" is bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    if name == "auto":
+        return fast_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"invalid dtype={name!r}: expected one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
+
+
+def open_model(path: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
+               adapter: str | Path | None = None) -> tuple[TriModel, Tokenizer]:
+    """A model and its tokenizer.
+
+    path: an NLD or HF checkpoint directory, a ``.gguf`` file, or None for the embedded default model.
+    dtype: a name of ``DTYPES`` or "auto".
+    adapter: the draft adapter to use: None for the model's own (an NLD directory's ``linear_spec_lora/``,
+        the shipped one of the default model), "none" for the bare model, or a PEFT folder.
+    """
+    torch_dtype = resolve_dtype(dtype, device)
+    own = adapter is None
+    if path is None:
+        model, tok = default_model.load(torch_dtype, device, adapter=own)
+    elif Path(path).is_file() and str(path).endswith(".gguf"):
+        model, tok = load_gguf(Path(path), torch_dtype)
+        model = model.to(device)
+    else:
+        model, tok = checkpoint.load(Path(path), torch_dtype, device, adapter=own)
+    if adapter not in (None, "none"):
+        checkpoint.load_adapter(model, Path(adapter))
+    return model, tok
+
+
+def model_name(path: str | Path | None) -> str:
+    """The name a model is served under: its file or folder name, or the default model's."""
+    return Path(path).name if path else default_model.NAME
+
+
+def convert(source: str | Path, output: str | Path, dtype: str = "bfloat16", mask_token: str | None = None,
+            add_mask_token: bool = False, block_size: int | None = None, shard_gb: float = 4.0) -> str:
+    """Write ``source`` as an NLD directory at ``output``; returns a one-line summary.
+
+    The MASK token is, in order: a new ``<|mask|>`` row (``add_mask_token``), the named ``mask_token``,
+    or the model's own / an unused special token; none of them is an error. ``block_size`` records the
+    diffusion block size in config.json (default: the model's own, when it has one).
+    """
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"invalid block_size={block_size}: expected a positive integer")
+    model, tok = open_model(source, dtype)
+    if add_mask_token:
+        model = checkpoint.add_mask_token(model, tok)
+    elif mask_token:
+        model.cfg = dataclasses.replace(model.cfg, mask_id=tok.token_id(mask_token))
+    elif model.cfg.mask_id is None:
+        raise ValueError(f"{source}: no mask token and no unused special token to reuse; "
+                         "pass --mask-token TOKEN or --add-mask-token")
+    if block_size is not None:
+        model.cfg = dataclasses.replace(model.cfg, block_size=block_size)
+    checkpoint.save(Path(output), model, tok, max_shard_bytes=int(shard_gb * 2**30))
+    mask = tok.backend.id_to_token(model.cfg.mask_id)
+    return (f"wrote {output}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {dtype}, "
+            f"mask token {mask!r} (id {model.cfg.mask_id})")

@@ -1,0 +1,86 @@
+"""Plots of bench and eval-draft results (matplotlib, written as PNG files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def bench(report: dict, prefix: Path) -> list[Path]:
+    """Speed and TPF bars, quality vs parallelism, and the accepted-length histogram of a bench report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    names = list(res)
+    paths = []
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a.barh(names, [res[n]["tok_s"] for n in names],
+           xerr=[[res[n]["tok_s"] - res[n]["tok_s_min"] for n in names],
+                 [res[n]["tok_s_max"] - res[n]["tok_s"] for n in names]], color="tab:blue")
+    a.set_xlabel("tokens/s (median, min-max over repeats)")
+    a.invert_yaxis()
+    b.barh(names, [res[n]["tpf"] or 0 for n in names], color="tab:green")
+    b.set_xlabel("tokens per forward (TPF)")
+    b.invert_yaxis()
+    b.set_yticklabels([])
+    fig.suptitle(f"{report['machine']['device']}, {report['machine']['dtype']}")
+    fig.tight_layout()
+    paths.append(prefix.with_name(prefix.name + "-speed.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for n in names:
+        if res[n]["tpf"] and res[n]["gen_ppl"]:
+            ax.scatter(res[n]["tpf"], res[n]["gen_ppl"])
+            ax.annotate(n, (res[n]["tpf"], res[n]["gen_ppl"]), fontsize=7)
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("generative perplexity under AR (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("quality vs parallelism")
+    fig.tight_layout()
+    paths.append(prefix.with_name(prefix.name + "-quality.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    spec = [n for n in names if res[n]["accepted_hist"]]
+    if spec:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        width = 0.8 / len(spec)
+        for i, n in enumerate(spec):
+            hist = {int(k): v for k, v in res[n]["accepted_hist"].items()}
+            total = sum(hist.values())
+            ax.bar([k + i * width for k in hist], [v / total for v in hist.values()], width, label=n)
+        ax.set_xticks(sorted({int(k) for n in spec for k in res[n]["accepted_hist"]}))
+        ax.set_xlabel("tokens accepted per draft+verify cycle")
+        ax.set_ylabel("fraction of cycles")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(prefix.with_name(prefix.name + "-accepted.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+
+def acceptance_curve(curve: list[dict], path: Path) -> None:
+    """Mean accepted length per spec setting vs training tokens, from ``eval-draft --snapshots``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    names = [n for n, r in curve[0].items() if isinstance(r, dict) and r.get("accepted_mean")]
+    for n in names:
+        ax.plot([c["tokens"] / 1e6 for c in curve], [c[n]["accepted_mean"] for c in curve], marker="o", label=n)
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("mean tokens per draft+verify cycle")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
