@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test bench draft-adapter clean
+.PHONY: setup demo test quick bench draft-adapter clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/tridlm demo
 
+# The whole suite: what CI runs (.ci/run).
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The inner loop: tiny-model tests only (no real model, server or multi-process training), well under a minute.
+quick: setup
+	$(BIN)/python -m pytest -q -m "not slow and not server and not ddp"
 
 # The standard suite on 2 CPU cores (float32, where spec == AR exactly); writes bench/results/bench-<date>.{json,png}.
 bench: setup

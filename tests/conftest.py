@@ -15,6 +15,15 @@ from tridlm.tokenizer import Tokenizer
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<mask>"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Converted models (the default model's NLD copy) go to a temporary folder, never the user's cache;
+    subprocesses started by tests inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRIDLM_CACHE", str(tmp_path_factory.mktemp("tridlm-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg() -> ModelConfig:
     return ModelConfig.preset("tiny")

@@ -26,7 +26,10 @@ def test_generate_json(tiny_checkpoint, mode, capsys):
           "--max-tokens", "12", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == mode and len(out["tokens"]) == out["completion_tokens"] <= 12
-    assert out["nfe"] >= 1 and out["tpf"] > 0 and isinstance(out["text"], str) and "tok_s" in out
+    assert out["tpf"] == pytest.approx(out["completion_tokens"] / out["nfe"]) and out["tok_s"] > 0
+    assert out["block_size"] == 4 and isinstance(out["text"], str)
+    if mode == "ar":  # one forward per token after the prefill's
+        assert out["nfe"] == out["completion_tokens"] - 1
     assert (len(out["accepted_lengths"]) > 0) == (mode == "spec")
 
 

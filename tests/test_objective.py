@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tridlm import masks
 from tridlm.decode.common import forward_block, prefill
 from tridlm.model import random_model
-from tridlm.train.objective import add_noise, diffusion_loss, dual_stream, joint_loss
+from tridlm.train.objective import add_noise, diffusion_loss, joint_loss
 
 SPEC_FIGURE = """\
 ####....|........
@@ -29,7 +29,7 @@ SPEC_FIGURE = """\
 
 def test_dual_stream_mask_is_the_spec_figure():
     want = torch.tensor([[c == "#" for c in row.replace("|", "")] for row in SPEC_FIGURE.splitlines()])
-    assert torch.equal(dual_stream(8, 4), want)
+    assert torch.equal(masks.dual_stream(8, 4), want)
 
 
 def test_noise_masks_only_loss_bearing_tokens():

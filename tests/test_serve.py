@@ -22,6 +22,8 @@ from hypothesis import strategies as st  # noqa: E402
 from tridlm.decode import GenerationConfig, generate  # noqa: E402
 from tridlm.serve.app import ServerConfig, create_app  # noqa: E402
 
+pytestmark = pytest.mark.server
+
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 PROMPTS = ["hello there", "a quick test", "what is one plus two?", "tell me more", "x", "the end is near"]
 

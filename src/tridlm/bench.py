@@ -416,17 +416,17 @@ class Options:
     modes: tuple[str, ...] = ("ar", "spec", "diffusion")
     block_sizes: tuple[int, ...] = (4, 16)
     thresholds: tuple[float | None, ...] = (0.9, 0.5)
-    spec_variants: tuple[str, ...] = ("linear",)
+    spec_variants: tuple[str, ...] = ("linear",)  # linear and/or quadratic
     temperatures: tuple[float, ...] = (0.0,)
     batch_sizes: tuple[int, ...] = (1,)
     max_tokens: int = 64
     repeats: int = 3
-    baselines: tuple[str, ...] = ("hf", "hf-lookup")  # transformers generate: hf, hf-lookup, or none
-    humaneval: int = 0  # problems to score (0 = skip)
+    baselines: tuple[str, ...] = ("hf", "hf-lookup")  # transformers generate: hf, hf-lookup (prompt lookup), or none
+    humaneval: int = 0  # HumanEval problems to score (0 = skip)
     humaneval_modes: tuple[str, ...] = ("ar", "diffusion")
     humaneval_max_tokens: int = 256
-    sweep: bool = True
-    out: str = "bench/results"
+    sweep: bool = True  # the forward-latency sweep
+    out: str = "bench/results"  # folder for the JSON results and PNG plots
 
     def validate(self) -> Options:
         bad = (set(self.baselines) - {*BASELINES, "none"} or set(self.modes) - set(MODES)
@@ -463,6 +463,37 @@ def run_suite(model: TriModel, tokenizer: Tokenizer, opts: Options, model_path: 
     print(f"\n{table(report)}\n\nwrote {prefix.with_suffix('.json')} and {', '.join(str(p) for p in images)}")
     print(json.dumps(report))
     return report
+
+
+@dataclass(frozen=True)
+class DraftOptions:
+    """What ``tridlm eval-draft`` measures: held-out acceptance and diffusion quality of a draft adapter."""
+
+    prompts: str | None = None  # JSONL prompt set (default: the packaged chat prompts)
+    modes: tuple[str, ...] = ("ar", "spec", "diffusion")
+    block_sizes: tuple[int, ...] = (8,)
+    spec_variants: tuple[str, ...] = ("linear",)  # linear and/or quadratic
+    threshold: float | None = 0.9  # diffusion confidence, or none
+    max_tokens: int = 64
+    snapshots: str | None = None  # a training run's adapters/ folder: the bare model, then every step-N adapter
+    plot: str | None = None  # with --snapshots: write accepted length vs training tokens to this PNG
+
+    def validate(self) -> DraftOptions:
+        if bad := set(self.modes) - set(MODES) or set(self.spec_variants) - set(SPEC_VARIANTS):
+            raise ValueError(f"unknown mode or spec variant {sorted(bad)}")
+        return self
+
+
+def run_draft_eval(model: TriModel, tokenizer: Tokenizer, opts: DraftOptions) -> dict | list[dict]:
+    """``eval_draft`` on the prompt set, printed as one JSON line; with ``opts.snapshots`` the acceptance
+    curve over a training run's adapter snapshots instead (the model should come without an adapter)."""
+    prompts = load_prompts(opts.prompts, tokenizer)
+    settings = grid(opts.modes, opts.block_sizes, [opts.threshold], [0.0], [1], opts.max_tokens, opts.spec_variants)
+    if opts.snapshots:
+        return acceptance_curve(model, prompts, settings, Path(opts.snapshots), opts.plot)
+    result = {"adapter": checkpoint.has_adapter(model), "prompts": len(prompts), **eval_draft(model, prompts, settings)}
+    print(json.dumps(result))
+    return result
 
 
 def acceptance_curve(model: TriModel, prompts: list[list[int]], settings: list[Setting], snapshots: Path,

@@ -318,6 +318,8 @@ def has_adapter(model: TriModel) -> bool:
 def save_adapter(model: TriModel, directory: Path, dtype: torch.dtype | None = None) -> None:
     """PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` (lora_A/lora_B per module),
     in ``dtype`` (default: the adapter's own)."""
+    if not has_adapter(model):
+        raise ValueError("the model has no draft adapter to save (pass --adapter FOLDER)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, targets, rank, alpha = {}, set(), None, None

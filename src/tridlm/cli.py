@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -43,16 +45,7 @@ def _fill(cls, args, **extra):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="NLD or Hugging Face checkpoint directory, or a GGUF file "
-                                   "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=loading.DTYPE_CHOICES, default="float32",
-                   help="auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16), else float32")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--adapter", help="draft adapter folder (PEFT layout), or 'none' for the bare model (default: the "
-                                     "model's own linear_spec_lora/, or the shipped one of the default model)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--cuda-graphs", type=int, metavar="CAPACITY", default=0,
-                   help="replay per-cycle forwards as CUDA graphs over a static cache of CAPACITY tokens")
+    _options(p, loading.Source(), {"dtype": loading.DTYPE_CHOICES})
 
 
 def _generate_parser(sub) -> None:
@@ -63,10 +56,7 @@ def _generate_parser(sub) -> None:
     out.add_argument("--stream", action="store_true", help="print text as tokens are committed")
     out.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and counts")
     _options(p, GenerationConfig(), {"mode": MODES, "spec_variant": SPEC_VARIANTS, "threshold": _threshold,
-                                     "stop": "append"},
-             {"block_size": "default: per device and mode (tridlm.device.BLOCK_SIZES), at most the model's training "
-              "block size", "threshold": "diffusion confidence, or 'none'", "stop": "stop string (repeatable)",
-              "spec_variant": "spec: linear (draft + verify forwards) or quadratic (one forward of B*(B+1) tokens)"})
+                                     "stop": "append"})
     p.set_defaults(run=cmd_generate)
 
 
@@ -94,19 +84,23 @@ def _convert_parser(sub) -> None:
 
 
 _TYPES = {"int": int, "float": float, "str": str}
+_FIELD_COMMENT = re.compile(r"^\s+(\w+): [^#\n]*#\s*(.+)$", re.M)
 
 
 def _options(p: argparse.ArgumentParser, defaults, kinds: dict | None = None, helps: dict | None = None,
              skip: tuple[str, ...] = ()) -> None:
     """One --flag per field of a config dataclass, typed by its annotation or ``kinds`` (a parser, a tuple of
-    choices, or "append"); tuples are comma-separated, booleans that default to true become --no-flag."""
-    kinds, helps = kinds or {}, helps or {}
+    choices, or "append"), helped by the field's comment in the class or ``helps``; tuples are comma-separated,
+    booleans that default to true become --no-flag."""
+    kinds = kinds or {}
+    helps = {**dict(_FIELD_COMMENT.findall(inspect.getsource(type(defaults)))), **(helps or {})}
     for f in dataclasses.fields(defaults):
         if f.name in skip:
             continue
         value, flag, h = getattr(defaults, f.name), "--" + f.name.replace("_", "-"), helps.get(f.name)
         # "int | None" -> int; "tuple[float | None, ...]" -> float (the parser of one item)
-        kinds.setdefault(f.name, _TYPES.get(str(f.type).removeprefix("tuple[").split("|")[0].split(",")[0].strip(), str))
+        annotation = str(f.type).removeprefix("tuple[").split("|")[0].split(",")[0].strip()
+        kinds.setdefault(f.name, _TYPES.get(annotation, str))
         if kinds.get(f.name) == "append":
             p.add_argument(flag, action="append", default=[], help=h)
         elif isinstance(value, bool):
@@ -121,11 +115,7 @@ def _options(p: argparse.ArgumentParser, defaults, kinds: dict | None = None, he
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed and quality of modes and baselines on a prompt set")
-    _options(p, bench.Options(), {"thresholds": _threshold}, {
-        "prompts": "JSONL prompt set (default: the packaged chat prompts)", "spec_variants": "linear and/or quadratic",
-        "baselines": "transformers generate baselines: hf, hf-lookup (prompt lookup), or none",
-        "humaneval": "HumanEval problems to score (0 = skip)", "sweep": "skip the forward-latency sweep",
-        "out": "folder for the JSON results and PNG plots"})
+    _options(p, bench.Options(), {"thresholds": _threshold}, {"sweep": "skip the forward-latency sweep"})
     p.set_defaults(run=cmd_bench)
 
 
@@ -135,9 +125,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder for checkpoint.pt and the trained adapter or model")
     p.add_argument("--until", type=int, help="stop (with a checkpoint) at this step of the schedule")
     p.add_argument("--seq-len", type=int, default=DataConfig(()).seq_len)
-    _options(p, TrainConfig(), {"regime": REGIMES, "autocast": ("auto", "bf16", "off")},
-             {"block_size": "default: the model's training block size, else 32", "alpha": "weight of the diffusion "
-              "term", "suffix_fraction": "share of sequences masked like a spec draft"})
+    _options(p, TrainConfig(), {"regime": REGIMES, "autocast": ("auto", "bf16", "off")})
     p.set_defaults(run=cmd_train)
 
 
@@ -159,15 +147,7 @@ def _adapter_parsers(sub) -> None:
     x.add_argument("--adapter-dtype", choices=loading.DTYPES, default="bfloat16", help="dtype of the written weights")
     x.set_defaults(run=cmd_export_adapter)
     e = sub.add_parser("eval-draft", help="held-out spec accepted length and diffusion quality of a draft adapter")
-    e.add_argument("--prompts", help="JSONL prompt set (default: the packaged chat prompts)")
-    e.add_argument("--modes", type=_list(str), default=("ar", "spec", "diffusion"))
-    e.add_argument("--block-sizes", type=_list(int), default=(8,))
-    e.add_argument("--spec-variants", type=_list(str), default=("linear",))
-    e.add_argument("--threshold", type=_threshold, default=0.9)
-    e.add_argument("--max-tokens", type=int, default=64)
-    e.add_argument("--snapshots", help="a training run's adapters/ folder: evaluate the bare model and every step-N "
-                                       "adapter in it (one JSON line each: the acceptance curve)")
-    e.add_argument("--plot", help="with --snapshots: write accepted length vs training tokens to this PNG")
+    _options(e, bench.DraftOptions(), {"threshold": _threshold})
     e.set_defaults(run=cmd_eval_draft)
 
 
@@ -177,10 +157,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--block-size", type=int, help="block size of requests that name none (default: per device "
                                                   "and mode)")
-    _options(p, ServerConfig(), {"default_mode": (*MODES, "auto")}, {
-        "served_model_name": "the model id clients send (default: from --model)",
-        "api_key": "require 'Authorization: Bearer KEY'", "max_queue": "requests waiting or running before 429",
-        "max_batch": "rows decoded together"}, skip=("defaults",))
+    _options(p, ServerConfig(), {"default_mode": (*MODES, "auto")}, skip=("defaults",))
     p.set_defaults(run=cmd_serve, served_model_name=None)
 
 
@@ -196,17 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open(args, adapter: str | None = None):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.cuda_graphs and torch.device(args.device).type != "cuda":
-        raise ValueError("--cuda-graphs needs --device cuda")
-    model, tok = loading.open_model(args.model, args.dtype, args.device, adapter or args.adapter)
-    if args.cuda_graphs:
-        from tridlm.graphs import GraphedModel
-
-        model = GraphedModel(model, capacity=args.cuda_graphs)
-    return model, tok
+def _open(args, **override):
+    return _fill(loading.Source, args, **override).open()
 
 
 def cmd_generate(args) -> None:
@@ -260,24 +228,15 @@ def cmd_distill(args) -> None:
 
 
 def cmd_export_adapter(args) -> None:
-    model, _ = _open(args)
-    if not checkpoint.has_adapter(model):
-        raise ValueError("the model has no draft adapter to export (pass --adapter FOLDER)")
-    checkpoint.save_adapter(model, Path(args.out), loading.DTYPES[args.adapter_dtype])
+    checkpoint.save_adapter(_open(args)[0], Path(args.out), loading.DTYPES[args.adapter_dtype])
     print(json.dumps({"out": args.out, "dtype": args.adapter_dtype}))
 
 
 def cmd_eval_draft(args) -> None:
-    if args.snapshots and args.adapter:
+    opts = _fill(bench.DraftOptions, args)
+    if opts.snapshots and args.adapter:
         raise ValueError("--snapshots evaluates the bare model and each snapshot; leave out --adapter")
-    model, tok = _open(args, adapter="none" if args.snapshots else None)
-    prompts = bench.load_prompts(args.prompts, tok)
-    settings = bench.grid(args.modes, args.block_sizes, [args.threshold], [0.0], [1], args.max_tokens,
-                          spec_variants=args.spec_variants)
-    if args.snapshots:
-        bench.acceptance_curve(model, prompts, settings, Path(args.snapshots), args.plot)
-    else:
-        print(json.dumps({"adapter": args.adapter, "prompts": len(prompts), **bench.eval_draft(model, prompts, settings)}))
+    bench.run_draft_eval(*_open(args, adapter="none" if opts.snapshots else args.adapter), opts)
 
 
 def cmd_serve(args) -> None:

@@ -4,6 +4,7 @@ embedded default; and convert one to an NLD directory. What every command, the s
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from tridlm import checkpoint, default_model
 from tridlm.device import fast_dtype
 from tridlm.gguf_file import load_gguf
+from tridlm.graphs import GraphedModel
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
@@ -48,6 +50,33 @@ def open_model(path: str | Path | None = None, dtype: str = "float32", device: s
     if adapter not in (None, "none"):
         checkpoint.load_adapter(model, Path(adapter))
     return model, tok
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which model to open and how: what every command takes (``--model``, ``--dtype`` ...)."""
+
+    model: str | None = None  # NLD or Hugging Face directory, or a GGUF file (default: SmolLM2-135M-Instruct)
+    dtype: str = "float32"  # auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16), else float32
+    device: str = "cpu"  # torch device, e.g. cpu or cuda
+    adapter: str | None = None  # draft adapter folder (PEFT layout), or none (default: the model's own, if any)
+    threads: int | None = None  # CPU threads for torch (default: torch's choice)
+    cuda_graphs: int = 0  # replay per-cycle forwards as CUDA graphs over a static cache of this many tokens
+
+    def validate(self) -> Source:
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"invalid dtype={self.dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
+        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise ValueError("--cuda-graphs needs --device cuda")
+        return self
+
+    def open(self) -> tuple[TriModel | GraphedModel, Tokenizer]:
+        """``open_model`` with these settings (and torch's thread count set first)."""
+        self.validate()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        model, tok = open_model(self.model, self.dtype, self.device, self.adapter)
+        return (GraphedModel(model, capacity=self.cuda_graphs) if self.cuda_graphs else model), tok
 
 
 def model_name(path: str | Path | None) -> str:

@@ -1,7 +1,8 @@
 """Attention masks over keys ``[cache[:P] | current tokens (n)]`` for queries = current tokens.
 
 Each returns a bool tensor (B, n, P + n), True = may attend. Cache slot j of row b is visible only
-when j < cache_lengths[b] (rows of a batch have different committed lengths).
+when j < cache_lengths[b] (rows of a batch have different committed lengths). ``dual_stream`` is the
+training layout's mask (SPEC 4), over the 2L tokens of one forward without a cache.
 """
 
 from __future__ import annotations
@@ -48,3 +49,16 @@ def quadratic(cache_lengths: torch.Tensor, n: int, prefix: int, block: int) -> t
     sees_mask = ~is_draft[None, :] & ~is_draft[:, None] & (sub[None, :] == sub[:, None])
     current = (sees_draft | sees_mask).expand(len(cache_lengths), -1, -1)
     return torch.cat([_cache_part(cache_lengths, n, prefix), current], dim=-1)
+
+
+def dual_stream(length: int, block: int, device=None) -> torch.Tensor:
+    """(2L, 2L) bool mask over [x_t | x_0]: x_t query i sees its own block of x_t and the x_0 tokens of
+    strictly earlier blocks; x_0 query i sees x_0 tokens 0..i."""
+    pos = torch.arange(length, device=device)
+    blk = pos // block
+    noisy_noisy = blk[:, None] == blk[None, :]
+    noisy_clean = blk[None, :] < blk[:, None]
+    clean_clean = pos[None, :] <= pos[:, None]
+    top = torch.cat([noisy_noisy, noisy_clean], dim=1)
+    bottom = torch.cat([torch.zeros_like(clean_clean), clean_clean], dim=1)
+    return torch.cat([top, bottom], dim=0)

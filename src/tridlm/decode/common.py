@@ -26,17 +26,17 @@ SPEC_VARIANTS = ("linear", "quadratic")
 class GenerationConfig:
     """Decoding knobs of one request (SPEC 3.5). ``validate`` rejects anything out of range."""
 
-    mode: str = "ar"
-    block_size: int | None = None  # None: the default for the device, mode and model (``resolve``)
-    threshold: float | None = 0.9  # diffusion: commit confidence; None = one token per step
-    spec_variant: str = "linear"  # spec: "linear" (draft + verify forwards) | "quadratic" (one forward)
-    max_steps_per_block: int | None = None  # diffusion: default block_size
-    temperature: float = 0.0
+    mode: str = "ar"  # ar | diffusion | spec
+    block_size: int | None = None  # default: per device and mode (tridlm.device), at most the model's training block
+    threshold: float | None = 0.9  # diffusion: commit confidence; none = one token per step
+    spec_variant: str = "linear"  # spec: linear (draft + verify forwards) or quadratic (one forward of B*(B+1) tokens)
+    max_steps_per_block: int | None = None  # diffusion: denoising steps per block at most (default: block size)
+    temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
-    seed: int | None = None
-    max_tokens: int = 256
-    stop: tuple[str, ...] = ()
+    seed: int | None = None  # seeds the sampling generator
+    max_tokens: int = 256  # generated tokens at most (exactly, even when a block commits more)
+    stop: tuple[str, ...] = ()  # stop string (repeatable)
 
     def validate(self) -> GenerationConfig:
         def bad(name, why):

@@ -9,13 +9,13 @@ from tridlm.decode import MODES, GenerationConfig
 
 @dataclass(frozen=True)
 class ServerConfig:
-    served_model_name: str = "tridlm"  # the model id clients send
+    served_model_name: str = "tridlm"  # the model id clients send (default: from --model)
     api_key: str | None = None  # require 'Authorization: Bearer KEY'
     max_queue: int = 64  # requests waiting or running before 429
     max_batch: int = 16  # rows decoded together
-    max_body_bytes: int = 1 << 20
-    default_max_tokens: int = 256
-    default_mode: str = "ar"  # a mode or "auto"
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    default_max_tokens: int = 256  # for requests that name none (at most what the context leaves)
+    default_mode: str = "ar"  # mode of requests that name none; auto: spec when idle, batched ar under load
     defaults: GenerationConfig = GenerationConfig()  # the knobs of requests that name none
 
     def validate(self) -> ServerConfig:

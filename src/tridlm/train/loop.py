@@ -33,23 +33,23 @@ REGIMES = ("adapter", "full")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    regime: str = "adapter"
+    regime: str = "adapter"  # adapter: a LoRA on the diffusion term, base frozen; full: every weight, joint objective
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    block_size: int | None = None  # None: the model's own (config block_size), else 32 (SPEC 4)
-    alpha: float = 0.3
-    suffix_fraction: float = 0.0  # share of sequences masked spec-style (block suffixes), see add_noise
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-3
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get a LoRA
+    block_size: int | None = None  # default: the model's training block size (config block_size), else 32
+    alpha: float = 0.3  # weight of the diffusion term (SPEC 4)
+    suffix_fraction: float = 0.0  # share of sequences masked like a spec draft (block suffixes), see add_noise
+    batch_size: int = 4  # rows per step and process
+    grad_accum: int = 1  # batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    steps: int = 200
-    min_lr_ratio: float = 0.1
-    eval_every: int = 50
-    eval_batches: int = 4
-    checkpoint_every: int = 50
+    steps: int = 200  # length of the learning-rate schedule
+    min_lr_ratio: float = 0.1  # the schedule's final learning rate over the peak
+    eval_every: int = 50  # steps between held-out evaluations
+    eval_batches: int = 4  # held-out batches per evaluation
+    checkpoint_every: int = 50  # steps between checkpoints (a killed run resumes from the last)
     seed: int = 0
     autocast: str = "auto"  # auto (bf16 where supported) | bf16 | off
 

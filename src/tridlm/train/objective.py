@@ -17,19 +17,6 @@ from tridlm import masks
 from tridlm.model import TriModel
 
 
-def dual_stream(length: int, block: int, device=None) -> torch.Tensor:
-    """(2L, 2L) bool mask over [x_t | x_0]: x_t query i sees its own block of x_t and the x_0 tokens of
-    strictly earlier blocks; x_0 query i sees x_0 tokens 0..i."""
-    pos = torch.arange(length, device=device)
-    blk = pos // block
-    noisy_noisy = blk[:, None] == blk[None, :]
-    noisy_clean = blk[None, :] < blk[:, None]
-    clean_clean = pos[None, :] <= pos[:, None]
-    top = torch.cat([noisy_noisy, noisy_clean], dim=1)
-    bottom = torch.cat([torch.zeros_like(clean_clean), clean_clean], dim=1)
-    return torch.cat([top, bottom], dim=0)
-
-
 @dataclass
 class Noised:
     xt: torch.Tensor  # (B, L) tokens with MASK where masked
@@ -82,7 +69,7 @@ def joint_loss(model: TriModel, x0: torch.Tensor, noised: Noised, block: int, al
     loss_mask = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask
     tokens = torch.cat([noised.xt, x0], dim=1)  # (B, 2L)
     positions = torch.arange(L, device=x0.device).repeat(2).expand(B, -1)
-    mask = dual_stream(L, block, x0.device).expand(B, -1, -1)
+    mask = masks.dual_stream(L, block, x0.device).expand(B, -1, -1)
     on_noisy = (torch.arange(2 * L, device=x0.device) < L).expand(B, -1) if adapter else False
     logits = model(tokens, positions, mask, adapter=on_noisy)  # (B, 2L, V)
     noisy, clean = logits[:, :L], logits[:, L:]
@@ -112,7 +99,7 @@ def diffusion_loss(model: TriModel | torch.nn.Module, x0: torch.Tensor, noised: 
     with torch.no_grad():
         net(x0, positions, masks.causal(cache.lengths, L, 0), cache, write=L,
             logits_index=torch.zeros(B, 0, dtype=torch.long, device=device))
-    both = dual_stream(L, block, device)
+    both = masks.dual_stream(L, block, device)
     mask = torch.cat([both[:L, L:], both[:L, :L]], dim=1).expand(B, -1, -1)  # keys [cached x_0 | x_t]
     # Each row's masked positions first (stable), cut at the largest count; padding carries weight 0.
     index = torch.argsort((~noised.masked).to(torch.uint8), dim=1, stable=True)[:, : int(noised.masked.sum(1).max())]
