@@ -4,7 +4,7 @@ bf16 autocast), alternating in one process."""
 import time, torch
 from tridlm import default_model
 from tridlm.train.objective import add_noise, joint_loss, diffusion_loss
-model, tok = default_model.load(adapter=False)
+model, tok = default_model.load(own_adapter=False)
 model.add_lora(8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 for n, p in model.named_parameters(): p.requires_grad_("lora_" in n)
 g = torch.Generator().manual_seed(0)

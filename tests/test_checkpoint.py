@@ -102,7 +102,7 @@ def test_adapter_round_trip_in_peft_layout(tmp_path, tiny_model, char_tokenizer)
     mask = masks.bidirectional(torch.zeros(1, dtype=torch.long), 5, 0)
     assert torch.equal(loaded(x, pos, mask, adapter=True), model(x, pos, mask, adapter=True))
     assert not torch.equal(loaded(x, pos, mask, adapter=True), loaded(x, pos, mask))
-    plain, _ = checkpoint.load(tmp_path / "nld", adapter=False)
+    plain, _ = checkpoint.load(tmp_path / "nld", own_adapter=False)
     assert not checkpoint.has_adapter(plain)
 
 

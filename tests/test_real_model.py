@@ -81,7 +81,7 @@ def test_shipped_draft_adapter_is_attached_and_drafts_better(default_model):
 
     model, tok = default_model
     assert checkpoint.has_adapter(model) and (default.adapter_dir() / "adapter_model.safetensors").is_file()
-    bare, _ = default.load(adapter=False)
+    bare, _ = default.load(own_adapter=False)
     assert not checkpoint.has_adapter(bare)
     prompts = [tok.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
     cfg = GenerationConfig(mode="spec", block_size=8, max_tokens=32)

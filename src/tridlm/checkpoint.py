@@ -209,10 +209,10 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu"
 
 
 def load(directory: Path, dtype: torch.dtype = torch.float32, device="cpu",
-         adapter: bool = True) -> tuple[TriModel, Tokenizer]:
+         own_adapter: bool = True) -> tuple[TriModel, Tokenizer]:
     """Model and tokenizer of an NLD or HF directory. A model without a mask token reuses an unused
     special token of its tokenizer when it has one. The draft adapter in ``linear_spec_lora/`` is
-    attached when present and ``adapter`` is true."""
+    attached when present and ``own_adapter`` is true."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: not a checkpoint directory (missing config.json)")
@@ -221,7 +221,7 @@ def load(directory: Path, dtype: torch.dtype = torch.float32, device="cpu",
     if cfg.mask_id is None:
         cfg = dataclasses.replace(cfg, mask_id=find_mask_token(tokenizer))
     model = load_model(directory, dtype, device, cfg)
-    if adapter and (directory / ADAPTER_DIR).is_dir():
+    if own_adapter and (directory / ADAPTER_DIR).is_dir():
         load_adapter(model, directory / ADAPTER_DIR)
     return model, tokenizer
 

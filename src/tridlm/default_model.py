@@ -52,9 +52,9 @@ def adapter_dir() -> Path:
     return Path(__file__).parent / "adapters" / NAME
 
 
-def load(dtype: torch.dtype = torch.float32, device="cpu", adapter: bool = True) -> tuple[TriModel, Tokenizer]:
-    """The default model, with the shipped draft adapter unless ``adapter`` is false."""
-    model, tokenizer = checkpoint.load(nld_dir(), dtype, device, adapter=False)
-    if adapter and adapter_dir().is_dir():
+def load(dtype: torch.dtype = torch.float32, device="cpu", own_adapter: bool = True) -> tuple[TriModel, Tokenizer]:
+    """The default model, with the shipped draft adapter unless ``own_adapter`` is false."""
+    model, tokenizer = checkpoint.load(nld_dir(), dtype, device, own_adapter=False)
+    if own_adapter and adapter_dir().is_dir():
         checkpoint.load_adapter(model, adapter_dir())
     return model, tokenizer

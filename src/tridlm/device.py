@@ -24,7 +24,7 @@ def fast_dtype(device: str | torch.device) -> torch.dtype:
 
 
 # Block sizes used when a request names none, per device kind and (mode, spec variant). CPU: measured
-# with the shipped draft adapter on the 2-core CPU in float32 (README, "Measured"): spec linear B=8 13.6
+# with the shipped draft adapter on the 2-core CPU in float32 (README, "Results"): spec linear B=8 13.6
 # tok/s vs B=4 11.0; quadratic B=4 12.9 vs B=8 7.0 (a B(B+1)-token forward grows quickly there);
 # diffusion at threshold 0.9 B=4 12.6 vs B=8 11.0 tok/s (generative perplexity 2.66 vs 3.05). CUDA: on an
 # H200 under CUDA graphs forwards of 16 to 272 new tokens cost 1-2x an AR step, so larger blocks are nearly

@@ -41,12 +41,12 @@ def open_model(path: str | Path | None = None, dtype: str = "float32", device: s
     torch_dtype = resolve_dtype(dtype, device)
     own = adapter is None
     if path is None:
-        model, tok = default_model.load(torch_dtype, device, adapter=own)
+        model, tok = default_model.load(torch_dtype, device, own_adapter=own)
     elif Path(path).is_file() and str(path).endswith(".gguf"):
         model, tok = load_gguf(Path(path), torch_dtype)
         model = model.to(device)
     else:
-        model, tok = checkpoint.load(Path(path), torch_dtype, device, adapter=own)
+        model, tok = checkpoint.load(Path(path), torch_dtype, device, own_adapter=own)
     if adapter not in (None, "none"):
         checkpoint.load_adapter(model, Path(adapter))
     return model, tok

@@ -28,15 +28,17 @@ def bidirectional(cache_lengths: torch.Tensor, n: int, prefix: int) -> torch.Ten
 
 
 def quadratic_offsets(block: int, device=None) -> torch.Tensor:
-    """Positions, relative to the committed length, of the B*(B+1) tokens of a quadratic-spec forward:
-    B draft rows at 0..B-1, then for each sub-block i its B MASK rows at i+1..i+B."""
+    """Positions, relative to the committed length, of the block*(block+1) tokens of a quadratic-spec
+    forward: ``block`` draft rows at 0..block-1, then for each sub-block i its ``block`` MASK rows at
+    i+1..i+block."""
     drafts = torch.arange(block, device=device)
     masks_ = (drafts[:, None] + 1 + drafts[None, :]).flatten()
     return torch.cat([drafts, masks_])
 
 
 def quadratic(cache_lengths: torch.Tensor, n: int, prefix: int, block: int) -> torch.Tensor:
-    """Quadratic self-speculation (SPEC 3.4). Tokens: B draft rows, then B sub-blocks of B MASK rows.
+    """Quadratic self-speculation (SPEC 3.4). Tokens: ``block`` draft rows, then ``block`` sub-blocks of
+    ``block`` MASK rows each.
     Draft row i sees the cache and draft rows 0..i (it verifies); MASK rows of sub-block i see the
     cache, draft rows 0..i and their own sub-block (they draft the block after an accept of i drafts)."""
     if n != block * (block + 1):

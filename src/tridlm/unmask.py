@@ -2,7 +2,7 @@
 
 A rule maps (confidence (B, n), still_masked (B, n) bool) -> positions to commit (B, n) bool. Every
 rule commits at least the most confident masked position of each row that has one, so a block of
-B positions always finishes within B steps.
+n positions always finishes within n steps.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def confidence_threshold(threshold: float) -> Rule:
 
 
 def one_per_step() -> Rule:
-    """Commit exactly the most confident masked position (B steps per block)."""
+    """Commit exactly the most confident masked position (n steps for a block of n)."""
     return _most_confident
 
 

@@ -29,7 +29,7 @@ class GenerationConfig:
     mode: str = "ar"  # ar | diffusion | spec
     block_size: int | None = None  # default: per device and mode (tridlm.device), at most the model's training block
     threshold: float | None = 0.9  # diffusion: commit confidence; none = one token per step
-    spec_variant: str = "linear"  # spec: linear (draft + verify forwards) or quadratic (one forward of B*(B+1) tokens)
+    spec_variant: str = "linear"  # spec: linear (draft + verify forwards) or quadratic (one forward of n(n+1) tokens)
     max_steps_per_block: int | None = None  # diffusion: denoising steps per block at most (default: block size)
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
