@@ -242,6 +242,8 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str
 def save(directory: Path, model: TriModel, tokenizer: Tokenizer, max_shard_bytes: int = 4 * 2**30) -> None:
     """Write an NLD directory atomically (a crash leaves no half-written directory): config.json,
     safetensors shards (+ index when more than one), tokenizer files and the adapter if attached."""
+    if is_packed(model):
+        raise ValueError("a model with int8/int4 weights is not written: save or convert it from float weights")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -310,6 +312,11 @@ def add_mask_token(model: TriModel, tokenizer: Tokenizer, token: str = "<|mask|>
 
 
 # ----------------------------------------------------------------------------------------- adapters
+
+def is_packed(model: TriModel) -> bool:
+    """Whether any layer runs low-bit weights (``tridlm.quant``)."""
+    return any(isinstance(m, Linear) and m.packed is not None for m in model.modules())
+
 
 def has_adapter(model: TriModel) -> bool:
     return any(isinstance(m, Linear) and m.lora_a is not None for m in model.modules())

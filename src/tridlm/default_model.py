@@ -52,9 +52,15 @@ def adapter_dir() -> Path:
     return Path(__file__).parent / "adapters" / NAME
 
 
-def load(dtype: torch.dtype = torch.float32, device="cpu", own_adapter: bool = True) -> tuple[TriModel, Tokenizer]:
-    """The default model, with the shipped draft adapter unless ``own_adapter`` is false."""
-    model, tokenizer = checkpoint.load(nld_dir(), dtype, device, own_adapter=False)
+def load(dtype: torch.dtype = torch.float32, device="cpu", own_adapter: bool = True,
+         native_int4: bool = False) -> tuple[TriModel, Tokenizer]:
+    """The default model, with the shipped draft adapter unless ``own_adapter`` is false; ``native_int4``
+    reads its projections' Q4_1 codes from the GGUF file as they are (``tridlm.quant``)."""
+    if native_int4:
+        model, tokenizer = load_gguf(gguf_path(), dtype, native_int4=True)
+        model = model.to(device)
+    else:
+        model, tokenizer = checkpoint.load(nld_dir(), dtype, device, own_adapter=False)
     if own_adapter and adapter_dir().is_dir():
         checkpoint.load_adapter(model, adapter_dir())
     return model, tokenizer

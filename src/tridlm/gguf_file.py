@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tridlm import checkpoint
+from tridlm import checkpoint, quant
 from tridlm.model import ModelConfig, TriModel
 from tridlm.rope import RopeConfig
 from tridlm.tokenizer import Tokenizer
@@ -32,8 +32,10 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[TriModel, Tokenizer]:
-    """Dequantize a llama-architecture GGUF file into a model of our layout, with its tokenizer."""
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native_int4: bool = False) -> tuple[TriModel, Tokenizer]:
+    """A llama-architecture GGUF file as a model of our layout, with its tokenizer: every tensor
+    dequantized to ``dtype``, or with ``native_int4`` the Q4_1 projections kept as their 4-bit codes
+    (``tridlm.quant.Int4Weight``; ``dtype`` must then be its activations' dtype)."""
     import gguf
 
     path = Path(path)
@@ -63,17 +65,21 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[TriModel,
         mask_id=checkpoint.find_mask_token(tokenizer))
     with torch.device("meta"):
         model = TriModel(cfg)
+    if native_int4 and dtype != quant.ACTIVATIONS:
+        raise ValueError(f"native int4 weights run with {quant.ACTIVATIONS} activations, not {dtype}")
     for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        shape = [int(d) for d in reversed(t.shape)]  # GGUF lists dims innermost first
         parts = t.name.split(".")
-        if parts[0] == "blk":
-            if parts[2] in ("attn_q", "attn_k"):
-                w = _unpermute(w, n_heads if parts[2] == "attn_q" else n_kv)
-            name = f"encoder.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.weight"
-        else:
-            name = _TOP_NAMES[t.name]
+        name = f"encoder.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.weight" if parts[0] == "blk" else _TOP_NAMES[t.name]
+        heads = {"attn_q": n_heads, "attn_k": n_kv}.get(parts[2]) if parts[0] == "blk" else None
         module, _, attr = name.rpartition(".")
+        if native_int4 and t.tensor_type == gguf.GGMLQuantizationType.Q4_1 and len(shape) == 2:
+            blocks = np.asarray(t.data).reshape(shape[0], -1)  # one row of Q4_1 blocks per output
+            blocks = _unpermute(blocks, heads) if heads else blocks
+            model.get_submodule(module).pack(quant.Int4Weight.from_q4_1(blocks, *shape))
+            continue
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        w = _unpermute(w, heads) if heads else w
         tensor = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
         setattr(model.get_submodule(module), attr, torch.nn.Parameter(tensor, requires_grad=False))
     if cfg.tie_embeddings:

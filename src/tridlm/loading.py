@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import checkpoint, default_model
+from tridlm import checkpoint, default_model, quant
 from tridlm.device import fast_dtype
 from tridlm.gguf_file import load_gguf
 from tridlm.graphs import GraphedModel
@@ -17,13 +17,16 @@ from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DTYPE_CHOICES = (*DTYPES, "auto")
+DTYPE_CHOICES = (*DTYPES, *quant.WEIGHT_PRECISIONS, "auto")
 
 
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """A dtype by name; "auto" is bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    """The float dtype of a precision name: activations and unquantized weights (bfloat16 for the int8 and
+    int4 weight precisions); "auto" is bfloat16 on CUDA and on CPUs with native bf16, else float32."""
     if name == "auto":
         return fast_dtype(device)
+    if name in quant.WEIGHT_PRECISIONS:
+        return quant.ACTIVATIONS
     if name not in DTYPES:
         raise ValueError(f"invalid dtype={name!r}: expected one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[name]
@@ -34,21 +37,26 @@ def open_model(path: str | Path | None = None, dtype: str = "float32", device: s
     """A model and its tokenizer.
 
     path: an NLD or HF checkpoint directory, a ``.gguf`` file, or None for the embedded default model.
-    dtype: a name of ``DTYPES`` or "auto".
+    dtype: a name of ``DTYPE_CHOICES``: a float dtype, "auto", or low-bit weights "int8" / "int4" (CPU
+        only; a GGUF file's Q4_1 tensors, the default model's among them, keep their own codes in int4).
     adapter: the draft adapter to use: None for the model's own (an NLD directory's ``linear_spec_lora/``,
         the shipped one of the default model), "none" for the bare model, or a PEFT folder.
     """
     torch_dtype = resolve_dtype(dtype, device)
-    own = adapter is None
+    if dtype in quant.WEIGHT_PRECISIONS and torch.device(device).type != "cpu":
+        raise ValueError(f"{dtype} weights run on the CPU only (torch's packed CPU kernels); use bfloat16 on {device}")
+    own, native_int4 = adapter is None, dtype == "int4"
     if path is None:
-        model, tok = default_model.load(torch_dtype, device, own_adapter=own)
+        model, tok = default_model.load(torch_dtype, device, own_adapter=own, native_int4=native_int4)
     elif Path(path).is_file() and str(path).endswith(".gguf"):
-        model, tok = load_gguf(Path(path), torch_dtype)
+        model, tok = load_gguf(Path(path), torch_dtype, native_int4=native_int4)
         model = model.to(device)
     else:
         model, tok = checkpoint.load(Path(path), torch_dtype, device, own_adapter=own)
     if adapter not in (None, "none"):
         checkpoint.load_adapter(model, Path(adapter))
+    if dtype in quant.WEIGHT_PRECISIONS:
+        quant.quantize(model, dtype)
     return model, tok
 
 
@@ -57,7 +65,7 @@ class Source:
     """Which model to open and how: what every command takes (``--model``, ``--dtype`` ...)."""
 
     model: str | None = None  # NLD or Hugging Face directory, or a GGUF file (default: SmolLM2-135M-Instruct)
-    dtype: str = "float32"  # auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16), else float32
+    dtype: str = "float32"  # float32 (spec == ar token for token), bfloat16, auto (bf16 where native), or int8/int4 weights with bf16 activations (CPU); spec may differ from ar outside float32
     device: str = "cpu"  # torch device, e.g. cpu or cuda
     adapter: str | None = None  # draft adapter folder (PEFT layout), or none (default: the model's own, if any)
     threads: int | None = None  # CPU threads for torch (default: torch's choice)

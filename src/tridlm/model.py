@@ -79,24 +79,33 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """A linear layer with an optional low-rank adapter, used only when asked."""
+    """A linear layer with an optional low-rank adapter, used only when asked, and optionally low-bit
+    weights (``tridlm.quant``) in place of the float ones."""
 
     def __init__(self, d_in: int, d_out: int, bias: bool = False):
         super().__init__(d_in, d_out, bias=bias)
         self.lora_a: nn.Parameter | None = None
         self.lora_b: nn.Parameter | None = None
         self.lora_scale = 0.0
+        self.packed = None  # an Int8Weight / Int4Weight; the float weight is dropped
 
-    def add_lora(self, rank: int, alpha: float) -> None:
+    def pack(self, weight) -> None:
+        """Use low-bit ``weight`` from now on (activations in ``tridlm.quant.ACTIVATIONS``)."""
+        self.packed, self.weight = weight, None
+
+    def add_lora(self, rank: int, alpha: float, dtype: torch.dtype, device: torch.device) -> None:
         """Attach a LoRA (B initialised to zero, so the adapter starts as the identity)."""
-        w = self.weight
-        self.lora_a = nn.Parameter(torch.randn(rank, w.shape[1], dtype=w.dtype, device=w.device) / math.sqrt(w.shape[1]))
-        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+        self.lora_a = nn.Parameter(torch.randn(rank, self.in_features, dtype=dtype, device=device)
+                                   / math.sqrt(self.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
         self.lora_scale = alpha / rank
 
     def forward(self, x: torch.Tensor, adapter: bool | torch.Tensor = False) -> torch.Tensor:
         """adapter: True/False for every token, or a (B, n) bool tensor choosing tokens."""
-        y = F.linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            y = self.packed(x) if self.bias is None else self.packed(x) + self.bias
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.lora_a is not None and (adapter is not False):
             delta = F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
             y = y + (delta if adapter is True else delta * adapter[..., None].to(delta.dtype))
@@ -199,11 +208,12 @@ class TriModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.diffusion_head.weight.device
+        return self.encoder.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.diffusion_head.weight.dtype
+        """The activations' dtype (that of the float weights; low-bit layers run in it too)."""
+        return self.encoder.embed_tokens.weight.dtype
 
     def new_cache(self, batch: int, max_len: int, static: bool = False) -> KVCache:
         c = self.cfg
@@ -247,7 +257,7 @@ class TriModel(nn.Module):
         """Attach LoRA adapters to every projection whose name is in ``targets``."""
         for name, module in self.named_modules():
             if isinstance(module, Linear) and name.rsplit(".", 1)[-1] in targets:
-                module.add_lora(rank, alpha)
+                module.add_lora(rank, alpha, self.dtype, self.device)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> TriModel:

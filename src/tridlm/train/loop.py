@@ -90,6 +90,8 @@ class Trainer:
         self.model, self.tokenizer = model, tokenizer
         if model.cfg.mask_id is None:
             raise ValueError("the model has no mask token; convert it with --mask-token or --add-mask-token")
+        if checkpoint.is_packed(model):
+            raise ValueError("training needs float weights (--dtype float32 or bfloat16), not int8/int4")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.log = log if self.rank == 0 else (lambda *_: None)
