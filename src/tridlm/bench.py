@@ -205,12 +205,12 @@ def passes(problem: dict, answer: str, timeout: float = 10.0) -> bool:
 # -------------------------------------------------------------------------------------------- latency
 
 @torch.inference_mode()
-def latency_sweep(model: TriModel, context: list[int], reps: int = 9) -> dict[int, float]:
+def latency_sweep(model: TriModel, context: list[int], reps: int = 9, sizes=SWEEP) -> dict[int, float]:
     """Median ms of one causal forward of n new tokens over a cached context (the cost of a block)."""
-    cache, _ = prefill(model, [context], max_len=len(context) + max(SWEEP) + 1)
+    cache, _ = prefill(model, [context], max_len=len(context) + max(sizes) + 1)
     start = cache.lengths.clone()
     out = {}
-    for n in SWEEP:
+    for n in sizes:
         block = torch.randint(model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
         block = block.to(model.device)
         times = []

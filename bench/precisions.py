@@ -1,0 +1,96 @@
+"""Every precision side by side in one process: AR, spec and diffusion on the packaged chat prompts
+(alternating precisions and repeats, so machine drift hits all alike), exact match against the same
+precision's AR and against float32 AR, and the cost of a forward of n = 1..32 new tokens.
+
+    .venv/bin/python bench/precisions.py [OUT_DIR] [--prompts N] [--repeats R]
+
+writes OUT_DIR/precisions-<date>.json and -cost.png (default OUT_DIR: bench/results), prints a table.
+"""
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tridlm import bench
+from tridlm.decode import GenerationConfig
+from tridlm.loading import open_model
+
+PRECISIONS = ("float32", "bfloat16", "int8", "int4")
+SETTINGS = {"ar": GenerationConfig(max_tokens=64), "spec B=8": GenerationConfig(mode="spec", block_size=8, max_tokens=64),
+            "diffusion B=4": GenerationConfig(mode="diffusion", block_size=4, max_tokens=64)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", nargs="?", default="bench/results")
+    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    models = {p: open_model(dtype=p)[0] for p in PRECISIONS}
+    tok = open_model(dtype="float32")[1]
+    prompts = bench.load_prompts(None, tok)[: args.prompts]
+    for model in models.values():  # warm-up
+        bench.run_tridlm(model, prompts[:1], bench.Setting("tridlm", GenerationConfig(max_tokens=4)))
+    speed, outputs = {}, {}
+    for rep in range(args.repeats):
+        for p in PRECISIONS if rep % 2 == 0 else PRECISIONS[::-1]:
+            for name, gen in SETTINGS.items():
+                t = time.perf_counter()
+                rows = bench.run_tridlm(models[p], prompts, bench.Setting("tridlm", gen))
+                speed.setdefault((p, name), []).append(sum(len(r.tokens) for r in rows) / (time.perf_counter() - t))
+                outputs[p, name] = rows
+                print(f"  repeat {rep + 1}  {p:<9} {name:<14} {speed[p, name][-1]:6.1f} tok/s", flush=True)
+    context = tok.encode(Path(bench.__file__).read_text())[:200]
+    sweeps = {p: bench.latency_sweep(models[p], context, reps=5, sizes=range(1, 33)) for p in PRECISIONS}
+    report = {"machine": bench.machine(models["float32"]), "prompts": len(prompts), "repeats": args.repeats,
+              "command": "python bench/precisions.py", "results": {}, "cost_ms": sweeps}
+    for (p, name), rows in outputs.items():
+        same = lambda ref: sum(r.tokens == o.tokens for r, o in zip(rows, outputs[ref])) / len(rows)  # noqa: E731
+        report["results"][f"{p} {name}"] = {
+            "tok_s": statistics.median(speed[p, name]), "tok_s_runs": speed[p, name],
+            "x_float32_ar": statistics.median(speed[p, name]) / statistics.median(speed["float32", "ar"]),
+            "exact_vs_own_ar": same((p, "ar")), "exact_vs_float32_ar": same(("float32", "ar")),
+            **bench.summarize(models["float32"], prompts, rows)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / f"precisions-{datetime.date.today().isoformat()}"
+    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(sweeps, prefix.with_name(prefix.name + "-cost.png"))
+    print(f"{'setting':<24} {'tok/s':>6} {'x fp32 AR':>9} {'TPF':>5} {'=own AR':>7} {'=fp32 AR':>8} {'gen ppl':>7}")
+    for name, r in report["results"].items():
+        print(f"{name:<24} {r['tok_s']:6.1f} {r['x_float32_ar']:9.2f} {r['tpf']:5.2f} {r['exact_vs_own_ar']:7.0%} "
+              f"{r['exact_vs_float32_ar']:8.0%} {r['gen_ppl']:7.2f}")
+    for p, sw in sweeps.items():
+        print(p, "cost(n)/cost(1):", ", ".join(f"{n}: {ms / sw[1]:.2f}" for n, ms in sw.items() if n in (1, 2, 4, 8, 16, 32)),
+              f"(cost(1) = {sw[1]:.1f} ms)")
+
+
+def plot(sweeps: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for p, sw in sweeps.items():
+        ns = list(sw)
+        a.plot(ns, [sw[n] for n in ns], marker=".", label=p)
+        b.plot(ns, [sw[n] / sw[1] for n in ns], marker=".", label=p)
+    a.set(xlabel="new tokens per forward (n)", ylabel="ms per forward", title="forward cost over a 200-token cache")
+    b.set(xlabel="new tokens per forward (n)", ylabel="cost(n) / cost(1)", title="relative cost")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
