@@ -1,5 +1,5 @@
-"""Low-bit weights: GGUF Q4_1 codes taken as they are, int8/int4 quantization error bounds, and models that
-decode in every mode with them (their outputs are measured against float, not asserted equal)."""
+"""Low-bit weights: GGUF Q4_1 codes taken as they are, int8/int4 quantization error bounds, models that track
+the float one and decode in every mode, with spec == AR token for token."""
 
 import dataclasses
 
@@ -67,10 +67,13 @@ def test_quantized_model_tracks_the_float_one_and_decodes_in_every_mode(models, 
     got, want = (m(x, torch.arange(x.shape[1])[None], mask) for m in (model, ref))
     # a wrong code layout would give unrelated logits (correlation ~0); 4 bits on this peaked random model lose some
     assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > {"int8": 0.99, "int4": 0.9}[precision]
-    for cfg in (GenerationConfig(max_tokens=24), GenerationConfig(mode="spec", block_size=4, max_tokens=24),
-                GenerationConfig(mode="diffusion", block_size=4, max_tokens=24)):
-        rows = generate(model, prompts, cfg, eos_ids=[]).rows
-        assert all(len(r.tokens) == 24 for r in rows)
+    ar = [r.tokens for r in generate(model, prompts, GenerationConfig(max_tokens=24), eos_ids=[]).rows]
+    assert all(len(t) == 24 for t in ar)
+    for variant, block in (("linear", 4), ("linear", 8), ("quadratic", 3)):  # verify rows computed as AR steps are
+        cfg = GenerationConfig(mode="spec", spec_variant=variant, block_size=block, max_tokens=24)
+        assert [r.tokens for r in generate(model, prompts, cfg, eos_ids=[]).rows] == ar
+    rows = generate(model, prompts, GenerationConfig(mode="diffusion", block_size=4, max_tokens=24), eos_ids=[]).rows
+    assert all(len(r.tokens) == 24 for r in rows)
 
 
 def test_packed_models_are_not_written_or_trained(models, char_tokenizer, tmp_path):
@@ -102,3 +105,4 @@ def test_default_model_int4_keeps_the_gguf_codes(default_model):
     assert isinstance(q.packed, quant.Int4Weight) and checkpoint.has_adapter(int4)
     want = float_model.encoder.layers[0].self_attn.q_proj.weight.float()
     torch.testing.assert_close(matrix(q.packed, want.shape[1]), want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
+

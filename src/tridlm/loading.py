@@ -65,7 +65,7 @@ class Source:
     """Which model to open and how: what every command takes (``--model``, ``--dtype`` ...)."""
 
     model: str | None = None  # NLD or Hugging Face directory, or a GGUF file (default: SmolLM2-135M-Instruct)
-    dtype: str = "float32"  # float32 (spec == ar token for token), bfloat16, auto (bf16 where native), or int8/int4 weights with bf16 activations (CPU); spec may differ from ar outside float32
+    dtype: str = "float32"  # float32, or int8/int4 weights with bf16 activations (CPU): spec == ar token for token; bfloat16, auto (bf16 where native): spec may differ from ar
     device: str = "cpu"  # torch device, e.g. cpu or cuda
     adapter: str | None = None  # draft adapter folder (PEFT layout), or none (default: the model's own, if any)
     threads: int | None = None  # CPU threads for torch (default: torch's choice)

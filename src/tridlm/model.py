@@ -63,6 +63,26 @@ PRESETS = {
 
 
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ROW_EXACT_MAX_QUERIES = 512  # CPU query blocks up to this size use ``row_exact_attention``
+
+
+def row_exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention as two plain matmuls (grouped query heads stacked as rows) and a float32 softmax, so a query
+    row's result does not depend on how many rows come with it wherever the matmuls are row-independent: with
+    int8/int4 weights on the default model's shapes a spec verify row then equals the AR step that would
+    produce it bit for bit (tested), where torch's fused CPU kernel changes its blocking with the number of
+    rows. Not every shape qualifies (the tiny test model's 16-wide heads do not), nor do bfloat16 float
+    projections.
+
+    q (B, H, n, D); k, v (B, KV, P, D); mask (B, 1, n, P) bool -> (B, H, n, D).
+    """
+    B, H, n, D = q.shape
+    KV = k.shape[1]
+    G = H // KV
+    scores = torch.matmul(q.reshape(B, KV, G * n, D), k.transpose(-1, -2)).float() * D**-0.5  # (B, KV, G*n, P)
+    scores = scores.view(B, KV, G, n, -1).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, KV, G * n, -1)
+    return torch.matmul(probs, v).view(B, H, n, D)
 
 
 class RMSNorm(nn.Module):
@@ -160,7 +180,10 @@ class Attention(nn.Module):
             keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         if p.write:
             p.cache.write(self.index, p.positions[:, : p.write], k[:, :, : p.write], v[:, :, : p.write])
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.mask, enable_gqa=True)  # (B, H, n, D)
+        if q.device.type == "cpu" and n <= ROW_EXACT_MAX_QUERIES:
+            o = row_exact_attention(q, keys, values, p.mask)  # (B, H, n, D)
+        else:
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.mask, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, n, -1), p.adapter)
 
 
