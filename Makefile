@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMACPP := $(VENV)/.llamacpp
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: setup demo test quick bench draft-adapter clean
@@ -28,8 +29,14 @@ test: setup
 quick: setup
 	$(BIN)/python -m pytest -q -m "not slow and not server and not ddp"
 
-# The standard suite on 2 CPU cores (float32, where spec == AR exactly); writes bench/results/bench-<date>.{json,png}.
-bench: setup
+# llama.cpp for the bench's baseline: llama-cpp-python builds it from source (about 10 minutes on 2 cores).
+$(LLAMACPP): $(STAMP)
+	$(PIP) install -c constraints.txt -e '.[llamacpp]'
+	touch $(LLAMACPP)
+
+# The standard suite on 2 CPU cores (float32, where spec == AR exactly), beside transformers and llama.cpp;
+# writes bench/results/bench-<date>.{json,png}.
+bench: setup $(LLAMACPP)
 	$(BIN)/tridlm bench --dtype float32 --block-sizes 4,8 --repeats 2 --humaneval 6 --out bench/results
 
 # The shipped draft adapter (src/tridlm/adapters/): self-distilled chat data, adapter training, export in

@@ -1,6 +1,7 @@
-"""Every precision side by side in one process: AR, spec and diffusion on the packaged chat prompts
-(alternating precisions and repeats, so machine drift hits all alike), exact match against the same
-precision's AR and against float32 AR, and the cost of a forward of n = 1..32 new tokens.
+"""Every precision side by side in one process, beside transformers (float32 greedy) and llama.cpp on the same
+GGUF file: AR, spec and diffusion on the packaged chat prompts (alternating engines and repeats, so machine
+drift hits all alike), exact match against the same precision's AR and against float32 AR, and the cost of a
+forward of n = 1..32 new tokens. llama.cpp needs llama-cpp-python (`make bench` installs it).
 
     .venv/bin/python bench/precisions.py [OUT_DIR] [--prompts N] [--repeats R]
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tridlm import bench
+from tridlm.baselines import Baselines
 from tridlm.decode import GenerationConfig
 from tridlm.loading import open_model
 
@@ -34,37 +36,51 @@ def main() -> None:
     models = {p: open_model(dtype=p)[0] for p in PRECISIONS}
     tok = open_model(dtype="float32")[1]
     prompts = bench.load_prompts(None, tok)[: args.prompts]
-    for model in models.values():  # warm-up
-        bench.run_tridlm(model, prompts[:1], bench.Setting("tridlm", GenerationConfig(max_tokens=4)))
+    others = Baselines(["hf", "llama.cpp"], None, torch.float32, "cpu")
+    eos = models["float32"].cfg.eos_ids
+
+    def run(engine: str, name: str, max_tokens: int = 64, some=prompts):
+        if engine in others.names:
+            return others.run(engine, some, max_tokens, eos)
+        return bench.run_tridlm(models[engine], some, bench.Setting("tridlm", SETTINGS[name].replace(max_tokens=max_tokens)))
+
+    runs = [(p, name) for p in PRECISIONS for name in SETTINGS] + [(b, "ar") for b in others.names]
+    for engine, name in runs:  # warm-up
+        run(engine, name, 4, prompts[:1])
     speed, outputs = {}, {}
     for rep in range(args.repeats):
-        for p in PRECISIONS if rep % 2 == 0 else PRECISIONS[::-1]:
-            for name, gen in SETTINGS.items():
-                t = time.perf_counter()
-                rows = bench.run_tridlm(models[p], prompts, bench.Setting("tridlm", gen))
-                speed.setdefault((p, name), []).append(sum(len(r.tokens) for r in rows) / (time.perf_counter() - t))
-                outputs[p, name] = rows
-                print(f"  repeat {rep + 1}  {p:<9} {name:<14} {speed[p, name][-1]:6.1f} tok/s", flush=True)
+        for engine, name in runs if rep % 2 == 0 else runs[::-1]:
+            t = time.perf_counter()
+            rows = run(engine, name)
+            speed.setdefault((engine, name), []).append(sum(len(r.tokens) for r in rows) / (time.perf_counter() - t))
+            outputs[engine, name] = rows
+            print(f"  repeat {rep + 1}  {engine:<9} {name:<14} {speed[engine, name][-1]:6.1f} tok/s", flush=True)
     context = tok.encode(Path(bench.__file__).read_text())[:200]
     sweeps = {p: bench.latency_sweep(models[p], context, reps=5, sizes=range(1, 33)) for p in PRECISIONS}
     report = {"machine": bench.machine(models["float32"]), "prompts": len(prompts), "repeats": args.repeats,
-              "command": "python bench/precisions.py", "results": {}, "cost_ms": sweeps}
-    for (p, name), rows in outputs.items():
+              "command": "python bench/precisions.py", "baselines_missing": others.missing, "results": {},
+              "cost_ms": sweeps}
+    llama = statistics.median(speed["llama.cpp", "ar"]) if "llama.cpp" in others.names else None
+    for (engine, name), rows in outputs.items():
         same = lambda ref: sum(r.tokens == o.tokens for r, o in zip(rows, outputs[ref])) / len(rows)  # noqa: E731
-        report["results"][f"{p} {name}"] = {
-            "tok_s": statistics.median(speed[p, name]), "tok_s_runs": speed[p, name],
-            "x_float32_ar": statistics.median(speed[p, name]) / statistics.median(speed["float32", "ar"]),
-            "exact_vs_own_ar": same((p, "ar")), "exact_vs_float32_ar": same(("float32", "ar")),
+        tok_s = statistics.median(speed[engine, name])
+        report["results"][f"{engine} {name}"] = {
+            "tok_s": tok_s, "tok_s_runs": speed[engine, name],
+            "x_float32_ar": tok_s / statistics.median(speed["float32", "ar"]),
+            "x_llama_cpp": tok_s / llama if llama else None,
+            "exact_vs_own_ar": same((engine, "ar")), "exact_vs_float32_ar": same(("float32", "ar")),
             **bench.summarize(models["float32"], prompts, rows)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / f"precisions-{datetime.date.today().isoformat()}"
     prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     plot(sweeps, prefix.with_name(prefix.name + "-cost.png"))
-    print(f"{'setting':<24} {'tok/s':>6} {'x fp32 AR':>9} {'TPF':>5} {'=own AR':>7} {'=fp32 AR':>8} {'gen ppl':>7}")
+    print(f"{'setting':<24} {'tok/s':>6} {'x fp32 AR':>9} {'x l.cpp':>7} {'TPF':>5} {'=own AR':>7} {'=fp32 AR':>8} "
+          f"{'gen ppl':>7}")
     for name, r in report["results"].items():
-        print(f"{name:<24} {r['tok_s']:6.1f} {r['x_float32_ar']:9.2f} {r['tpf']:5.2f} {r['exact_vs_own_ar']:7.0%} "
-              f"{r['exact_vs_float32_ar']:8.0%} {r['gen_ppl']:7.2f}")
+        x_llama = "-" if r["x_llama_cpp"] is None else f"{r['x_llama_cpp']:.2f}"
+        print(f"{name:<24} {r['tok_s']:6.1f} {r['x_float32_ar']:9.2f} {x_llama:>7} {r['tpf']:5.2f} "
+              f"{r['exact_vs_own_ar']:7.0%} {r['exact_vs_float32_ar']:8.0%} {r['gen_ppl']:7.2f}")
     for p, sw in sweeps.items():
         print(p, "cost(n)/cost(1):", ", ".join(f"{n}: {ms / sw[1]:.2f}" for n, ms in sw.items() if n in (1, 2, 4, 8, 16, 32)),
               f"(cost(1) = {sw[1]:.1f} ms)")

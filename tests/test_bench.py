@@ -55,3 +55,18 @@ def test_prompt_set_formats(tmp_path, char_tokenizer):
     path.write_text('{"text": "abc"}\n')
     with pytest.raises(ValueError, match="p.jsonl:1: expected a 'messages' or 'prompt' field"):
         bench.load_prompts(path, char_tokenizer)
+
+
+def test_llamacpp_baseline_says_why_it_cannot_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    from tridlm.baselines import Baselines
+
+    said = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # installed, but ...
+    others = Baselines(["llama.cpp"], str(tmp_path), None, "cpu", log=said.append)
+    assert others.names == [] and others.missing == {"llama.cpp": f"{tmp_path} is not a GGUF file"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    others = Baselines(["llama.cpp"], None, None, "cpu", log=said.append)
+    assert others.names == [] and "llama-cpp-python is not installed" in others.missing["llama.cpp"]
+    assert len(said) == 2 and all(line.startswith("llama.cpp baseline skipped") for line in said)

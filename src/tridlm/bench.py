@@ -3,8 +3,8 @@
 All configurations run in one process on one model, alternating within each repeat so machine drift
 hits all of them alike; medians and spread over repeats. Counts follow SPEC 2: generated tokens only,
 NFE after the prefill, TPF = tokens / NFE, tok/s over the wall time of the whole prompt set.
-Baselines: Hugging Face transformers ``generate`` on the same weights (greedy, and prompt-lookup
-speculative decoding), with NFE counted by a forward hook. Quality: exact match of each greedy output
+Baselines (``tridlm.baselines``): transformers ``generate`` on the same weights (greedy, and prompt-lookup
+speculative decoding) and llama.cpp on the same GGUF file. Quality: exact match of each greedy output
 against our AR, generative perplexity under the AR model, and HumanEval pass@1 on a subset.
 """
 
@@ -33,11 +33,11 @@ from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, Row, generate
 from tridlm.decode import summarize as decode_summary
 from tridlm.decode.common import forward_block, prefill
 
+from tridlm.baselines import BASELINES, Baselines
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
-BASELINES = ("hf", "hf-lookup")
 HUMANEVAL_PROMPT = ("Complete the following Python function. Answer with the whole function in a Python code "
                     "block.\n\n```python\n{prompt}```")
 
@@ -46,7 +46,7 @@ HUMANEVAL_PROMPT = ("Complete the following Python function. Answer with the who
 class Setting:
     """One row of the benchmark: an engine and its decoding settings."""
 
-    engine: str  # "tridlm" | "hf" | "hf-lookup"
+    engine: str  # "tridlm" or a name of ``baselines.BASELINES``
     gen: GenerationConfig
     batch_size: int = 1
 
@@ -112,51 +112,6 @@ def run_tridlm(model: TriModel, prompts: list[list[int]], s: Setting) -> list[Ro
         rows += generate(model, prompts[i : i + s.batch_size], s.gen).rows
         _sync(model.device)
     return rows
-
-
-class _HFCounter:
-    """Counts forwards of a transformers model and times the first generated token."""
-
-    def __init__(self, hf):
-        self.calls, self.first = 0, None
-        hf.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        self.calls += 1
-
-    # transformers streamer protocol: put() gets the prompt first, then each new token.
-    def put(self, value):
-        self.puts += 1
-        if self.puts == 2 and self.first is None:
-            self.first = time.perf_counter()
-
-    def end(self):
-        pass
-
-    def reset(self):
-        self.calls, self.first, self.puts = 0, None, 0
-
-
-@torch.inference_mode()
-def run_hf(hf, counter: _HFCounter, prompts: list[list[int]], s: Setting, eos_ids) -> list[Row]:
-    outs = []
-    for p in prompts:
-        x = torch.tensor([p], device=hf.device)
-        counter.reset()
-        t = time.perf_counter()
-        extra = {"prompt_lookup_num_tokens": 10} if s.engine == "hf-lookup" else {}
-        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=s.gen.max_tokens, do_sample=False,
-                          eos_token_id=list(eos_ids) or None, pad_token_id=(list(eos_ids) or [0])[0],
-                          streamer=counter, **extra)
-        _sync(hf.device)
-        end = time.perf_counter()
-        tokens = out[0, len(p):].tolist()
-        if eos_ids and tokens and tokens[-1] in eos_ids:  # drop padding after EOS (batch of one: none)
-            tokens = tokens[: tokens.index(tokens[-1]) + 1]
-        first = counter.first - t if counter.first else None
-        outs.append(Row(s.gen.max_tokens, tokens=tokens, nfe=counter.calls - 1, first_token_s=first,
-                        last_token_s=end - t))
-    return outs
 
 
 @torch.inference_mode()
@@ -234,26 +189,25 @@ class Bench:
     settings: list[Setting]
     prompts: list[list[int]]
     repeats: int = 3
-    hf: object | None = None  # transformers model on the same weights, for the baselines
+    baselines: Baselines | None = None  # the other engines' settings run through it
     humaneval: int = 0  # problems; 0 = skip
     humaneval_settings: list[Setting] = field(default_factory=list)
     sweep: bool = True
     log: object = print
 
     def run(self) -> dict:
-        counter = _HFCounter(self.hf) if self.hf is not None else None
         results = {s.name: {"setting": _describe(s), "walls": [], "peak_mem_mb": None} for s in self.settings}
         outputs: dict[str, list[Row]] = {}
         self.log(f"warm-up ({len(self.settings)} settings)")
         for s in self.settings:
-            self._run(s, self.prompts[:1], counter, max_tokens=8)
+            self._run(s, self.prompts[:1], max_tokens=8)
         for rep in range(self.repeats):
             order = self.settings if rep % 2 == 0 else self.settings[::-1]  # alternate to spread drift
             for s in order:
                 if torch.device(self.model.device).type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 t = time.perf_counter()
-                outs = self._run(s, self.prompts, counter)
+                outs = self._run(s, self.prompts)
                 wall = time.perf_counter() - t
                 results[s.name]["walls"].append(wall)
                 results[s.name]["peak_mem_mb"] = _peak_mb(self.model.device)
@@ -266,30 +220,30 @@ class Bench:
         report = {"machine": machine(self.model), "prompts": len(self.prompts), "repeats": self.repeats,
                   "max_tokens": self.settings[0].gen.max_tokens, "results": results}
         if self.humaneval:
-            report["humaneval"] = self._humaneval(counter)
+            report["humaneval"] = self._humaneval()
         if self.sweep:
             self.log("forward latency sweep")
             context = self.tokenizer.encode(Path(__file__).read_text())[:200]
             report["sweep_ms"] = latency_sweep(self.model, context)
         return report
 
-    def _run(self, s: Setting, prompts, counter, max_tokens: int | None = None) -> list[Row]:
+    def _run(self, s: Setting, prompts, max_tokens: int | None = None) -> list[Row]:
         if max_tokens is not None:
             s = dataclasses.replace(s, gen=s.gen.replace(max_tokens=max_tokens))
         if s.engine == "tridlm":
             return run_tridlm(self.model, prompts, s)
-        return run_hf(self.hf, counter, prompts, s, self.model.cfg.eos_ids)
+        return self.baselines.run(s.engine, prompts, s.gen.max_tokens, self.model.cfg.eos_ids)
 
     def _summarize(self, s: Setting, outs: list[Row], reference: list[Row] | None) -> dict:
         return summarize(self.model, self.prompts, outs, reference if s.gen.temperature == 0 else None)
 
-    def _humaneval(self, counter) -> dict:
+    def _humaneval(self) -> dict:
         problems = humaneval_problems(self.humaneval)
         prompts = [self.tokenizer.encode_chat([{"role": "user", "content": HUMANEVAL_PROMPT.format(prompt=p["prompt"])}])
                    for p in problems]
         out = {"problems": len(problems)}
         for s in self.humaneval_settings:
-            outs = self._run(s, prompts, counter)
+            outs = self._run(s, prompts)
             texts = [self.tokenizer.decode(o.tokens) for o in outs]
             passed = sum(passes(p, t) for p, t in zip(problems, texts))
             out[s.name] = {"pass@1": passed / len(problems), "passed": passed, "tpf": decode_summary(outs)["tpf"]}
@@ -306,7 +260,7 @@ def finalize(report: dict) -> dict:
         r["tok_s_min"], r["tok_s_max"] = min(tok_s), max(tok_s)
         r["wall_s"] = statistics.median(walls)
     base = report["results"]
-    for ref in ("hf", "ar"):
+    for ref in ("hf", "llama.cpp", "ar"):
         if ref in base:
             for r in base.values():
                 r[f"speedup_vs_{ref}"] = r["tok_s"] / base[ref]["tok_s"]
@@ -367,14 +321,14 @@ def machine(model: TriModel) -> dict:
 # ------------------------------------------------------------------------------------------- output
 
 def table(report: dict) -> str:
-    lines = [f"{'setting':<24} {'tok/s':>7} {'(min-max)':>13} {'xAR':>5} {'TPF':>5} {'NFE':>5} {'TTFT ms':>8} "
-             f"{'ITL ms':>7} {'acc':>5} {'=AR':>5} {'gen ppl':>8}"]
+    lines = [f"{'setting':<24} {'tok/s':>7} {'(min-max)':>13} {'xAR':>5} {'xl.cpp':>6} {'TPF':>5} {'NFE':>5} "
+             f"{'TTFT ms':>8} {'ITL ms':>7} {'acc':>5} {'=AR':>5} {'gen ppl':>8}"]
     f = _fmt
     for name, r in report["results"].items():
         spread = f"{r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}"
         lines.append(
-            f"{name:<24} {r['tok_s']:>7.1f} {spread:>13} "
-            f"{f(r.get('speedup_vs_ar'), '.2f'):>5} {f(r['tpf'], '.2f'):>5} {r['nfe']:>5} {f(r['ttft_ms'], '.0f'):>8} "
+            f"{name:<24} {r['tok_s']:>7.1f} {spread:>13} {f(r.get('speedup_vs_ar'), '.2f'):>5} "
+            f"{f(r.get('speedup_vs_llama.cpp'), '.2f'):>6} {f(r['tpf'], '.2f'):>5} {r['nfe']:>5} {f(r['ttft_ms'], '.0f'):>8} "
             f"{f(r['itl_ms'], '.1f'):>7} {f(r['accepted_mean'], '.2f'):>5} "
             f"{f(r.get('exact_match_vs_ar'), '.0%'):>5} {f(r['gen_ppl'], '.2f'):>8}")
     if "humaneval" in report:
@@ -387,23 +341,6 @@ def table(report: dict) -> str:
         lines.append("\nforward of n new tokens over a 200-token cached prompt, ms (x n=1): " +
                      ", ".join(f"{n}: {ms:.1f} ({ms / sw[1]:.2f}x)" for n, ms in sw.items()))
     return "\n".join(lines)
-
-
-def load_hf_baseline(model_arg: str | None, dtype: torch.dtype, device: str):
-    """The same weights in transformers: from the default GGUF, a GGUF file or an HF directory."""
-    import transformers
-
-    from tridlm import default_model
-
-    if model_arg is None or model_arg.endswith(".gguf"):
-        path = default_model.gguf_path() if model_arg is None else Path(model_arg)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    else:
-        config = json.loads((Path(model_arg) / "config.json").read_text())
-        if (config.get("architectures") or [None])[0] not in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-            raise ValueError(f"{model_arg}: transformers cannot load this checkpoint; use --baselines none")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_arg, dtype=dtype)
-    return hf.to(device).eval()
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -421,7 +358,7 @@ class Options:
     batch_sizes: tuple[int, ...] = (1,)
     max_tokens: int = 64
     repeats: int = 3
-    baselines: tuple[str, ...] = ("hf", "hf-lookup")  # transformers generate: hf, hf-lookup (prompt lookup), or none
+    baselines: tuple[str, ...] = BASELINES  # hf (transformers generate), hf-lookup (its prompt lookup), llama.cpp, or none
     humaneval: int = 0  # HumanEval problems to score (0 = skip)
     humaneval_modes: tuple[str, ...] = ("ar", "diffusion")
     humaneval_max_tokens: int = 256
@@ -445,16 +382,15 @@ def run_suite(model: TriModel, tokenizer: Tokenizer, opts: Options, model_path: 
                     opts.max_tokens, opts.spec_variants)
     if "ar" not in opts.modes:  # the reference for exact match and speedups
         settings.insert(0, grid(["ar"], [1], [None], [0.0], [1], opts.max_tokens)[0])
-    baselines = [b for b in opts.baselines if b != "none"]
-    hf = load_hf_baseline(model_path, model.dtype, str(model.device)) if baselines else None
-    settings += [Setting(b, GenerationConfig(max_tokens=opts.max_tokens)) for b in baselines]
+    others = Baselines([b for b in opts.baselines if b != "none"], model_path, model.dtype, str(model.device))
+    settings += [Setting(b, GenerationConfig(max_tokens=opts.max_tokens)) for b in others.names]
     he_settings = [dataclasses.replace(s, gen=s.gen.replace(max_tokens=opts.humaneval_max_tokens))
                    for s in settings if s.engine == "tridlm" and s.gen.mode in opts.humaneval_modes
                    and s.gen.temperature == 0 and s.batch_size == 1]
-    runner = Bench(model, tokenizer, settings, load_prompts(opts.prompts, tokenizer), repeats=opts.repeats, hf=hf,
-                   humaneval=opts.humaneval, humaneval_settings=he_settings, sweep=opts.sweep)
+    runner = Bench(model, tokenizer, settings, load_prompts(opts.prompts, tokenizer), repeats=opts.repeats,
+                   baselines=others, humaneval=opts.humaneval, humaneval_settings=he_settings, sweep=opts.sweep)
     report = finalize(runner.run())
-    report["command"] = command
+    report["command"], report["baselines_missing"] = command, others.missing
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / f"bench-{datetime.date.today().isoformat()}"
