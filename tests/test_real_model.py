@@ -81,8 +81,12 @@ def test_low_bit_verify_rows_are_ar_steps_bit_for_bit(precision):
     construction, not by argmax margins; checked on real prompts in both spec variants too."""
     from tridlm.loading import open_model
 
+    from test_quant import unfused_logits_equal
+
     model, tok = open_model(dtype=precision)
     prompts = [tok.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
+    assert all(layer.self_attn.qkv is not None for layer in model.encoder.layers)  # one kernel call for q/k/v
+    assert unfused_logits_equal(model, prompts[0])
     for n in (4, 8):
         cache, _ = prefill(model, prompts, max_len=200)
         start = cache.lengths.clone()

@@ -126,10 +126,14 @@ class Linear(nn.Linear):
             y = self.packed(x) if self.bias is None else self.packed(x) + self.bias
         else:
             y = F.linear(x, self.weight, self.bias)
-        if self.lora_a is not None and (adapter is not False):
-            delta = F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
-            y = y + (delta if adapter is True else delta * adapter[..., None].to(delta.dtype))
-        return y
+        return self.with_lora(y, x, adapter)
+
+    def with_lora(self, y: torch.Tensor, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
+        """``y`` (this layer's output for ``x``) plus the adapter's contribution where it is switched on."""
+        if self.lora_a is None or adapter is False:
+            return y
+        delta = F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
+        return y + (delta if adapter is True else delta * adapter[..., None].to(delta.dtype))
 
 
 @dataclass
@@ -160,15 +164,23 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias)
         self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.qkv = None  # q/k/v low-bit weights fused into one kernel call (``fuse_packed``)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
         B, n, _ = x.shape  # B: batch rows, n: current tokens
-        q = self.q_proj(x, p.adapter).view(B, n, self.n_heads, self.head_dim)  # (B, n, H, D)
-        k = self.k_proj(x, p.adapter).view(B, n, self.n_kv_heads, self.head_dim)  # (B, n, KV, D)
-        v = self.v_proj(x, p.adapter).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, n, D)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split([self.q_proj.out_features, self.k_proj.out_features,
+                                         self.v_proj.out_features], dim=-1)
+            q, k, v = (proj.with_lora(y, x, p.adapter) for proj, y in ((self.q_proj, q), (self.k_proj, k),
+                                                                        (self.v_proj, v)))
+        else:
+            q, k, v = self.q_proj(x, p.adapter), self.k_proj(x, p.adapter), self.v_proj(x, p.adapter)
+        q = q.reshape(B, n, self.n_heads, self.head_dim)  # (B, n, H, D)
+        k = k.reshape(B, n, self.n_kv_heads, self.head_dim)  # (B, n, KV, D)
+        v = v.reshape(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, n, D)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q.transpose(1, 2), p.cos, p.sin), rope.apply(k.transpose(1, 2), p.cos, p.sin)
@@ -193,9 +205,15 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.dim, cfg.ffn_dim)
         self.up_proj = Linear(cfg.dim, cfg.ffn_dim)
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim)
+        self.gate_up = None  # gate/up low-bit weights fused into one kernel call (``fuse_packed``)
 
     def forward(self, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            gate, up = self.gate_proj.with_lora(gate, x, adapter), self.up_proj.with_lora(up, x, adapter)
+        else:
+            gate, up = self.gate_proj(x, adapter), self.up_proj(x, adapter)
+        return self.down_proj(F.silu(gate) * up, adapter)
 
 
 class Layer(nn.Module):
@@ -275,6 +293,19 @@ class TriModel(nn.Module):
             if isinstance(adapter, torch.Tensor):
                 adapter = adapter.gather(1, logits_index)
         return self.diffusion_head(self.encoder.norm(x), adapter).float()
+
+    def fuse_packed(self) -> None:
+        """Run each layer's q/k/v, and its gate/up, low-bit weights as one kernel call each (same values bit
+        for bit; adapters still apply per projection). Layers with float weights or biases stay as they are."""
+        from tridlm.quant import concat
+
+        for layer in self.encoder.layers:
+            a, m = layer.self_attn, layer.mlp
+            groups = ((a, "qkv", (a.q_proj, a.k_proj, a.v_proj)), (m, "gate_up", (m.gate_proj, m.up_proj)))
+            for owner, name, projs in groups:
+                kinds = {type(pr.packed) for pr in projs}
+                if len(kinds) == 1 and None not in (pr.packed for pr in projs) and all(pr.bias is None for pr in projs):
+                    setattr(owner, name, concat([pr.packed for pr in projs]))
 
     def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...] = ("o_proj",)) -> None:
         """Attach LoRA adapters to every projection whose name is in ``targets``."""

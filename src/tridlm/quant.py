@@ -76,6 +76,21 @@ class Int4Weight:
         return y.view(*x.shape[:-1], -1)
 
 
+def concat(weights: list) -> Int8Weight | Int4Weight | None:
+    """One packed weight computing the given ones' outputs side by side, bit for bit the same values (one
+    kernel call for q/k/v or gate/up instead of several); None where the packing does not allow it."""
+    first = weights[0]
+    if isinstance(first, Int8Weight):
+        return Int8Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]))
+    fused = object.__new__(Int4Weight)
+    fused.shape = (sum(w.shape[0] for w in weights), first.shape[1])
+    fused.packed = torch.cat([w.packed for w in weights])  # rows of outputs, in blocks the kernel may interleave
+    fused.scales_zeros = torch.cat([w.scales_zeros for w in weights], dim=1)  # (K / 32, N, 2)
+    # torch's int4 layout interleaves outputs in blocks (of 64 here), so check rather than assume.
+    probe = torch.randn(2, first.shape[1], generator=torch.Generator().manual_seed(0)).to(ACTIVATIONS)
+    return fused if torch.equal(fused(probe), torch.cat([w(probe) for w in weights], dim=-1)) else None
+
+
 def quantize(model, precision: str) -> None:
     """Give every projection and the output head of a bfloat16 ``model`` ``precision`` weights (in place),
     except those already packed. The output head gets int8 in both precisions (where the model ties it to
@@ -92,3 +107,4 @@ def quantize(model, precision: str) -> None:
         head = name == "diffusion_head"
         module.pack(Int8Weight.from_float(module.weight) if precision == "int8" or head
                     else Int4Weight.from_float(module.weight))
+    model.fuse_packed()
