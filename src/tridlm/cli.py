@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import bench, checkpoint, demo, loading
+from tridlm import bench, checkpoint, demo, evaluate, loading
 from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, generate
 from tridlm.serve.config import ServerConfig
 from tridlm.tokenizer import TextStream
@@ -55,9 +55,22 @@ def _generate_parser(sub) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print text as tokens are committed")
     out.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and counts")
+    _generation_options(p)
+    p.set_defaults(run=cmd_generate)
+
+
+def _generation_options(p: argparse.ArgumentParser) -> None:
     _options(p, GenerationConfig(), {"mode": MODES, "spec_variant": SPEC_VARIANTS, "threshold": _threshold,
                                      "stop": "append"})
-    p.set_defaults(run=cmd_generate)
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score a task (humaneval, gsm8k) in any mode and precision, beside its speed")
+    p.add_argument("task", choices=evaluate.TASKS)
+    p.add_argument("--json", action="store_true", help="print one JSON line: settings, score, counts, speed")
+    _options(p, evaluate.EvalOptions())
+    _generation_options(p)
+    p.set_defaults(run=cmd_eval)
 
 
 def _demo_parser(sub) -> None:
@@ -164,7 +177,7 @@ def _serve_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tridlm", description="Tri-mode diffusion language models: ar, diffusion, spec.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_generate_parser, _demo_parser, _convert_parser, _bench_parser, _train_parser, _distill_parser,
+    for add in (_generate_parser, _eval_parser, _demo_parser, _convert_parser, _bench_parser, _train_parser, _distill_parser,
                 _adapter_parsers, _serve_parser):
         add(sub)
     for p in sub.choices.values():
@@ -193,6 +206,16 @@ def cmd_generate(args) -> None:
                           "block_size": state.cfg.block_size, **state.stats()}))
     else:
         print(state.text(0))
+
+
+def cmd_eval(args) -> None:
+    gen, opts = _fill(GenerationConfig, args), _fill(evaluate.EvalOptions, args)
+    model, tok = _open(args)
+    precision = str(model.dtype).removeprefix("torch.") if args.dtype == "auto" else args.dtype
+    settings = evaluate.run_settings(args.task, model, loading.model_name(args.model), precision, args.adapter, gen,
+                                     opts.batch_size)
+    result = evaluate.evaluate(model, tok, args.task, gen, opts, settings)
+    print(json.dumps(result) if args.json else evaluate.describe(result))
 
 
 def cmd_demo(args) -> None:

@@ -84,3 +84,28 @@ def acceptance_curve(curve: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def eval_frontier(report: dict[str, list[dict]], path: Path) -> Path:
+    """Task score against tokens per forward, one panel per task: the price each mode pays for its
+    parallelism (``bench/eval_table.py``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(report), figsize=(6 * len(report), 4.5), squeeze=False)
+    for ax, (task, runs) in zip(axes[0], report.items()):
+        for r in runs:
+            ax.scatter(r["tpf"], 100 * r["pass@1"], color="tab:orange" if r["mode"] == "diffusion" else "tab:blue")
+            ax.annotate(f"{r['setting']} {r['precision']}", (r["tpf"], 100 * r["pass@1"]), fontsize=7)
+        diffusion = sorted((r["tpf"], 100 * r["pass@1"]) for r in runs if r["mode"] == "diffusion")
+        if diffusion:
+            ax.plot(*zip(*diffusion), color="tab:orange", alpha=0.5)
+        ax.set_xlabel("tokens per forward")
+        ax.set_ylabel("pass@1 (%)")
+        ax.set_title(f"{task}, {runs[0]['total']} problems, greedy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

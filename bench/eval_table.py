@@ -1,0 +1,81 @@
+"""Every mode on the tasks of ``tridlm eval``, per precision: the table and frontier plot of the README.
+
+Runs (or resumes, from their JSONL files) each setting below on all problems of each task, one problem at a
+time (batch 1: the per-request speed a user sees, and the batch size at which spec's tokens equal AR's),
+then writes OUT/eval-<task>.json (every run's summary, plus the share of problems whose tokens equal the
+same precision's AR), OUT/eval-frontier.png (pass@1 against tokens per forward) and prints a Markdown table.
+
+    .venv/bin/python bench/eval_table.py [--tasks humaneval,gsm8k] [--limit N] [--out bench/results]
+"""
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tridlm import bench, evaluate, loading, plots
+from tridlm.decode import GenerationConfig
+
+MAX_TOKENS = 256
+# (precision, setting name, decoding config): every mode in the fastest precision that is exact, AR in the others.
+MATRIX = [
+    ("int4", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
+    ("int4", "spec B=8", GenerationConfig(mode="spec", block_size=8, max_tokens=MAX_TOKENS)),
+    ("int4", "spec-quadratic B=4", GenerationConfig(mode="spec", spec_variant="quadratic", block_size=4,
+                                                    max_tokens=MAX_TOKENS)),
+    *[("int4", f"diffusion B=4 t={t}", GenerationConfig(mode="diffusion", block_size=4, threshold=t,
+                                                         max_tokens=MAX_TOKENS)) for t in (0.9, 0.7, 0.5)],
+    ("float32", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
+    ("bfloat16", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
+    ("int8", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
+]
+
+
+def run_task(task: str, opts: evaluate.EvalOptions, models: dict) -> list[dict]:
+    results = []
+    for precision, name, gen in MATRIX:
+        model, tok = models.setdefault(precision, loading.open_model(dtype=precision))
+        settings = evaluate.run_settings(task, model, loading.model_name(None), precision, None, gen, 1)
+        result = {"setting": name, **evaluate.evaluate(model, tok, task, gen, opts, settings)}
+        print(evaluate.describe(result), flush=True)
+        results.append(result)
+    for r in results:
+        ar = next(a for a in results if a["precision"] == r["precision"] and a["mode"] == "ar")
+        r["same_tokens_as_ar"] = evaluate.same_tokens(Path(r["run_file"]), Path(ar["run_file"]))
+    return results
+
+
+def markdown(task: str, results: list[dict]) -> str:
+    lines = [f"| {task} | precision | passed | pass@1 | tokens = AR | TPF | tok/s |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['setting']} | {r['precision']} | {r['passed']}/{r['total']} | {r['pass@1']:.1%} | "
+                     f"{r['same_tokens_as_ar']:.0%} | {r['tpf']:.2f} | {r['tok_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default="humaneval,gsm8k")
+    ap.add_argument("--limit", type=int, help="the first N problems of each task (default: all)")
+    ap.add_argument("--runs", default="bench/results/eval-runs", help="folder of the per-run JSONL files")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    opts, models, out = evaluate.EvalOptions(limit=args.limit, runs=args.runs), {}, Path(args.out)
+    report = {}
+    for task in args.tasks.split(","):
+        results = run_task(task, opts, models)
+        report[task] = results
+        (out / f"eval-{task}.json").write_text(json.dumps(
+            {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+             "machine": bench.machine(models["float32"][0]), "max_tokens": MAX_TOKENS, "runs": results},
+            indent=2) + "\n")
+        print("\n" + markdown(task, results) + "\n", flush=True)
+    print("wrote", plots.eval_frontier(report, out / "eval-frontier.png"))
+
+
+if __name__ == "__main__":
+    main()
