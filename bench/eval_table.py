@@ -21,16 +21,19 @@ from tridlm.decode import GenerationConfig
 
 MAX_TOKENS = 256
 # (precision, setting name, decoding config): every mode in the fastest precision that is exact, AR in the others.
+# The order is the order of importance: a run stopped part-way has the main rows first.
 MATRIX = [
     ("int4", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
     ("int4", "spec B=8", GenerationConfig(mode="spec", block_size=8, max_tokens=MAX_TOKENS)),
+    ("float32", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
+    *[("int4", f"diffusion B=4 t={t}", GenerationConfig(mode="diffusion", block_size=4, threshold=t,
+                                                         max_tokens=MAX_TOKENS)) for t in (0.9, 0.5)],
     ("int4", "spec-quadratic B=4", GenerationConfig(mode="spec", spec_variant="quadratic", block_size=4,
                                                     max_tokens=MAX_TOKENS)),
-    *[("int4", f"diffusion B=4 t={t}", GenerationConfig(mode="diffusion", block_size=4, threshold=t,
-                                                         max_tokens=MAX_TOKENS)) for t in (0.9, 0.7, 0.5)],
-    ("float32", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
-    ("bfloat16", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
     ("int8", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
+    ("int4", "diffusion B=4 t=0.7", GenerationConfig(mode="diffusion", block_size=4, threshold=0.7,
+                                                     max_tokens=MAX_TOKENS)),
+    ("bfloat16", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
 ]
 
 

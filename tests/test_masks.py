@@ -69,3 +69,13 @@ def test_quadratic_offsets():
     assert masks.quadratic_offsets(3).tolist() == [0, 1, 2, 1, 2, 3, 2, 3, 4, 3, 4, 5]
     with pytest.raises(ValueError, match="has 12 tokens, not 11"):
         masks.quadratic(torch.tensor([0]), 11, 0, block=3)
+
+
+@pytest.mark.parametrize("kind", [masks.causal, masks.bidirectional])
+def test_after_own_cache_gives_each_row_the_layout_it_has_alone(kind):
+    lengths, n = torch.tensor([5, 2, 0]), 3
+    moved, slots = masks.after_own_cache(kind(lengths, n, 5), lengths)
+    for b, length in enumerate(lengths.tolist()):
+        alone = kind(lengths[b : b + 1], n, length)[0]  # (n, length + n) over [own cache | current]
+        assert torch.equal(moved[b, :, : length + n], alone) and not moved[b, :, length + n :].any()
+        assert slots[b].tolist() == list(range(length, length + n))

@@ -78,7 +78,8 @@ def test_spec_equals_ar_on_real_model(default_model, block_size):
 def test_low_bit_verify_rows_are_ar_steps_bit_for_bit(precision):
     """With int8/int4 weights a causal block's logits equal, row by row and bit for bit, those of one-token AR
     steps (row-independent kernels and attention at these shapes), so spec's greedy text is AR's by
-    construction, not by argmax margins; checked on real prompts in both spec variants too."""
+    construction, not by argmax margins; checked on real prompts in both spec variants too. The same holds
+    between a row decoded in a ragged batch and alone."""
     from tridlm.loading import open_model
 
     from test_quant import unfused_logits_equal
@@ -96,6 +97,10 @@ def test_low_bit_verify_rows_are_ar_steps_bit_for_bit(precision):
         steps = torch.cat([forward_block(model, cache, block[:, i : i + 1], masks.causal, write=True)
                            for i in range(n)], dim=1)
         assert torch.equal(together, steps)
+        for b, p in enumerate(prompts):  # batch == single: a row's keys keep their order (masks.after_own_cache)
+            alone, _ = prefill(model, [p], max_len=200)
+            assert torch.equal(torch.cat([forward_block(model, alone, block[b : b + 1, i : i + 1], masks.causal,
+                                                        write=True) for i in range(n)], dim=1), steps[b : b + 1])
     cfg = GenerationConfig(max_tokens=40)
     ar = [r.tokens for r in generate(model, prompts, cfg).rows]
     for variant, block in (("linear", 8), ("quadratic", 4)):

@@ -64,3 +64,20 @@ def dual_stream(length: int, block: int, device=None) -> torch.Tensor:
     top = torch.cat([noisy_noisy, noisy_clean], dim=1)
     bottom = torch.cat([torch.zeros_like(clean_clean), clean_clean], dim=1)
     return torch.cat([top, bottom], dim=0)
+
+
+def after_own_cache(mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key layout [row's committed cache | current tokens | masked rest] for every row of a batch,
+    instead of [cache[:P] | current tokens] with a masked gap in rows shorter than P: a row's keys then come
+    in the order they have when it runs alone, so its attention sums run in the same order and batch ==
+    single wherever the matmuls are row-independent. Returns the mask over the new layout and the current
+    tokens' key slots (``TriModel.forward``'s ``key_slots``).
+
+    mask (B, n, P + n) over [cache[:P] | current]; lengths (B,) committed lengths, all <= P.
+    """
+    B, n, width = mask.shape
+    prefix = width - n
+    slots = lengths[:, None] + torch.arange(n, device=mask.device)  # (B, n)
+    moved = mask.clone()
+    moved[..., prefix:] = False
+    return moved.scatter_(2, slots[:, None, :].expand(B, n, n), mask[..., prefix:]), slots

@@ -148,6 +148,7 @@ class Pass:
     cache: KVCache | None
     write: int  # leading current tokens whose keys/values are stored in the cache
     adapter: bool | torch.Tensor  # which tokens use the LoRA: all, none, or a (B, n) selection
+    slots: torch.Tensor | None = None  # (B, n) key index of each current token when it is not P + i
 
     @property
     def prefix(self) -> int:
@@ -190,6 +191,10 @@ class Attention(nn.Module):
         if p.prefix:
             pk, pv = p.cache.prefix(self.index, p.prefix)  # (B, KV, P, D)
             keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            if p.slots is not None:  # each row's current keys right after its own committed ones
+                index = p.slots[:, None, :, None].expand_as(k)
+                keys.scatter_(2, index, k)
+                values.scatter_(2, index, v)
         if p.write:
             p.cache.write(self.index, p.positions[:, : p.write], k[:, :, : p.write], v[:, :, : p.write])
         if q.device.type == "cpu" and n <= ROW_EXACT_MAX_QUERIES:
@@ -263,7 +268,7 @@ class TriModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None = None, write: int = 0, adapter: bool | torch.Tensor = False,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, key_slots: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) for tokens (B, n) at positions (B, n). Pure computation: no host
         synchronisation and no cache bookkeeping (the decoders' ``forward_block`` checks room and
         commits), so a CUDA graph can capture it as is.
@@ -274,6 +279,8 @@ class TriModel(nn.Module):
         adapter: switch on the LoRA adapter, for all tokens or a (B, n) bool selection of them
             (bidirectional queries only, by convention of the decoders).
         logits_index: (B, k) positions within the n tokens whose logits are wanted (default: all).
+        key_slots: (B, n) where each current token's key goes among the P + n (default: P + i, after all
+            cached slots; ``masks.after_own_cache`` gives the layout that keeps batch == single).
         """
         if mask.shape[-1] > tokens.shape[1] and cache is None:
             raise ValueError("mask covers cached keys but no cache was given")
@@ -283,7 +290,7 @@ class TriModel(nn.Module):
             self._rope_tables[positions.device] = inv_freq.to(positions.device), factor
         cos, sin = rope.cos_sin(positions, *self._rope_tables[positions.device], x.dtype)
         p = Pass(positions, mask[:, None], cos, sin, rope.query_scale(positions, self.cfg.rope, x.dtype), cache,
-                 write, adapter)
+                 write, adapter, key_slots)
         # cuDNN attention builds a graph per new key length (every decode step): leave it out.
         with sdpa_kernel(_SDPA_BACKENDS):
             for layer in self.encoder.layers:

@@ -217,11 +217,15 @@ def forward_block(model: TriModel, cache: KVCache, tokens: torch.Tensor, mask_fn
     n = tokens.shape[1]
     offsets = torch.arange(n, device=tokens.device) if offsets is None else offsets
     positions = cache.lengths[:, None] + offsets  # (B, n)
-    mask = mask_fn(cache.lengths, n, cache.attended)
+    prefix = cache.attended
+    mask, key_slots = mask_fn(cache.lengths, n, prefix), None
+    if prefix and (len(tokens) > 1 or cache.static):
+        mask, key_slots = masks.after_own_cache(mask, cache.lengths)
     written = n if write is True else int(write)
     if written:
         cache.check_room(positions[:, :written])
-    logits = model(tokens, positions, mask, cache, write=written, adapter=adapter, logits_index=logits_index)
+    logits = model(tokens, positions, mask, cache, write=written, adapter=adapter, logits_index=logits_index,
+                   key_slots=key_slots)
     if written:
         cache.commit(positions[:, written - 1] + 1)
     return logits
