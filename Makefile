@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMACPP := $(VENV)/.llamacpp
+CHROMIUM := $(VENV)/.chromium
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: setup demo test quick bench eval draft-adapter clean
@@ -23,8 +24,16 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/tridlm demo
 
+# Headless Chromium for the playground's browser test: Debian's package, installed when running as root
+# (as CI does); elsewhere the test is skipped and says what is missing.
+$(CHROMIUM): $(STAMP)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is not installed: the playground's browser test will be skipped"
+	touch $(CHROMIUM)
+
 # The whole suite: what CI runs (.ci/run).
-test: setup
+test: setup $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 # The inner loop: tiny-model tests only (no real model, server or multi-process training), well under a minute.

@@ -21,5 +21,7 @@ def ar(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeStat
         state.count_forward()
         pending = sampler.pick(sampler.distribution(logits[:, -1]), generator)
         for i, t in enumerate(pending.tolist()):
+            if state.trace:
+                state.note(i, {"type": "step", "token": t})
             state.emit(i, [t])
         yield state.flush()

@@ -102,8 +102,9 @@ class DecodeState:
 
     def __init__(self, n_rows: int, cfg: GenerationConfig, eos_ids: Sequence[int],
                  detokenize: Callable[[list[int]], str] | None,
-                 limits: Sequence[tuple[int, tuple[str, ...]]] | None = None):
-        """``limits`` gives (max_tokens, stop) per row; default: the config's for every row."""
+                 limits: Sequence[tuple[int, tuple[str, ...]]] | None = None, trace: bool = False):
+        """``limits`` gives (max_tokens, stop) per row; default: the config's for every row. ``trace``:
+        the decoders record what each step did per row (``note``; read with ``take_trace``)."""
         limits = limits or [(cfg.max_tokens, cfg.stop)] * n_rows
         if len(limits) != n_rows:
             raise ValueError(f"{len(limits)} row limits for {n_rows} rows")
@@ -117,6 +118,8 @@ class DecodeState:
         self.start = time.perf_counter()
         self.prefill_s = 0.0
         self._fresh: list[list[int]] = [[] for _ in range(n_rows)]
+        self.trace = trace
+        self._events: list[list[dict]] = [[] for _ in range(n_rows)]
 
     @property
     def all_done(self) -> bool:
@@ -158,6 +161,22 @@ class DecodeState:
         """Stop row i now (its client went away); the batch goes on without it."""
         if not self.rows[i].done:
             self.rows[i].finish_reason = "cancelled"
+
+    def note(self, i: int, event: dict) -> None:
+        """Record a step's event for row i while it is unfinished (callers check ``trace`` first, so an
+        untraced decode builds no events). Event types, all with ``forward`` (the forward count after the
+        step): ``step`` (ar: ``token``), ``denoise`` (diffusion: ``block`` ids with None at masked slots,
+        ``guess`` the prediction and ``conf`` its probability at every slot, ``new`` the slots committed
+        by this step), ``commit`` (diffusion: the causal pass that caches a finished block; ``token`` is the
+        next block's first), ``verify`` (spec: ``drafts``, ``accepted`` of them, ``bonus`` token)."""
+        if not self.rows[i].done:
+            self._events[i].append({**event, "forward": self.forwards})
+
+    def take_trace(self) -> list[tuple[int, list[dict]]]:
+        """Events recorded since the last call, as (row, events) pairs."""
+        out = [(i, e) for i, e in enumerate(self._events) if e]
+        self._events = [[] for _ in self.rows]
+        return out
 
     def flush(self) -> list[tuple[int, list[int]]]:
         """Tokens committed since the last flush, as (row, tokens) pairs."""

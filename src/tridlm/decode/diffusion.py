@@ -40,6 +40,8 @@ def diffusion(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
             chosen = masked if step == max_steps - 1 else select(conf, masked)
             block = torch.where(chosen, pred, block)
             masked &= ~chosen
+            if state.trace:
+                trace_step(state, block, masked, pred, conf, chosen)
             # Stream each row's committed prefix (a later position may be committed before an earlier one).
             ready = torch.where(masked.any(-1), masked.long().argmax(-1), n).tolist()
             for i, r in enumerate(ready):
@@ -53,5 +55,17 @@ def diffusion(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
         state.count_forward()
         pending = sampler.pick(sampler.distribution(logits[:, 0]), generator)
         for i, t in enumerate(pending.tolist()):
+            if state.trace:
+                state.note(i, {"type": "commit", "token": t})
             state.emit(i, [t])
         yield state.flush()
+
+
+def trace_step(state: DecodeState, block: torch.Tensor, masked: torch.Tensor, pred: torch.Tensor,
+               conf: torch.Tensor, chosen: torch.Tensor) -> None:
+    """Each row's ``denoise`` event: the block after this step, every slot's guess and confidence."""
+    for i in range(len(block)):
+        state.note(i, {"type": "denoise",
+                       "block": [None if m else t for t, m in zip(block[i].tolist(), masked[i].tolist())],
+                       "guess": pred[i].tolist(), "conf": [round(c, 4) for c in conf[i].tolist()],
+                       "new": chosen[i].nonzero()[:, 0].tolist()})

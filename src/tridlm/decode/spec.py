@@ -87,6 +87,8 @@ def settle(cache, state, start, block, p, q, generator) -> tuple[torch.Tensor, t
     for i, (n_ok, b) in enumerate(zip(k.tolist(), bonus.tolist())):
         if not state.rows[i].done:
             state.rows[i].accepted_lengths.append(n_ok + 1)
+        if state.trace:
+            state.note(i, {"type": "verify", "drafts": block[i, 1:].tolist(), "accepted": n_ok, "bonus": b})
         state.emit(i, block[i, 1 : n_ok + 1].tolist() + [b])
     return bonus, k
 

@@ -11,11 +11,12 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from importlib import resources
 from contextlib import asynccontextmanager
 
 import pydantic
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -90,7 +91,9 @@ class Server:
         if mode == "auto":
             mode = "spec" if self.worker.load == 0 else "ar"
         cfg = make_config(body, ids, mode, self.model, self.config)
-        job = Job([ids] * body.n, cfg, asyncio.get_running_loop())
+        if body.tridlm_trace and not body.stream:
+            raise APIError(400, "tridlm_trace needs stream: true", "tridlm_trace")
+        job = Job([ids] * body.n, cfg, asyncio.get_running_loop(), trace=body.tridlm_trace)
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -124,6 +127,9 @@ class Server:
                                                                    "finish_reason": None}]))
             while True:
                 item = await job.events.get()
+                if item[0] == "trace":
+                    yield event({**envelope(chunk_kind, rid, name, []), "tridlm_trace": self.trace(*item[1:])})
+                    continue
                 if item[0] == "tokens":
                     if delta := texts[item[1]].push(item[2]):
                         yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, item[1], delta, None)]))
@@ -146,6 +152,16 @@ class Server:
             finish(None, "499")  # the client went away mid-stream (no-op after a normal end)
 
 
+    def trace(self, index: int, events: list[dict]) -> dict:
+        """A choice's step events for the stream, with the text of every token id they name."""
+        ids = set()
+        for e in events:
+            ids.update(t for key in ("block", "guess", "drafts") for t in e.get(key) or () if t is not None)
+            ids.update(e[key] for key in ("token", "bonus") if key in e)
+        return {"index": index, "events": events,
+                "pieces": {str(t): self.tokenizer.decode([t]) for t in sorted(ids)}}
+
+
 def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = ServerConfig()) -> FastAPI:
     server = Server(model, tokenizer, config)
 
@@ -166,6 +182,12 @@ def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = Ser
     async def internal_error(request, e: Exception):  # never a stack trace or a dead server
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", kind="server_error").body(),
                             status_code=500)
+
+    page = (resources.files("tridlm.serve") / "static" / "playground.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():  # the browser playground: a self-contained page over the streaming API
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():

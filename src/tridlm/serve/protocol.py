@@ -56,6 +56,7 @@ class _Request(BaseModel):
     threshold: float | None = None
     max_steps_per_block: int | None = None
     spec_variant: Literal["linear", "quadratic"] | None = None
+    tridlm_trace: bool = False  # streaming only: per-step decoding events in each chunk's "tridlm_trace"
 
     def unsupported(self) -> str | None:
         """The name of a standard field set to something this server does not do."""

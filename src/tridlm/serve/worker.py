@@ -1,7 +1,7 @@
 """The model owner: one thread that runs every generation, batching compatible requests.
 
 Requests wait in a bounded queue. When the model is free, the worker takes the oldest job and every
-waiting job with the same decoding settings (mode, block size, threshold, sampling), up to ``max_batch``
+waiting job with the same decoding settings (mode, block size, threshold, sampling, tracing), up to ``max_batch``
 rows, and decodes them as one batch: prefill, AR decode steps, diffusion denoising steps and spec
 draft/verify cycles all run batched across requests. Jobs with a seed run alone so their samples
 do not depend on their neighbours. Committed tokens go back to each request's asyncio queue as they
@@ -31,6 +31,7 @@ class Job:
     prompts: list[list[int]]  # one per choice (n)
     cfg: GenerationConfig
     loop: asyncio.AbstractEventLoop
+    trace: bool = False  # send each step's events (``DecodeState.note``) beside the tokens
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -39,7 +40,7 @@ class Job:
         c = self.cfg
         alone = id(self) if c.seed is not None else None
         return (c.mode, c.spec_variant, c.block_size, c.threshold, c.max_steps_per_block, c.temperature, c.top_k,
-                c.top_p, alone)
+                c.top_p, alone, self.trace)
 
     def send(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -116,8 +117,12 @@ class Worker:
         owner = [(j, k) for j in jobs for k in range(len(j.prompts))]  # batch row -> (job, choice)
         prompts = [p for j in jobs for p in j.prompts]
         limits = [(j.cfg.max_tokens, j.cfg.stop) for j, _ in owner]
-        state = DecodeState(len(prompts), jobs[0].cfg, self.model.cfg.eos_ids, self.tokenizer.decode, limits)
+        state = DecodeState(len(prompts), jobs[0].cfg, self.model.cfg.eos_ids, self.tokenizer.decode, limits,
+                            trace=jobs[0].trace)
         for chunk in stream(self.model, prompts, jobs[0].cfg, state=state):
+            for row, events in state.take_trace() if state.trace else ():
+                job, choice = owner[row]
+                job.send("trace", choice, events)
             for row, tokens in chunk:
                 job, choice = owner[row]
                 job.send("tokens", choice, tokens)
