@@ -37,25 +37,29 @@ MATRIX = [
 ]
 
 
-def run_task(task: str, opts: evaluate.EvalOptions, models: dict) -> list[dict]:
-    results = []
+def run_all(tasks: list[str], opts: evaluate.EvalOptions) -> tuple[dict, dict]:
+    """Every setting on every task, setting by setting (a run stopped part-way has the main rows of both
+    tasks); each run's summary, with the share of problems whose tokens equal the same precision's AR."""
+    models, report = {}, {task: [] for task in tasks}
     for precision, name, gen in MATRIX:
         model, tok = models.setdefault(precision, loading.open_model(dtype=precision))
-        settings = evaluate.run_settings(task, model, loading.model_name(None), precision, None, gen, 1)
-        result = {"setting": name, **evaluate.evaluate(model, tok, task, gen, opts, settings)}
-        print(evaluate.describe(result), flush=True)
-        results.append(result)
-    for r in results:
-        ar = next(a for a in results if a["precision"] == r["precision"] and a["mode"] == "ar")
-        r["same_tokens_as_ar"] = evaluate.same_tokens(Path(r["run_file"]), Path(ar["run_file"]))
-    return results
+        for task in tasks:
+            settings = evaluate.run_settings(task, model, loading.model_name(None), precision, None, gen, 1)
+            result = {"setting": name, **evaluate.evaluate(model, tok, task, gen, opts, settings)}
+            print(evaluate.describe(result), flush=True)
+            report[task].append(result)
+    for results in report.values():
+        for r in results:
+            ar = next(a for a in results if a["precision"] == r["precision"] and a["mode"] == "ar")
+            r["same_tokens_as_ar"] = evaluate.same_tokens(Path(r["run_file"]), Path(ar["run_file"]))
+    return report, models
 
 
 def markdown(task: str, results: list[dict]) -> str:
-    lines = [f"| {task} | precision | passed | pass@1 | tokens = AR | TPF | tok/s |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| {task} | precision | passed | pass@1 | tokens = AR | TPF | tok/s (median) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['setting']} | {r['precision']} | {r['passed']}/{r['total']} | {r['pass@1']:.1%} | "
-                     f"{r['same_tokens_as_ar']:.0%} | {r['tpf']:.2f} | {r['tok_s']:.1f} |")
+                     f"{r['same_tokens_as_ar']:.0%} | {r['tpf']:.2f} | {r['tok_s_median']:.1f} |")
     return "\n".join(lines)
 
 
@@ -67,15 +71,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    opts, models, out = evaluate.EvalOptions(limit=args.limit, runs=args.runs), {}, Path(args.out)
-    report = {}
-    for task in args.tasks.split(","):
-        results = run_task(task, opts, models)
-        report[task] = results
+    report, models = run_all(args.tasks.split(","), evaluate.EvalOptions(limit=args.limit, runs=args.runs))
+    out = Path(args.out)
+    for task, results in report.items():
         (out / f"eval-{task}.json").write_text(json.dumps(
             {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
-             "machine": bench.machine(models["float32"][0]), "max_tokens": MAX_TOKENS, "runs": results},
-            indent=2) + "\n")
+             "machine": bench.machine(next(iter(models.values()))[0]), "max_tokens": MAX_TOKENS,
+             "runs": results}, indent=2) + "\n")
         print("\n" + markdown(task, results) + "\n", flush=True)
     print("wrote", plots.eval_frontier(report, out / "eval-frontier.png"))
 

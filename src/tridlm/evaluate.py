@@ -19,6 +19,7 @@ import importlib.util
 import json
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -249,14 +250,18 @@ def evaluate(model: TriModel, tokenizer: Tokenizer, task_name: str, gen: Generat
 
 
 def summary(settings: dict, records: list[dict], path: Path) -> dict:
-    """One run over its problems: the score, the counts of SPEC 2 and the wall time."""
+    """One run over its problems: the score, the counts of SPEC 2 and the wall time. ``tok_s`` is over the
+    whole run; ``tok_s_median`` is the median over problems of each one's rate, which a burst of other work
+    on the machine during a long run moves less."""
     rows = [Row(max_tokens=0, tokens=r["tokens"], nfe=r["nfe"], accepted_lengths=r["accepted"]) for r in records]
     wall = sum(r["wall_s"] for r in records)
     counts = summarize(rows, wall)
     passed = sum(r["passed"] for r in records)
+    rates = [len(r["tokens"]) / r["wall_s"] for r in records if r["tokens"] and r["wall_s"]]
     return {**settings, "passed": passed, "total": len(records), "pass@1": passed / len(records) if records else None,
             "tokens": counts["completion_tokens"], "nfe": counts["nfe"], "tpf": counts["tpf"],
-            "tok_s": counts["tok_s"], "wall_s": wall, "accepted_mean": counts["accepted_mean"],
+            "tok_s": counts["tok_s"], "tok_s_median": statistics.median(rates) if rates else None,
+            "wall_s": wall, "accepted_mean": counts["accepted_mean"],
             "truncated": sum(r["finish_reason"] == "length" for r in records), "run_file": str(path)}
 
 
