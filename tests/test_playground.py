@@ -35,7 +35,7 @@ def server(tiny_model, chat_tokenizer):
 def request(mode: str, **extra) -> dict:
     name, _, variant = mode.partition(":")
     body = {"messages": [{"role": "user", "content": PROMPT}], "mode": name, "max_tokens": 64, "temperature": 0,
-            **MODES[mode], **extra}
+            **MODES.get(mode, {"block_size": 4}), **extra}
     if variant:
         body["spec_variant"] = variant
     return body
@@ -139,7 +139,7 @@ def submit(page, mode: str, block_size: int | None = None, threshold: float | No
     return page.evaluate("window.playground")
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", [*MODES, "auto"])
 def test_page_shows_the_api_answer_and_how_it_was_made(page, server, mode):
     state = submit(page, mode)
     assert state["state"] == "done", page.inner_text("#status")
@@ -154,7 +154,7 @@ def test_page_shows_the_api_answer_and_how_it_was_made(page, server, mode):
         first = next(i for i, m in enumerate(masked) if m)
         replay(page, first)
         assert page.locator("#block .slot.masked").count() == masked[first]
-    if mode.startswith("spec"):
+    if mode.startswith("spec") or mode == "auto":  # auto on an idle server: spec
         rejected = next(i for i, e in enumerate(events) if e["accepted"] < len(e["drafts"]))
         accepted = next(i for i, e in enumerate(events) if e["accepted"] > 0)
         for k, kind in ((rejected, "rejected"), (accepted, "accepted")):

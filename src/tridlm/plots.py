@@ -96,9 +96,16 @@ def eval_frontier(report: dict[str, list[dict]], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(report), figsize=(6 * len(report), 4.5), squeeze=False)
     for ax, (task, runs) in zip(axes[0], report.items()):
+        colours = {"ar": "tab:gray", "spec": "tab:blue", "diffusion": "tab:orange"}
         for r in runs:
-            ax.scatter(r["tpf"], 100 * r["pass@1"], color="tab:orange" if r["mode"] == "diffusion" else "tab:blue")
-            ax.annotate(f"{r['setting']} {r['precision']}", (r["tpf"], 100 * r["pass@1"]), fontsize=7)
+            ax.scatter(r["tpf"], 100 * r["pass@1"], color=colours[r["mode"]])
+            if r["mode"] != "ar":  # AR's points sit at one token per forward: listed in the corner instead
+                ax.annotate(f"{r['setting']} {r['precision']}", (r["tpf"], 100 * r["pass@1"]), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")
+        ax.text(0.98, 0.98, "ar (TPF 1):\n" + "\n".join(f"{r['precision']} {100 * r['pass@1']:.1f}%"
+                                                         for r in runs if r["mode"] == "ar"),
+                transform=ax.transAxes, ha="right", va="top", fontsize=7, color="tab:gray")
+        ax.set_ylim(bottom=0)
         diffusion = sorted((r["tpf"], 100 * r["pass@1"]) for r in runs if r["mode"] == "diffusion")
         if diffusion:
             ax.plot(*zip(*diffusion), color="tab:orange", alpha=0.5)
