@@ -5,7 +5,7 @@ time (batch 1: the per-request speed a user sees, and the batch size at which sp
 then writes OUT/eval-<task>.json (every run's summary, plus the share of problems whose tokens equal the
 same precision's AR), OUT/eval-frontier.png (pass@1 against tokens per forward) and prints a Markdown table.
 
-    .venv/bin/python bench/eval_table.py [--tasks humaneval,gsm8k] [--limit N] [--out bench/results]
+    .venv/bin/python bench/eval_table.py [--tasks humaneval,gsm8k] [--limit N] [--out bench/results] [--report]
 """
 
 import argparse
@@ -37,15 +37,32 @@ MATRIX = [
 ]
 
 
-def run_all(tasks: list[str], opts: evaluate.EvalOptions) -> tuple[dict, dict]:
+def finished(task: str, settings: dict, opts: evaluate.EvalOptions) -> dict | None:
+    """The summary of a run whose file holds every problem, else None (nothing is decoded)."""
+    path = Path(opts.runs) / f"{evaluate.run_name(settings)}.jsonl"
+    problems = evaluate.TASKS[task]().problems()[: opts.limit]
+    found, done = evaluate.RunFile.read(path) if path.exists() else (None, {})
+    if found != settings or any(p.id not in done for p in problems):
+        print(f"{task} {settings['mode']} {settings['precision']}: {len(done)}/{len(problems)} problems so far, "
+              f"left out", flush=True)
+        return None
+    return evaluate.summary(settings, [done[p.id] for p in problems], path)
+
+
+def run_all(tasks: list[str], opts: evaluate.EvalOptions, decode: bool = True) -> tuple[dict, dict]:
     """Every setting on every task, setting by setting (a run stopped part-way has the main rows of both
-    tasks); each run's summary, with the share of problems whose tokens equal the same precision's AR."""
+    tasks); each run's summary, with the share of problems whose tokens equal the same precision's AR.
+    Without ``decode``, only the runs already complete are summarized."""
     models, report = {}, {task: [] for task in tasks}
     for precision, name, gen in MATRIX:
         model, tok = models.setdefault(precision, loading.open_model(dtype=precision))
         for task in tasks:
             settings = evaluate.run_settings(task, model, loading.model_name(None), precision, None, gen, 1)
-            result = {"setting": name, **evaluate.evaluate(model, tok, task, gen, opts, settings)}
+            if decode:
+                result = evaluate.evaluate(model, tok, task, gen, opts, settings)
+            elif (result := finished(task, settings, opts)) is None:
+                continue
+            result = {"setting": name, **result}
             print(evaluate.describe(result), flush=True)
             report[task].append(result)
     for results in report.values():
@@ -69,9 +86,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="the first N problems of each task (default: all)")
     ap.add_argument("--runs", default="bench/results/eval-runs", help="folder of the per-run JSONL files")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--report", action="store_true", help="decode nothing: table and plot of the complete runs")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    report, models = run_all(args.tasks.split(","), evaluate.EvalOptions(limit=args.limit, runs=args.runs))
+    report, models = run_all(args.tasks.split(","), evaluate.EvalOptions(limit=args.limit, runs=args.runs),
+                             decode=not args.report)
     out = Path(args.out)
     for task, results in report.items():
         (out / f"eval-{task}.json").write_text(json.dumps(

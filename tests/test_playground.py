@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -10,7 +11,7 @@ import httpx
 import pytest
 
 pytest.importorskip("uvicorn")
-from test_serve import TEMPLATE, running  # noqa: E402
+from test_serve import TEMPLATE, running
 
 pytestmark = pytest.mark.server
 
@@ -150,7 +151,7 @@ def test_page_shows_the_api_answer_and_how_it_was_made(page, server, mode):
     if mode == "diffusion":
         # Masked slots filled over several steps: a block seen with masks, then with fewer.
         masked = [sum(t is None for t in e["block"]) if e["type"] == "denoise" else 0 for e in events]
-        assert any(a > 0 and b < a for a, b in zip(masked, masked[1:]))
+        assert any(a > 0 and b < a for a, b in itertools.pairwise(masked))
         first = next(i for i, m in enumerate(masked) if m)
         replay(page, first)
         assert page.locator("#block .slot.masked").count() == masked[first]

@@ -65,7 +65,7 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="score a task (humaneval, gsm8k) in any mode and precision, beside its speed")
+    p = sub.add_parser("eval", help="score a task (humaneval, gsm8k) in a mode and precision, beside its speed")
     p.add_argument("task", choices=evaluate.TASKS)
     p.add_argument("--json", action="store_true", help="print one JSON line: settings, score, counts, speed")
     _options(p, evaluate.EvalOptions())
@@ -177,8 +177,8 @@ def _serve_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tridlm", description="Tri-mode diffusion language models: ar, diffusion, spec.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_generate_parser, _eval_parser, _demo_parser, _convert_parser, _bench_parser, _train_parser, _distill_parser,
-                _adapter_parsers, _serve_parser):
+    for add in (_generate_parser, _eval_parser, _demo_parser, _convert_parser, _bench_parser, _train_parser,
+                _distill_parser, _adapter_parsers, _serve_parser):
         add(sub)
     for p in sub.choices.values():
         if not p.get_default("no_model_args"):

@@ -11,17 +11,15 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from importlib import resources
 from contextlib import asynccontextmanager
+from importlib import resources
 
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tridlm.decode import GenerationConfig, Row, summarize
-
 from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig
 from tridlm.serve.protocol import APIError, ChatRequest, CompletionRequest, envelope, new_id, usage
