@@ -20,6 +20,7 @@ import torch
 from tridlm import bench
 from tridlm.baselines import Baselines
 from tridlm.decode import GenerationConfig
+from tridlm.decode.costs import latency_sweep
 from tridlm.loading import open_model
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
@@ -56,7 +57,7 @@ def main() -> None:
             outputs[engine, name] = rows
             print(f"  repeat {rep + 1}  {engine:<9} {name:<14} {speed[engine, name][-1]:6.1f} tok/s", flush=True)
     context = tok.encode(Path(bench.__file__).read_text())[:200]
-    sweeps = {p: bench.latency_sweep(models[p], context, reps=5, sizes=range(1, 33)) for p in PRECISIONS}
+    sweeps = {p: latency_sweep(models[p], context, reps=5, sizes=range(1, 33)) for p in PRECISIONS}
     report = {"machine": bench.machine(models["float32"]), "prompts": len(prompts), "repeats": args.repeats,
               "command": "python bench/precisions.py", "baselines_missing": others.missing, "results": {},
               "cost_ms": sweeps}

@@ -78,7 +78,7 @@ def test_spec_equals_ar_on_real_model(default_model, block_size):
 def test_low_bit_verify_rows_are_ar_steps_bit_for_bit(precision):
     """With int8/int4 weights a causal block's logits equal, row by row and bit for bit, those of one-token AR
     steps (row-independent kernels and attention at these shapes), so spec's greedy text is AR's by
-    construction, not by argmax margins; checked on real prompts in both spec variants too. The same holds
+    construction, not by argmax margins; checked on real prompts in every spec variant and auto too. The same holds
     between a row decoded in a ragged batch and alone."""
     from tridlm.loading import open_model
 
@@ -103,9 +103,13 @@ def test_low_bit_verify_rows_are_ar_steps_bit_for_bit(precision):
                                                         write=True) for i in range(n)], dim=1), steps[b : b + 1])
     cfg = GenerationConfig(max_tokens=40)
     ar = [r.tokens for r in generate(model, prompts, cfg).rows]
-    for variant, block in (("linear", 8), ("quadratic", 4)):
+    for variant, block in (("linear", 8), ("quadratic", 4), ("pipelined", 4), ("pipelined", 8)):
         sp = generate(model, prompts, cfg.replace(mode="spec", spec_variant=variant, block_size=block))
         assert [r.tokens for r in sp.rows] == ar
+    assert [generate(model, [p], cfg.replace(mode="auto")).rows[0].tokens for p in prompts] == ar
+    drafts_only = generate(model, prompts, cfg.replace(mode="spec", spec_variant="pipelined", block_size=4, lookup=False))
+    assert [r.tokens for r in drafts_only.rows] == ar
+    assert drafts_only.stats()["tpf"] > 1.1  # the MASK rows' drafts are accepted
 
 
 def test_shipped_draft_adapter_is_attached_and_drafts_better(default_model):

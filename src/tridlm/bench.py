@@ -28,7 +28,7 @@ from tridlm import checkpoint, masks, plots
 from tridlm.baselines import BASELINES, Baselines
 from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, Row, generate
 from tridlm.decode import summarize as decode_summary
-from tridlm.decode.common import forward_block, prefill
+from tridlm.decode.costs import latency_sweep, sync
 from tridlm.evaluate import HumanEval
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
@@ -49,9 +49,11 @@ class Setting:
         g = self.gen
         if self.engine != "tridlm":
             return self.engine
-        parts = [g.mode if g.mode != "spec" or g.spec_variant == "linear" else "spec-quadratic"]
+        parts = [g.mode if g.mode != "spec" or g.spec_variant == "linear" else f"spec-{g.spec_variant}"]
         if g.mode != "ar":
             parts.append(f"B={g.block_size}")
+        if g.lookup is False:
+            parts.append("no-lookup")
         if g.mode == "diffusion":
             parts.append(f"t={g.threshold}")
         if g.temperature:
@@ -94,17 +96,12 @@ def load_prompts(path: Path | None, tokenizer: Tokenizer) -> list[list[int]]:
     return prompts
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_tridlm(model: TriModel, prompts: list[list[int]], s: Setting) -> list[Row]:
     """Every prompt decoded by ``generate``, ``s.batch_size`` at a time; one finished row per prompt."""
     rows = []
     for i in range(0, len(prompts), s.batch_size):
         rows += generate(model, prompts[i : i + s.batch_size], s.gen).rows
-        _sync(model.device)
+        sync(model.device)
     return rows
 
 
@@ -123,29 +120,6 @@ def generative_perplexity(model: TriModel, prompts: list[list[int]], outputs: li
         nll -= logp.gather(-1, seq[0, len(p):, None]).sum().item()
         count += len(o.tokens)
     return float(torch.tensor(nll / count).exp()) if count else None
-
-
-# -------------------------------------------------------------------------------------------- latency
-
-@torch.inference_mode()
-def latency_sweep(model: TriModel, context: list[int], reps: int = 9, sizes=SWEEP) -> dict[int, float]:
-    """Median ms of one causal forward of n new tokens over a cached context (the cost of a block)."""
-    cache, _ = prefill(model, [context], max_len=len(context) + max(sizes) + 1)
-    start = cache.lengths.clone()
-    out = {}
-    for n in sizes:
-        block = torch.randint(model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
-        block = block.to(model.device)
-        times = []
-        for _ in range(reps + 1):
-            _sync(model.device)
-            t = time.perf_counter()
-            forward_block(model, cache, block, masks.causal, write=True)
-            _sync(model.device)
-            times.append((time.perf_counter() - t) * 1e3)
-            cache.crop(start)
-        out[n] = statistics.median(times[1:])  # the first run warms up
-    return out
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -192,7 +166,7 @@ class Bench:
         if self.sweep:
             self.log("forward latency sweep")
             context = self.tokenizer.encode(Path(__file__).read_text())[:200]
-            report["sweep_ms"] = latency_sweep(self.model, context)
+            report["sweep_ms"] = latency_sweep(self.model, context, sizes=SWEEP)
         return report
 
     def _run(self, s: Setting, prompts, max_tokens: int | None = None) -> list[Row]:
@@ -320,7 +294,7 @@ class Options:
     modes: tuple[str, ...] = ("ar", "spec", "diffusion")
     block_sizes: tuple[int, ...] = (4, 16)
     thresholds: tuple[float | None, ...] = (0.9, 0.5)
-    spec_variants: tuple[str, ...] = ("linear",)  # linear and/or quadratic
+    spec_variants: tuple[str, ...] = ("linear",)  # linear, quadratic and/or pipelined
     temperatures: tuple[float, ...] = (0.0,)
     batch_sizes: tuple[int, ...] = (1,)
     max_tokens: int = 64
@@ -375,7 +349,7 @@ class DraftOptions:
     prompts: str | None = None  # JSONL prompt set (default: the packaged chat prompts)
     modes: tuple[str, ...] = ("ar", "spec", "diffusion")
     block_sizes: tuple[int, ...] = (8,)
-    spec_variants: tuple[str, ...] = ("linear",)  # linear and/or quadratic
+    spec_variants: tuple[str, ...] = ("linear",)  # linear, quadratic and/or pipelined
     threshold: float | None = 0.9  # diffusion confidence, or none
     max_tokens: int = 64
     snapshots: str | None = None  # a training run's adapters/ folder: the bare model, then every step-N adapter

@@ -30,6 +30,12 @@ def _threshold(value: str) -> float | None:
     return None if value.lower() == "none" else float(value)
 
 
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
+    return value == "on"
+
+
 def _list(kind):
     def parse(value: str) -> tuple:
         return tuple(kind(v) for v in value.split(",") if v)
@@ -61,7 +67,7 @@ def _generate_parser(sub) -> None:
 
 def _generation_options(p: argparse.ArgumentParser) -> None:
     _options(p, GenerationConfig(), {"mode": MODES, "spec_variant": SPEC_VARIANTS, "threshold": _threshold,
-                                     "stop": "append"})
+                                     "stop": "append", "lookup": _on_off})
 
 
 def _eval_parser(sub) -> None:
@@ -170,7 +176,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--block-size", type=int, help="block size of requests that name none (default: per device "
                                                   "and mode)")
-    _options(p, ServerConfig(), {"default_mode": (*MODES, "auto")}, skip=("defaults",))
+    _options(p, ServerConfig(), {"default_mode": MODES}, skip=("defaults",))
     p.set_defaults(run=cmd_serve, served_model_name=None)
 
 

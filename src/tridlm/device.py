@@ -28,10 +28,12 @@ def fast_dtype(device: str | torch.device) -> torch.dtype:
 # tok/s vs B=4 11.0; quadratic B=4 12.9 vs B=8 7.0 (a B(B+1)-token forward grows quickly there);
 # diffusion at threshold 0.9 B=4 12.6 vs B=8 11.0 tok/s (generative perplexity 2.66 vs 3.05). CUDA: on an
 # H200 under CUDA graphs forwards of 16 to 272 new tokens cost 1-2x an AR step, so larger blocks are nearly
-# free there (not yet measured with a trained adapter).
+# free there (not yet measured with a trained adapter). Pipelined spec and auto: the most tokens one forward
+# carries (auto's planner chooses below it from the measured cost curve); on a CPU with low-bit weights 4
+# tokens cost about one and 5 cost 1.4x (README, "Precisions").
 BLOCK_SIZES = {
-    "cpu": {"spec-linear": 8, "spec-quadratic": 4, "diffusion": 4},
-    "cuda": {"spec-linear": 16, "spec-quadratic": 16, "diffusion": 16},
+    "cpu": {"spec-linear": 8, "spec-quadratic": 4, "spec-pipelined": 4, "auto": 8, "diffusion": 4},
+    "cuda": {"spec-linear": 16, "spec-quadratic": 16, "spec-pipelined": 16, "auto": 16, "diffusion": 16},
 }
 
 
@@ -42,5 +44,5 @@ def default_block_size(device: str | torch.device, mode: str, spec_variant: str 
     if mode == "ar":
         return 1
     table = BLOCK_SIZES["cuda" if torch.device(device).type == "cuda" else "cpu"]
-    block = table["diffusion" if mode == "diffusion" else f"spec-{spec_variant}"]
+    block = table[mode if mode in ("diffusion", "auto") else f"spec-{spec_variant}"]
     return min(block, trained_block) if trained_block else block

@@ -165,14 +165,20 @@ def run_settings(task: str, model: TriModel, model_name: str, precision: str, ad
             "block_size": g.block_size, "threshold": g.threshold if g.mode == "diffusion" else None,
             "max_steps_per_block": g.max_steps_per_block if g.mode == "diffusion" else None,
             "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p, "seed": g.seed,
-            "max_tokens": g.max_tokens, "batch_size": batch_size}
+            "max_tokens": g.max_tokens, "batch_size": batch_size, **({"lookup": g.lookup} if g.pipelined else {})}
+
+
+def _mode(settings: dict) -> str:
+    """ar, diffusion, spec (linear), spec-quadratic, spec-pipelined or auto."""
+    variant = settings["spec_variant"]
+    return settings["mode"] if variant in (None, "linear") else f"spec-{variant}"
 
 
 def run_name(settings: dict) -> str:
     """A readable file name for a run, unique to its settings."""
     s = settings
-    mode = "spec-quadratic" if s["spec_variant"] == "quadratic" else s["mode"]
-    parts = [s["task"], mode] + ([f"B{s['block_size']}"] if s["mode"] != "ar" else [])
+    parts = [s["task"], _mode(s)] + ([f"B{s['block_size']}"] if s["mode"] != "ar" else [])
+    parts += ["no-lookup"] if s.get("lookup") is False else []
     parts += [f"t{s['threshold']}"] if s["mode"] == "diffusion" else []
     digest = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
     return "-".join(parts + [s["precision"], digest])
@@ -268,7 +274,7 @@ def summary(settings: dict, records: list[dict], path: Path) -> dict:
 def describe(result: dict) -> str:
     """One line for a person: the score beside the speed."""
     r = result
-    setting = " ".join([r["mode"] if r["spec_variant"] != "quadratic" else "spec-quadratic"]
+    setting = " ".join([_mode(r)] + (["no-lookup"] if r.get("lookup") is False else [])
                        + ([f"B={r['block_size']}"] if r["mode"] != "ar" else [])
                        + ([f"t={r['threshold']}"] if r["mode"] == "diffusion" else []) + [r["precision"]])
     tpf = "-" if r["tpf"] is None else f"{r['tpf']:.2f}"

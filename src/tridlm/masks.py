@@ -27,6 +27,15 @@ def bidirectional(cache_lengths: torch.Tensor, n: int, prefix: int) -> torch.Ten
     return torch.cat([_cache_part(cache_lengths, n, prefix), current], dim=-1)
 
 
+def verify_then_draft(cache_lengths: torch.Tensor, n: int, prefix: int, verify: int) -> torch.Tensor:
+    """A pipelined spec forward: ``verify`` leading rows (the pending token and its candidates) are causal,
+    the MASK rows after them see the cache, every verify row and each other (they draft the block that
+    follows a full accept)."""
+    mask = causal(cache_lengths, n, prefix)
+    mask[:, verify:, prefix:] = True
+    return mask
+
+
 def quadratic_offsets(block: int, device=None) -> torch.Tensor:
     """Positions, relative to the committed length, of the block*(block+1) tokens of a quadratic-spec
     forward: ``block`` draft rows at 0..block-1, then for each sub-block i its ``block`` MASK rows at

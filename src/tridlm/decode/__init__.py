@@ -14,10 +14,11 @@ import torch
 from tridlm.decode.ar import ar
 from tridlm.decode.common import MODES, SPEC_VARIANTS, DecodeState, GenerationConfig, Row, prefill, summarize
 from tridlm.decode.diffusion import diffusion
+from tridlm.decode.pipelined import pipelined
 from tridlm.decode.spec import spec
 from tridlm.model import TriModel
 
-DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec}
+DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec, "auto": pipelined}
 
 __all__ = ["MODES", "SPEC_VARIANTS", "DecodeState", "GenerationConfig", "Row", "generate", "stream", "summarize"]
 
@@ -38,6 +39,7 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     if cfg.seed is not None:
         generator = torch.Generator(model.device).manual_seed(cfg.seed)
     for p, row in zip(prompts, state.rows):
+        row.prompt = list(p)
         if len(p) + row.max_tokens + cfg.block_size + 1 > model.cfg.max_seq_len:
             raise ValueError(f"prompt ({len(p)} tokens) + max_tokens ({row.max_tokens}) + block_size exceeds "
                              f"the model's context of {model.cfg.max_seq_len}")
@@ -49,7 +51,7 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     for i, t in enumerate(pending.tolist()):
         state.emit(i, [t])
     yield state.flush()
-    yield from DECODERS[cfg.mode](model, cache, pending, state, generator)
+    yield from (pipelined if cfg.pipelined else DECODERS[cfg.mode])(model, cache, pending, state, generator)
 
 
 def generate(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,

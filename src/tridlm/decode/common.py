@@ -18,18 +18,20 @@ from tridlm.model import TriModel
 from tridlm.sampling import Sampler
 from tridlm.tokenizer import stop_index
 
-MODES = ("ar", "diffusion", "spec")
-SPEC_VARIANTS = ("linear", "quadratic")
+MODES = ("ar", "diffusion", "spec", "auto")
+SPEC_VARIANTS = ("linear", "quadratic", "pipelined")
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """Decoding knobs of one request (SPEC 3.5). ``validate`` rejects anything out of range."""
 
-    mode: str = "ar"  # ar | diffusion | spec
+    mode: str = "ar"  # ar | diffusion | spec | auto (the exact plan predicted fastest, per cycle: decode.pipelined)
     block_size: int | None = None  # default: per device and mode (tridlm.device), at most the model's training block
     threshold: float | None = 0.9  # diffusion: commit confidence; none = one token per step
-    spec_variant: str = "linear"  # spec: linear (draft + verify forwards) or quadratic (one forward of n(n+1) tokens)
+    spec_variant: str = "linear"  # spec: linear (draft + verify forwards), quadratic (one forward of n(n+1) tokens)
+    # or pipelined (one forward per cycle: AR step + candidates' verify + MASK rows drafting the next ones)
+    lookup: bool | None = None  # pipelined spec and auto: prompt-lookup candidates (default on); others: none
     max_steps_per_block: int | None = None  # diffusion: denoising steps per block at most (default: block size)
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
@@ -45,6 +47,8 @@ class GenerationConfig:
             bad("mode", f"expected one of {', '.join(MODES)}")
         if self.spec_variant not in SPEC_VARIANTS:
             bad("spec_variant", f"expected one of {', '.join(SPEC_VARIANTS)}")
+        if self.lookup and not self.pipelined:
+            bad("lookup", "prompt lookup drafts for mode auto and spec variant pipelined only")
         if self.block_size is not None and not 1 <= self.block_size <= 256:
             bad("block_size", "expected an integer in [1, 256]")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -66,10 +70,18 @@ class GenerationConfig:
     def resolve(self, model) -> GenerationConfig:
         """This config with every default filled in for ``model`` (its device and training block size):
         the one place API, CLI, server and bench get defaults from."""
-        if self.block_size is not None:
-            return self
-        block = default_block_size(model.device, self.mode, self.spec_variant, model.cfg.block_size)
-        return self.replace(block_size=block)
+        resolved = self
+        if self.lookup is None and self.pipelined:
+            resolved = resolved.replace(lookup=True)
+        if self.block_size is None:
+            block = default_block_size(model.device, self.mode, self.spec_variant, model.cfg.block_size)
+            resolved = resolved.replace(block_size=block)
+        return resolved
+
+    @property
+    def pipelined(self) -> bool:
+        """Decoded by ``decode.pipelined``: ``auto``, or spec's pipelined variant."""
+        return self.mode == "auto" or (self.mode == "spec" and self.spec_variant == "pipelined")
 
     @property
     def sampler(self) -> Sampler:
@@ -85,6 +97,7 @@ class Row:
 
     max_tokens: int
     stop: tuple[str, ...] = ()
+    prompt: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | "cancelled"
     nfe: int = 0  # forwards after prefill while this row was unfinished

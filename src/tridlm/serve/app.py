@@ -1,8 +1,9 @@
 """The HTTP server: OpenAI-compatible completions and chat completions over the model worker.
 
 ``mode: "auto"`` policy: a request that finds the server idle (no other request waiting or running)
-decodes with self-speculation (lowest latency for one stream); when requests compete it decodes with
-AR, which the worker batches across them (best throughput).
+decodes with ``auto`` (per cycle the exact plan the measured cost curve and the request's running
+acceptance predict fastest: lowest latency for one stream); when requests compete it decodes with AR,
+which the worker batches across them (best throughput).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class Server:
     async def run(self, request: Request, body, ids: list[int], kind: str, endpoint: str):
         mode = body.mode or self.config.default_mode
         if mode == "auto":
-            mode = "spec" if self.worker.load == 0 else "ar"
+            mode = "auto" if self.worker.load == 0 else "ar"
+            body.lookup = body.lookup if mode == "auto" else None  # a knob of auto, not of its fallback
         cfg = make_config(body, ids, mode, self.model, self.config)
         if body.tridlm_trace and not body.stream:
             raise APIError(400, "tridlm_trace needs stream: true", "tridlm_trace")

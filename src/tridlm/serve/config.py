@@ -15,13 +15,13 @@ class ServerConfig:
     max_batch: int = 16  # rows decoded together
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     default_max_tokens: int = 256  # for requests that name none (at most what the context leaves)
-    default_mode: str = "ar"  # mode of requests that name none; auto: spec when idle, batched ar under load
+    default_mode: str = "ar"  # mode of requests that name none; auto: the fastest exact plan when idle, batched ar under load
     defaults: GenerationConfig = GenerationConfig()  # the knobs of requests that name none
 
     def validate(self) -> ServerConfig:
         if self.max_queue < 1 or self.max_batch < 1 or self.max_body_bytes < 1 or self.default_max_tokens < 1:
             raise ValueError("max_queue, max_batch, max_body_bytes and default_max_tokens must be positive")
-        if self.default_mode not in (*MODES, "auto"):
-            raise ValueError(f"invalid default_mode={self.default_mode!r}: expected one of {', '.join(MODES)}, auto")
+        if self.default_mode not in MODES:
+            raise ValueError(f"invalid default_mode={self.default_mode!r}: expected one of {', '.join(MODES)}")
         self.defaults.validate()
         return self

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tridlm.decode import GenerationConfig
 
-MODES_OR_AUTO = Literal["ar", "diffusion", "spec", "auto"]
+MODES = Literal["ar", "diffusion", "spec", "auto"]
 
 
 class APIError(Exception):
@@ -51,11 +51,12 @@ class _Request(BaseModel):
     logprobs: bool | int | None = None
     echo: bool | None = None
     # tridlm decoding knobs (SPEC 3.5)
-    mode: MODES_OR_AUTO | None = None
+    mode: MODES | None = None
     block_size: int | None = None
     threshold: float | None = None
     max_steps_per_block: int | None = None
-    spec_variant: Literal["linear", "quadratic"] | None = None
+    spec_variant: Literal["linear", "quadratic", "pipelined"] | None = None
+    lookup: bool | None = None  # prompt-lookup candidates (auto and pipelined spec; default on there)
     tridlm_trace: bool = False  # streaming only: per-step decoding events in each chunk's "tridlm_trace"
 
     def unsupported(self) -> str | None:
@@ -74,7 +75,7 @@ class _Request(BaseModel):
         """Our config: the request's values over the server's defaults, validated once."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         changes = {"mode": mode, "max_tokens": max_tokens, "stop": stop, "seed": self.seed}
-        for name in ("temperature", "top_p", "top_k", "block_size", "max_steps_per_block", "spec_variant"):
+        for name in ("temperature", "top_p", "top_k", "block_size", "max_steps_per_block", "spec_variant", "lookup"):
             if getattr(self, name) is not None:
                 changes[name] = getattr(self, name)
         if "threshold" in self.model_fields_set:

@@ -39,7 +39,7 @@ class Job:
     def batch_key(self):
         c = self.cfg
         alone = id(self) if c.seed is not None else None
-        return (c.mode, c.spec_variant, c.block_size, c.threshold, c.max_steps_per_block, c.temperature, c.top_k,
+        return (c.mode, c.spec_variant, c.lookup, c.block_size, c.threshold, c.max_steps_per_block, c.temperature, c.top_k,
                 c.top_p, alone, self.trace)
 
     def send(self, *event) -> None:

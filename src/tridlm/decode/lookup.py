@@ -1,0 +1,38 @@
+"""Prompt lookup: free draft candidates from the text so far (prompt and answer).
+
+When the last few tokens occurred before, the tokens that followed them then are a guess for what
+follows now; answers that quote or edit their input (code, extraction, rewriting) repeat long spans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class NGramIndex:
+    """The most recent continuation of every 1..``longest``-gram of a growing token sequence.
+
+    ``extend`` appends tokens; ``propose(m)`` returns up to m tokens that followed the longest suffix
+    n-gram's latest earlier occurrence (longer n-grams first), or [] when none occurred before.
+    """
+
+    def __init__(self, tokens: Sequence[int] = (), longest: int = 3):
+        self.longest = longest
+        self.tokens: list[int] = []
+        self._next: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for t in tokens:
+            end = len(self.tokens)  # index of t: register the n-grams t follows
+            for n in range(1, self.longest + 1):
+                if end >= n:
+                    self._next[tuple(self.tokens[end - n : end])] = end
+            self.tokens.append(int(t))
+
+    def propose(self, m: int) -> list[int]:
+        for n in range(min(self.longest, len(self.tokens)), 0, -1):
+            start = self._next.get(tuple(self.tokens[-n:]))
+            if start is not None:
+                return self.tokens[start : start + m]
+        return []

@@ -1,0 +1,190 @@
+"""Pipelined self-speculation: one forward per cycle, never fewer tokens than forwards, and ``auto``.
+
+Each forward carries, per row:
+
+    [pending, c_1 .. c_m | MASK x r]
+     causal rows, no adapter: the pending token's row is an AR step (its next token is exact), the
+     candidates' rows verify them as in linear spec;  MASK rows (adapter on) see every verify row and
+     each other: they draft the block after a full accept (a quadratic-spec sub-block, pruned to the
+     likeliest acceptance count).
+
+Candidates come from prompt lookup (``lookup``: the tokens that followed the latest earlier occurrence of
+the last 1-3 tokens) or from the previous forward's MASK rows (kept only when those rows also guessed the
+bonus token they could not see). ``m = r = 0`` is an AR step. The output is AR's token for token
+(greedy), and exactly AR's distribution when sampling (a candidate x drawn from q is accepted with
+probability min(1, p(x)/q(x)); lookup candidates have a one-hot q).
+
+How many candidates to verify and MASK rows to add is the ``Planner``'s choice per cycle: fixed by the
+block size (``spec_variant="pipelined"``), or (``mode="auto"``) the plan with the most expected tokens
+per unit of cost, from the cost curve measured on this model (``costs.relative_costs``) and the running
+acceptance of this request's candidates.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tridlm import masks
+from tridlm.cache import KVCache
+from tridlm.decode.common import DecodeState, forward_block, unmasking_distribution
+from tridlm.decode.costs import relative_costs
+from tridlm.decode.lookup import NGramIndex
+from tridlm.decode.spec import settle
+from tridlm.model import TriModel
+
+SOURCES = ("lookup", "draft")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One cycle: verify ``verify`` candidates of ``source``, append ``drafts`` MASK rows."""
+
+    verify: int = 0
+    drafts: int = 0
+    source: str = "lookup"
+
+    @property
+    def tokens(self) -> int:
+        return 1 + self.verify + self.drafts
+
+
+class Acceptance:
+    """Running acceptance of one request's candidates per source and depth: rate[j] estimates
+    P(candidate j+1 accepted | candidates 1..j accepted), from counts with a prior of 1 in 2."""
+
+    def __init__(self, depth: int):
+        self.hits = {s: [1.0] * depth for s in SOURCES}
+        self.tries = {s: [2.0] * depth for s in SOURCES}
+        self.carried = [1.0, 2.0]  # full accepts with MASK rows whose drafts were kept, of all such
+
+    def rates(self, source: str) -> list[float]:
+        return [h / t for h, t in zip(self.hits[source], self.tries[source])]
+
+    def update(self, source: str, offered: int, accepted: int) -> None:
+        for j in range(min(accepted + 1, offered)):
+            self.tries[source][j] += 1
+            self.hits[source][j] += j < accepted
+
+    def expected(self, source: str, m: int) -> tuple[float, float]:
+        """(expected accepted candidates of the first m, probability all m are accepted)."""
+        gain, alive = 0.0, 1.0
+        for a in self.rates(source)[:m]:
+            alive *= a
+            gain += alive
+        return gain, alive
+
+
+class Planner:
+    """Chooses each cycle's plan. ``block``: the most tokens one forward carries. ``costs``: relative
+    forward costs (n -> cost(n)/cost(1)); None = a fixed plan (fill the block: candidates first, then
+    MASK rows when at least two fit)."""
+
+    def __init__(self, block: int, costs: dict[int, float] | None = None):
+        self.block, self.costs = block, costs
+
+    def plan(self, available: dict[str, int], acc: Acceptance, rows: int) -> Plan:
+        """``available``: candidates on hand per source (the most any row has)."""
+        room = self.block - 1
+        if self.costs is None:
+            source = max(SOURCES, key=lambda s: available[s])
+            m = min(available[source], room)
+            return Plan(m, room - m if room - m >= 2 else 0, source)
+        if rows > 1:
+            return Plan()  # batches decode as AR: on a CPU a batch's forward already spends the cheap tokens
+        best, best_rate = Plan(), 1.0 / self.costs[1]
+        for source in SOURCES:
+            for m in range(min(available[source], room) + 1):
+                gain, all_in = acc.expected(source, m)
+                for r in (0, *range(2, room - m + 1)):
+                    rate = (1 + gain + all_in * self._draft_value(r, acc)) / self.costs[1 + m + r]
+                    if rate > best_rate + 1e-9:
+                        best, best_rate = Plan(m, r, source), rate
+        return best
+
+    def _draft_value(self, r: int, acc: Acceptance) -> float:
+        """What r MASK rows are worth after a full accept: the best expected gain of verifying their r-1
+        drafts next cycle, less what the extra verify rows cost (in AR steps), times the chance they
+        are kept."""
+        if r < 2:
+            return 0.0
+        kept = acc.carried[0] / acc.carried[1]
+        best = 0.0
+        for m in range(1, r):
+            gain, _ = acc.expected("draft", m)
+            best = max(best, gain - (self.costs[1 + m] - self.costs[1]))
+        return kept * best
+
+
+def planner_for(model: TriModel, state: DecodeState) -> Planner:
+    cfg = state.cfg
+    if cfg.mode == "auto":
+        return Planner(cfg.block_size, relative_costs(model, cfg.block_size))
+    return Planner(cfg.block_size)
+
+
+def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
+              generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
+    """Yield each cycle's tokens (accepted candidates + bonus) per row; ``pending`` (B,) is the last
+    sampled token, not yet cached."""
+    cfg, sampler, mask_id = state.cfg, state.cfg.sampler, model.cfg.mask_id
+    planner = planner_for(model, state)
+    rows, room = len(pending), cfg.block_size - 1
+    acc = Acceptance(max(room, 1))
+    lookups = [NGramIndex(r.prompt + r.tokens) for r in state.rows] if cfg.lookup else None
+    carried: list[list[int]] = [[] for _ in range(rows)]  # drafts from the last forward's MASK rows
+    carried_q: list[torch.Tensor | None] = [None] * rows  # their distributions (sampling only)
+    while not state.all_done:
+        proposals = {"lookup": [lk.propose(room) for lk in lookups] if lookups else [[]] * rows, "draft": carried}
+        live = [i for i, r in enumerate(state.rows) if not r.done]
+        plan = planner.plan({s: max(len(proposals[s][i]) for i in live) for s in SOURCES}, acc, len(live))
+        if mask_id is None and plan.drafts:
+            raise ValueError("pipelined spec drafts need a model with a mask token (config mask_id)")
+        m, r = plan.verify, plan.drafts
+        chosen = [proposals[plan.source][i][:m] for i in range(rows)]
+        block = torch.cat([pending[:, None], _pad(chosen, pending, m)], dim=1)  # (B, 1 + m)
+        q = None if sampler.greedy else _draft_distributions(block, plan, carried_q, model.cfg.vocab_size)
+        tokens = torch.cat([block, torch.full((rows, r), mask_id or 0, device=block.device)], dim=1)
+        adapter = (torch.arange(1 + m + r, device=block.device) > m).expand(rows, -1) if r else False
+        start = cache.lengths
+        logits = forward_block(model, cache, tokens, functools.partial(masks.verify_then_draft, verify=1 + m),
+                               write=1 + m, adapter=adapter)
+        state.count_forward()
+        p = sampler.distribution(logits[:, : 1 + m])
+        pending, k = settle(cache, state, start, block, p, q, generator)
+        carried, carried_q = [[] for _ in range(rows)], [None] * rows
+        if r:
+            dq = unmasking_distribution(sampler, logits[:, 1 + m :], mask_id)  # (B, r, V)
+            guess = sampler.pick(dq, generator)
+            for i in live:
+                if k[i] == m:
+                    keep = bool(guess[i, 0] == pending[i])  # the drafts assumed this bonus token
+                    acc.carried[0] += keep
+                    acc.carried[1] += 1
+                    if keep:
+                        carried[i], carried_q[i] = guess[i, 1:].tolist(), dq[i, 1:]
+        for i in live:
+            acc.update(plan.source, len(chosen[i]), int(k[i]))
+            if lookups:
+                lookups[i].extend(state.rows[i].tokens[len(lookups[i].tokens) - len(state.rows[i].prompt):])
+        yield state.flush()
+
+
+def _pad(chosen: list[list[int]], pending: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, m) candidates; a row with fewer repeats its pending token (accepted only if it is AR's token)."""
+    return torch.tensor([c + [int(t)] * (m - len(c)) for c, t in zip(chosen, pending.tolist())],
+                        dtype=torch.long, device=pending.device).view(len(chosen), m)
+
+
+def _draft_distributions(block: torch.Tensor, plan: Plan, carried_q, vocab: int) -> torch.Tensor:
+    """(B, 1 + m, V): the distribution each candidate was drawn from (row 0 unused): the MASK rows' for
+    carried drafts, one-hot for lookup candidates and padding (a deterministic proposal)."""
+    q = torch.nn.functional.one_hot(block, vocab).float()
+    for i, dq in enumerate(carried_q):
+        if plan.source == "draft" and dq is not None:
+            n = min(len(dq), block.shape[1] - 1)
+            q[i, 1 : 1 + n] = dq[:n]
+    return q

@@ -1,0 +1,124 @@
+"""Pipelined self-speculation and ``auto``: one forward per cycle, AR's output token for token."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tridlm import masks
+from tridlm.decode import GenerationConfig, generate
+from tridlm.decode.lookup import NGramIndex
+from tridlm.decode.pipelined import Acceptance, Plan, Planner
+from tridlm.model import ModelConfig, random_model
+
+GREEDY = GenerationConfig(max_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model():
+    """A 16-token model: drafts and lookups match the verifier often enough to exercise long accepts."""
+    return random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=16), seed=2, std=0.3)
+
+
+def tokens(state):
+    return [r.tokens for r in state.rows]
+
+
+def test_ngram_index_proposes_the_latest_continuation_of_the_longest_suffix():
+    index = NGramIndex([1, 2, 3, 9, 1, 2, 4, 5, 2])
+    assert index.propose(3) == [4, 5, 2]  # "2" last continued with 4 5 2
+    index.extend([3])
+    assert index.propose(2) == [9, 1]  # "2 3" occurred once, followed by 9 1
+    index.extend([7])
+    assert index.propose(4) == []  # 7 never occurred before
+    assert NGramIndex([]).propose(3) == [] and NGramIndex([5]).propose(3) == []
+
+
+def test_verify_then_draft_mask():
+    lengths = torch.tensor([2, 3])
+    mask = masks.verify_then_draft(lengths, 5, 3, verify=2)
+    current = mask[0, :, 3:].int().tolist()
+    assert current == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert mask[0, :, :3].tolist() == [[True, True, False]] * 5 and mask[1, :, :3].all()
+
+
+@pytest.mark.parametrize("lookup", [True, False])
+@pytest.mark.parametrize("block_size", [1, 2, 3, 4, 8])
+def test_pipelined_greedy_equals_ar_one_forward_per_cycle(small_vocab_model, prompts, block_size, lookup):
+    prompts = [[t % 16 for t in p] for p in prompts]
+    cfg = GREEDY.replace(mode="spec", spec_variant="pipelined", block_size=block_size, lookup=lookup)
+    for batch in (prompts, prompts[:1]):
+        ar = generate(small_vocab_model, batch, GREEDY, eos_ids=[])
+        sp = generate(small_vocab_model, batch, cfg, eos_ids=[])
+        assert tokens(sp) == tokens(ar)
+    for row in sp.rows:
+        assert row.nfe == len(row.accepted_lengths)  # one forward per cycle, each with >= 1 token
+        assert sum(row.accepted_lengths) == len(row.tokens) - 1
+    if block_size > 1 and lookup:  # (random weights rarely draft well: test_real_model checks the drafts)
+        assert max(a for r in sp.rows for a in r.accepted_lengths) >= 2, "the accept path was not exercised"
+
+
+def test_pipelined_batch_row_equals_single(tiny_model, prompts):
+    cfg = GREEDY.replace(mode="spec", spec_variant="pipelined", block_size=4)
+    assert tokens(generate(tiny_model, prompts, cfg)) == [generate(tiny_model, [p], cfg).rows[0].tokens
+                                                          for p in prompts]
+
+
+def test_auto_greedy_equals_ar(tiny_model, prompts):
+    ar = tokens(generate(tiny_model, prompts, GREEDY))
+    assert [generate(tiny_model, [p], GREEDY.replace(mode="auto")).rows[0].tokens for p in prompts] == ar
+    assert tokens(generate(tiny_model, prompts, GREEDY.replace(mode="auto"))) == ar  # a batch: AR steps
+
+
+def test_adapter_never_changes_pipelined_output(tiny_cfg, prompts):
+    model = random_model(tiny_cfg, seed=6, std=0.3)
+    ar = tokens(generate(model, prompts, GREEDY))
+    model.add_lora(rank=4, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
+    for name, p in model.named_parameters():
+        if "lora_b" in name:
+            torch.nn.init.normal_(p, 0, 0.3)
+    assert tokens(generate(model, prompts, GREEDY.replace(mode="spec", spec_variant="pipelined", block_size=5))) == ar
+
+
+def test_planner_picks_ar_when_forwards_cost_their_tokens_and_fills_cheap_ones():
+    acc = Acceptance(7)
+    steep = Planner(8, {n: float(n) for n in range(1, 9)})
+    assert steep.plan({"lookup": 7, "draft": 7}, acc, rows=1) == Plan()  # no candidate is surely accepted
+    flat = Planner(8, {n: 1.0 for n in range(1, 9)})
+    assert flat.plan({"lookup": 7, "draft": 0}, acc, rows=1) == Plan(7, 0, "lookup")
+    assert flat.plan({"lookup": 0, "draft": 0}, acc, rows=1).drafts == 7  # nothing to verify: draft
+    assert flat.plan({"lookup": 7, "draft": 7}, acc, rows=2) == Plan()  # batches decode as AR
+    for _ in range(50):
+        acc.update("lookup", 3, 0)  # lookups keep failing: stop offering them where they cost
+    step = Planner(8, {1: 1.0, 2: 1.3, 3: 1.6, 4: 1.9, 5: 2.2, 6: 2.5, 7: 2.8, 8: 3.1})
+    assert step.plan({"lookup": 7, "draft": 0}, acc, rows=1) == Plan()
+    fixed = Planner(4)
+    assert fixed.plan({"lookup": 2, "draft": 0}, acc, rows=1) == Plan(2, 0, "lookup")
+    assert fixed.plan({"lookup": 0, "draft": 0}, acc, rows=1) == Plan(0, 3, "lookup")
+
+
+def test_acceptance_counts_the_accepted_prefix_and_the_first_miss():
+    acc = Acceptance(4)
+    acc.update("draft", 3, 1)  # first accepted, second rejected, third never judged
+    assert acc.hits["draft"] == [2.0, 1.0, 1.0, 1.0] and acc.tries["draft"] == [3.0, 3.0, 2.0, 2.0]
+
+
+def test_lookup_is_for_pipelined_decoding_only():
+    with pytest.raises(ValueError, match="lookup"):
+        GenerationConfig(mode="spec", lookup=True).validate()
+    GenerationConfig(mode="auto", lookup=False).validate()
+
+
+def test_pipelined_sampling_is_distributionally_lossless():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from test_decode import _chi_square, _exact_ar_distribution
+
+    model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
+    prompt, n = [1, 2, 3, 1, 2], 4
+    cfg = GenerationConfig(mode="spec", spec_variant="pipelined", block_size=4, temperature=1.0, seed=13,
+                           max_tokens=n)
+    expected = _exact_ar_distribution(model, prompt, n, cfg.sampler)
+    state = generate(model, [prompt] * 6000, cfg, eos_ids=[])
+    stat, dof = _chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)
+    assert scipy_stats.chi2.sf(stat, dof) > 1e-3
+    assert max(state.stats()["accepted_hist"]) >= 3
