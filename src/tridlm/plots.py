@@ -48,21 +48,46 @@ def bench(report: dict, prefix: Path) -> list[Path]:
     spec = [n for n in names if res[n]["accepted_hist"]]
     if spec:
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        width = 0.8 / len(spec)
-        for i, n in enumerate(spec):
-            hist = {int(k): v for k, v in res[n]["accepted_hist"].items()}
-            total = sum(hist.values())
-            ax.bar([k + i * width for k in hist], [v / total for v in hist.values()], width, label=n)
-        ax.set_xticks(sorted({int(k) for n in spec for k in res[n]["accepted_hist"]}))
+        _accepted_bars(ax, {n: res[n]["accepted_hist"] for n in spec})
         ax.set_xlabel("tokens accepted per draft+verify cycle")
-        ax.set_ylabel("fraction of cycles")
-        ax.legend()
         fig.tight_layout()
         paths.append(prefix.with_name(prefix.name + "-accepted.png"))
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
 
+
+def _accepted_bars(ax, hists: dict[str, dict]) -> None:
+    """Side-by-side bars of each setting's accepted-length histogram, as fractions of its cycles."""
+    width = 0.8 / len(hists)
+    for i, (name, hist) in enumerate(hists.items()):
+        hist = {int(k): v for k, v in hist.items()}
+        total = sum(hist.values())
+        ax.bar([k + i * width for k in hist], [v / total for v in hist.values()], width, label=name)
+    ax.set_xticks(sorted({int(k) for h in hists.values() for k in h}))
+    ax.set_ylabel("fraction of cycles")
+    ax.legend(fontsize=7)
+
+
+def accepted_histograms(results: dict[str, dict[str, dict]], path: Path) -> Path:
+    """One panel per precision and prompt class of ``bench/spec_ablation.py``: the accepted-length
+    histogram of every speculative setting (tokens per cycle; a pipelined cycle is one forward)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(prec, cls, r) for prec, classes in results.items() for cls, r in classes.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (prec, cls, r) in zip(axes[0], panels):
+        _accepted_bars(ax, {s["setting"]: s["accepted_hist"] for s in r["settings"] if s["accepted_hist"]})
+        ax.set_title(f"{prec}, {cls} prompts")
+        ax.set_xlabel("tokens per cycle")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def acceptance_curve(curve: list[dict], path: Path) -> None:

@@ -181,7 +181,8 @@ class DecodeState:
         step): ``step`` (ar: ``token``), ``denoise`` (diffusion: ``block`` ids with None at masked slots,
         ``guess`` the prediction and ``conf`` its probability at every slot, ``new`` the slots committed
         by this step), ``commit`` (diffusion: the causal pass that caches a finished block; ``token`` is the
-        next block's first), ``verify`` (spec: ``drafts``, ``accepted`` of them, ``bonus`` token)."""
+        next block's first), ``verify`` (spec: ``drafts``, ``accepted`` of them, ``bonus`` token; pipelined
+        spec and auto: ``source`` of the drafts, lookup or draft, when there were any)."""
         if not self.rows[i].done:
             self._events[i].append({**event, "forward": self.forwards})
 

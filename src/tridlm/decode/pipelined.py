@@ -61,21 +61,19 @@ class Acceptance:
         self.tries = {s: [2.0] * depth for s in SOURCES}
         self.carried = [1.0, 2.0]  # full accepts with MASK rows whose drafts were kept, of all such
 
-    def rates(self, source: str) -> list[float]:
-        return [h / t for h, t in zip(self.hits[source], self.tries[source])]
-
     def update(self, source: str, offered: int, accepted: int) -> None:
         for j in range(min(accepted + 1, offered)):
             self.tries[source][j] += 1
             self.hits[source][j] += j < accepted
 
-    def expected(self, source: str, m: int) -> tuple[float, float]:
-        """(expected accepted candidates of the first m, probability all m are accepted)."""
-        gain, alive = 0.0, 1.0
-        for a in self.rates(source)[:m]:
-            alive *= a
+    def expected(self, source: str, m: int) -> list[tuple[float, float]]:
+        """For 0..m candidates: (expected accepted count, probability all are accepted)."""
+        out, gain, alive = [(0.0, 1.0)], 0.0, 1.0
+        for h, t in zip(self.hits[source][:m], self.tries[source][:m]):
+            alive *= h / t
             gain += alive
-        return gain, alive
+            out.append((gain, alive))
+        return out
 
 
 class Planner:
@@ -96,27 +94,23 @@ class Planner:
         if rows > 1:
             return Plan()  # batches decode as AR: on a CPU a batch's forward already spends the cheap tokens
         best, best_rate = Plan(), 1.0 / self.costs[1]
+        carry = self._draft_values(acc)  # carry[r]: what r MASK rows are worth after a full accept
         for source in SOURCES:
-            for m in range(min(available[source], room) + 1):
-                gain, all_in = acc.expected(source, m)
+            for m, (gain, all_in) in enumerate(acc.expected(source, min(available[source], room))):
                 for r in (0, *range(2, room - m + 1)):
-                    rate = (1 + gain + all_in * self._draft_value(r, acc)) / self.costs[1 + m + r]
+                    rate = (1 + gain + all_in * carry[r]) / self.costs[1 + m + r]
                     if rate > best_rate + 1e-9:
                         best, best_rate = Plan(m, r, source), rate
         return best
 
-    def _draft_value(self, r: int, acc: Acceptance) -> float:
-        """What r MASK rows are worth after a full accept: the best expected gain of verifying their r-1
-        drafts next cycle, less what the extra verify rows cost (in AR steps), times the chance they
-        are kept."""
-        if r < 2:
-            return 0.0
+    def _draft_values(self, acc: Acceptance) -> list[float]:
+        """Per r = 0..block-1: what r MASK rows are worth after a full accept: the best expected gain of
+        verifying their r-1 drafts next cycle less what the extra verify rows cost (in AR steps), times
+        the chance the drafts are kept."""
         kept = acc.carried[0] / acc.carried[1]
-        best = 0.0
-        for m in range(1, r):
-            gain, _ = acc.expected("draft", m)
-            best = max(best, gain - (self.costs[1 + m] - self.costs[1]))
-        return kept * best
+        net = [gain - (self.costs[1 + m] - self.costs[1]) for m, (gain, _) in
+               enumerate(acc.expected("draft", self.block - 2))]
+        return [0.0, 0.0] + [kept * max(net[: r]) for r in range(2, self.block)] if self.block > 2 else [0.0] * 2
 
 
 def planner_for(model: TriModel, state: DecodeState) -> Planner:
@@ -154,7 +148,7 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
                                write=1 + m, adapter=adapter)
         state.count_forward()
         p = sampler.distribution(logits[:, : 1 + m])
-        pending, k = settle(cache, state, start, block, p, q, generator)
+        pending, k = settle(cache, state, start, block, p, q, generator, plan.source if m else None)
         carried, carried_q = [[] for _ in range(rows)], [None] * rows
         if r:
             dq = unmasking_distribution(sampler, logits[:, 1 + m :], mask_id)  # (B, r, V)

@@ -77,9 +77,9 @@ def draft(model, cache, pending, state, generator) -> tuple[torch.Tensor, torch.
     return block, q
 
 
-def settle(cache, state, start, block, p, q, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accept a prefix of the drafts, keep its KV, emit it with the bonus token.
-    Returns (bonus token, accepted draft count) per row."""
+def settle(cache, state, start, block, p, q, generator, source: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept a prefix of the drafts, keep its KV, emit it with the bonus token; ``source`` (traced) names
+    where the drafts came from. Returns (bonus token, accepted draft count) per row."""
     k, bonus = accept(block, p, q, state.cfg.sampler, generator)
     # Keep the pending token and the accepted drafts (the bonus is the next pending token); finished
     # rows stay put.
@@ -88,7 +88,8 @@ def settle(cache, state, start, block, p, q, generator) -> tuple[torch.Tensor, t
         if not state.rows[i].done:
             state.rows[i].accepted_lengths.append(n_ok + 1)
         if state.trace:
-            state.note(i, {"type": "verify", "drafts": block[i, 1:].tolist(), "accepted": n_ok, "bonus": b})
+            event = {"type": "verify", "drafts": block[i, 1:].tolist(), "accepted": n_ok, "bonus": b}
+            state.note(i, event if source is None else {**event, "source": source})
         state.emit(i, block[i, 1 : n_ok + 1].tolist() + [b])
     return bonus, k
 

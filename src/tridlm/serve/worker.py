@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tridlm.decode import DecodeState, GenerationConfig, stream
+from tridlm.decode.costs import relative_costs
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
@@ -97,6 +98,8 @@ class Worker:
             return batch
 
     def _run(self) -> None:
+        with torch.inference_mode():  # auto's cost curve, measured before the first request needs it
+            relative_costs(self.model, GenerationConfig(mode="auto").resolve(self.model).block_size)
         while (batch := self._take_batch()) is not None:
             live = [j for j in batch if not j.cancelled.is_set()]
             start = time.perf_counter()
