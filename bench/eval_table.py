@@ -33,6 +33,7 @@ MATRIX = [
     ("int8", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
     ("int4", "diffusion B=4 t=0.7", GenerationConfig(mode="diffusion", block_size=4, threshold=0.7,
                                                      max_tokens=MAX_TOKENS)),
+    ("int4", "auto", GenerationConfig(mode="auto", max_tokens=MAX_TOKENS)),
     ("bfloat16", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
 ]
 

@@ -26,12 +26,12 @@ def tokens(state):
 
 def test_ngram_index_proposes_the_latest_continuation_of_the_longest_suffix():
     index = NGramIndex([1, 2, 3, 9, 1, 2, 4, 5, 2])
-    assert index.propose(3) == [4, 5, 2]  # "2" last continued with 4 5 2
+    assert index.propose(3) == (1, [4, 5, 2])  # "2" last continued with 4 5 2
     index.extend([3])
-    assert index.propose(2) == [9, 1]  # "2 3" occurred once, followed by 9 1
+    assert index.propose(2) == (2, [9, 1])  # "2 3" occurred once, followed by 9 1
     index.extend([7])
-    assert index.propose(4) == []  # 7 never occurred before
-    assert NGramIndex([]).propose(3) == [] and NGramIndex([5]).propose(3) == []
+    assert index.propose(4) == (0, [])  # 7 never occurred before
+    assert NGramIndex([]).propose(3) == (0, []) and NGramIndex([5]).propose(3) == (0, [])
 
 
 def test_verify_then_draft_mask():
@@ -83,18 +83,21 @@ def test_adapter_never_changes_pipelined_output(tiny_cfg, prompts):
 def test_planner_picks_ar_when_forwards_cost_their_tokens_and_fills_cheap_ones():
     acc = Acceptance(7)
     steep = Planner(8, {n: float(n) for n in range(1, 9)})
-    assert steep.plan({"lookup": 7, "draft": 7}, acc, rows=1) == Plan()  # no candidate is surely accepted
+    assert steep.plan({"lookup3": 7, "draft": 7}, acc, rows=1) == Plan()  # no candidate is surely accepted
     flat = Planner(8, {n: 1.0 for n in range(1, 9)})
-    assert flat.plan({"lookup": 7, "draft": 0}, acc, rows=1) == Plan(7, 0, "lookup")
-    assert flat.plan({"lookup": 0, "draft": 0}, acc, rows=1).drafts == 7  # nothing to verify: draft
-    assert flat.plan({"lookup": 7, "draft": 7}, acc, rows=2) == Plan()  # batches decode as AR
+    assert flat.plan({"lookup3": 7, "draft": 0}, acc, rows=1) == Plan(7, 0, "lookup3")
+    assert flat.plan({"draft": 0}, acc, rows=1).drafts == 7  # nothing to verify: draft
+    assert flat.plan({"lookup3": 7, "draft": 7}, acc, rows=2) == Plan()  # batches decode as AR
     for _ in range(50):
-        acc.update("lookup", 3, 0)  # lookups keep failing: stop offering them where they cost
+        acc.update("lookup1", 3, 0)  # one-token matches keep failing: stop offering them where they cost
     step = Planner(8, {1: 1.0, 2: 1.3, 3: 1.6, 4: 1.9, 5: 2.2, 6: 2.5, 7: 2.8, 8: 3.1})
-    assert step.plan({"lookup": 7, "draft": 0}, acc, rows=1) == Plan()
+    assert step.plan({"lookup1": 7, "draft": 0}, acc, rows=1) == Plan()
+    for _ in range(50):
+        acc.update("lookup3", 7, 7)  # three-token matches keep being right: offer them all
+    assert step.plan({"lookup3": 7, "draft": 0}, acc, rows=1) == Plan(7, 0, "lookup3")
     fixed = Planner(4)
-    assert fixed.plan({"lookup": 2, "draft": 0}, acc, rows=1) == Plan(2, 0, "lookup")
-    assert fixed.plan({"lookup": 0, "draft": 0}, acc, rows=1) == Plan(0, 3, "lookup")
+    assert fixed.plan({"lookup2": 2, "draft": 0}, acc, rows=1) == Plan(2, 0, "lookup2")
+    assert fixed.plan({"draft": 0}, acc, rows=1) == Plan(0, 3, "draft")
 
 
 def test_acceptance_counts_the_accepted_prefix_and_the_first_miss():

@@ -8,7 +8,7 @@ from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
 RUNS = {"ar": ("ar", "linear"), "diffusion": ("diffusion", "linear"), "spec": ("spec", "linear"),
-        "spec-quad": ("spec", "quadratic")}
+        "spec-quad": ("spec", "quadratic"), "spec-pipe": ("spec", "pipelined"), "auto": ("auto", "linear")}
 
 
 def run(model: TriModel, tokenizer: Tokenizer, prompt: str, max_tokens: int = 96,
@@ -17,7 +17,7 @@ def run(model: TriModel, tokenizer: Tokenizer, prompt: str, max_tokens: int = 96
     NFE, TPF, tok/s and whether each equals AR, then the texts."""
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
     configs = {name: GenerationConfig(mode=mode, spec_variant=variant, max_tokens=max_tokens,
-                                      block_size=block_size if mode != "ar" else None)
+                                      block_size=block_size if mode not in ("ar", "auto") else None)
                for name, (mode, variant) in RUNS.items()}
     print(f"prompt: {prompt!r} ({len(ids)} tokens), greedy, draft adapter: "
           f"{'yes' if checkpoint.has_adapter(model) else 'none'}\n")

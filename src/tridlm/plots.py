@@ -121,7 +121,7 @@ def eval_frontier(report: dict[str, list[dict]], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(report), figsize=(6 * len(report), 4.5), squeeze=False)
     for ax, (task, runs) in zip(axes[0], report.items()):
-        colours = {"ar": "tab:gray", "spec": "tab:blue", "diffusion": "tab:orange"}
+        colours = {"ar": "tab:gray", "spec": "tab:blue", "auto": "tab:green", "diffusion": "tab:orange"}
         for r in runs:
             ax.scatter(r["tpf"], 100 * r["pass@1"], color=colours[r["mode"]])
             if r["mode"] != "ar":  # AR's points sit at one token per forward: listed in the corner instead

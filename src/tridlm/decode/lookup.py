@@ -12,8 +12,8 @@ from collections.abc import Sequence
 class NGramIndex:
     """The most recent continuation of every 1..``longest``-gram of a growing token sequence.
 
-    ``extend`` appends tokens; ``propose(m)`` returns up to m tokens that followed the longest suffix
-    n-gram's latest earlier occurrence (longer n-grams first), or [] when none occurred before.
+    ``extend`` appends tokens; ``propose(m)`` returns (n, up to m tokens that followed the latest earlier
+    occurrence of the last n tokens) for the longest n that occurred before, or (0, []).
     """
 
     def __init__(self, tokens: Sequence[int] = (), longest: int = 3):
@@ -30,9 +30,9 @@ class NGramIndex:
                     self._next[tuple(self.tokens[end - n : end])] = end
             self.tokens.append(int(t))
 
-    def propose(self, m: int) -> list[int]:
+    def propose(self, m: int) -> tuple[int, list[int]]:
         for n in range(min(self.longest, len(self.tokens)), 0, -1):
             start = self._next.get(tuple(self.tokens[-n:]))
             if start is not None:
-                return self.tokens[start : start + m]
-        return []
+                return n, self.tokens[start : start + m]
+        return 0, []

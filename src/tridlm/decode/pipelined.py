@@ -36,16 +36,14 @@ from tridlm.decode.lookup import NGramIndex
 from tridlm.decode.spec import settle
 from tridlm.model import TriModel
 
-SOURCES = ("lookup", "draft")
-
-
 @dataclass(frozen=True)
 class Plan:
-    """One cycle: verify ``verify`` candidates of ``source``, append ``drafts`` MASK rows."""
+    """One cycle: verify ``verify`` candidates of ``source``, append ``drafts`` MASK rows. Sources:
+    ``draft`` (the last forward's MASK rows) and ``lookup<n>`` (the continuation of an n-token match)."""
 
     verify: int = 0
     drafts: int = 0
-    source: str = "lookup"
+    source: str = "draft"
 
     @property
     def tokens(self) -> int:
@@ -53,23 +51,28 @@ class Plan:
 
 
 class Acceptance:
-    """Running acceptance of one request's candidates per source and depth: rate[j] estimates
+    """Running acceptance of one request's candidates per source and depth: hits[j] / tries[j] estimates
     P(candidate j+1 accepted | candidates 1..j accepted), from counts with a prior of 1 in 2."""
 
     def __init__(self, depth: int):
-        self.hits = {s: [1.0] * depth for s in SOURCES}
-        self.tries = {s: [2.0] * depth for s in SOURCES}
+        self.depth = depth
+        self.hits: dict[str, list[float]] = {}
+        self.tries: dict[str, list[float]] = {}
         self.carried = [1.0, 2.0]  # full accepts with MASK rows whose drafts were kept, of all such
 
+    def _counts(self, source: str) -> tuple[list[float], list[float]]:
+        return (self.hits.setdefault(source, [1.0] * self.depth), self.tries.setdefault(source, [2.0] * self.depth))
+
     def update(self, source: str, offered: int, accepted: int) -> None:
+        hits, tries = self._counts(source)
         for j in range(min(accepted + 1, offered)):
-            self.tries[source][j] += 1
-            self.hits[source][j] += j < accepted
+            tries[j] += 1
+            hits[j] += j < accepted
 
     def expected(self, source: str, m: int) -> list[tuple[float, float]]:
         """For 0..m candidates: (expected accepted count, probability all are accepted)."""
         out, gain, alive = [(0.0, 1.0)], 0.0, 1.0
-        for h, t in zip(self.hits[source][:m], self.tries[source][:m]):
+        for h, t in zip(*(c[:m] for c in self._counts(source))):
             alive *= h / t
             gain += alive
             out.append((gain, alive))
@@ -88,14 +91,14 @@ class Planner:
         """``available``: candidates on hand per source (the most any row has)."""
         room = self.block - 1
         if self.costs is None:
-            source = max(SOURCES, key=lambda s: available[s])
+            source = max(available, key=available.get)
             m = min(available[source], room)
             return Plan(m, room - m if room - m >= 2 else 0, source)
         if rows > 1:
             return Plan()  # batches decode as AR: on a CPU a batch's forward already spends the cheap tokens
         best, best_rate = Plan(), 1.0 / self.costs[1]
         carry = self._draft_values(acc)  # carry[r]: what r MASK rows are worth after a full accept
-        for source in SOURCES:
+        for source in available:
             for m, (gain, all_in) in enumerate(acc.expected(source, min(available[source], room))):
                 for r in (0, *range(2, room - m + 1)):
                     rate = (1 + gain + all_in * carry[r]) / self.costs[1 + m + r]
@@ -132,9 +135,15 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
     carried: list[list[int]] = [[] for _ in range(rows)]  # drafts from the last forward's MASK rows
     carried_q: list[torch.Tensor | None] = [None] * rows  # their distributions (sampling only)
     while not state.all_done:
-        proposals = {"lookup": [lk.propose(room) for lk in lookups] if lookups else [[]] * rows, "draft": carried}
         live = [i for i, r in enumerate(state.rows) if not r.done]
-        plan = planner.plan({s: max(len(proposals[s][i]) for i in live) for s in SOURCES}, acc, len(live))
+        proposals = {"draft": carried}
+        if lookups:
+            found = [lk.propose(room) for lk in lookups]
+            # Acceptance is kept per match length (the first live row's: a batch shares one plan).
+            n = next((n for i, (n, c) in enumerate(found) if i in live and c), 0)
+            if n:
+                proposals = {f"lookup{n}": [c for _, c in found], **proposals}
+        plan = planner.plan({s: max(len(c[i]) for i in live) for s, c in proposals.items()}, acc, len(live))
         if mask_id is None and plan.drafts:
             raise ValueError("pipelined spec drafts need a model with a mask token (config mask_id)")
         m, r = plan.verify, plan.drafts
@@ -148,7 +157,8 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
                                write=1 + m, adapter=adapter)
         state.count_forward()
         p = sampler.distribution(logits[:, : 1 + m])
-        pending, k = settle(cache, state, start, block, p, q, generator, plan.source if m else None)
+        source = ("lookup" if plan.source.startswith("lookup") else plan.source) if m else None
+        pending, k = settle(cache, state, start, block, p, q, generator, source)
         carried, carried_q = [[] for _ in range(rows)], [None] * rows
         if r:
             dq = unmasking_distribution(sampler, logits[:, 1 + m :], mask_id)  # (B, r, V)
