@@ -78,7 +78,12 @@ def test_trace_stream_describes_every_step_and_changes_nothing_else(server, mode
         assert 1 + len(events) == usage["completion_tokens"]
     if name == "spec":
         assert {e["type"] for e in events} == {"verify"}
-        assert all(len(e["drafts"]) == 3 and 0 <= e["accepted"] <= 3 for e in events)
+        if mode == "spec:pipelined":  # one forward per cycle: up to 3 drafts, from lookup or MASK rows
+            assert usage["nfe"] == len(events) and all(len(e["drafts"]) <= 3 for e in events)
+            assert all(("source" in e) == bool(e["drafts"]) for e in events)
+            assert all(0 <= e["accepted"] <= len(e["drafts"]) for e in events)
+        else:
+            assert all(len(e["drafts"]) == 3 and 0 <= e["accepted"] <= 3 for e in events)
         # Every cycle emits its accepted drafts and the bonus; the first token came from the prefill.
         assert usage["completion_tokens"] <= 1 + sum(e["accepted"] + 1 for e in events)
     if name == "diffusion":
@@ -157,12 +162,16 @@ def test_page_shows_the_api_answer_and_how_it_was_made(page, server, mode):
         assert page.locator("#block .slot.masked").count() == masked[first]
     if mode == "auto":  # on an idle server: one verify event per forward, drafts where the planner chose some
         assert events and all(e["type"] == "verify" for e in events)
-    if mode.startswith("spec") or (mode == "auto" and any(e["drafts"] for e in events)):
-        rejected = next(i for i, e in enumerate(events) if e["accepted"] < len(e["drafts"]))
-        accepted = next(i for i, e in enumerate(events) if e["accepted"] > 0)
-        for k, kind in ((rejected, "rejected"), (accepted, "accepted")):
-            replay(page, k)
-            assert page.locator(f"#block .slot.{kind}").count() >= 1 and page.locator("#block .slot.bonus").count() == 1
+    if mode.startswith("spec") or mode == "auto":
+        found = {"rejected": next((i for i, e in enumerate(events) if e["accepted"] < len(e["drafts"])), None),
+                 "accepted": next((i for i, e in enumerate(events) if e["accepted"] > 0), None)}
+        if mode in ("spec:linear", "spec:quadratic"):  # the tiny model's drafts: some accepted, some not
+            assert None not in found.values()
+        for kind, k in found.items():
+            if k is not None:
+                replay(page, k)
+                assert page.locator(f"#block .slot.{kind}").count() >= 1
+                assert page.locator("#block .slot.bonus").count() == 1
         assert page.inner_text("#hist").strip()  # the accepted-length histogram
 
 
