@@ -80,21 +80,28 @@ def test_adapter_never_changes_pipelined_output(tiny_cfg, prompts):
     assert tokens(generate(model, prompts, GREEDY.replace(mode="spec", spec_variant="pipelined", block_size=5))) == ar
 
 
+def both(curve: dict[int, float]) -> dict[str, dict[int, float]]:
+    """The same relative cost for verifying and drafting forwards."""
+    return {"verify": curve, "draft": curve}
+
+
 def test_planner_picks_ar_when_forwards_cost_their_tokens_and_fills_cheap_ones():
     acc = Acceptance(7)
-    steep = Planner(8, {n: float(n) for n in range(1, 9)})
+    steep = Planner(8, both({n: float(n) for n in range(1, 9)}))
     assert steep.plan({"lookup3": 7, "draft": 7}, acc, rows=1) == Plan()  # no candidate is surely accepted
-    flat = Planner(8, {n: 1.0 for n in range(1, 9)})
+    flat = Planner(8, both({n: 1.0 for n in range(1, 9)}))
     assert flat.plan({"lookup3": 7, "draft": 0}, acc, rows=1) == Plan(7, 0, "lookup3")
     assert flat.plan({"draft": 0}, acc, rows=1).drafts == 7  # nothing to verify: draft
     assert flat.plan({"lookup3": 7, "draft": 7}, acc, rows=2) == Plan()  # batches decode as AR
     for _ in range(50):
         acc.update("lookup1", 3, 0)  # one-token matches keep failing: stop offering them where they cost
-    step = Planner(8, {1: 1.0, 2: 1.3, 3: 1.6, 4: 1.9, 5: 2.2, 6: 2.5, 7: 2.8, 8: 3.1})
+    step = Planner(8, both({1: 1.0, 2: 1.3, 3: 1.6, 4: 1.9, 5: 2.2, 6: 2.5, 7: 2.8, 8: 3.1}))
     assert step.plan({"lookup1": 7, "draft": 0}, acc, rows=1) == Plan()
     for _ in range(50):
         acc.update("lookup3", 7, 7)  # three-token matches keep being right: offer them all
     assert step.plan({"lookup3": 7, "draft": 0}, acc, rows=1) == Plan(7, 0, "lookup3")
+    dear_drafts = Planner(8, {"verify": {n: 1.0 for n in range(1, 9)}, "draft": {n: 2.0 for n in range(1, 9)}})
+    assert dear_drafts.plan({"draft": 0}, Acceptance(7), rows=1) == Plan()  # drafting costs more than it buys
     fixed = Planner(4)
     assert fixed.plan({"lookup2": 2, "draft": 0}, acc, rows=1) == Plan(2, 0, "lookup2")
     assert fixed.plan({"draft": 0}, acc, rows=1) == Plan(0, 3, "draft")

@@ -6,6 +6,7 @@ The cost curve decides which exact decoding pays (``auto``): on a CPU with low-b
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import weakref
@@ -16,7 +17,7 @@ from tridlm import masks
 from tridlm.decode.common import forward_block, prefill
 from tridlm.model import TriModel
 
-_measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {n: cost relative to n=1}
+_measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> relative_costs' curves
 
 
 def sync(device) -> None:
@@ -25,19 +26,26 @@ def sync(device) -> None:
 
 
 @torch.inference_mode()
-def latency_sweep(model: TriModel, context: list[int], reps: int = 9, sizes=(1, 2, 4, 8)) -> dict[int, float]:
-    """Median ms of one causal forward of n new tokens over a cached context (the cost of a block)."""
+def latency_sweep(model: TriModel, context: list[int], reps: int = 9, sizes=(1, 2, 4, 8),
+                  drafting: bool = False) -> dict[int, float]:
+    """Median ms of one causal forward of n new tokens over a cached context (the cost of a block).
+    ``drafting``: one causal row then n-1 MASK rows with the draft adapter on (a pipelined-spec forward
+    that only drafts; the adapter's work is not free)."""
     cache, _ = prefill(model, [context], max_len=len(context) + max(sizes) + 1)
     start = cache.lengths.clone()
     out = {}
     for n in sizes:
         block = torch.randint(model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
         block = block.to(model.device)
+        mask_fn, adapter = masks.causal, False
+        if drafting and n > 1:
+            mask_fn = functools.partial(masks.verify_then_draft, verify=1)
+            adapter = (torch.arange(n, device=block.device) > 0)[None]
         times = []
         for _ in range(reps + 1):
             sync(model.device)
             t = time.perf_counter()
-            forward_block(model, cache, block, masks.causal, write=True)
+            forward_block(model, cache, block, mask_fn, write=1 if drafting else True, adapter=adapter)
             sync(model.device)
             times.append((time.perf_counter() - t) * 1e3)
             cache.crop(start)
@@ -45,13 +53,17 @@ def latency_sweep(model: TriModel, context: list[int], reps: int = 9, sizes=(1, 
     return out
 
 
-def relative_costs(model: TriModel, largest: int, context: int = 128, reps: int = 5) -> dict[int, float]:
-    """cost(n) / cost(1) for n = 1..largest, measured once per model (about 16 forwards per size) and
-    remembered; measured again when a larger size is asked for."""
+def relative_costs(model: TriModel, largest: int, context: int = 128, reps: int = 5) -> dict[str, dict[int, float]]:
+    """cost(n) / cost(1) for n = 1..largest, for plain causal forwards ("verify") and for forwards whose rows
+    after the first draft with the adapter ("draft"), measured once per model (about 12 forwards per size
+    and kind) and remembered; measured again when a larger size is asked for."""
     known = _measured.get(model)
-    if known is None or max(known) < largest:
-        tokens = torch.randint(model.cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
-        ms = latency_sweep(model, tokens.tolist(), reps=reps, sizes=range(1, largest + 1))
-        known = {n: t / ms[1] for n, t in ms.items()}
+    if known is None or max(known["verify"]) < largest:
+        tokens = torch.randint(model.cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
+        sizes = range(1, largest + 1)
+        verify = latency_sweep(model, tokens, reps=reps, sizes=sizes)
+        draft = latency_sweep(model, tokens, reps=reps, sizes=sizes, drafting=True)
+        known = {"verify": {n: t / verify[1] for n, t in verify.items()},
+                 "draft": {n: t / verify[1] for n, t in draft.items()}}
         _measured[model] = known
-    return {n: c for n, c in known.items() if n <= largest}
+    return {kind: {n: c for n, c in curve.items() if n <= largest} for kind, curve in known.items()}

@@ -81,10 +81,11 @@ class Acceptance:
 
 class Planner:
     """Chooses each cycle's plan. ``block``: the most tokens one forward carries. ``costs``: relative
-    forward costs (n -> cost(n)/cost(1)); None = a fixed plan (fill the block: candidates first, then
-    MASK rows when at least two fit)."""
+    forward costs (``costs.relative_costs``: n -> cost(n)/cost(1) of a causal forward, "verify", and of one
+    with adapter-on MASK rows, "draft"); None = a fixed plan (fill the block: candidates first, then MASK
+    rows when at least two fit)."""
 
-    def __init__(self, block: int, costs: dict[int, float] | None = None):
+    def __init__(self, block: int, costs: dict[str, dict[int, float]] | None = None):
         self.block, self.costs = block, costs
 
     def plan(self, available: dict[str, int], acc: Acceptance, rows: int) -> Plan:
@@ -96,12 +97,15 @@ class Planner:
             return Plan(m, room - m if room - m >= 2 else 0, source)
         if rows > 1:
             return Plan()  # batches decode as AR: on a CPU a batch's forward already spends the cheap tokens
-        best, best_rate = Plan(), 1.0 / self.costs[1]
+        verify, draft = self.costs["verify"], self.costs["draft"]
+        best, best_rate = Plan(), 1.0 / verify[1]
         carry = self._draft_values(acc)  # carry[r]: what r MASK rows are worth after a full accept
         for source in available:
             for m, (gain, all_in) in enumerate(acc.expected(source, min(available[source], room))):
                 for r in (0, *range(2, room - m + 1)):
-                    rate = (1 + gain + all_in * carry[r]) / self.costs[1 + m + r]
+                    # A forward with MASK rows costs at least the drafting forward of its size.
+                    cost = max(verify[1 + m + r], draft[1 + m + r]) if r else verify[1 + m]
+                    rate = (1 + gain + all_in * carry[r]) / cost
                     if rate > best_rate + 1e-9:
                         best, best_rate = Plan(m, r, source), rate
         return best
@@ -111,7 +115,8 @@ class Planner:
         verifying their r-1 drafts next cycle less what the extra verify rows cost (in AR steps), times
         the chance the drafts are kept."""
         kept = acc.carried[0] / acc.carried[1]
-        net = [gain - (self.costs[1 + m] - self.costs[1]) for m, (gain, _) in
+        verify = self.costs["verify"]
+        net = [gain - (verify[1 + m] - verify[1]) for m, (gain, _) in
                enumerate(acc.expected("draft", self.block - 2))]
         return [0.0, 0.0] + [kept * max(net[: r]) for r in range(2, self.block)] if self.block > 2 else [0.0] * 2
 
