@@ -26,6 +26,32 @@ def test_adapter_only_acts_when_switched_on(tiny_cfg):
     assert not torch.allclose(model(x, pos, mask, adapter=True), base)
 
 
+def test_grouped_adapters_compute_what_each_projection_does(tiny_cfg):
+    """At inference q/k/v and gate/up adapters run as one low-rank pair each (``LoraGroup``); with gradients
+    on, each projection's own. Same values up to float rounding, off rows untouched, rebuilt after a change."""
+    model = random_model(tiny_cfg, seed=3)
+    model.add_lora(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"))
+    x, pos = torch.tensor([[5, 6, 7, 8]]), torch.arange(4)[None]
+    mask = masks.bidirectional(torch.zeros(1, dtype=torch.long), 4, 0)
+    rows = torch.tensor([[False, True, False, True]])
+
+    def both():
+        with torch.no_grad():
+            grouped = model(x, pos, mask, adapter=rows)
+        return grouped, model(x, pos, mask, adapter=rows).detach()  # gradients on: per projection
+
+    for step in range(2):
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                with torch.no_grad():
+                    p.normal_(0, 0.5)  # in place: the groups must notice
+        grouped, single = both()
+        torch.testing.assert_close(grouped, single, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            assert not torch.allclose(grouped, model(x, pos, mask))  # the adapter acts on its rows
+
+
 @torch.no_grad()
 def test_logits_index_selects_positions(tiny_model):
     x = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])

@@ -136,6 +136,47 @@ class Linear(nn.Linear):
         return y + (delta if adapter is True else delta * adapter[..., None]).to(y.dtype)
 
 
+class LoraGroup:
+    """The adapters of projections that read the same input (q/k/v, gate/up) as one low-rank pair at
+    inference: A stacked, B block-diagonal with each scale folded in, so two small matmuls serve them all
+    (on a CPU a drafting forward's time goes largely into these tiny ops). Rebuilt when an adapter changes;
+    training uses each projection's own adapter so that gradients reach it."""
+
+    def __init__(self, projs: tuple[Linear, ...]):
+        self.projs = projs
+        self._key: tuple | None = None
+
+    def usable(self, adapter: bool | torch.Tensor) -> bool:
+        return (adapter is not False and not torch.is_grad_enabled()
+                and all(p.lora_a is not None for p in self.projs))
+
+    def __call__(self, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
+        """The projections' adapter contributions side by side (..., sum of outputs), zero where off."""
+        key = tuple((t.data_ptr(), t._version) for p in self.projs for t in (p.lora_a, p.lora_b))
+        if key != self._key:
+            self.a = torch.cat([p.lora_a for p in self.projs])
+            self.b = torch.block_diag(*[p.lora_b * p.lora_scale for p in self.projs])
+            self._key = key
+        delta = F.linear(F.linear(x.to(self.a.dtype), self.a), self.b)
+        return delta if adapter is True else delta * adapter[..., None]
+
+
+def project(x: torch.Tensor, projs: tuple[Linear, ...], fused, group: LoraGroup,
+            adapter: bool | torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of projections that read the same ``x``: with their low-bit weights in one kernel call
+    when ``fused`` (``TriModel.fuse_packed``), their adapters as one group where usable."""
+    sizes = [p.out_features for p in projs]
+    grouped = group.usable(adapter)
+    if fused is not None:
+        y = fused(x)
+        if grouped:
+            return list((y + group(x, adapter).to(y.dtype)).split(sizes, dim=-1))
+        return [p.with_lora(o, x, adapter) for p, o in zip(projs, y.split(sizes, dim=-1))]
+    if grouped:
+        return [p(x) + d.to(x.dtype) for p, d in zip(projs, group(x, adapter).split(sizes, dim=-1))]
+    return [p(x, adapter) for p in projs]
+
+
 @dataclass
 class Pass:
     """What every layer of one forward shares: built once per forward from its arguments."""
@@ -166,19 +207,14 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.qkv = None  # q/k/v low-bit weights fused into one kernel call (``fuse_packed``)
+        self.qkv_lora = LoraGroup((self.q_proj, self.k_proj, self.v_proj))
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
         B, n, _ = x.shape  # B: batch rows, n: current tokens
-        if self.qkv is not None:
-            q, k, v = self.qkv(x).split([self.q_proj.out_features, self.k_proj.out_features,
-                                         self.v_proj.out_features], dim=-1)
-            q, k, v = (proj.with_lora(y, x, p.adapter) for proj, y in ((self.q_proj, q), (self.k_proj, k),
-                                                                        (self.v_proj, v)))
-        else:
-            q, k, v = self.q_proj(x, p.adapter), self.k_proj(x, p.adapter), self.v_proj(x, p.adapter)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.qkv, self.qkv_lora, p.adapter)
         q = q.reshape(B, n, self.n_heads, self.head_dim)  # (B, n, H, D)
         k = k.reshape(B, n, self.n_kv_heads, self.head_dim)  # (B, n, KV, D)
         v = v.reshape(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, n, D)
@@ -211,13 +247,10 @@ class MLP(nn.Module):
         self.up_proj = Linear(cfg.dim, cfg.ffn_dim)
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim)
         self.gate_up = None  # gate/up low-bit weights fused into one kernel call (``fuse_packed``)
+        self.gate_up_lora = LoraGroup((self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            gate, up = self.gate_proj.with_lora(gate, x, adapter), self.up_proj.with_lora(up, x, adapter)
-        else:
-            gate, up = self.gate_proj(x, adapter), self.up_proj(x, adapter)
+        gate, up = project(x, (self.gate_proj, self.up_proj), self.gate_up, self.gate_up_lora, adapter)
         return self.down_proj(F.silu(gate) * up, adapter)
 
 
