@@ -46,9 +46,11 @@ $(LLAMACPP): $(STAMP)
 	touch $(LLAMACPP)
 
 # The standard suite on 2 CPU cores (float32, where spec == AR exactly), beside transformers and llama.cpp;
-# writes bench/results/bench-<date>.{json,png}.
+# writes bench/results/bench-<date>.{json,png}. Then what pays in self-speculation: each lever on and off,
+# auto beside AR, on chat and code prompts (bench/results/spec-ablation-<date>.{json,png}).
 bench: setup $(LLAMACPP)
 	$(BIN)/tridlm bench --dtype float32 --block-sizes 4,8 --repeats 2 --humaneval 6 --out bench/results
+	$(BIN)/python bench/spec_ablation.py --out bench/results
 
 # Task scores of every mode and precision (HumanEval 164, GSM8K 100; README "Quality"): writes
 # bench/results/eval-<task>.json and eval-frontier.png; each run resumes from bench/results/eval-runs/.
