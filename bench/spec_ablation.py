@@ -29,16 +29,16 @@ from tridlm.decode.costs import relative_costs
 from tridlm.loading import open_model
 
 SETTINGS = {  # names without commas (--settings takes a comma-separated list)
-    "ar": dict(mode="ar"),
-    "spec linear B=8": dict(mode="spec", block_size=8),
-    "spec quadratic B=4": dict(mode="spec", spec_variant="quadratic", block_size=4),
+    "ar": {"mode": "ar"},
+    "spec linear B=8": {"mode": "spec", "block_size": 8},
+    "spec quadratic B=4": {"mode": "spec", "spec_variant": "quadratic", "block_size": 4},
     # Alternates [pending, MASK x 7] and [exact token, 6 drafts]: linear spec with an exact first draft.
-    "pipelined B=8 drafts": dict(mode="spec", spec_variant="pipelined", block_size=8, lookup=False),
-    "pipelined B=4 drafts": dict(mode="spec", spec_variant="pipelined", block_size=4, lookup=False),
-    "pipelined B=4 drafts+lookup": dict(mode="spec", spec_variant="pipelined", block_size=4),
-    "pipelined B=8 drafts+lookup": dict(mode="spec", spec_variant="pipelined", block_size=8),
-    "auto drafts": dict(mode="auto", lookup=False),
-    "auto drafts+lookup": dict(mode="auto"),
+    "pipelined B=8 drafts": {"mode": "spec", "spec_variant": "pipelined", "block_size": 8, "lookup": False},
+    "pipelined B=4 drafts": {"mode": "spec", "spec_variant": "pipelined", "block_size": 4, "lookup": False},
+    "pipelined B=4 drafts+lookup": {"mode": "spec", "spec_variant": "pipelined", "block_size": 4},
+    "pipelined B=8 drafts+lookup": {"mode": "spec", "spec_variant": "pipelined", "block_size": 8},
+    "auto drafts": {"mode": "auto", "lookup": False},
+    "auto drafts+lookup": {"mode": "auto"},
 }
 
 

@@ -65,7 +65,7 @@ def continuations(seq: list[int], budget: int, branches: int, longest: int = 3) 
 
 def lookup_branches(tok, task: str, path: str, cost: dict[int, float], budget: int, branches: int) -> dict:
     problems = {p.id: p for p in evaluate.TASKS[task]().problems()}
-    records = [json.loads(line) for line in open(path)][1:]
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()][1:]
     tokens = forwards = spent = 0
     for r in records:
         prompt, g = tok.encode_chat([{"role": "user", "content": problems[r["id"]].request}]), r["tokens"]

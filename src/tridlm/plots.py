@@ -82,7 +82,7 @@ def accepted_histograms(results: dict[str, dict[str, dict]], path: Path) -> Path
     for ax, (prec, cls, r) in zip(axes[0], panels):
         _accepted_bars(ax, {s["setting"]: s["accepted_hist"] for s in r["settings"] if s["accepted_hist"]})
         ax.set_title(f"{prec}, {cls} prompts")
-        ax.set_xlabel("tokens per cycle")
+        ax.set_xlabel("tokens per cycle (one forward; two in spec linear)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -124,19 +124,25 @@ def eval_frontier(report: dict[str, list[dict]], path: Path) -> Path:
         colours = {"ar": "tab:gray", "spec": "tab:blue", "auto": "tab:green", "diffusion": "tab:orange"}
         for r in runs:
             ax.scatter(r["tpf"], 100 * r["pass@1"], color=colours[r["mode"]])
-            if r["mode"] != "ar":  # AR's points sit at one token per forward: listed in the corner instead
-                ax.annotate(f"{r['setting']} {r['precision']}", (r["tpf"], 100 * r["pass@1"]), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")
-        ax.text(0.98, 0.98, "ar (TPF 1):\n" + "\n".join(f"{r['precision']} {100 * r['pass@1']:.1f}%"
+        # AR's points sit at one token per forward: listed in the corner instead; the others' labels
+        # alternate above and below their points along each score, so neighbours do not overwrite each other.
+        labelled = sorted((r for r in runs if r["mode"] != "ar"), key=lambda r: (r["pass@1"], r["tpf"]))
+        for i, r in enumerate(labelled):
+            i = sum(o["pass@1"] == r["pass@1"] for o in labelled[:i])  # index among the same score
+            label = r["setting"] if r["precision"] == "int4" else f"{r['setting']} {r['precision']}"
+            ax.annotate(label, (r["tpf"], 100 * r["pass@1"]), fontsize=7,
+                        xytext=(4, 5 if i % 2 == 0 else -11), textcoords="offset points")
+        ax.text(0.98, 0.02, "ar (TPF 1):\n" + "\n".join(f"{r['precision']} {100 * r['pass@1']:.1f}%"
                                                          for r in runs if r["mode"] == "ar"),
-                transform=ax.transAxes, ha="right", va="top", fontsize=7, color="tab:gray")
-        ax.set_ylim(bottom=0)
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="tab:gray")
+        ax.set_ylim(bottom=-0.05 * max(100 * r["pass@1"] for r in runs))  # room for labels below zero
+        ax.set_xlim(right=max(r["tpf"] for r in runs) + 0.4)  # room for the labels and the AR list
         diffusion = sorted((r["tpf"], 100 * r["pass@1"]) for r in runs if r["mode"] == "diffusion")
         if diffusion:
             ax.plot(*zip(*diffusion), color="tab:orange", alpha=0.5)
         ax.set_xlabel("tokens per forward")
         ax.set_ylabel("pass@1 (%)")
-        ax.set_title(f"{task}, {runs[0]['total']} problems, greedy")
+        ax.set_title(f"{task}, {runs[0]['total']} problems, greedy (int4 unless named)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -36,6 +36,7 @@ from tridlm.decode.lookup import NGramIndex
 from tridlm.decode.spec import settle
 from tridlm.model import TriModel
 
+
 @dataclass(frozen=True)
 class Plan:
     """One cycle: verify ``verify`` candidates of ``source``, append ``drafts`` MASK rows. Sources:
@@ -44,10 +45,6 @@ class Plan:
     verify: int = 0
     drafts: int = 0
     source: str = "draft"
-
-    @property
-    def tokens(self) -> int:
-        return 1 + self.verify + self.drafts
 
 
 class Acceptance:
@@ -100,8 +97,8 @@ class Planner:
         verify, draft = self.costs["verify"], self.costs["draft"]
         best, best_rate = Plan(), 1.0 / verify[1]
         carry = self._draft_values(acc)  # carry[r]: what r MASK rows are worth after a full accept
-        for source in available:
-            for m, (gain, all_in) in enumerate(acc.expected(source, min(available[source], room))):
+        for source, count in available.items():
+            for m, (gain, all_in) in enumerate(acc.expected(source, min(count, room))):
                 for r in (0, *range(2, room - m + 1)):
                     # A forward with MASK rows costs at least the drafting forward of its size.
                     cost = max(verify[1 + m + r], draft[1 + m + r]) if r else verify[1 + m]
