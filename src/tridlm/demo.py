@@ -21,7 +21,8 @@ def run(model: TriModel, tokenizer: Tokenizer, prompt: str, max_tokens: int = 96
                for name, (mode, variant) in RUNS.items()}
     print(f"prompt: {prompt!r} ({len(ids)} tokens), greedy, draft adapter: "
           f"{'yes' if checkpoint.has_adapter(model) else 'none'}\n")
-    generate(model, [ids], configs["ar"].replace(max_tokens=4))  # warm-up: first-call allocations
+    for cfg in (configs["ar"], configs["auto"]):  # warm-up: first-call allocations, auto's measured cost curve
+        generate(model, [ids], cfg.replace(max_tokens=4))
     results = {name: generate(model, [ids], cfg, detokenize=tokenizer.decode) for name, cfg in configs.items()}
     ar_tokens = results["ar"].rows[0].tokens
     print(f"{'mode':<10} {'block':>5} {'tokens':>6} {'NFE':>5} {'TPF':>5} {'tok/s':>7} {'= AR':>5}")
