@@ -29,8 +29,8 @@ def fast_dtype(device: str | torch.device) -> torch.dtype:
 # diffusion at threshold 0.9 B=4 12.6 vs B=8 11.0 tok/s (generative perplexity 2.66 vs 3.05). CUDA: on an
 # H200 under CUDA graphs forwards of 16 to 272 new tokens cost 1-2x an AR step, so larger blocks are nearly
 # free there (not yet measured with a trained adapter). Pipelined spec and auto: the most tokens one forward
-# carries (auto's planner chooses below it from the measured cost curve); on a CPU with low-bit weights 4
-# tokens cost about one and 5 cost 1.4x (README, "Precisions").
+# carries (auto's planner chooses below it from the measured cost curve); on a CPU with int4 weights 4 tokens
+# cost 1.17x one and 5 cost 1.46x (README, "Self-speculation that pays").
 BLOCK_SIZES = {
     "cpu": {"spec-linear": 8, "spec-quadratic": 4, "spec-pipelined": 4, "auto": 8, "diffusion": 4},
     "cuda": {"spec-linear": 16, "spec-quadratic": 16, "spec-pipelined": 16, "auto": 16, "diffusion": 16},
