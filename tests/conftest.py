@@ -37,6 +37,14 @@ def tiny_model(tiny_cfg):
 
 
 @pytest.fixture(scope="session")
+def small_vocab_model():
+    """A 16-token model: drafts and lookups match the verifier often enough to exercise multi-token accepts."""
+    import dataclasses
+
+    return random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=16), seed=2, std=0.3)
+
+
+@pytest.fixture(scope="session")
 def char_tokenizer(tiny_cfg) -> Tokenizer:
     """One token per character over the tiny model's vocabulary; ids 0-3 are specials."""
     chars = (string.ascii_lowercase + string.digits + " .,!?\n-:;'()")[: tiny_cfg.vocab_size - len(SPECIALS)]

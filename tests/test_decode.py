@@ -13,12 +13,6 @@ from tridlm.sampling import Sampler
 GREEDY = GenerationConfig(max_tokens=40)
 
 
-@pytest.fixture(scope="module")
-def small_vocab_model():
-    """A 16-token model: drafts match the verifier often enough to exercise multi-token accepts."""
-    return random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=16), seed=2, std=0.3)
-
-
 def tokens(state):
     return [r.tokens for r in state.rows]
 
@@ -50,7 +44,7 @@ def test_quadratic_spec_greedy_equals_ar(small_vocab_model, prompts, block_size)
         assert sp.stats()["tpf"] > 1.0
 
 
-@pytest.mark.parametrize("variant", ["linear", "quadratic"])
+@pytest.mark.parametrize("variant", ["linear", "quadratic", "pipelined"])
 def test_adapter_never_changes_spec_output(tiny_cfg, prompts, variant):
     model = random_model(tiny_cfg, seed=6, std=0.3)
     ar = tokens(generate(model, prompts, GREEDY))

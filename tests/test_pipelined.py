@@ -4,24 +4,13 @@ import dataclasses
 
 import pytest
 import torch
+from test_decode import GREEDY, _chi_square, _exact_ar_distribution, tokens
 
 from tridlm import masks
 from tridlm.decode import GenerationConfig, generate
 from tridlm.decode.lookup import NGramIndex
 from tridlm.decode.pipelined import Acceptance, Plan, Planner
 from tridlm.model import ModelConfig, random_model
-
-GREEDY = GenerationConfig(max_tokens=40)
-
-
-@pytest.fixture(scope="module")
-def small_vocab_model():
-    """A 16-token model: drafts and lookups match the verifier often enough to exercise long accepts."""
-    return random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=16), seed=2, std=0.3)
-
-
-def tokens(state):
-    return [r.tokens for r in state.rows]
 
 
 def test_ngram_index_proposes_the_latest_continuation_of_the_longest_suffix():
@@ -70,16 +59,6 @@ def test_auto_greedy_equals_ar(tiny_model, prompts):
     assert tokens(generate(tiny_model, prompts, GREEDY.replace(mode="auto"))) == ar  # a batch: AR steps
 
 
-def test_adapter_never_changes_pipelined_output(tiny_cfg, prompts):
-    model = random_model(tiny_cfg, seed=6, std=0.3)
-    ar = tokens(generate(model, prompts, GREEDY))
-    model.add_lora(rank=4, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
-    for name, p in model.named_parameters():
-        if "lora_b" in name:
-            torch.nn.init.normal_(p, 0, 0.3)
-    assert tokens(generate(model, prompts, GREEDY.replace(mode="spec", spec_variant="pipelined", block_size=5))) == ar
-
-
 def both(curve: dict[int, float]) -> dict[str, dict[int, float]]:
     """The same relative cost for verifying and drafting forwards."""
     return {"verify": curve, "draft": curve}
@@ -121,8 +100,6 @@ def test_lookup_is_for_pipelined_decoding_only():
 
 def test_pipelined_sampling_is_distributionally_lossless():
     scipy_stats = pytest.importorskip("scipy.stats")
-    from test_decode import _chi_square, _exact_ar_distribution
-
     model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
     prompt, n = [1, 2, 3, 1, 2], 4
     cfg = GenerationConfig(mode="spec", spec_variant="pipelined", block_size=4, temperature=1.0, seed=13,
