@@ -1,7 +1,7 @@
 """Decoding entry points: ``stream`` yields committed tokens, ``generate`` collects them.
 
-The three decoders share prefill, sampling and stopping (``common``); each one's loop is a generator
-over a ``DecodeState``.
+The decoders (ar, diffusion, spec linear/quadratic, and ``pipelined`` for pipelined spec and auto) share
+prefill, sampling and stopping (``common``); each one's loop is a generator over a ``DecodeState``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tridlm.decode.pipelined import pipelined
 from tridlm.decode.spec import spec
 from tridlm.model import TriModel
 
-DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec, "auto": pipelined}
+DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec}  # auto and pipelined spec: ``pipelined``
 
 __all__ = ["MODES", "SPEC_VARIANTS", "DecodeState", "GenerationConfig", "Row", "generate", "stream", "summarize"]
 
@@ -51,7 +51,8 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     for i, t in enumerate(pending.tolist()):
         state.emit(i, [t])
     yield state.flush()
-    yield from (pipelined if cfg.pipelined else DECODERS[cfg.mode])(model, cache, pending, state, generator)
+    decoder = pipelined if cfg.pipelined else DECODERS[cfg.mode]
+    yield from decoder(model, cache, pending, state, generator)
 
 
 def generate(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,

@@ -8,9 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tridlm.decode import GenerationConfig
-
-MODES = Literal["ar", "diffusion", "spec", "auto"]
+from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig
 
 
 class APIError(Exception):
@@ -51,11 +49,11 @@ class _Request(BaseModel):
     logprobs: bool | int | None = None
     echo: bool | None = None
     # tridlm decoding knobs (SPEC 3.5)
-    mode: MODES | None = None
+    mode: Literal[MODES] | None = None
     block_size: int | None = None
     threshold: float | None = None
     max_steps_per_block: int | None = None
-    spec_variant: Literal["linear", "quadratic", "pipelined"] | None = None
+    spec_variant: Literal[SPEC_VARIANTS] | None = None
     lookup: bool | None = None  # prompt-lookup candidates (auto and pipelined spec; default on there)
     tridlm_trace: bool = False  # streaming only: per-step decoding events in each chunk's "tridlm_trace"
 

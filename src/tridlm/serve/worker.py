@@ -40,8 +40,8 @@ class Job:
     def batch_key(self):
         c = self.cfg
         alone = id(self) if c.seed is not None else None
-        return (c.mode, c.spec_variant, c.lookup, c.block_size, c.threshold, c.max_steps_per_block, c.temperature, c.top_k,
-                c.top_p, alone, self.trace)
+        return (c.mode, c.spec_variant, c.lookup, c.block_size, c.threshold, c.max_steps_per_block, c.temperature,
+                c.top_k, c.top_p, alone, self.trace)
 
     def send(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
