@@ -50,7 +50,7 @@ def test_query_scale_formula_below_and_above_original_max():
     cfg = RopeConfig(theta=1e6, type="yarn", factor=16.0, original_max_position_embeddings=100,
                      llama_4_scaling_beta=0.1)
     positions = torch.tensor([[0, 1, 99, 100, 199, 200, 350, 10_000]])
-    got = rope.query_scale(positions, cfg, torch.float32)[0, 0, :, 0]
+    got = rope.query_scale(positions, cfg, torch.float32)[0, :, 0, 0]
     want = [1 + 0.1 * math.log(1 + math.floor(p / 100)) for p in positions[0].tolist()]
     torch.testing.assert_close(got, torch.tensor(want))
     assert torch.all(got[:3] == 1.0)  # exactly 1 below original_max_position_embeddings

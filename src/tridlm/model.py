@@ -66,23 +66,32 @@ _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SD
 ROW_EXACT_MAX_QUERIES = 512  # CPU query blocks up to this size use ``row_exact_attention``
 
 
-def row_exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention as two plain matmuls (grouped query heads stacked as rows) and a float32 softmax, so a query
-    row's result does not depend on how many rows come with it wherever the matmuls are row-independent: with
-    int8/int4 weights on the default model's shapes a spec verify row then equals the AR step that would
-    produce it bit for bit (tested), where torch's fused CPU kernel changes its blocking with the number of
-    rows. Not every shape qualifies (the tiny test model's 16-wide heads do not), nor do bfloat16 float
-    projections.
+def row_exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention as two batched matmuls (grouped query heads stacked as rows) and a float32 softmax, so a
+    query row's result does not depend on how many rows or keys come with it wherever the matmuls are
+    row-independent: with int8/int4 weights (bfloat16 activations) on the default model's shapes a spec verify
+    row then equals the AR step that would produce it bit for bit (tested), where torch's fused CPU kernel
+    changes its blocking with the number of rows. Not every shape qualifies (the tiny test model's 16-wide
+    heads do not), nor do bfloat16 float projections, nor float32 matmuls, whose sums over keys are
+    blocked by their number.
 
-    q (B, H, n, D); k, v (B, KV, P, D); mask (B, 1, n, P) bool -> (B, H, n, D).
+    q (B, n, H, D); k, v (B, KV, P, D); bias (B * KV, G * n, P) float32, 0 or -inf (``attention_bias``)
+    -> (B, n, H * D).
     """
-    B, H, n, D = q.shape
+    B, n, H, D = q.shape
     KV = k.shape[1]
     G = H // KV
-    scores = torch.matmul(q.reshape(B, KV, G * n, D), k.transpose(-1, -2)).float() * D**-0.5  # (B, KV, G*n, P)
-    scores = scores.view(B, KV, G, n, -1).masked_fill(~mask[:, :, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, KV, G * n, -1)
-    return torch.matmul(probs, v).view(B, H, n, D)
+    q = q.reshape(B, n, KV, G, D).permute(0, 2, 3, 1, 4).reshape(B * KV, G * n, D)
+    scores = torch.add(bias, torch.bmm(q, k.reshape(B * KV, -1, D).transpose(1, 2)), alpha=D**-0.5)
+    o = torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(B * KV, -1, D))  # (B * KV, G * n, D)
+    return o.view(B, KV, G, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, H * D)
+
+
+def attention_bias(mask: torch.Tensor, n_kv_heads: int, group: int) -> torch.Tensor:
+    """``row_exact_attention``'s additive mask: (B, 1, n, P) bool -> (B * KV, G * n, P) float32."""
+    B, _, n, P = mask.shape
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return bias[:, :, None].expand(B, n_kv_heads, group, n, P).reshape(B * n_kv_heads, group * n, P)
 
 
 class RMSNorm(nn.Module):
@@ -183,13 +192,15 @@ class Pass:
 
     positions: torch.Tensor  # (B, n) absolute positions of the current tokens
     mask: torch.Tensor  # (B, 1, n, P + n) over keys [cache[:P] | current tokens]
-    cos: torch.Tensor  # (B, 1, n, head_dim)
-    sin: torch.Tensor  # (B, 1, n, head_dim)
-    q_scale: torch.Tensor | None  # (B, 1, n, 1) Llama-4 query scaling, None when off
+    cos: torch.Tensor  # (B, n, 1, head_dim)
+    sin: torch.Tensor  # (B, n, 1, head_dim), signed for ``rope.apply``
+    q_scale: torch.Tensor | None  # (B, n, 1, 1) Llama-4 query scaling, None when off
     cache: KVCache | None
     write: int  # leading current tokens whose keys/values are stored in the cache
     adapter: bool | torch.Tensor  # which tokens use the LoRA: all, none, or a (B, n) selection
     slots: torch.Tensor | None = None  # (B, n) key index of each current token when it is not P + i
+    bias: torch.Tensor | None = None  # ``row_exact_attention``'s mask (CPU query blocks), else None: SDPA
+    in_place: bool = False  # current keys/values go to cache slots P + i, and attention reads the cache there
 
     @property
     def prefix(self) -> int:
@@ -217,27 +228,40 @@ class Attention(nn.Module):
         q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.qkv, self.qkv_lora, p.adapter)
         q = q.reshape(B, n, self.n_heads, self.head_dim)  # (B, n, H, D)
         k = k.reshape(B, n, self.n_kv_heads, self.head_dim)  # (B, n, KV, D)
-        v = v.reshape(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, n, D)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q.transpose(1, 2), p.cos, p.sin), rope.apply(k.transpose(1, 2), p.cos, p.sin)
+        q, k = rope.apply(q, p.cos, p.sin), rope.apply(k, p.cos, p.sin)
         if p.q_scale is not None:
             q = q * p.q_scale
+        keys, values = self.keys_values(k.transpose(1, 2), v.reshape(B, n, self.n_kv_heads, -1).transpose(1, 2), p)
+        if p.bias is not None:
+            o = row_exact_attention(q, keys, values, p.bias)  # (B, n, H * D)
+        else:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=p.mask,
+                                               enable_gqa=True)
+            o = o.transpose(1, 2).reshape(B, n, -1).to(x.dtype)
+        return self.o_proj(o, p.adapter)
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, p: Pass) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values over [cache[:P] | current tokens], (B, KV, P + n, D) each, from the current ones
+        (B, KV, n, D); the leading ``p.write`` of these are stored in the cache."""
+        P, n = p.prefix, k.shape[2]
+        if p.in_place:  # no copy of the prefix: slots P.. past the committed length are scratch
+            keys, values = p.cache.prefix(self.index, P + n)
+            keys[:, :, P:].copy_(k)
+            values[:, :, P:].copy_(v)
+            return keys, values
         keys, values = k, v
-        if p.prefix:
-            pk, pv = p.cache.prefix(self.index, p.prefix)  # (B, KV, P, D)
-            keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        if P:
+            pk, pv = p.cache.prefix(self.index, P)  # (B, KV, P, D)
+            keys, values = torch.cat([pk, k.to(pk.dtype)], dim=2), torch.cat([pv, v.to(pv.dtype)], dim=2)
             if p.slots is not None:  # each row's current keys right after its own committed ones
                 index = p.slots[:, None, :, None].expand_as(k)
-                keys.scatter_(2, index, k)
-                values.scatter_(2, index, v)
+                keys.scatter_(2, index, k.to(keys.dtype))
+                values.scatter_(2, index, v.to(values.dtype))
         if p.write:
             p.cache.write(self.index, p.positions[:, : p.write], k[:, :, : p.write], v[:, :, : p.write])
-        if q.device.type == "cpu" and n <= ROW_EXACT_MAX_QUERIES:
-            o = row_exact_attention(q, keys, values, p.mask)  # (B, H, n, D)
-        else:
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.mask, enable_gqa=True)
-        return self.o_proj(o.transpose(1, 2).reshape(B, n, -1), p.adapter)
+        return keys, values
 
 
 class MLP(nn.Module):
@@ -322,8 +346,13 @@ class TriModel(nn.Module):
             inv_freq, factor = rope.inv_freq_and_attention_factor(self.cfg.rope, self.cfg.head_dim)
             self._rope_tables[positions.device] = inv_freq.to(positions.device), factor
         cos, sin = rope.cos_sin(positions, *self._rope_tables[positions.device], x.dtype)
+        B, n = tokens.shape
+        prefix = mask.shape[-1] - n
+        bias = None
+        if x.device.type == "cpu" and n <= ROW_EXACT_MAX_QUERIES:
+            bias = attention_bias(mask[:, None], self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads)
         p = Pass(positions, mask[:, None], cos, sin, rope.query_scale(positions, self.cfg.rope, x.dtype), cache,
-                 write, adapter, key_slots)
+                 write, adapter, key_slots, bias, self._in_place(cache, positions, prefix, write, key_slots))
         # cuDNN attention builds a graph per new key length (every decode step): leave it out.
         with sdpa_kernel(_SDPA_BACKENDS):
             for layer in self.encoder.layers:
@@ -333,6 +362,19 @@ class TriModel(nn.Module):
             if isinstance(adapter, torch.Tensor):
                 adapter = adapter.gather(1, logits_index)
         return self.diffusion_head(self.encoder.norm(x), adapter).float()
+
+    @staticmethod
+    def _in_place(cache: KVCache | None, positions: torch.Tensor, prefix: int, write: int,
+                  key_slots: torch.Tensor | None) -> bool:
+        """Whether a forward can attend over the cache itself, its current keys at slots P + i (on a CPU
+        this saves a copy of every layer's cached keys per forward): one row, not a static cache, past its
+        committed length, with room, and the tokens it writes at exactly those slots."""
+        if cache is None or key_slots is not None or cache.static or cache.batch != 1 or cache.k.device.type != "cpu":
+            return False
+        n = positions.shape[1]
+        if prefix < int(cache.lengths[0]) or prefix + n > cache.max_len:
+            return False
+        return not write or torch.equal(positions[0, :write], torch.arange(prefix, prefix + write))
 
     def fuse_packed(self) -> None:
         """Run each layer's q/k/v, and its gate/up, low-bit weights as one kernel call each (same values bit

@@ -73,22 +73,23 @@ def _llama3(rope: RopeConfig, inv_freq: torch.Tensor) -> torch.Tensor:
 
 
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float, dtype: torch.dtype):
-    """cos/sin tables for integer positions (B, n) -> two (B, 1, n, head_dim) tensors."""
-    freqs = positions.float()[..., None] * inv_freq  # (B, n, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, n, D)
-    return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
+    """Tables for integer positions (B, n): cos and the rotation's signed sin, two (B, n, 1, head_dim)
+    tensors, broadcasting over the heads of (B, n, heads, head_dim) queries and keys."""
+    freqs = positions.float()[..., None, None] * inv_freq  # (B, n, 1, D/2)
+    cos, sin = freqs.cos() * attention_factor, freqs.sin() * attention_factor
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, n, D) by the half-split convention of Hugging Face Llama weights."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """Rotate (B, n, heads, D) by the half-split convention of Hugging Face Llama weights: x * cos +
+    [-x2, x1] * sin, where ``sin`` comes signed from ``cos_sin``, so [x2, x1] is one ``roll``."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def query_scale(positions: torch.Tensor, rope: RopeConfig, dtype: torch.dtype) -> torch.Tensor | None:
-    """``1 + beta * log(1 + floor(pos / original_max))`` per position, (B, 1, n, 1); None when off.
+    """``1 + beta * log(1 + floor(pos / original_max))`` per position, (B, n, 1, 1); None when off.
     Exactly 1 below original_max_position_embeddings, so short contexts are unaffected."""
     if rope.llama_4_scaling_beta is None:
         return None
     scale = 1 + rope.llama_4_scaling_beta * torch.log1p(torch.floor(positions.float() / rope.original_max_position_embeddings))
-    return scale[:, None, :, None].to(dtype)
+    return scale[:, :, None, None].to(dtype)
