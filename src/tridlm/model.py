@@ -8,6 +8,7 @@ Nemotron-Labs-Diffusion checkpoint layout (``encoder.layers.N.self_attn.q_proj``
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tridlm import rope
+from tridlm import kernels, rope
 from tridlm.cache import KVCache
 from tridlm.rope import RopeConfig
 
@@ -101,6 +102,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = kernels.rms_norm(x, self.weight, self.eps)
+        if fused is not None:
+            return fused
         # Normalise in float32 like the reference implementations, then cast back.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -199,8 +203,14 @@ class Pass:
     write: int  # leading current tokens whose keys/values are stored in the cache
     adapter: bool | torch.Tensor  # which tokens use the LoRA: all, none, or a (B, n) selection
     slots: torch.Tensor | None = None  # (B, n) key index of each current token when it is not P + i
-    bias: torch.Tensor | None = None  # ``row_exact_attention``'s mask (CPU query blocks), else None: SDPA
+    row_exact: bool = False  # a CPU query block: ``kernels.attend`` or ``row_exact_attention``, not SDPA
     in_place: bool = False  # current keys/values go to cache slots P + i, and attention reads the cache there
+    heads: tuple[int, int] = (1, 1)  # key/value heads, and query heads per key/value head
+
+    @functools.cached_property
+    def bias(self) -> torch.Tensor:
+        """``row_exact_attention``'s additive mask, built once per forward where the kernel is not used."""
+        return attention_bias(self.mask, *self.heads)
 
     @property
     def prefix(self) -> int:
@@ -234,8 +244,10 @@ class Attention(nn.Module):
         if p.q_scale is not None:
             q = q * p.q_scale
         keys, values = self.keys_values(k.transpose(1, 2), v.reshape(B, n, self.n_kv_heads, -1).transpose(1, 2), p)
-        if p.bias is not None:
-            o = row_exact_attention(q, keys, values, p.bias)  # (B, n, H * D)
+        if p.row_exact:  # a CPU query block: the compiled kernel, else the same in torch ops
+            o = kernels.attend(q, keys, values, p.mask[:, 0])  # (B, n, H * D)
+            if o is None:
+                o = row_exact_attention(q, keys, values, p.bias)
         else:
             o = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=p.mask,
                                                enable_gqa=True)
@@ -348,11 +360,10 @@ class TriModel(nn.Module):
         cos, sin = rope.cos_sin(positions, *self._rope_tables[positions.device], x.dtype)
         B, n = tokens.shape
         prefix = mask.shape[-1] - n
-        bias = None
-        if x.device.type == "cpu" and n <= ROW_EXACT_MAX_QUERIES:
-            bias = attention_bias(mask[:, None], self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads)
         p = Pass(positions, mask[:, None], cos, sin, rope.query_scale(positions, self.cfg.rope, x.dtype), cache,
-                 write, adapter, key_slots, bias, self._in_place(cache, positions, prefix, write, key_slots))
+                 write, adapter, key_slots, x.device.type == "cpu" and n <= ROW_EXACT_MAX_QUERIES,
+                 self._in_place(cache, positions, prefix, write, key_slots),
+                 (self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads))
         # cuDNN attention builds a graph per new key length (every decode step): leave it out.
         with sdpa_kernel(_SDPA_BACKENDS):
             for layer in self.encoder.layers:

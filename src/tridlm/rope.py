@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tridlm import kernels
+
 ROPE_TYPES = ("default", "yarn", "llama3")
 
 
@@ -83,7 +85,8 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: f
 def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, n, heads, D) by the half-split convention of Hugging Face Llama weights: x * cos +
     [-x2, x1] * sin, where ``sin`` comes signed from ``cos_sin``, so [x2, x1] is one ``roll``."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    fused = kernels.rope(x, cos, sin)
+    return fused if fused is not None else x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def query_scale(positions: torch.Tensor, rope: RopeConfig, dtype: torch.dtype) -> torch.Tensor | None:

@@ -1,0 +1,87 @@
+"""Small compiled CPU kernels (``cpu.cpp``), built on first use with torch's extension builder (g++ and ninja)
+and cached (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+
+On a CPU a decode step of a small model spends as long in the dispatch of many tiny tensor ops as in its
+matmuls; each kernel here does in one call what takes torch several: attention for query blocks (row by row in
+a fixed order, so spec's verify rows equal AR steps bit for bit), RMSNorm and RoPE. Each function returns None
+where it does not apply (not a CPU tensor, autograd on, a shape it is not compiled for, or no compiler), and
+the caller then runs the same computation in torch ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HEAD_SIZES = (64, 128, 256)  # what ``attend`` is compiled for
+
+
+def _cpu_tag() -> str:
+    """A short digest of this CPU's model and flags: the kernel is compiled for the machine (-march=native),
+    so a cache shared between machines keeps one build per kind of CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        info = "unknown"
+    return hashlib.sha1(info.encode()).hexdigest()[:8]
+
+
+@functools.cache
+def _module():
+    from torch.utils import cpp_extension
+
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(f"tridlm_cpu_{_cpu_tag()}", [str(Path(__file__).with_name("cpu.cpp"))],
+                                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, no ninja, an unsupported platform: fall back, and say so once
+        print(f"tridlm: the CPU kernels could not be built ({type(e).__name__}: {e}); using torch ops instead "
+              "(slower)", file=sys.stderr)
+        return None
+    took = time.perf_counter() - start
+    if took > 2:  # a build rather than a load from the cache
+        print(f"tridlm: built the CPU kernels in {took:.0f} s (cached for later runs)", file=sys.stderr)
+    return module
+
+
+def _usable(*tensors: torch.Tensor):
+    """The compiled module where these tensors can go to it, else None."""
+    if torch.is_grad_enabled() or any(t.device.type != "cpu" for t in tensors):
+        return None
+    return _module()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(D) over allowed keys) v, or None where the kernel does not apply (not a CPU
+    tensor, a head size it is not compiled for, or no kernel).
+
+    q (B, n, H, D); k, v (B, KV, P, D) with contiguous rows; mask (B, n, P) bool -> (B, n, H * D).
+    """
+    B, n, H, D = q.shape
+    module = _usable(q, k, v)
+    if module is None or D not in HEAD_SIZES:
+        return None
+    return module.attend(q, k, v, mask.contiguous(), D**-0.5).view(B, n, H * D)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """weight * (x / sqrt(mean(x^2) + eps)) over the last dimension, the normalized x rounded to x's dtype
+    before the weight multiplies it (``tridlm.model.RMSNorm``)."""
+    module = _usable(x)
+    if module is None or x.shape[-1] % 16 or weight.dtype != x.dtype:
+        return None
+    return module.rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """``tridlm.rope.apply``: x (B, n, heads, D), cos and signed sin (B, n, 1, D)."""
+    module = _usable(x)
+    if module is None or x.shape[-1] % 32 or x.stride(-1) != 1 or cos.dtype != x.dtype:
+        return None
+    return module.rope(x, cos, sin)
