@@ -75,9 +75,9 @@ def test_spec_equals_ar_on_real_model(default_model, block_size):
 
 @torch.no_grad()
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_low_bit_verify_rows_are_ar_steps_bit_for_bit(precision):
+def test_verify_rows_are_ar_steps_bit_for_bit(precision):
     """With int8/int4 weights a causal block's logits equal, row by row and bit for bit, those of one-token AR
-    steps (row-independent kernels and attention at these shapes), so spec's greedy text is AR's by
+    steps (row-independent matmuls at these shapes, and ``kernels.attend``), so spec's greedy text is AR's by
     construction, not by argmax margins; checked on real prompts in every spec variant and auto too. The same holds
     between a row decoded in a ragged batch and alone."""
     from tridlm.loading import open_model

@@ -196,6 +196,11 @@ def _open(args, **override):
     return _fill(loading.Source, args, **override).open()
 
 
+def _open_float(args, **override):
+    """For commands that train or measure the draft adapter: float weights (float32 unless --dtype says)."""
+    return _open(args, dtype=args.dtype or "float32", **override)
+
+
 def cmd_generate(args) -> None:
     cfg = _fill(GenerationConfig, args)
     model, tok = _open(args)
@@ -216,8 +221,9 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     gen, opts = _fill(GenerationConfig, args), _fill(evaluate.EvalOptions, args)
-    model, tok = _open(args)
-    precision = str(model.dtype).removeprefix("torch.") if args.dtype == "auto" else args.dtype
+    source = _fill(loading.Source, args)
+    model, tok = source.open()
+    precision = str(model.dtype).removeprefix("torch.") if source.dtype == "auto" else source.dtype
     settings = evaluate.run_settings(args.task, model, loading.model_name(args.model), precision, args.adapter, gen,
                                      opts.batch_size)
     result = evaluate.evaluate(model, tok, args.task, gen, opts, settings)
@@ -242,7 +248,7 @@ def cmd_train(args) -> None:
     cfg = _fill(TrainConfig, args)
     with distributed(args.device):
         torch.manual_seed(cfg.seed)
-        model, tok = _open(args)
+        model, tok = _open_float(args)
         trainer = Trainer(model, tok, DataConfig(tuple(args.data), seq_len=args.seq_len), cfg, Path(args.out))
         result = trainer.train(until=args.until)
         if trainer.rank == 0:
@@ -250,14 +256,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    model, tok = _open(args)
+    model, tok = _open_float(args)
     prompts = distill.prompts_from(args.source, model, tok, args.prompts, args.batch, args.seed)
     count = distill.distill(model, tok, prompts, Path(args.out), args.batch, args.max_tokens)
     print(json.dumps({"out": args.out, "records": count}))
 
 
 def cmd_export_adapter(args) -> None:
-    checkpoint.save_adapter(_open(args)[0], Path(args.out), loading.DTYPES[args.adapter_dtype])
+    checkpoint.save_adapter(_open_float(args)[0], Path(args.out), loading.DTYPES[args.adapter_dtype])
     print(json.dumps({"out": args.out, "dtype": args.adapter_dtype}))
 
 
@@ -265,7 +271,7 @@ def cmd_eval_draft(args) -> None:
     opts = _fill(bench.DraftOptions, args)
     if opts.snapshots and args.adapter:
         raise ValueError("--snapshots evaluates the bare model and each snapshot; leave out --adapter")
-    bench.run_draft_eval(*_open(args, adapter="none" if opts.snapshots else args.adapter), opts)
+    bench.run_draft_eval(*_open_float(args, adapter="none" if opts.snapshots else args.adapter), opts)
 
 
 def cmd_serve(args) -> None:

@@ -32,16 +32,26 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def open_model(path: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
+def default_precision(path: str | Path | None, device: str | torch.device) -> str:
+    """What ``dtype=None`` means: on a CPU, int4 for the default model and GGUF files (their own 4-bit codes:
+    the fastest precision there, HumanEval pass@1 equal to float32's, spec == AR bit for bit); float32 for
+    float checkpoints (rounding them to 4 bits is the user's call) and on other devices."""
+    quantized = path is None or str(path).endswith(".gguf")
+    return "int4" if quantized and torch.device(device).type == "cpu" else "float32"
+
+
+def open_model(path: str | Path | None = None, dtype: str | None = None, device: str = "cpu",
                adapter: str | Path | None = None) -> tuple[TriModel, Tokenizer]:
     """A model and its tokenizer.
 
     path: an NLD or HF checkpoint directory, a ``.gguf`` file, or None for the embedded default model.
     dtype: a name of ``DTYPE_CHOICES``: a float dtype, "auto", or low-bit weights "int8" / "int4" (CPU
-        only; a GGUF file's Q4_1 tensors, the default model's among them, keep their own codes in int4).
+        only; a GGUF file's Q4_1 tensors, the default model's among them, keep their own codes in int4);
+        None: ``default_precision``.
     adapter: the draft adapter to use: None for the model's own (an NLD directory's ``linear_spec_lora/``,
         the shipped one of the default model), "none" for the bare model, or a PEFT folder.
     """
+    dtype = dtype or default_precision(path, device)
     torch_dtype = resolve_dtype(dtype, device)
     if dtype in quant.WEIGHT_PRECISIONS and torch.device(device).type != "cpu":
         raise ValueError(f"{dtype} weights run on the CPU only (torch's packed CPU kernels); use bfloat16 on {device}")
@@ -65,22 +75,24 @@ class Source:
     """Which model to open and how: what every command takes (``--model``, ``--dtype`` ...)."""
 
     model: str | None = None  # NLD or Hugging Face directory, or a GGUF file (default: SmolLM2-135M-Instruct)
-    dtype: str = "float32"  # float32, or int8/int4 weights with bf16 activations (CPU): spec == ar token for token; bfloat16, auto (bf16 where native): spec may differ from ar
+    dtype: str | None = None  # int4/int8 weights with bf16 activations (CPU), bfloat16, float32, or auto (bf16 where native); spec == ar bit for bit in int4 and int8 on CPU, token for token on the bench prompts in float32, not always in bfloat16 (default: int4 on CPU for the default model and GGUF files, else float32)
     device: str = "cpu"  # torch device, e.g. cpu or cuda
     adapter: str | None = None  # draft adapter folder (PEFT layout), or none (default: the model's own, if any)
     threads: int | None = None  # CPU threads for torch (default: torch's choice)
     cuda_graphs: int = 0  # replay per-cycle forwards as CUDA graphs over a static cache of this many tokens
 
     def validate(self) -> Source:
-        if self.dtype not in DTYPE_CHOICES:
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"invalid dtype={self.dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
         if self.cuda_graphs and torch.device(self.device).type != "cuda":
             raise ValueError("--cuda-graphs needs --device cuda")
+        if self.dtype is None:
+            return dataclasses.replace(self, dtype=default_precision(self.model, self.device))
         return self
 
     def open(self) -> tuple[TriModel | GraphedModel, Tokenizer]:
         """``open_model`` with these settings (and torch's thread count set first)."""
-        self.validate()
+        self = self.validate()
         if self.threads:
             torch.set_num_threads(self.threads)
         model, tok = open_model(self.model, self.dtype, self.device, self.adapter)
