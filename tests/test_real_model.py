@@ -73,7 +73,7 @@ def test_spec_equals_ar_on_real_model(default_model, block_size):
         assert sum(row.accepted_lengths) >= len(row.tokens) - 1  # all but the prefill's token came from cycles
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as decoding runs: with the compiled kernels
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_verify_rows_are_ar_steps_bit_for_bit(precision):
     """With int8/int4 weights a causal block's logits equal, row by row and bit for bit, those of one-token AR

@@ -92,11 +92,11 @@ class Source:
 
     def open(self) -> tuple[TriModel | GraphedModel, Tokenizer]:
         """``open_model`` with these settings (and torch's thread count set first)."""
-        self = self.validate()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        model, tok = open_model(self.model, self.dtype, self.device, self.adapter)
-        return (GraphedModel(model, capacity=self.cuda_graphs) if self.cuda_graphs else model), tok
+        s = self.validate()
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        model, tok = open_model(s.model, s.dtype, s.device, s.adapter)
+        return (GraphedModel(model, capacity=s.cuda_graphs) if s.cuda_graphs else model), tok
 
 
 def model_name(path: str | Path | None) -> str:

@@ -165,7 +165,10 @@ class LoraGroup:
 
     def __call__(self, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
         """The projections' adapter contributions side by side (..., sum of outputs), zero where off."""
-        key = tuple((t.data_ptr(), t._version) for p in self.projs for t in (p.lora_a, p.lora_b))
+        # An adapter changed in place bumps its version; one replaced has another address. (Tensors made in
+        # inference mode keep no version: only a replaced adapter is seen there.)
+        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version)
+                    for p in self.projs for t in (p.lora_a, p.lora_b))
         if key != self._key:
             self.a = torch.cat([p.lora_a for p in self.projs])
             self.b = torch.block_diag(*[p.lora_b * p.lora_scale for p in self.projs])
@@ -358,7 +361,7 @@ class TriModel(nn.Module):
             inv_freq, factor = rope.inv_freq_and_attention_factor(self.cfg.rope, self.cfg.head_dim)
             self._rope_tables[positions.device] = inv_freq.to(positions.device), factor
         cos, sin = rope.cos_sin(positions, *self._rope_tables[positions.device], x.dtype)
-        B, n = tokens.shape
+        n = tokens.shape[1]
         prefix = mask.shape[-1] - n
         p = Pass(positions, mask[:, None], cos, sin, rope.query_scale(positions, self.cfg.rope, x.dtype), cache,
                  write, adapter, key_slots, x.device.type == "cpu" and n <= ROW_EXACT_MAX_QUERIES,

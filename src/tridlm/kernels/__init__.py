@@ -4,7 +4,7 @@ and cached (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 On a CPU a decode step of a small model spends as long in the dispatch of many tiny tensor ops as in its
 matmuls; each kernel here does in one call what takes torch several: attention for query blocks (row by row in
 a fixed order, so spec's verify rows equal AR steps bit for bit), RMSNorm and RoPE. Each function returns None
-where it does not apply (not a CPU tensor, autograd on, a shape it is not compiled for, or no compiler), and
+where it does not apply (not a CPU tensor, not in inference mode, a shape it is not compiled for, or no compiler), and
 the caller then runs the same computation in torch ops.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ def _module():
     try:
         module = cpp_extension.load(f"tridlm_cpu_{_cpu_tag()}", [str(Path(__file__).with_name("cpu.cpp"))],
                                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as e:  # no compiler, no ninja, an unsupported platform: fall back, and say so once
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:  # no compiler, no ninja ...
         print(f"tridlm: the CPU kernels could not be built ({type(e).__name__}: {e}); using torch ops instead "
               "(slower)", file=sys.stderr)
         return None
@@ -51,8 +52,10 @@ def _module():
 
 
 def _usable(*tensors: torch.Tensor):
-    """The compiled module where these tensors can go to it, else None."""
-    if torch.is_grad_enabled() or any(t.device.type != "cpu" for t in tensors):
+    """The compiled module where these tensors can go to it, else None. Decoding runs in inference mode, and
+    only there do the kernels stand in: training, including the parts of it run without gradients, keeps
+    torch's ops, so that values computed with and without autograd agree to the last bit."""
+    if not torch.is_inference_mode_enabled() or any(t.device.type != "cpu" for t in tensors):
         return None
     return _module()
 
