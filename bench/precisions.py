@@ -1,5 +1,5 @@
 """Every precision side by side in one process, beside transformers (float32 greedy) and llama.cpp on the same
-GGUF file: AR, spec and diffusion on the packaged chat prompts (alternating engines and repeats, so machine
+GGUF file: AR, auto, spec and diffusion on the packaged chat prompts (alternating engines and repeats, so machine
 drift hits all alike), exact match against the same precision's AR and against float32 AR, and the cost of a
 forward of n = 1..32 new tokens. llama.cpp needs llama-cpp-python (`make bench` installs it).
 
@@ -24,7 +24,8 @@ from tridlm.decode.costs import latency_sweep
 from tridlm.loading import open_model
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
-SETTINGS = {"ar": GenerationConfig(max_tokens=64), "spec B=8": GenerationConfig(mode="spec", block_size=8, max_tokens=64),
+SETTINGS = {"ar": GenerationConfig(max_tokens=64), "auto": GenerationConfig(mode="auto", max_tokens=64),
+            "spec B=8": GenerationConfig(mode="spec", block_size=8, max_tokens=64),
             "diffusion B=4": GenerationConfig(mode="diffusion", block_size=4, max_tokens=64)}
 
 

@@ -15,13 +15,21 @@ from tridlm.model import TriModel
 def ar(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
        generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield committed tokens per step; ``pending`` (B,) is the last sampled token, not yet cached."""
-    sampler = state.cfg.sampler
     while not state.all_done:
-        logits = forward_block(model, cache, pending[:, None], masks.causal, write=True)  # (B, 1, V)
-        state.count_forward()
-        pending = sampler.pick(sampler.distribution(logits[:, -1]), generator)
-        for i, t in enumerate(pending.tolist()):
-            if state.trace:
-                state.note(i, {"type": "step", "token": t})
-            state.emit(i, [t])
+        pending = ar_step(model, cache, pending, state, generator)
         yield state.flush()
+
+
+def ar_step(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
+            generator: torch.Generator | None, event=lambda t: {"type": "step", "token": t}) -> torch.Tensor:
+    """One causal forward of every row's pending token: caches it and emits the next, which it returns.
+    ``event``: what a trace records for the step, given its token."""
+    sampler = state.cfg.sampler
+    logits = forward_block(model, cache, pending[:, None], masks.causal, write=True)  # (B, 1, V)
+    state.count_forward()
+    pending = sampler.pick(sampler.distribution(logits[:, -1]), generator)
+    for i, t in enumerate(pending.tolist()):
+        if state.trace:
+            state.note(i, event(t))
+        state.emit(i, [t])
+    return pending

@@ -30,6 +30,7 @@ import torch
 
 from tridlm import masks
 from tridlm.cache import KVCache
+from tridlm.decode.ar import ar_step
 from tridlm.decode.common import DecodeState, forward_block, unmasking_distribution
 from tridlm.decode.costs import relative_costs
 from tridlm.decode.lookup import NGramIndex
@@ -146,6 +147,15 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
             if n:
                 proposals = {f"lookup{n}": [c for _, c in found], **proposals}
         plan = planner.plan({s: max(len(c[i]) for i in live) for s, c in proposals.items()}, acc, len(live))
+        if not plan.verify and not plan.drafts:  # a plain AR step, without verification's bookkeeping
+            pending = ar_step(model, cache, pending, state, generator, _no_drafts)
+            carried, carried_q = [[] for _ in range(rows)], [None] * rows
+            for i in live:
+                state.rows[i].accepted_lengths.append(1)
+                if lookups:
+                    lookups[i].extend(state.rows[i].tokens[len(lookups[i].tokens) - len(state.rows[i].prompt):])
+            yield state.flush()
+            continue
         if mask_id is None and plan.drafts:
             raise ValueError("pipelined spec drafts need a model with a mask token (config mask_id)")
         m, r = plan.verify, plan.drafts
@@ -177,6 +187,11 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
             if lookups:
                 lookups[i].extend(state.rows[i].tokens[len(lookups[i].tokens) - len(state.rows[i].prompt):])
         yield state.flush()
+
+
+def _no_drafts(token: int) -> dict:
+    """The trace of a cycle that verified nothing: as ``settle`` records it, a bonus token alone."""
+    return {"type": "verify", "drafts": [], "accepted": 0, "bonus": token}
 
 
 def _pad(chosen: list[list[int]], pending: torch.Tensor, m: int) -> torch.Tensor:
