@@ -93,6 +93,14 @@ def test_low_bit_weights_are_cpu_only():
         open_model(dtype="int4", device="cuda")
 
 
+def test_default_precision_is_int4_on_a_cpu_for_quantized_sources_only():
+    from tridlm.loading import Source, default_precision
+
+    assert default_precision(None, "cpu") == default_precision("model.Q4_1.gguf", "cpu") == "int4"
+    assert default_precision("some/hf-directory", "cpu") == default_precision(None, "cuda") == "float32"
+    assert Source().validate().dtype == "int4" and Source(dtype="bfloat16").validate().dtype == "bfloat16"
+
+
 @pytest.mark.slow
 def test_default_model_int4_keeps_the_gguf_codes(default_model):
     """The default model's q projection in int4 is its Q4_1 tensor (un-permuted), read back through the
