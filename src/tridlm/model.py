@@ -143,7 +143,7 @@ class Linear(nn.Linear):
 
     def with_lora(self, y: torch.Tensor, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
         """``y`` (this layer's output for ``x``) plus the adapter's contribution where it is switched on."""
-        if self.lora_a is None or adapter is False:
+        if adapter is False or self.lora_a is None:
             return y
         delta = F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b) * self.lora_scale
         return y + (delta if adapter is True else delta * adapter[..., None]).to(y.dtype)

@@ -55,7 +55,7 @@ def _usable(*tensors: torch.Tensor):
     """The compiled module where these tensors can go to it, else None. Decoding runs in inference mode, and
     only there do the kernels stand in: training, including the parts of it run without gradients, keeps
     torch's ops, so that values computed with and without autograd agree to the last bit."""
-    if not torch.is_inference_mode_enabled() or any(t.device.type != "cpu" for t in tensors):
+    if not torch.is_inference_mode_enabled() or not all(t.is_cpu for t in tensors):
         return None
     return _module()
 
