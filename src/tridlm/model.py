@@ -64,7 +64,7 @@ PRESETS = {
 
 
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-ROW_EXACT_MAX_QUERIES = 512  # CPU query blocks up to this size use ``row_exact_attention``
+ROW_EXACT_MAX_QUERIES = 512  # CPU query blocks up to this size: ``kernels.attend`` (or ``row_exact_attention``)
 
 
 def row_exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -382,8 +382,10 @@ class TriModel(nn.Module):
                   key_slots: torch.Tensor | None) -> bool:
         """Whether a forward can attend over the cache itself, its current keys at slots P + i (on a CPU
         this saves a copy of every layer's cached keys per forward): one row, not a static cache, past its
-        committed length, with room, and the tokens it writes at exactly those slots."""
-        if cache is None or key_slots is not None or cache.static or cache.batch != 1 or cache.k.device.type != "cpu":
+        committed length, with room, and the tokens it writes at exactly those slots; and no autograd (a
+        graph through the cache's own buffers would outlive the forward)."""
+        if (cache is None or key_slots is not None or cache.static or cache.batch != 1 or cache.k.device.type != "cpu"
+                or torch.is_grad_enabled()):
             return False
         n = positions.shape[1]
         if prefix < int(cache.lengths[0]) or prefix + n > cache.max_len:
