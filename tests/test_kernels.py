@@ -87,3 +87,11 @@ def test_a_failed_build_falls_back_with_a_message(monkeypatch, capsys):
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     assert kernels._module.__wrapped__() is None
     assert "could not be built (RuntimeError: no C++ compiler)" in capsys.readouterr().err
+
+
+@torch.inference_mode()
+def test_attend_gives_zeros_to_a_row_with_no_key():
+    q, k, v, mask = _inputs(torch.float32, B=1, n=2)
+    mask[0, 1] = False
+    out = kernels.attend(q, k, v, mask)
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1])) and out[0, 0].abs().sum() > 0

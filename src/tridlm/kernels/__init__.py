@@ -61,8 +61,8 @@ def _usable(*tensors: torch.Tensor):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(D) over allowed keys) v, or None where the kernel does not apply (not a CPU
-    tensor, a head size it is not compiled for, or no kernel).
+    """softmax(q k^T / sqrt(D) over allowed keys) v (zeros for a row that may attend to no key), or None
+    where the kernel does not apply (see the module's docstring; also a head size it is not compiled for).
 
     q (B, n, H, D); k, v (B, KV, P, D) with contiguous rows; mask (B, n, P) bool -> (B, n, H * D).
     """

@@ -5,7 +5,6 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -18,7 +17,7 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
-constexpr int64_t W = 16;  // lanes: keys scored together, or elements of a row
+constexpr int64_t W = 16;  // lanes: elements of a row, or softmax weights of 16 keys
 
 inline vf load(const float* p) {
   vf x;
@@ -74,7 +73,6 @@ inline vf exp_nonpositive(vf x) {
   return y * reinterpret_cast<vf>((n + 127) << 23);
 }
 
-
 inline float sum_lanes(vf x) {  // a fixed pairwise order
   typedef float v8 __attribute__((vector_size(32)));
   typedef float v4 __attribute__((vector_size(16)));
@@ -94,7 +92,7 @@ template <typename T, int64_t C>
 void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, int64_t B, int64_t n, int64_t H,
                  int64_t KV, int64_t P, Strides qs, Strides ks, Strides vs, Strides ms, float scale) {
   const int64_t G = H / KV, chunks_max = (P + W - 1) / W;
-  // One task: the G query heads of one row that share a key/value head (their keys are loaded once, to cache).
+  // One task: the G query heads of one row that share a key/value head (their keys stay in cache between heads).
   at::parallel_for(0, B * n * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weights(chunks_max * W);
     std::vector<int64_t> keys(P);
@@ -104,6 +102,7 @@ void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, i
       int64_t count = 0;
       for (int64_t j = 0; j < P; ++j)
         if (allowed[j]) keys[count++] = j;
+      if (count == 0) continue;  // no key to attend to: the output stays zero
       const int64_t chunks = (count + W - 1) / W;
       const T* kbase = k + b * ks.b + kv * ks.h;
       const T* vbase = v + b * vs.b + kv * vs.h;
