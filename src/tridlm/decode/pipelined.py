@@ -141,6 +141,8 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
         live = [i for i, r in enumerate(state.rows) if not r.done]
         proposals = {"draft": carried}
         if lookups:
+            for lk, row in zip(lookups, state.rows):  # the tokens the last cycle committed
+                lk.extend(row.tokens[len(lk.tokens) - len(row.prompt):])
             found = [lk.propose(room) for lk in lookups]
             # Acceptance is kept per match length (the first live row's: a batch shares one plan).
             n = next((n for i, (n, c) in enumerate(found) if i in live and c), 0)
@@ -152,8 +154,6 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
             carried, carried_q = [[] for _ in range(rows)], [None] * rows
             for i in live:
                 state.rows[i].accepted_lengths.append(1)
-                if lookups:
-                    lookups[i].extend(state.rows[i].tokens[len(lookups[i].tokens) - len(state.rows[i].prompt):])
             yield state.flush()
             continue
         if mask_id is None and plan.drafts:
@@ -184,8 +184,6 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
                         carried[i], carried_q[i] = guess[i, 1:].tolist(), dq[i, 1:]
         for i in live:
             acc.update(plan.source, len(chosen[i]), int(k[i]))
-            if lookups:
-                lookups[i].extend(state.rows[i].tokens[len(lookups[i].tokens) - len(state.rows[i].prompt):])
         yield state.flush()
 
 
