@@ -3,15 +3,17 @@ GGUF file: AR, auto, spec and diffusion on the packaged chat prompts (alternatin
 drift hits all alike), exact match against the same precision's AR and against float32 AR, and the cost of a
 forward of n = 1..32 new tokens. llama.cpp needs llama-cpp-python (`make bench` installs it).
 
-    .venv/bin/python bench/precisions.py [OUT_DIR] [--prompts N] [--repeats R]
+    .venv/bin/python bench/precisions.py [OUT_DIR] [--prompts N] [--repeats R] [--precisions P,..] [--settings S,..]
 
-writes OUT_DIR/precisions-<date>.json and -cost.png (default OUT_DIR: bench/results), prints a table.
+writes OUT_DIR/precisions-<date>.json and -cost.png (default OUT_DIR: bench/results; a subset of precisions or
+settings adds them to the name), prints a table.
 """
 
 import argparse
 import datetime
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,8 +36,14 @@ def main() -> None:
     ap.add_argument("out", nargs="?", default="bench/results")
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--precisions", default=",".join(PRECISIONS), help="a subset of " + ",".join(PRECISIONS))
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="a subset of " + ",".join(SETTINGS))
     args = ap.parse_args()
-    models = {p: open_model(dtype=p)[0] for p in PRECISIONS}
+    precisions, settings = args.precisions.split(","), args.settings.split(",")
+    if not {"ar", *settings} <= set(SETTINGS) or not set(precisions) <= set(PRECISIONS):
+        raise SystemExit(f"--precisions from {PRECISIONS}, --settings from {tuple(SETTINGS)} (ar always runs)")
+    settings = ["ar", *(s for s in settings if s != "ar")]
+    models = {p: open_model(dtype=p)[0] for p in {"float32", *precisions}}
     tok = open_model(dtype="float32")[1]
     prompts = bench.load_prompts(None, tok)[: args.prompts]
     others = Baselines(["hf", "llama.cpp"], None, torch.float32, "cpu")
@@ -46,7 +54,8 @@ def main() -> None:
             return others.run(engine, some, max_tokens, eos)
         return bench.run_tridlm(models[engine], some, bench.Setting("tridlm", SETTINGS[name].replace(max_tokens=max_tokens)))
 
-    runs = [(p, name) for p in PRECISIONS for name in SETTINGS] + [(b, "ar") for b in others.names]
+    runs = [(p, name) for p in precisions for name in settings] + [(b, "ar") for b in others.names]
+    runs += [] if "float32" in precisions else [("float32", "ar")]  # every row is compared with float32 AR
     for engine, name in runs:  # warm-up
         run(engine, name, 4, prompts[:1])
     speed, outputs = {}, {}
@@ -58,9 +67,9 @@ def main() -> None:
             outputs[engine, name] = rows
             print(f"  repeat {rep + 1}  {engine:<9} {name:<14} {speed[engine, name][-1]:6.1f} tok/s", flush=True)
     context = tok.encode(Path(bench.__file__).read_text())[:200]
-    sweeps = {p: latency_sweep(models[p], context, reps=5, sizes=range(1, 33)) for p in PRECISIONS}
+    sweeps = {p: latency_sweep(models[p], context, reps=5, sizes=range(1, 33)) for p in precisions}
     report = {"machine": bench.machine(models["float32"]), "prompts": len(prompts), "repeats": args.repeats,
-              "command": "python bench/precisions.py", "baselines_missing": others.missing, "results": {},
+              "command": " ".join(["python", *sys.argv]), "baselines_missing": others.missing, "results": {},
               "cost_ms": sweeps}
     llama = statistics.median(speed["llama.cpp", "ar"]) if "llama.cpp" in others.names else None
     for (engine, name), rows in outputs.items():
@@ -74,7 +83,8 @@ def main() -> None:
             **bench.summarize(models["float32"], prompts, rows)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = out / f"precisions-{datetime.date.today().isoformat()}"
+    subset = "" if (precisions, settings) == (list(PRECISIONS), list(SETTINGS)) else f"-{'-'.join(precisions + settings)}"
+    prefix = out / f"precisions-{datetime.date.today().isoformat()}{subset.replace(' ', '').replace('=', '')}"
     prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     plot(sweeps, prefix.with_name(prefix.name + "-cost.png"))
     print(f"{'setting':<24} {'tok/s':>6} {'x fp32 AR':>9} {'x l.cpp':>7} {'TPF':>5} {'=own AR':>7} {'=fp32 AR':>8} "
