@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tridlm import kernels, rope
 from tridlm.cache import KVCache
+from tridlm.quant import Int4Weight
 from tridlm.rope import RopeConfig
 
 
@@ -150,31 +151,42 @@ class Linear(nn.Linear):
 
 
 class LoraGroup:
-    """The adapters of projections that read the same input (q/k/v, gate/up) as one low-rank pair at
-    inference: A stacked, B block-diagonal with each scale folded in, so two small matmuls serve them all
-    (on a CPU a drafting forward's time goes largely into these tiny ops). Rebuilt when an adapter changes;
-    training uses each projection's own adapter so that gradients reach it."""
+    """The adapters of projections that read the same input (q/k/v, gate/up; or one projection) as one
+    low-rank pair at inference: A stacked, B block-diagonal with each scale folded in, applied in one kernel
+    call (inside the int4 matmul, or ``kernels.lora_add``) where torch needs two matmuls, a mask and an add per
+    projection: on a CPU a drafting forward's time would otherwise go largely into these tiny ops. The model
+    rebuilds the form when an adapter changes (``TriModel._refresh_adapters``); training uses each projection's
+    own adapter so that gradients reach it."""
 
     def __init__(self, projs: tuple[Linear, ...]):
         self.projs = projs
-        self._key: tuple | None = None
+        self.form: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a, bt, spans (kernels.Adapter)
+
+    def refresh(self, activations: torch.dtype) -> None:
+        if any(p.lora_a is None for p in self.projs):
+            self.form = None
+            return
+        a = torch.cat([p.lora_a for p in self.projs]).float()
+        b = torch.block_diag(*[p.lora_b.float() * p.lora_scale for p in self.projs])  # (N, r)
+        n = b.shape[0]
+        tiles = -(-n // 16)
+        bt = F.pad(b.T, (0, 16 * tiles - n)).view(-1, tiles, 16).transpose(0, 1).contiguous()  # (tiles, r, 16)
+        # each tile's rank range: from the first to the last adapter of the projections it overlaps
+        ends = torch.tensor([p.out_features for p in self.projs]).cumsum(0)
+        ranks = torch.tensor([p.lora_a.shape[0] for p in self.projs]).cumsum(0)
+        first = torch.searchsorted(ends, torch.arange(tiles) * 16, right=True)
+        last = torch.searchsorted(ends, torch.clamp(torch.arange(1, tiles + 1) * 16, max=n) - 1, right=True)
+        spans = torch.stack([F.pad(ranks, (1, 0))[first], ranks[last]], 1).to(torch.int32).contiguous()
+        # bfloat16 where the activations are: half the bytes that each drafting forward reads
+        dtype = torch.bfloat16 if activations == torch.bfloat16 else torch.float32
+        self.form = a.to(dtype).contiguous(), bt.to(dtype), spans
 
     def usable(self, adapter: bool | torch.Tensor) -> bool:
-        return (adapter is not False and not torch.is_grad_enabled()
-                and all(p.lora_a is not None for p in self.projs))
+        return adapter is not False and self.form is not None and not torch.is_grad_enabled()
 
-    def __call__(self, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
-        """The projections' adapter contributions side by side (..., sum of outputs), zero where off."""
-        # An adapter changed in place bumps its version; one replaced has another address. (Tensors made in
-        # inference mode keep no version: only a replaced adapter is seen there.)
-        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version)
-                    for p in self.projs for t in (p.lora_a, p.lora_b))
-        if key != self._key:
-            self.a = torch.cat([p.lora_a for p in self.projs])
-            self.b = torch.block_diag(*[p.lora_b * p.lora_scale for p in self.projs])
-            self._key = key
-        delta = F.linear(F.linear(x.to(self.a.dtype), self.a), self.b)
-        return delta if adapter is True else delta * adapter[..., None]
+    def kernel_form(self, adapter: bool | torch.Tensor) -> kernels.Adapter:
+        """The group's adapters for the tokens ``adapter`` selects (all, or a (B, n) selection)."""
+        return kernels.Adapter(*self.form, None if adapter is True else adapter.reshape(-1))
 
 
 def project(x: torch.Tensor, projs: tuple[Linear, ...], fused, group: LoraGroup,
@@ -182,15 +194,21 @@ def project(x: torch.Tensor, projs: tuple[Linear, ...], fused, group: LoraGroup,
     """The outputs of projections that read the same ``x``: with their low-bit weights in one kernel call
     when ``fused`` (``TriModel.fuse_packed``), their adapters as one group where usable."""
     sizes = [p.out_features for p in projs]
-    grouped = group.usable(adapter)
+    if not group.usable(adapter):
+        if fused is None:
+            return [p(x, adapter) for p in projs]
+        return [p.with_lora(o, x, adapter) for p, o in zip(projs, fused(x).split(sizes, dim=-1))]
+    lora = group.kernel_form(adapter)
+    if fused is None and len(projs) == 1 and projs[0].bias is None:
+        fused = projs[0].packed
+    if isinstance(fused, Int4Weight):  # the adapter inside the int4 kernel
+        return list(fused(x, lora).split(sizes, dim=-1))
     if fused is not None:
         y = fused(x)
-        if grouped:
-            return list((y + group(x, adapter).to(y.dtype)).split(sizes, dim=-1))
-        return [p.with_lora(o, x, adapter) for p, o in zip(projs, y.split(sizes, dim=-1))]
-    if grouped:
-        return [p(x) + d.to(x.dtype) for p, d in zip(projs, group(x, adapter).split(sizes, dim=-1))]
-    return [p(x, adapter) for p in projs]
+    else:
+        y = projs[0](x) if len(projs) == 1 else torch.cat([p(x) for p in projs], dim=-1)
+    rows = kernels.lora_add(y.reshape(-1, y.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]), lora)
+    return list(rows.view(y.shape).split(sizes, dim=-1))
 
 
 @dataclass
@@ -232,6 +250,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.qkv = None  # q/k/v low-bit weights fused into one kernel call (``fuse_packed``)
         self.qkv_lora = LoraGroup((self.q_proj, self.k_proj, self.v_proj))
+        self.o_lora = LoraGroup((self.o_proj,))
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -255,7 +274,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=p.mask,
                                                enable_gqa=True)
             o = o.transpose(1, 2).reshape(B, n, -1).to(x.dtype)
-        return self.o_proj(o, p.adapter)
+        return project(o, (self.o_proj,), None, self.o_lora, p.adapter)[0]
 
     def keys_values(self, k: torch.Tensor, v: torch.Tensor, p: Pass) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values over [cache[:P] | current tokens], (B, KV, P + n, D) each, from the current ones
@@ -287,10 +306,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim)
         self.gate_up = None  # gate/up low-bit weights fused into one kernel call (``fuse_packed``)
         self.gate_up_lora = LoraGroup((self.gate_proj, self.up_proj))
+        self.down_lora = LoraGroup((self.down_proj,))
 
     def forward(self, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
         gate, up = project(x, (self.gate_proj, self.up_proj), self.gate_up, self.gate_up_lora, adapter)
-        return self.down_proj(F.silu(gate) * up, adapter)
+        return project(F.silu(gate) * up, (self.down_proj,), None, self.down_lora, adapter)[0]
 
 
 class Layer(nn.Module):
@@ -323,6 +343,9 @@ class TriModel(nn.Module):
         if cfg.tie_embeddings:
             self.diffusion_head.weight = self.encoder.embed_tokens.weight
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
+        self._lora_groups = [g for layer in self.encoder.layers for g in (
+            layer.self_attn.qkv_lora, layer.self_attn.o_lora, layer.mlp.gate_up_lora, layer.mlp.down_lora)]
+        self._lora_key: list | None = None
 
     @property
     def device(self) -> torch.device:
@@ -356,6 +379,8 @@ class TriModel(nn.Module):
         """
         if mask.shape[-1] > tokens.shape[1] and cache is None:
             raise ValueError("mask covers cached keys but no cache was given")
+        if adapter is not False and not torch.is_grad_enabled():
+            self._refresh_adapters()
         x = self.encoder.embed_tokens(tokens)  # (B, n, dim)
         if positions.device not in self._rope_tables:
             inv_freq, factor = rope.inv_freq_and_attention_factor(self.cfg.rope, self.cfg.head_dim)
@@ -376,6 +401,17 @@ class TriModel(nn.Module):
             if isinstance(adapter, torch.Tensor):
                 adapter = adapter.gather(1, logits_index)
         return self.diffusion_head(self.encoder.norm(x), adapter).float()
+
+    def _refresh_adapters(self) -> None:
+        """Rebuild the adapter groups' inference form where an adapter was attached, replaced or changed in place
+        since the last forward that used them: one check of every adapter tensor per forward. (Tensors made in
+        inference mode keep no version: only a replaced one is seen there.)"""
+        tensors = [p._parameters.get(name) for g in self._lora_groups for p in g.projs for name in ("lora_a", "lora_b")]
+        key = [(id(t), 0 if t is None or t.is_inference() else t._version) for t in tensors]
+        if key != self._lora_key:
+            for group in self._lora_groups:
+                group.refresh(self.dtype)
+            self._lora_refs, self._lora_key = tensors, key  # referenced, so that their ids stay theirs
 
     @staticmethod
     def _in_place(cache: KVCache | None, positions: torch.Tensor, prefix: int, write: int,

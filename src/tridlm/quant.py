@@ -1,52 +1,101 @@
-"""Low-bit weights for CPU decoding: weight-only int8 (per output channel) and int4 (groups of 32, a scale
-and a zero point each), run by torch's own packed kernels with bfloat16 activations.
+"""Low-bit weights for CPU decoding: int8 (per output channel) and int4 (groups of 32, a scale and a minimum
+each), run by our kernels (``tridlm.kernels``): the activations quantized to int8 per group of 32 as llama.cpp
+does, integer dot products (AVX-512 VNNI where the CPU has it), so that a forward of several tokens costs little
+more than one.
 
 The int4 layout is GGUF's Q4_1 (32 weights, a scale ``d`` and a minimum ``m``: w = d * q + m, q in 0..15),
-so Q4_1 tensors load with their own 4-bit codes and no second quantization; torch's kernel keeps the scale
-and zero point in the activations' dtype (bfloat16), which rounds ``d`` and ``m`` from float16 to
-bfloat16. Any other weight is quantized here from its float values (round to nearest).
+so Q4_1 tensors load with their own 4-bit codes and no second quantization (``d`` and ``m`` kept as the file's
+float16 values). Any other weight is quantized here from its float values (round to nearest).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from tridlm import kernels
 
 WEIGHT_PRECISIONS = ("int8", "int4")
 GROUP = 32  # int4 group size: GGUF's Q4_1 block
+LANES = 16  # output channels per tile of the int4 kernel's layout
 ACTIVATIONS = torch.bfloat16  # torch's CPU int4/int8 kernels are fast in bfloat16 only (10x slower in float32)
 
 
 class Int8Weight:
-    """w ~= q * scale per output channel, q int8 in [-127, 127]."""
+    """w ~= q * scale per output channel, q int8 in [-127, 127].
+
+    Applied by ``tridlm.kernels.int8_linear`` (activations quantized to int8 per group of 32, integer dot
+    products) where the input size is a multiple of 32, else, or where the kernels cannot be built, by
+    torch's int8 kernel (bfloat16 activations)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
-        self.q, self.scale = q, scale  # (N, K) int8, (N,) in the activations' dtype
+        """q (N, K) int8, scale (N,) float."""
+        n, k = q.shape
+        self.shape = (n, k)
+        self.scale = scale.float()
+        self.codes = None
+        if k % GROUP == 0:  # tiles of 16 channels x blocks of 32 inputs; part c, lane l: inputs 4c .. 4c + 3
+            pad = -n % LANES
+            tiles = (n + pad) // LANES
+            biased = (F.pad(q.to(torch.int16), (0, 0, 0, pad)) + 128).to(torch.uint8)
+            self.codes = biased.view(tiles, LANES, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, k // GROUP, 512)
+            self.codes = self.codes.contiguous()
+            self.scales = F.pad(self.scale, (0, pad)).view(tiles, LANES).contiguous()
+        else:
+            self.q = q.contiguous()
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int8Weight:
         w = w.float()
         scale = (w.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scale.to(ACTIVATIONS))
+        return cls(q, scale)
+
+    def unpack(self) -> torch.Tensor:
+        """q (N, K) int8, as given to the constructor."""
+        if self.codes is None:
+            return self.q
+        n, k = self.shape
+        tiles = self.codes.shape[0]
+        q = self.codes.view(tiles, k // GROUP, 8, LANES, 4).permute(0, 3, 1, 2, 4).reshape(tiles * LANES, k)
+        return (q.to(torch.int16) - 128).to(torch.int8)[:n]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale)
-        return y.view(*x.shape[:-1], -1)
+        rows = x.reshape(-1, x.shape[-1])
+        y = None if self.codes is None else kernels.int8_linear(rows, self.codes, self.scales)
+        if y is None:
+            if not hasattr(self, "q"):
+                self.q = self.unpack().contiguous()
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(ACTIVATIONS), self.q, self.scale.to(ACTIVATIONS))
+            y = y.to(rows.dtype)
+        return y[:, : self.shape[0]].reshape(*x.shape[:-1], -1)
 
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale.float()[:, None]
+        return self.unpack().float() * self.scale[:, None]
 
 
 class Int4Weight:
-    """w ~= q * d + m per group of 32 along the input, q in 0..15 (GGUF Q4_1)."""
+    """w ~= q * d + m per group of 32 along the input, q in 0..15 (GGUF Q4_1).
+
+    Applied by ``tridlm.kernels.int4_linear``: the activations are quantized to int8 per group of 32 (as
+    llama.cpp does) and multiplied with the codes by integer dot products, so that several rows cost little
+    more than one and a row's result depends on that row alone. Where the kernels cannot be built, torch's
+    packed int4 kernel runs instead (bfloat16 activations, slower; other roundings)."""
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
         """q (N, K) integer codes 0..15, d and m (N, K / 32) float scales and minimums."""
-        self.shape = tuple(q.shape)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-        # torch's kernel computes (q - 8) * scale + zero: zero = m + 8 d, laid out (K / 32, N, 2)
-        self.scales_zeros = torch.stack([d.T, (m + 8 * d).T], dim=-1).to(ACTIVATIONS).contiguous()
+        n, k = q.shape
+        if k % GROUP:
+            raise ValueError(f"int4 weights need an input size divisible by {GROUP}, not {k}")
+        self.shape = (n, k)
+        pad = -n % LANES  # whole tiles of 16 output channels; padded channels have zero codes and scales
+        q, d, m = (F.pad(t, (0, 0, 0, pad)) for t in (q.to(torch.uint8), d.float(), m.float()))
+        tiles, blocks = (n + pad) // LANES, k // GROUP
+        # tile t, block b, chunk c, lane l, byte j: inputs 8c + j (low nibble) and 8c + 4 + j (high nibble)
+        nibbles = q.view(tiles, LANES, blocks, 4, 2, 4).permute(0, 2, 3, 1, 4, 5)
+        self.codes = (nibbles[..., 0, :] | nibbles[..., 1, :] << 4).reshape(tiles, blocks, 256).contiguous()
+        self.scales = torch.stack([t.view(tiles, LANES, blocks).transpose(1, 2) for t in (d, m)], 2).half().contiguous()
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int4Weight:
@@ -68,12 +117,36 @@ class Int4Weight:
         m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
         nibbles = blocks[..., 4:]
         q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, k)
-        return cls(torch.from_numpy(q.astype(np.int32)), d, m)
+        return cls(torch.from_numpy(q), d, m)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, GROUP,
-                                                       self.scales_zeros)
-        return y.view(*x.shape[:-1], -1)
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (N, K) uint8, d and m (N, K / 32) float32, as given to the constructor."""
+        n, k = self.shape
+        tiles, blocks = self.codes.shape[:2]
+        c = self.codes.view(tiles, blocks, 4, LANES, 1, 4)
+        q = torch.cat([c & 0x0F, c >> 4], dim=4).permute(0, 3, 1, 2, 4, 5).reshape(tiles * LANES, k)
+        d, m = (self.scales[:, :, i].transpose(1, 2).reshape(tiles * LANES, blocks).float() for i in (0, 1))
+        return q[:n], d[:n], m[:n]
+
+    def __call__(self, x: torch.Tensor, adapter: kernels.Adapter | None = None) -> torch.Tensor:
+        """x (..., K) -> (..., N), plus a low-rank ``adapter``'s contribution on its rows where given."""
+        rows = x.reshape(-1, x.shape[-1])
+        y = kernels.int4_linear(rows, self.codes, self.scales, adapter)
+        if y is None:
+            y = self._torch_int4(rows)
+            if adapter is not None:
+                y = adapter.torch_add(y, rows)
+        return y[:, : self.shape[0]].reshape(*x.shape[:-1], -1)
+
+    def _torch_int4(self, rows: torch.Tensor) -> torch.Tensor:
+        """torch's packed int4 kernel on the same codes, packed on first use; torch computes
+        (q - 8) * scale + zero, so zero = m + 8 d, laid out (K / 32, N, 2) in the activations' dtype."""
+        if not hasattr(self, "_torch_packed"):
+            q, d, m = self.unpack()
+            self._torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            self._torch_scales = torch.stack([d.T, (m + 8 * d).T], dim=-1).to(ACTIVATIONS).contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(ACTIVATIONS), self._torch_packed, GROUP,
+                                                          self._torch_scales).to(rows.dtype)
 
 
 def concat(weights: list) -> Int8Weight | Int4Weight | None:
@@ -81,14 +154,14 @@ def concat(weights: list) -> Int8Weight | Int4Weight | None:
     kernel call for q/k/v or gate/up instead of several); None where the packing does not allow it."""
     first = weights[0]
     if isinstance(first, Int8Weight):
-        return Int8Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]))
+        return Int8Weight(torch.cat([w.unpack() for w in weights]), torch.cat([w.scale for w in weights]))
+    if any(w.shape[0] % LANES for w in weights[:-1]):  # padded tiles inside would shift the outputs after them
+        return None
     fused = object.__new__(Int4Weight)
     fused.shape = (sum(w.shape[0] for w in weights), first.shape[1])
-    fused.packed = torch.cat([w.packed for w in weights])  # rows of outputs, in blocks the kernel may interleave
-    fused.scales_zeros = torch.cat([w.scales_zeros for w in weights], dim=1)  # (K / 32, N, 2)
-    # torch's int4 layout interleaves outputs in blocks (of 64 here), so check rather than assume.
-    probe = torch.randn(2, first.shape[1], generator=torch.Generator().manual_seed(0)).to(ACTIVATIONS)
-    return fused if torch.equal(fused(probe), torch.cat([w(probe) for w in weights], dim=-1)) else None
+    fused.codes = torch.cat([w.codes for w in weights])
+    fused.scales = torch.cat([w.scales for w in weights])
+    return fused
 
 
 def quantize(model, precision: str) -> None:

@@ -3,7 +3,8 @@ and cached (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 
 On a CPU a decode step of a small model spends as long in the dispatch of many tiny tensor ops as in its
 matmuls; each kernel here does in one call what takes torch several: attention for query blocks (row by row in
-a fixed order, so spec's verify rows equal AR steps bit for bit), RMSNorm and RoPE. Each function returns None
+a fixed order, so spec's verify rows equal AR steps bit for bit), RMSNorm, RoPE, and int4 matmuls with
+integer dot products (several rows for little more than one). Each function returns None
 where it does not apply (not a CPU tensor, not in inference mode, a shape it is not compiled for, or no compiler), and
 the caller then runs the same computation in torch ops.
 """
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -88,3 +90,62 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     if module is None or x.shape[-1] % 32 or x.stride(-1) != 1 or cos.dtype != x.dtype:
         return None
     return module.rope(x, cos, sin)
+
+
+class Adapter(NamedTuple):
+    """A low-rank adapter in the kernels' form: y[i] += b (a x[i]) on the chosen rows (in float32). a (r, K); bt
+    (N / 16, r, 16), b by tiles of 16 outputs (both float32 or both bfloat16); spans (N / 16, 2) int32, for
+    each tile the rank range outside which its part of b is zero (a block-diagonal group of adapters); rows
+    (M,) bool, or None for all."""
+
+    a: torch.Tensor
+    bt: torch.Tensor
+    spans: torch.Tensor
+    rows: torch.Tensor | None
+
+    def args(self) -> tuple:
+        rows = torch.empty(0, dtype=torch.bool) if self.rows is None else self.rows.contiguous()
+        return self.a, self.bt, self.spans, rows
+
+    def torch_add(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The same with torch ops (rounded twice: the delta, then the sum)."""
+        b = self.bt.transpose(0, 1).reshape(self.a.shape[0], -1).float()  # (r, N padded)
+        delta = (x.float() @ self.a.float().T) @ b[:, : y.shape[-1]]
+        if self.rows is not None:
+            delta = delta * self.rows[:, None]
+        return y + delta.to(y.dtype)
+
+
+NO_ADAPTER = (torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.bool))
+
+
+def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                adapter: Adapter | None = None) -> torch.Tensor | None:
+    """x (M, K) times int4 weights in ``tridlm.quant.Int4Weight``'s layout (N outputs padded to 16), plus
+    ``adapter``'s contribution where given, each row rounded once -> (M, N), or None where the kernels were
+    not built. Unlike the other kernels it runs in and out of inference mode, so that an int4 model computes
+    the same values either way; it has no gradient (int4 weights are for decoding)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("int4 weights are for decoding only: no gradient flows through them")
+    module = _module() if x.is_cpu else None
+    if module is None:
+        return None
+    return module.int4_linear(x.contiguous(), codes, scales, *(NO_ADAPTER if adapter is None else adapter.args()))
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    """y (M, N) plus ``adapter``'s contribution for x (M, K): in place by the kernel where it applies (computed
+    in float32, rounded once), else with torch ops."""
+    module = _usable(y, x)
+    if module is None or x.shape[-1] % 16 or y.shape[-1] % 16 or not y.is_contiguous():
+        return adapter.torch_add(y, x)
+    return module.lora_add(y, x.contiguous(), *adapter.args())
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """x (M, K) times int8 weights in ``tridlm.quant.Int8Weight``'s layout -> (M, N padded to 16), or None
+    where the kernels were not built; in and out of inference mode, no gradient (as ``int4_linear``)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("int8 weights are for decoding only: no gradient flows through them")
+    module = _module() if x.is_cpu else None
+    return None if module is None else module.int8_linear(x.contiguous(), codes, scales)

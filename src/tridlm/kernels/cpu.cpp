@@ -1,14 +1,19 @@
 // CPU kernels for a decode step's small operations, each one call where torch needs several ops: attention for
-// short query blocks, RMSNorm and RoPE. Every row is computed on its own in a fixed order of operations, so its
+// short query blocks, RMSNorm, RoPE and low-rank adapters; and int4 matmuls by integer dot products. Every row is computed on its own in a fixed order of operations, so its
 // result never depends on how many rows, keys or batch rows come with it: a spec verify row equals the AR step
 // that would produce it bit for bit whatever the dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -30,9 +35,13 @@ inline vf load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float
   return reinterpret_cast<vf>(__builtin_convertvector(h, vu) << 16);
 }
 inline vf load(const c10::Half* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
   float f[W];
   for (int64_t l = 0; l < W; ++l) f[l] = static_cast<float>(p[l]);
   return load(f);
+#endif
 }
 inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
 inline void store(c10::BFloat16* p, vf x) {  // round to nearest even
@@ -139,6 +148,199 @@ void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, i
   });
 }
 
+// ---- int4 weights (GGUF Q4_1) times activations quantized to int8, by integer dot products.
+//
+// Each activation row is quantized per block of 32 inputs to int8 (scale dx = max|x| / 127, round to nearest),
+// as llama.cpp does for its Q4_1 x Q8_1 dot products, so a block's dot product with the 4-bit codes is an exact
+// integer sum: AVX-512 VNNI adds 64 byte products per instruction, and a matmul of several rows reads the weights
+// once and costs little more than one row. Per output channel and block, y += (d * dx) * sum(q * xq) + m * sx
+// with sx = dx * sum(xq), blocks in order: a row's result depends on that row alone.
+//
+// Weight layout (tridlm.quant.Int4Weight): codes (N / 16, K / 32, 256) bytes, tiles of 16 output channels; in a
+// tile's block of 32 inputs, 64-byte chunk c holds in the 4 bytes of lane (channel) l the codes of inputs
+// 8c .. 8c + 3 in the low nibbles and 8c + 4 .. 8c + 7 in the high ones. scales (N / 16, K / 32, 2, 16) float32:
+// the 16 channels' d, then their m.
+
+constexpr int64_t BLOCK = 32;
+
+struct QuantizedRows {
+  std::vector<int8_t> q;     // (M, K)
+  std::vector<float> d, s;   // (M, K / 32): the scale dx, and dx * the sum of the block's codes
+  std::vector<int32_t> sum;  // (M, K / 32): the sum of the block's codes
+};
+
+template <typename T>
+QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
+  const int64_t blocks = M * K / BLOCK;
+  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(blocks), std::vector<float>(blocks),
+                    std::vector<int32_t>(blocks)};
+  at::parallel_for(0, blocks, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const vf half[2] = {load(x + i * BLOCK), load(x + i * BLOCK + W)};
+      const vf mag[2] = {half[0] < 0 ? -half[0] : half[0], half[1] < 0 ? -half[1] : half[1]};
+      const vf top = mag[0] > mag[1] ? mag[0] : mag[1];
+      float amax = top[0];
+      for (int64_t l = 1; l < W; ++l) amax = std::max(amax, top[l]);
+      const float d = amax / 127.f, inv = d > 0 ? 1.f / d : 0.f;
+      int32_t sum = 0;
+      for (int64_t h = 0; h < 2; ++h) {
+        const vf scaled = half[h] * inv;
+        for (int64_t l = 0; l < W; ++l) {
+          const int32_t c = static_cast<int32_t>(std::nearbyint(scaled[l]));
+          out.q[i * BLOCK + h * W + l] = static_cast<int8_t>(c);
+          sum += c;
+        }
+      }
+      out.d[i] = d;
+      out.s[i] = d * static_cast<float>(sum);
+      out.sum[i] = sum;
+    }
+  });
+  return out;
+}
+
+// The integer dot products of one tile's block of weight codes (16 channels x 32 inputs, unsigned bytes) with one
+// row's block of activation codes: lane l = channel l. Part k of the codes holds in the 4 bytes of lane l the codes
+// of inputs 4k .. 4k + 3 of channel l. Q4: packed as nibbles in 256 bytes (tridlm.quant.Int4Weight); Q8: the bytes
+// w + 128 of int8 weights in 512 (tridlm.quant.Int8Weight).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+struct Parts {
+  __m512i part[8];
+  vi dot(const int8_t* xq) const {  // two chains, summed exactly
+    __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int c = 0; c < 8; ++c) {
+      int32_t word;
+      std::memcpy(&word, xq + 4 * c, sizeof word);
+      acc[c & 1] = _mm512_dpbusd_epi32(acc[c & 1], part[c], _mm512_set1_epi32(word));
+    }
+    return reinterpret_cast<vi>(_mm512_add_epi32(acc[0], acc[1]));
+  }
+};
+struct Q4 : Parts {  // unpacked to bytes once for all rows
+  static constexpr int64_t bytes = 256;
+  explicit Q4(const uint8_t* p) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i raw = _mm512_loadu_si512(p + 64 * c);
+      part[2 * c] = _mm512_and_si512(raw, low);
+      part[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+    }
+  }
+};
+struct Q8 : Parts {
+  static constexpr int64_t bytes = 512;
+  explicit Q8(const uint8_t* p) {
+    for (int c = 0; c < 8; ++c) part[c] = _mm512_loadu_si512(p + 64 * c);
+  }
+};
+#else
+struct Parts {  // portable form of the same integer sums: codes as 16 lanes of 4 bytes each
+  vu part[8];
+  vi dot(const int8_t* xq) const {
+    vi acc{};
+    for (int c = 0; c < 8; ++c)
+      for (int j = 0; j < 4; ++j) acc += reinterpret_cast<vi>((part[c] >> (8 * j)) & 0xFF) * static_cast<int32_t>(xq[4 * c + j]);
+    return acc;
+  }
+};
+struct Q4 : Parts {
+  static constexpr int64_t bytes = 256;
+  explicit Q4(const uint8_t* p) {
+    vu raw[4];
+    std::memcpy(raw, p, sizeof raw);
+    for (int c = 0; c < 4; ++c) {
+      part[2 * c] = raw[c] & 0x0F0F0F0F;
+      part[2 * c + 1] = (raw[c] >> 4) & 0x0F0F0F0F;
+    }
+  }
+};
+struct Q8 : Parts {
+  static constexpr int64_t bytes = 512;
+  explicit Q8(const uint8_t* p) { std::memcpy(part, p, sizeof part); }
+};
+#endif
+
+// A low-rank adapter on chosen rows: y[i] += b (a x[i]), in float32. a (r, K); bt (N / 16, r, 16), both float32 or
+// both bfloat16,
+// b by tiles of 16 outputs, a tile's ranks contiguous; spans (N / 16, 2) int32: for each tile the rank range
+// [j0, j1) outside which its part of b is zero (a group of projections has a block-diagonal b); rows (M,) bool, or
+// null for all.
+struct Lora {
+  const void* a = nullptr;  // float32 or bfloat16 (both a and bt)
+  const void* bt = nullptr;
+  bool bf16 = false;
+  const int32_t* spans = nullptr;
+  const bool* rows = nullptr;
+  int64_t r = 0, N = 0;
+  std::vector<float> t;  // (M, r): a x[i] for the chosen rows
+
+  vf weights(const void* base, int64_t offset) const {
+    return bf16 ? load(static_cast<const c10::BFloat16*>(base) + offset) : load(static_cast<const float*>(base) + offset);
+  }
+
+  bool on(int64_t i) const { return a != nullptr && (rows == nullptr || rows[i]); }
+
+  template <typename T>
+  void project(const T* x, int64_t M, int64_t K) {
+    t.assign(M * r, 0.f);
+    for (int64_t j = 0; j < r; ++j)  // on one thread: a few rows of a few ranks, less than a fork would cost
+      for (int64_t i = 0; i < M; ++i) {
+        if (!on(i)) continue;
+        vf lanes{};
+        for (int64_t c = 0; c < K; c += W) lanes += weights(a, j * K + c) * load(x + i * K + c);
+        t[i * r + j] = sum_lanes(lanes);
+      }
+  }
+
+  vf delta(int64_t i, int64_t tile) const {  // the 16 outputs of ``tile`` for row i
+    vf out{};
+    for (int64_t j = spans[2 * tile]; j < spans[2 * tile + 1]; ++j) out += weights(bt, (tile * r + j) * W) * t[i * r + j];
+    return out;
+  }
+};
+
+// Rows r0 .. r0 + R of one tile of int4 weights: R accumulators stay in registers while each block of codes is
+// unpacked once. scales: (tiles, blocks, 2, 16) float16, d then m.
+template <int R, typename T>
+void int4_tile(const uint8_t* codes, const c10::Half* scales, const QuantizedRows& x, const Lora& lora, int64_t K,
+               int64_t r0, T* out, int64_t N, int64_t tile) {
+  const int64_t blocks = K / BLOCK;
+  vf acc[R] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const Q4 w(codes + (tile * blocks + b) * Q4::bytes);
+    const vf d = load(scales + (tile * blocks + b) * 2 * W), m = load(scales + ((tile * blocks + b) * 2 + 1) * W);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r;
+      const vf dot = __builtin_convertvector(w.dot(x.q.data() + row * K + b * BLOCK), vf);
+      acc[r] += dot * (d * x.d[row * blocks + b]);
+      acc[r] += m * x.s[row * blocks + b];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (lora.on(r0 + r)) acc[r] += lora.delta(r0 + r, tile);
+    store(out + (r0 + r) * N + tile * W, acc[r]);
+  }
+}
+
+// The same for int8 weights (codes w + 128, one float32 scale per channel: scales (tiles, 16)): per block the exact
+// integer sum(w * xq) = sum((w + 128) * xq) - 128 * sum(xq), times dx; the channel's scale at the end.
+template <int R, typename T>
+void int8_tile(const uint8_t* codes, const float* scales, const QuantizedRows& x, int64_t K, int64_t r0, T* out,
+               int64_t N, int64_t tile) {
+  const int64_t blocks = K / BLOCK;
+  vf acc[R] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const Q8 w(codes + (tile * blocks + b) * Q8::bytes);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r;
+      const vi dot = w.dot(x.q.data() + row * K + b * BLOCK) - 128 * x.sum[row * blocks + b];
+      acc[r] += __builtin_convertvector(dot, vf) * x.d[row * blocks + b];
+    }
+  }
+  const vf scale = load(scales + tile * W);
+  for (int r = 0; r < R; ++r) store(out + (r0 + r) * N + tile * W, acc[r] * scale);
+}
+
 }  // namespace
 
 // q (B, n, H, D); k, v (B, KV, P, D), each with its last dimension contiguous; mask (B, n, P) bool, true where
@@ -231,8 +433,122 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
+// The adapter arguments of int4_linear and lora_add (see Lora); an empty a means none.
+static Lora lora_args(const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& spans, const torch::Tensor& rows,
+               int64_t M, int64_t N, int64_t K) {
+  Lora lora;
+  if (a.numel() == 0) return lora;
+  const int64_t r = a.size(0);
+  TORCH_CHECK((a.scalar_type() == torch::kFloat || a.scalar_type() == torch::kBFloat16) &&
+              bt.scalar_type() == a.scalar_type() && a.is_contiguous() &&
+              bt.is_contiguous() && a.sizes() == torch::IntArrayRef({r, K}) &&
+              bt.sizes() == torch::IntArrayRef({N / W, r, W}), "adapter: a (r, K) and bt (N / 16, r, 16) must be contiguous, both float32 or both bfloat16");
+  TORCH_CHECK(spans.scalar_type() == torch::kInt && spans.is_contiguous() &&
+              spans.sizes() == torch::IntArrayRef({N / W, 2}), "adapter: spans must be (N / 16, 2) int32");
+  TORCH_CHECK(rows.numel() == 0 || (rows.scalar_type() == torch::kBool && rows.numel() == M && rows.is_contiguous()),
+              "adapter: rows must be M bools");
+  const int32_t* sp = spans.data_ptr<int32_t>();
+  for (int64_t i = 0; i < 2 * (N / W); i += 2) TORCH_CHECK(0 <= sp[i] && sp[i] <= sp[i + 1] && sp[i + 1] <= r, "adapter: bad span");
+  lora.a = a.data_ptr();
+  lora.bt = bt.data_ptr();
+  lora.bf16 = a.scalar_type() == torch::kBFloat16;
+  lora.spans = sp;
+  lora.rows = rows.numel() ? rows.data_ptr<bool>() : nullptr;
+  lora.r = r;
+  lora.N = N;
+  return lora;
+}
+
+// x (M, K) contiguous float32/bfloat16/float16; codes and scales as above; an optional adapter (lora_args) ->
+// (M, N) in x's dtype, each row rounded once.
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor a, torch::Tensor bt,
+                          torch::Tensor spans, torch::Tensor rows) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "int4_linear: x must be a contiguous CPU matrix");
+  TORCH_CHECK(codes.dim() == 3 && codes.size(2) == 256 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(),
+              "int4_linear: bad codes");
+  const int64_t M = x.size(0), K = x.size(1), tiles = codes.size(0);
+  TORCH_CHECK(K % BLOCK == 0 && codes.size(1) == K / BLOCK, "int4_linear: the input size disagrees with the codes");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() &&
+              scales.sizes() == torch::IntArrayRef({tiles, K / BLOCK, 2, W}), "int4_linear: bad scales");
+  const int64_t N = tiles * W;
+  Lora lora = lora_args(a, bt, spans, rows, M, N, K);
+  auto out = torch::empty({M, N}, x.options());
+  dispatch(x, "int4_linear", [&](auto zero) {
+    using T = decltype(zero);
+    const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), M, K);
+    lora.project(x.data_ptr<T>(), M, K);
+    const uint8_t* c = codes.data_ptr<uint8_t>();
+    const c10::Half* s = scales.data_ptr<c10::Half>();
+    T* y = out.data_ptr<T>();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        int64_t r = 0;
+        for (; r + 4 <= M; r += 4) int4_tile<4>(c, s, xq, lora, K, r, y, N, t);
+        for (; r < M; ++r) int4_tile<1>(c, s, xq, lora, K, r, y, N, t);
+      }
+    });
+  });
+  return out;
+}
+
+// x (M, K) contiguous float32/bfloat16/float16 times int8 weights: codes (N / 16, K / 32, 512) bytes w + 128 (Q8
+// above), scales (N / 16, 16) float32 -> (M, N) in x's dtype.
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "int8_linear: x must be a contiguous CPU matrix");
+  TORCH_CHECK(codes.dim() == 3 && codes.size(2) == 512 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(),
+              "int8_linear: bad codes");
+  const int64_t M = x.size(0), K = x.size(1), tiles = codes.size(0);
+  TORCH_CHECK(K % BLOCK == 0 && codes.size(1) == K / BLOCK, "int8_linear: the input size disagrees with the codes");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() &&
+              scales.sizes() == torch::IntArrayRef({tiles, W}), "int8_linear: bad scales");
+  const int64_t N = tiles * W;
+  auto out = torch::empty({M, N}, x.options());
+  dispatch(x, "int8_linear", [&](auto zero) {
+    using T = decltype(zero);
+    const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), M, K);
+    const uint8_t* c = codes.data_ptr<uint8_t>();
+    const float* s = scales.data_ptr<float>();
+    T* y = out.data_ptr<T>();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        int64_t r = 0;
+        for (; r + 4 <= M; r += 4) int8_tile<4>(c, s, xq, K, r, y, N, t);
+        for (; r < M; ++r) int8_tile<1>(c, s, xq, K, r, y, N, t);
+      }
+    });
+  });
+  return out;
+}
+
+// y (M, N) and x (M, K) contiguous, one dtype; an adapter (lora_args): in place, y[i] += its contribution for the
+// chosen rows, rounded once to y's dtype (one call where torch needs two matmuls, a mask and an add).
+torch::Tensor lora_add(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor bt, torch::Tensor spans,
+                       torch::Tensor rows) {
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.size(0) == x.size(0) && y.is_contiguous() && x.is_contiguous() &&
+              y.scalar_type() == x.scalar_type(), "lora_add: y and x must be contiguous matrices of one dtype and rows");
+  const int64_t M = y.size(0), N = y.size(1), K = x.size(1);
+  TORCH_CHECK(K % W == 0 && N % W == 0 && a.numel() > 0, "lora_add: sizes must be multiples of 16");
+  Lora lora = lora_args(a, bt, spans, rows, M, N, K);
+  dispatch(y, "lora_add", [&](auto zero) {
+    using T = decltype(zero);
+    lora.project(x.data_ptr<T>(), M, K);
+    T* yd = y.data_ptr<T>();
+    for (int64_t i = 0; i < M; ++i) {
+      if (!lora.on(i)) continue;
+      for (int64_t tile = 0; tile < N / W; ++tile) {
+        T* p = yd + i * N + tile * W;
+        store(p, load(p) + lora.delta(i, tile));
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "attention for a CPU query block, row by row");
   m.def("rms_norm", &rms_norm, "RMSNorm, row by row");
   m.def("rope", &rope, "rotary embedding, half-split convention");
+  m.def("lora_add", &lora_add, "a low-rank adapter's contribution added to chosen rows, in place");
+  m.def("int8_linear", &int8_linear, "int8 weights times int8-quantized activations");
+  m.def("int4_linear", &int4_linear, "int4 (Q4_1) weights times int8-quantized activations");
 }
