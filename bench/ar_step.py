@@ -22,7 +22,7 @@ from tridlm.loading import open_model
 
 PROMPT = "Write a short poem about the sea and the wind, in four lines."
 # cProfile entries reported per forward: (label, substring of pstats' function key)
-COSTS = (("int4 projections", "_weight_int4pack_mm_for_cpu"), ("int8 output head", "_weight_int8pack_mm"),
+COSTS = (("int4 projections", ".int4_linear"), ("int8 output head", ".int8_linear"),
          ("kernels.attend", ".attend"), ("kernels.rms_norm", ".rms_norm"), ("kernels.rope", ".rope"),
          ("nn.Module.__getattr__", "__getattr__"))
 
@@ -56,6 +56,9 @@ def profile(model, tok) -> None:
     for label, key in COSTS:
         seconds = sum(tt for func, (_, _, tt, _, _) in stats.items() if key in str(func))
         print(f"  {label:<24} {seconds / forwards * 1000:.2f} ms per forward")
+    in_forwards = sum(ct for (_, _, name), (_, _, _, ct, _) in stats.items() if name == "forward_block")
+    print(f"  outside the forwards     {(wall - in_forwards) / forwards * 1000:.2f} ms per forward (the decoder's "
+          "own work: planning, lookup, verification, sampling)")
 
 
 def main() -> None:

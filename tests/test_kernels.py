@@ -95,3 +95,83 @@ def test_attend_gives_zeros_to_a_row_with_no_key():
     mask[0, 1] = False
     out = kernels.attend(q, k, v, mask)
     assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1])) and out[0, 0].abs().sum() > 0
+
+
+def _quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the low-bit kernels see it: int8 codes per block of 32, scale max|x| / 127, round to nearest."""
+    blocks = x.float().view(*x.shape[:-1], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / scale).nan_to_num() * scale).view(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_out", [96, 100])  # a whole number of 16-channel tiles, and one padded
+def test_int4_and_int8_kernels_compute_their_weights_on_quantized_activations(dtype, n_out):
+    """The matmul the kernels do: the weights' exact values (int4: d * q + m; int8: q * scale) times the
+    activations rounded to int8 per block of 32, up to float32 rounding; every row alone gives the same bits."""
+    from tridlm import quant
+
+    gen = torch.Generator().manual_seed(2)
+    w, x = torch.randn(n_out, 192, generator=gen), (torch.randn(9, 192, generator=gen) * 3).to(dtype)
+    i4, i8 = quant.Int4Weight.from_float(w), quant.Int8Weight.from_float(w)
+    q, d, m = i4.unpack()
+    weights = {"int4": (i4, q.float() * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)),
+               "int8": (i8, i8.dequantize())}
+    for name, (packed, exact) in weights.items():
+        got = packed(x)
+        want = _quantized_rows(x) @ exact.T
+        assert got.shape == (9, n_out) and got.dtype == dtype, name
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
+        rows = torch.cat([packed(x[i : i + 1]) for i in range(9)])
+        assert torch.equal(rows, got), name
+
+
+def test_low_bit_weights_keep_their_codes_and_run_without_the_kernels(monkeypatch):
+    """Packing is lossless (unpack gives the codes back), and where the kernels cannot be built torch's own
+    int4/int8 kernels compute the same weights (bfloat16 activations: close, not equal)."""
+    from tridlm import quant
+
+    gen = torch.Generator().manual_seed(3)
+    codes, d, m = torch.randint(0, 16, (48, 64), generator=gen), torch.rand(48, 2, generator=gen), torch.randn(48, 2, generator=gen)
+    i4 = quant.Int4Weight(codes, d.half().float(), m.half().float())
+    q, d2, m2 = i4.unpack()
+    assert torch.equal(q, codes.to(torch.uint8)) and torch.equal(d2, d.half().float()) and torch.equal(m2, m.half().float())
+    w = torch.randn(40, 64, generator=gen)
+    i8 = quant.Int8Weight.from_float(w)
+    assert torch.equal(i8.unpack(), torch.round(w / i8.scale[:, None]).to(torch.int8))
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    with torch.inference_mode():
+        fast = [i4(x), i8(x)]
+    monkeypatch.setattr(kernels, "_module", lambda: None)
+    with torch.inference_mode():
+        slow = [i4(x), i8(x)]
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05 * b.abs().max().item())
+
+
+@torch.inference_mode()
+def test_adapters_in_the_int4_kernel_and_lora_add_match_the_torch_formula():
+    """A group's adapter (block-diagonal B, tiles spanning two projections) added inside the int4 matmul or by
+    lora_add, on chosen rows only, equals y + mask * (x A^T) B^T; rows without it are untouched, bit for bit."""
+    from tridlm import quant
+    from tridlm.model import Linear, LoraGroup
+
+    gen = torch.Generator().manual_seed(4)
+    projs = tuple(Linear(64, n) for n in (40, 24, 56))  # 40 and 64 end inside tiles of 16
+    for i, p in enumerate(projs):
+        p.add_lora(4 + i, 8.0, torch.float32, torch.device("cpu"))
+        p.lora_b.data = torch.randn(p.lora_b.shape, generator=gen)
+    group = LoraGroup(projs)
+    group.refresh(torch.float32)
+    x = torch.randn(5, 64, generator=gen)
+    rows = torch.tensor([True, False, True, True, False])
+    delta = torch.cat([(x @ p.lora_a.T) @ p.lora_b.T * p.lora_scale for p in projs], dim=-1) * rows[:, None]
+    fused = quant.Int4Weight.from_float(torch.randn(120, 64, generator=gen))
+    plain, with_adapter = fused(x), fused(x, group.kernel_form(rows))
+    torch.testing.assert_close(with_adapter, plain + delta, rtol=1e-5, atol=1e-5)
+    assert torch.equal(with_adapter[~rows], plain[~rows])
+    y = torch.randn(5, 120, generator=gen)
+    added = kernels.lora_add(y.clone(), x, group.kernel_form(rows))
+    torch.testing.assert_close(added, y + delta, rtol=1e-5, atol=1e-5)
+    assert torch.equal(added[~rows], y[~rows])
