@@ -90,6 +90,23 @@ inline float sum_lanes(vf x) {  // a fixed pairwise order
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+// sum_lanes of 16 vectors at once, lane k of the result = sum_lanes(v[k]) bit for bit: the same pairwise order
+// (lanes l and l + 8, then l and l + 4, then (0 + 2) + (1 + 3)), by shuffles across vectors instead of within one.
+inline vf sum_lanes16(const vf* v) {
+  vf u[8], w[4], e[2];
+  for (int p = 0; p < 8; ++p)
+    u[p] = __builtin_shufflevector(v[2 * p], v[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * p], v[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int q = 0; q < 4; ++q)
+    w[q] = __builtin_shufflevector(u[2 * q], u[2 * q + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(u[2 * q], u[2 * q + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int s = 0; s < 2; ++s)
+    e[s] = __builtin_shufflevector(w[2 * s], w[2 * s + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(w[2 * s], w[2 * s + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 struct Strides {
   int64_t b, h, j;  // batch row, head, and query or key index
 };
@@ -120,11 +137,18 @@ void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, i
         vf qh[C];
         for (int64_t c = 0; c < C; ++c) qh[c] = load(q + b * qs.b + i * qs.j + h * qs.h + c * W) * scale;
         float* w = weights.data();
-        for (int64_t j = 0; j < count; ++j) {  // a score: lane l sums elements l, l + W, ...; then the lanes
-          const T* krow = kbase + keys[j] * ks.j;
-          vf lanes = qh[0] * load(krow);
-          for (int64_t c = 1; c < C; ++c) lanes += qh[c] * load(krow + c * W);
-          w[j] = sum_lanes(lanes);
+        for (int64_t j0 = 0; j0 < count; j0 += W) {  // a score: lane l sums elements l, l + W, ...; then the lanes
+          vf lanes[W];
+          for (int64_t t = 0; t < W; ++t) {
+            if (j0 + t >= count) {
+              lanes[t] = vf{};
+              continue;
+            }
+            const T* krow = kbase + keys[j0 + t] * ks.j;
+            lanes[t] = qh[0] * load(krow);
+            for (int64_t c = 1; c < C; ++c) lanes[t] += qh[c] * load(krow + c * W);
+          }
+          store(w + j0, sum_lanes16(lanes));  // 16 keys' scores at once
         }
         std::fill(w + count, w + chunks * W, -std::numeric_limits<float>::infinity());
         vf top = load(w);
