@@ -54,7 +54,7 @@ def open_model(path: str | Path | None = None, dtype: str | None = None, device:
     dtype = dtype or default_precision(path, device)
     torch_dtype = resolve_dtype(dtype, device)
     if dtype in quant.WEIGHT_PRECISIONS and torch.device(device).type != "cpu":
-        raise ValueError(f"{dtype} weights run on the CPU only (torch's packed CPU kernels); use bfloat16 on {device}")
+        raise ValueError(f"{dtype} weights run on the CPU only (CPU kernels); use bfloat16 on {device}")
     own, native_int4 = adapter is None, dtype == "int4"
     if path is None:
         model, tok = default_model.load(torch_dtype, device, own_adapter=own, native_int4=native_int4)
@@ -75,7 +75,7 @@ class Source:
     """Which model to open and how: what every command takes (``--model``, ``--dtype`` ...)."""
 
     model: str | None = None  # NLD or Hugging Face directory, or a GGUF file (default: SmolLM2-135M-Instruct)
-    dtype: str | None = None  # int4/int8 weights with bf16 activations (CPU), bfloat16, float32, or auto (bf16 where native); spec == ar bit for bit in int4 and int8 on CPU, token for token on the bench prompts in float32, not always in bfloat16 (default: int4 on CPU for the default model and GGUF files, else float32)
+    dtype: str | None = None  # int4/int8 weights (CPU, int8-quantized activations), bfloat16, float32, or auto (bf16 where native); spec == ar bit for bit in int4 and int8 on CPU, token for token on the bench prompts in float32, not always in bfloat16 (default: int4 on CPU for the default model and GGUF files, else float32)
     device: str = "cpu"  # torch device, e.g. cpu or cuda
     adapter: str | None = None  # draft adapter folder (PEFT layout), or none (default: the model's own, if any)
     threads: int | None = None  # CPU threads for torch (default: torch's choice)

@@ -71,7 +71,7 @@ ROW_EXACT_MAX_QUERIES = 512  # CPU query blocks up to this size: ``kernels.atten
 def row_exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Attention as two batched matmuls (grouped query heads stacked as rows) and a float32 softmax, so a
     query row's result does not depend on how many rows or keys come with it wherever the matmuls are
-    row-independent: with int8/int4 weights (bfloat16 activations) on the default model's shapes a spec verify
+    row-independent: with int8/int4 weights (``tridlm.kernels``' integer matmuls) a spec verify
     row then equals the AR step that would produce it bit for bit (tested), where torch's fused CPU kernel
     changes its blocking with the number of rows. Not every shape qualifies (the tiny test model's 16-wide
     heads do not), nor do bfloat16 float projections, nor float32 matmuls, whose sums over keys are
