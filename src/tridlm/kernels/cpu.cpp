@@ -117,10 +117,13 @@ struct Strides {
 template <typename T, int64_t C>
 void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, int64_t B, int64_t n, int64_t H,
                  int64_t KV, int64_t P, Strides qs, Strides ks, Strides vs, Strides ms, float scale) {
+  constexpr int64_t GROUP = 4;  // query heads that share each key and value load
   const int64_t G = H / KV, chunks_max = (P + W - 1) / W;
-  // One task: the G query heads of one row that share a key/value head (their keys stay in cache between heads).
+  // One task: the G query heads of one row that share a key/value head, up to GROUP of them per pass over the
+  // keys: each key and value row is loaded once for them all. Every score and output is computed exactly as
+  // for one head alone.
   at::parallel_for(0, B * n * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(chunks_max * W);
+    std::vector<float> weights(GROUP * chunks_max * W);
     std::vector<int64_t> keys(P);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (n * KV), i = task / KV % n, kv = task % KV;
@@ -132,41 +135,55 @@ void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, i
       const int64_t chunks = (count + W - 1) / W;
       const T* kbase = k + b * ks.b + kv * ks.h;
       const T* vbase = v + b * vs.b + kv * vs.h;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kv * G + g;
-        vf qh[C];
-        for (int64_t c = 0; c < C; ++c) qh[c] = load(q + b * qs.b + i * qs.j + h * qs.h + c * W) * scale;
-        float* w = weights.data();
+      for (int64_t g0 = 0; g0 < G; g0 += GROUP) {
+        const int64_t heads = std::min(GROUP, G - g0);
+        vf qh[GROUP][C];
+        for (int64_t g = 0; g < heads; ++g)
+          for (int64_t c = 0; c < C; ++c) qh[g][c] = load(q + b * qs.b + i * qs.j + (kv * G + g0 + g) * qs.h + c * W) * scale;
+        float* w[GROUP];
+        for (int64_t g = 0; g < heads; ++g) w[g] = weights.data() + g * chunks_max * W;
         for (int64_t j0 = 0; j0 < count; j0 += W) {  // a score: lane l sums elements l, l + W, ...; then the lanes
-          vf lanes[W];
+          vf lanes[GROUP][W];
           for (int64_t t = 0; t < W; ++t) {
             if (j0 + t >= count) {
-              lanes[t] = vf{};
+              for (int64_t g = 0; g < heads; ++g) lanes[g][t] = vf{};
               continue;
             }
             const T* krow = kbase + keys[j0 + t] * ks.j;
-            lanes[t] = qh[0] * load(krow);
-            for (int64_t c = 1; c < C; ++c) lanes[t] += qh[c] * load(krow + c * W);
+            vf key[C];
+            for (int64_t c = 0; c < C; ++c) key[c] = load(krow + c * W);
+            for (int64_t g = 0; g < heads; ++g) {
+              lanes[g][t] = qh[g][0] * key[0];
+              for (int64_t c = 1; c < C; ++c) lanes[g][t] += qh[g][c] * key[c];
+            }
           }
-          store(w + j0, sum_lanes16(lanes));  // 16 keys' scores at once
+          for (int64_t g = 0; g < heads; ++g) store(w[g] + j0, sum_lanes16(lanes[g]));  // 16 keys' scores at once
         }
-        std::fill(w + count, w + chunks * W, -std::numeric_limits<float>::infinity());
-        vf top = load(w);
-        for (int64_t c = 1; c < chunks; ++c) top = top > load(w + c * W) ? top : load(w + c * W);
-        float mx = top[0];
-        for (int64_t l = 1; l < W; ++l) mx = std::max(mx, top[l]);
-        for (int64_t c = 0; c < chunks; ++c) store(w + c * W, exp_nonpositive(load(w + c * W) - mx));
-        std::fill(w + count, w + chunks * W, 0.f);
-        vf sum{};
-        for (int64_t c = 0; c < chunks; ++c) sum += load(w + c * W);
-        const float total = sum_lanes(sum);
-        vf acc[C] = {};
+        float total[GROUP];
+        for (int64_t g = 0; g < heads; ++g) {
+          std::fill(w[g] + count, w[g] + chunks * W, -std::numeric_limits<float>::infinity());
+          vf top = load(w[g]);
+          for (int64_t c = 1; c < chunks; ++c) top = top > load(w[g] + c * W) ? top : load(w[g] + c * W);
+          float mx = top[0];
+          for (int64_t l = 1; l < W; ++l) mx = std::max(mx, top[l]);
+          for (int64_t c = 0; c < chunks; ++c) store(w[g] + c * W, exp_nonpositive(load(w[g] + c * W) - mx));
+          std::fill(w[g] + count, w[g] + chunks * W, 0.f);
+          vf sum{};
+          for (int64_t c = 0; c < chunks; ++c) sum += load(w[g] + c * W);
+          total[g] = sum_lanes(sum);
+        }
+        vf acc[GROUP][C] = {};
         for (int64_t j = 0; j < count; ++j) {  // unnormalized weights times values, in key order
           const T* vrow = vbase + keys[j] * vs.j;
-          for (int64_t c = 0; c < C; ++c) acc[c] += w[j] * load(vrow + c * W);
+          vf value[C];
+          for (int64_t c = 0; c < C; ++c) value[c] = load(vrow + c * W);
+          for (int64_t g = 0; g < heads; ++g)
+            for (int64_t c = 0; c < C; ++c) acc[g][c] += w[g][j] * value[c];
         }
-        T* orow = out + ((b * n + i) * H + h) * C * W;
-        for (int64_t c = 0; c < C; ++c) store(orow + c * W, acc[c] / total);
+        for (int64_t g = 0; g < heads; ++g) {
+          T* orow = out + ((b * n + i) * H + kv * G + g0 + g) * C * W;
+          for (int64_t c = 0; c < C; ++c) store(orow + c * W, acc[g][c] / total[g]);
+        }
       }
     }
   });
@@ -182,7 +199,7 @@ void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, i
 //
 // Weight layout (tridlm.quant.Int4Weight): codes (N / 16, K / 32, 256) bytes, tiles of 16 output channels; in a
 // tile's block of 32 inputs, 64-byte chunk c holds in the 4 bytes of lane (channel) l the codes of inputs
-// 8c .. 8c + 3 in the low nibbles and 8c + 4 .. 8c + 7 in the high ones. scales (N / 16, K / 32, 2, 16) float32:
+// 8c .. 8c + 3 in the low nibbles and 8c + 4 .. 8c + 7 in the high ones. scales (N / 16, K / 32, 2, 16) float16:
 // the 16 channels' d, then their m.
 
 constexpr int64_t BLOCK = 32;
