@@ -133,10 +133,12 @@ def test_low_bit_weights_keep_their_codes_and_run_without_the_kernels(monkeypatc
     from tridlm import quant
 
     gen = torch.Generator().manual_seed(3)
-    codes, d, m = torch.randint(0, 16, (48, 64), generator=gen), torch.rand(48, 2, generator=gen), torch.randn(48, 2, generator=gen)
+    codes = torch.randint(0, 16, (48, 64), generator=gen)
+    d, m = torch.rand(48, 2, generator=gen), torch.randn(48, 2, generator=gen)
     i4 = quant.Int4Weight(codes, d.half().float(), m.half().float())
     q, d2, m2 = i4.unpack()
-    assert torch.equal(q, codes.to(torch.uint8)) and torch.equal(d2, d.half().float()) and torch.equal(m2, m.half().float())
+    assert torch.equal(q, codes.to(torch.uint8))
+    assert torch.equal(d2, d.half().float()) and torch.equal(m2, m.half().float())
     w = torch.randn(40, 64, generator=gen)
     i8 = quant.Int8Weight.from_float(w)
     assert torch.equal(i8.unpack(), torch.round(w / i8.scale[:, None]).to(torch.int8))
@@ -175,3 +177,15 @@ def test_adapters_in_the_int4_kernel_and_lora_add_match_the_torch_formula():
     added = kernels.lora_add(y.clone(), x, group.kernel_form(rows))
     torch.testing.assert_close(added, y + delta, rtol=1e-5, atol=1e-5)
     assert torch.equal(added[~rows], y[~rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_silu_mul_matches_its_torch_form(dtype):
+    gen = torch.Generator().manual_seed(5)
+    both = (torch.randn(2, 3, 2 * 96, generator=gen) * 6).to(dtype)  # one gate/up output, as the MLP splits it
+    gate, up = both.split(96, dim=-1)
+    got = kernels.silu_mul(gate, up)
+    want = torch.nn.functional.silu(gate.float()) * up.float()
+    tol = 1e-6 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)

@@ -310,7 +310,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
         gate, up = project(x, (self.gate_proj, self.up_proj), self.gate_up, self.gate_up_lora, adapter)
-        return project(F.silu(gate) * up, (self.down_proj,), None, self.down_lora, adapter)[0]
+        hidden = kernels.silu_mul(gate, up)
+        if hidden is None:
+            hidden = F.silu(gate) * up
+        return project(hidden, (self.down_proj,), None, self.down_lora, adapter)[0]
 
 
 class Layer(nn.Module):

@@ -39,8 +39,8 @@ class Int8Weight:
             pad = -n % LANES
             tiles = (n + pad) // LANES
             biased = (F.pad(q.to(torch.int16), (0, 0, 0, pad)) + 128).to(torch.uint8)
-            self.codes = biased.view(tiles, LANES, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, k // GROUP, 512)
-            self.codes = self.codes.contiguous()
+            parts = biased.view(tiles, LANES, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4)
+            self.codes = parts.reshape(tiles, k // GROUP, 512).contiguous()
             self.scales = F.pad(self.scale, (0, pad)).view(tiles, LANES).contiguous()
         else:
             self.q = q.contiguous()

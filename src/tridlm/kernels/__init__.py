@@ -3,7 +3,7 @@ and cached (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 
 On a CPU a decode step of a small model spends as long in the dispatch of many tiny tensor ops as in its
 matmuls; each kernel here does in one call what takes torch several: attention for query blocks (row by row in
-a fixed order, so spec's verify rows equal AR steps bit for bit), RMSNorm, RoPE, and int4 matmuls with
+a fixed order, so spec's verify rows equal AR steps bit for bit), RMSNorm, RoPE, SiLU, and int4 matmuls with
 integer dot products (several rows for little more than one). Each function returns None
 where it does not apply (not a CPU tensor, not in inference mode, a shape it is not compiled for, or no compiler), and
 the caller then runs the same computation in torch ops.
@@ -82,6 +82,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if module is None or x.shape[-1] % 16 or weight.dtype != x.dtype:
         return None
     return module.rms_norm(x, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up (the MLP's activation) in one call, computed in float32 and rounded once."""
+    module = _usable(gate, up)
+    if module is None or gate.shape[-1] % 16 or gate.stride(-1) != 1 or up.stride(-1) != 1 or gate.dim() < 2:
+        return None
+    return module.silu_mul(gate, up)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:

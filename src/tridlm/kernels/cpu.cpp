@@ -1,7 +1,7 @@
-// CPU kernels for a decode step's small operations, each one call where torch needs several ops: attention for
-// short query blocks, RMSNorm, RoPE and low-rank adapters; and int4 matmuls by integer dot products. Every row is computed on its own in a fixed order of operations, so its
-// result never depends on how many rows, keys or batch rows come with it: a spec verify row equals the AR step
-// that would produce it bit for bit whatever the dtype.
+// CPU kernels for a decode step's operations, each one call where torch needs several ops: attention for short
+// query blocks, RMSNorm, RoPE, SiLU, low-rank adapters, and int4/int8 matmuls by integer dot products. Every row
+// is computed on its own in a fixed order of operations, so its result never depends on how many rows, keys or
+// batch rows come with it: a spec verify row equals the AR step that would produce it bit for bit.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -139,7 +139,8 @@ void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, i
         const int64_t heads = std::min(GROUP, G - g0);
         vf qh[GROUP][C];
         for (int64_t g = 0; g < heads; ++g)
-          for (int64_t c = 0; c < C; ++c) qh[g][c] = load(q + b * qs.b + i * qs.j + (kv * G + g0 + g) * qs.h + c * W) * scale;
+          for (int64_t c = 0; c < C; ++c)
+            qh[g][c] = load(q + b * qs.b + i * qs.j + (kv * G + g0 + g) * qs.h + c * W) * scale;
         float* w[GROUP];
         for (int64_t g = 0; g < heads; ++g) w[g] = weights.data() + g * chunks_max * W;
         for (int64_t j0 = 0; j0 < count; j0 += W) {  // a score: lane l sums elements l, l + W, ...; then the lanes
@@ -280,7 +281,8 @@ struct Parts {  // portable form of the same integer sums: codes as 16 lanes of 
   vi dot(const int8_t* xq) const {
     vi acc{};
     for (int c = 0; c < 8; ++c)
-      for (int j = 0; j < 4; ++j) acc += reinterpret_cast<vi>((part[c] >> (8 * j)) & 0xFF) * static_cast<int32_t>(xq[4 * c + j]);
+      for (int j = 0; j < 4; ++j)
+        acc += reinterpret_cast<vi>((part[c] >> (8 * j)) & 0xFF) * static_cast<int32_t>(xq[4 * c + j]);
     return acc;
   }
 };
@@ -475,7 +477,8 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 }
 
 // The adapter arguments of int4_linear and lora_add (see Lora); an empty a means none.
-static Lora lora_args(const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& spans, const torch::Tensor& rows,
+static Lora lora_args(const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& spans,
+                      const torch::Tensor& rows,
                int64_t M, int64_t N, int64_t K) {
   Lora lora;
   if (a.numel() == 0) return lora;
@@ -483,13 +486,15 @@ static Lora lora_args(const torch::Tensor& a, const torch::Tensor& bt, const tor
   TORCH_CHECK((a.scalar_type() == torch::kFloat || a.scalar_type() == torch::kBFloat16) &&
               bt.scalar_type() == a.scalar_type() && a.is_contiguous() &&
               bt.is_contiguous() && a.sizes() == torch::IntArrayRef({r, K}) &&
-              bt.sizes() == torch::IntArrayRef({N / W, r, W}), "adapter: a (r, K) and bt (N / 16, r, 16) must be contiguous, both float32 or both bfloat16");
+              bt.sizes() == torch::IntArrayRef({N / W, r, W}),
+              "adapter: a (r, K) and bt (N / 16, r, 16) must be contiguous, both float32 or both bfloat16");
   TORCH_CHECK(spans.scalar_type() == torch::kInt && spans.is_contiguous() &&
               spans.sizes() == torch::IntArrayRef({N / W, 2}), "adapter: spans must be (N / 16, 2) int32");
   TORCH_CHECK(rows.numel() == 0 || (rows.scalar_type() == torch::kBool && rows.numel() == M && rows.is_contiguous()),
               "adapter: rows must be M bools");
   const int32_t* sp = spans.data_ptr<int32_t>();
-  for (int64_t i = 0; i < 2 * (N / W); i += 2) TORCH_CHECK(0 <= sp[i] && sp[i] <= sp[i + 1] && sp[i + 1] <= r, "adapter: bad span");
+  for (int64_t i = 0; i < 2 * (N / W); i += 2)
+    TORCH_CHECK(0 <= sp[i] && sp[i] <= sp[i + 1] && sp[i + 1] <= r, "adapter: bad span");
   lora.a = a.data_ptr();
   lora.bt = bt.data_ptr();
   lora.bf16 = a.scalar_type() == torch::kBFloat16;
@@ -585,10 +590,39 @@ torch::Tensor lora_add(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch:
   return y;
 }
 
+// gate, up (..., F) with contiguous rows (views of one gate/up output) -> silu(gate) * up, contiguous (..., F),
+// computed in float32 and rounded once.
+torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type() && gate.stride(-1) == 1 &&
+              up.stride(-1) == 1 && gate.dim() >= 2, "silu_mul: gate and up must have one shape, dtype and unit stride");
+  const int64_t F = gate.size(-1);
+  TORCH_CHECK(F % W == 0, "silu_mul: the size must be a multiple of 16");
+  auto g2 = gate.reshape({-1, F}), u2 = up.reshape({-1, F});  // views: rows keep their strides
+  auto out = torch::empty(gate.sizes(), gate.options());
+  const int64_t rows = g2.size(0), gs = g2.stride(0), us = u2.stride(0);
+  dispatch(gate, "silu_mul", [&](auto zero) {
+    using T = decltype(zero);
+    const T* gd = g2.data_ptr<T>();
+    const T* ud = u2.data_ptr<T>();
+    T* od = out.data_ptr<T>();
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t c = 0; c < F; c += W) {
+          const vf x = load(gd + r * gs + c);
+          const vf e = exp_nonpositive(x < 0 ? x : -x);  // exp(-|x|), no overflow
+          const vf sigmoid = x < 0 ? e / (1.f + e) : 1.f / (1.f + e);
+          store(od + r * F + c, x * sigmoid * load(ud + r * us + c));
+        }
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "attention for a CPU query block, row by row");
   m.def("rms_norm", &rms_norm, "RMSNorm, row by row");
   m.def("rope", &rope, "rotary embedding, half-split convention");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("lora_add", &lora_add, "a low-rank adapter's contribution added to chosen rows, in place");
   m.def("int8_linear", &int8_linear, "int8 weights times int8-quantized activations");
   m.def("int4_linear", &int4_linear, "int4 (Q4_1) weights times int8-quantized activations");
