@@ -109,3 +109,12 @@ def test_pipelined_sampling_is_distributionally_lossless():
     stat, dof = _chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)
     assert scipy_stats.chi2.sf(stat, dof) > 1e-3
     assert max(state.stats()["accepted_hist"]) >= 3
+
+
+def test_a_batch_leaves_room_for_rows_that_finished_past_max_tokens(small_vocab_model):
+    """A row's last cycle can commit several tokens past its max_tokens, and a finished row still rides along
+    in the batch's later forwards: the cache must hold both (this batch overflowed it once)."""
+    prompts = [[9, 6, 6, 14, 11, 9, 12, 10, 12], [4, 13, 5, 14, 12, 13, 5, 15, 10, 7], [12, 13, 10, 11, 10, 13]]
+    cfg = GREEDY.replace(max_tokens=21, mode="spec", spec_variant="pipelined", block_size=8)
+    sp = generate(small_vocab_model, prompts, cfg, eos_ids=[])
+    assert tokens(sp) == tokens(generate(small_vocab_model, prompts, GREEDY.replace(max_tokens=21), eos_ids=[]))

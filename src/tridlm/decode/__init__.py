@@ -43,7 +43,9 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
         if len(p) + row.max_tokens + cfg.block_size + 1 > model.cfg.max_seq_len:
             raise ValueError(f"prompt ({len(p)} tokens) + max_tokens ({row.max_tokens}) + block_size exceeds "
                              f"the model's context of {model.cfg.max_seq_len}")
-    max_len = max(len(p) + row.max_tokens for p, row in zip(prompts, state.rows)) + cfg.block_size + 1
+    # A row's last cycle may commit up to a block past its max_tokens; a batch's finished rows stay put but still
+    # ride along in its later forwards, each writing up to a block more: room for both.
+    max_len = max(len(p) + row.max_tokens for p, row in zip(prompts, state.rows)) + 2 * cfg.block_size + 1
     cache, logits = prefill(model, prompts, max_len)
     state.prefill_s = time.perf_counter() - state.start
     sampler = cfg.sampler
