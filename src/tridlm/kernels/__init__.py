@@ -112,8 +112,7 @@ class Adapter(NamedTuple):
     rows: torch.Tensor | None
 
     def args(self) -> tuple:
-        rows = torch.empty(0, dtype=torch.bool) if self.rows is None else self.rows.contiguous()
-        return self.a, self.bt, self.spans, rows
+        return self.a, self.bt, self.spans, _ALL_ROWS if self.rows is None else self.rows.contiguous()
 
     def torch_add(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The same with torch ops (rounded twice: the delta, then the sum)."""
@@ -124,7 +123,8 @@ class Adapter(NamedTuple):
         return y + delta.to(y.dtype)
 
 
-NO_ADAPTER = (torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.bool))
+_ALL_ROWS = torch.empty(0, dtype=torch.bool)  # the kernels' "rows": none given, all chosen
+NO_ADAPTER = (torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.int32), _ALL_ROWS)
 
 
 def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -505,65 +506,60 @@ static Lora lora_args(const torch::Tensor& a, const torch::Tensor& bt, const tor
   return lora;
 }
 
-// x (M, K) contiguous float32/bfloat16/float16; codes and scales as above; an optional adapter (lora_args) ->
-// (M, N) in x's dtype, each row rounded once.
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor a, torch::Tensor bt,
-                          torch::Tensor spans, torch::Tensor rows) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "int4_linear: x must be a contiguous CPU matrix");
-  TORCH_CHECK(codes.dim() == 3 && codes.size(2) == 256 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(),
-              "int4_linear: bad codes");
+// What int4_linear and int8_linear share: x (M, K) contiguous float32/bfloat16/float16, codes (N / 16, K / 32,
+// bytes) -> (M, N) in x's dtype; the rows quantized once, tiles split between the threads, each tile's rows in
+// groups of 4. rows_of_tile(R, xq, y, r0, tile) computes rows r0 .. r0 + R of a tile (R: an integral constant).
+template <typename RowsOfTile>
+torch::Tensor low_bit_linear(const char* name, const torch::Tensor& x, const torch::Tensor& codes, int64_t bytes,
+                             RowsOfTile rows_of_tile) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), name, ": x must be a contiguous CPU matrix");
+  TORCH_CHECK(codes.dim() == 3 && codes.size(2) == bytes && codes.scalar_type() == torch::kUInt8 &&
+              codes.is_contiguous(), name, ": bad codes");
   const int64_t M = x.size(0), K = x.size(1), tiles = codes.size(0);
-  TORCH_CHECK(K % BLOCK == 0 && codes.size(1) == K / BLOCK, "int4_linear: the input size disagrees with the codes");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() &&
-              scales.sizes() == torch::IntArrayRef({tiles, K / BLOCK, 2, W}), "int4_linear: bad scales");
-  const int64_t N = tiles * W;
-  Lora lora = lora_args(a, bt, spans, rows, M, N, K);
-  auto out = torch::empty({M, N}, x.options());
-  dispatch(x, "int4_linear", [&](auto zero) {
+  TORCH_CHECK(K % BLOCK == 0 && codes.size(1) == K / BLOCK, name, ": the input size disagrees with the codes");
+  auto out = torch::empty({M, tiles * W}, x.options());
+  dispatch(x, name, [&](auto zero) {
     using T = decltype(zero);
     const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), M, K);
-    lora.project(x.data_ptr<T>(), M, K);
-    const uint8_t* c = codes.data_ptr<uint8_t>();
-    const c10::Half* s = scales.data_ptr<c10::Half>();
     T* y = out.data_ptr<T>();
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         int64_t r = 0;
-        for (; r + 4 <= M; r += 4) int4_tile<4>(c, s, xq, lora, K, r, y, N, t);
-        for (; r < M; ++r) int4_tile<1>(c, s, xq, lora, K, r, y, N, t);
+        for (; r + 4 <= M; r += 4) rows_of_tile(std::integral_constant<int, 4>{}, xq, y, r, t);
+        for (; r < M; ++r) rows_of_tile(std::integral_constant<int, 1>{}, xq, y, r, t);
       }
     });
   });
   return out;
 }
 
-// x (M, K) contiguous float32/bfloat16/float16 times int8 weights: codes (N / 16, K / 32, 512) bytes w + 128 (Q8
-// above), scales (N / 16, 16) float32 -> (M, N) in x's dtype.
+// x times int4 weights (codes and scales as above), plus an optional adapter (lora_args), each row rounded once.
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor a, torch::Tensor bt,
+                          torch::Tensor spans, torch::Tensor rows) {
+  const int64_t M = x.size(0), K = x.size(1), tiles = codes.size(0), N = tiles * W;
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() &&
+              scales.sizes() == torch::IntArrayRef({tiles, K / BLOCK, 2, W}), "int4_linear: bad scales");
+  Lora lora = lora_args(a, bt, spans, rows, M, N, K);
+  dispatch(x, "int4_linear", [&](auto zero) { lora.project(x.contiguous().data_ptr<decltype(zero)>(), M, K); });
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const c10::Half* s = scales.data_ptr<c10::Half>();
+  return low_bit_linear("int4_linear", x, codes, Q4::bytes, [&](auto R, const QuantizedRows& xq, auto* y, int64_t r0,
+                                                                 int64_t t) {
+    int4_tile<decltype(R)::value>(c, s, xq, lora, K, r0, y, N, t);
+  });
+}
+
+// x times int8 weights: codes (N / 16, K / 32, 512) bytes w + 128 (Q8 above), scales (N / 16, 16) float32.
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "int8_linear: x must be a contiguous CPU matrix");
-  TORCH_CHECK(codes.dim() == 3 && codes.size(2) == 512 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(),
-              "int8_linear: bad codes");
-  const int64_t M = x.size(0), K = x.size(1), tiles = codes.size(0);
-  TORCH_CHECK(K % BLOCK == 0 && codes.size(1) == K / BLOCK, "int8_linear: the input size disagrees with the codes");
+  const int64_t K = x.size(1), tiles = codes.size(0), N = tiles * W;
   TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() &&
               scales.sizes() == torch::IntArrayRef({tiles, W}), "int8_linear: bad scales");
-  const int64_t N = tiles * W;
-  auto out = torch::empty({M, N}, x.options());
-  dispatch(x, "int8_linear", [&](auto zero) {
-    using T = decltype(zero);
-    const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), M, K);
-    const uint8_t* c = codes.data_ptr<uint8_t>();
-    const float* s = scales.data_ptr<float>();
-    T* y = out.data_ptr<T>();
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        int64_t r = 0;
-        for (; r + 4 <= M; r += 4) int8_tile<4>(c, s, xq, K, r, y, N, t);
-        for (; r < M; ++r) int8_tile<1>(c, s, xq, K, r, y, N, t);
-      }
-    });
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float* s = scales.data_ptr<float>();
+  return low_bit_linear("int8_linear", x, codes, Q8::bytes, [&](auto R, const QuantizedRows& xq, auto* y, int64_t r0,
+                                                                 int64_t t) {
+    int8_tile<decltype(R)::value>(c, s, xq, K, r0, y, N, t);
   });
-  return out;
 }
 
 // y (M, N) and x (M, K) contiguous, one dtype; an adapter (lora_args): in place, y[i] += its contribution for the
