@@ -8,7 +8,12 @@ in the same precision and repeat, exact match with AR, where the verified candid
 accepted-length histogram.
 
     .venv/bin/python bench/spec_ablation.py [--precisions int4,float32] [--chat 12] [--code 20]
-        [--max-tokens 64,128] [--repeats 2] [--out bench/results]
+        [--max-tokens 64,128] [--repeats 2] [--warm 60] [--out bench/results]
+
+Settings "+history" draft from earlier answers too (``AnswerHistory``, as a server does): a run starts from
+an empty history and adds each answer once it is done, so the first prompt has none; on code, ``--warm N``
+starts it instead from AR's answers to the N HumanEval problems after the measured ones (a server that has
+answered other requests of the kind before).
 
 writes OUT/spec-ablation-<date>.json and -accepted.png, prints a Markdown table per precision.
 """
@@ -24,7 +29,7 @@ from pathlib import Path
 import torch
 
 from tridlm import bench, evaluate, plots
-from tridlm.decode import DecodeState, GenerationConfig, stream
+from tridlm.decode import AnswerHistory, DecodeState, GenerationConfig, generate, stream
 from tridlm.decode.costs import relative_costs
 from tridlm.loading import open_model
 
@@ -39,16 +44,18 @@ SETTINGS = {  # names without commas (--settings takes a comma-separated list)
     "pipelined B=8 drafts+lookup": {"mode": "spec", "spec_variant": "pipelined", "block_size": 8},
     "auto drafts": {"mode": "auto", "lookup": False},
     "auto drafts+lookup": {"mode": "auto"},
+    "auto drafts+lookup+history": {"mode": "auto"},
 }
 
 
-def run(model, prompts: list[list[int]], cfg: GenerationConfig) -> tuple[list, float, Counter]:
-    """Decode each prompt alone; rows, wall seconds, and the verified cycles counted by draft source."""
+def run(model, prompts: list[list[int]], cfg: GenerationConfig,
+        history: AnswerHistory | None = None) -> tuple[list, float, Counter]:
+    """Decode each prompt alone, in order; rows, wall seconds, and the verified cycles counted by draft source."""
     rows, sources, wall = [], Counter(), 0.0
     for p in prompts:
         state = DecodeState(1, cfg, model.cfg.eos_ids, None, trace=True)
         start = time.perf_counter()
-        for _ in stream(model, [p], cfg, state=state):
+        for _ in stream(model, [p], cfg, state=state, history=history):
             for _, events in state.take_trace():
                 sources.update(e.get("source", "none") for e in events if e["type"] in ("verify", "step"))
         wall += time.perf_counter() - start
@@ -63,6 +70,7 @@ def main() -> None:
     ap.add_argument("--code", type=int, default=20, help="HumanEval problems, as chat requests")
     ap.add_argument("--max-tokens", default="64,128", help="new tokens for chat, code")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--warm", type=int, default=0, help="+history on code: start from AR's answers to N other problems")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="names of SETTINGS, comma-separated")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -79,17 +87,24 @@ def main() -> None:
         # auto's cost curve is measured once per model, here rather than inside the first timed auto run
         report.setdefault("relative_costs", {})[precision] = relative_costs(
             model, GenerationConfig(mode="auto").resolve(model).block_size)
-        classes = {
-            "chat": (bench.load_prompts(None, tok)[: args.chat], chat_tokens),
-            "code": ([tok.encode_chat([{"role": "user", "content": p.request}])
-                      for p in evaluate.HumanEval().problems()[: args.code]], code_tokens),
-        }
+        code = [tok.encode_chat([{"role": "user", "content": p.request}]) for p in evaluate.HumanEval().problems()]
+        classes = {"chat": (bench.load_prompts(None, tok)[: args.chat], chat_tokens),
+                   "code": (code[: args.code], code_tokens)}
+        warm = {"chat": [], "code": []}
+        if args.warm and any(n.endswith("+history") for n in names):
+            cfg = GenerationConfig(max_tokens=code_tokens)
+            warm["code"] = [r.tokens for r in generate(model, code[args.code : args.code + args.warm], cfg).rows]
         for cls, (prompts, max_tokens) in classes.items():
             runs = {n: [] for n in names}
             for rep in range(args.repeats):
                 for name in (names if rep % 2 == 0 else names[::-1]):
                     cfg = GenerationConfig(max_tokens=max_tokens, **SETTINGS[name])
-                    runs[name].append(run(model, prompts, cfg))
+                    history = None
+                    if name.endswith("+history"):  # a fresh one per run: a run never sees its own answers twice
+                        history = AnswerHistory()
+                        for answer in warm[cls]:
+                            history.add(answer)
+                    runs[name].append(run(model, prompts, cfg, history))
                     print(f"{precision} {cls} repeat {rep} {name}: {runs[name][-1][1]:.1f} s", flush=True)
             ar_tokens = [r.tokens for r in runs["ar"][0][0]]
             out = []
@@ -107,7 +122,7 @@ def main() -> None:
                             "cycles_by_source": dict(sources),
                             "exact": sum(r.tokens == a for r, a in zip(rows, ar_tokens)) / len(rows)})
             report["results"].setdefault(precision, {})[cls] = {"prompts": len(prompts), "max_tokens": max_tokens,
-                                                                 "settings": out}
+                                                                 "warm_answers": len(warm[cls]), "settings": out}
             print(table(precision, cls, out), flush=True)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,13 +134,14 @@ def main() -> None:
 
 def table(precision: str, cls: str, results: list[dict]) -> str:
     lines = [f"{precision}, {cls} prompts", "",
-             "| setting | accepted / cycle | TPF | tok/s | x AR | = AR | cycles: lookup / draft / none |",
+             "| setting | accepted / cycle | TPF | tok/s | x AR | = AR | cycles: lookup / history / draft / none |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         src = r["cycles_by_source"]
         acc = "-" if r["accepted_mean"] is None else f"{r['accepted_mean']:.2f}"
         lines.append(f"| {r['setting']} | {acc} | {r['tpf']:.2f} | {r['tok_s']:.1f} | {r['x_ar']:.2f} | "
-                     f"{r['exact']:.0%} | {src.get('lookup', 0)} / {src.get('draft', 0)} / {src.get('none', 0)} |")
+                     f"{r['exact']:.0%} | {src.get('lookup', 0)} / {src.get('history', 0)} / {src.get('draft', 0)} / "
+                     f"{src.get('none', 0)} |")
     return "\n".join(lines)
 
 

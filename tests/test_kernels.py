@@ -125,6 +125,8 @@ def test_int4_and_int8_kernels_compute_their_weights_on_quantized_activations(dt
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
         rows = torch.cat([packed(x[i : i + 1]) for i in range(9)])
         assert torch.equal(rows, got), name
+        for k in range(2, 9):  # every size of a pass over a tile's codes
+            assert torch.equal(packed(x[:k]), got[:k]), (name, k)
 
 
 def test_low_bit_weights_keep_their_codes_and_run_without_the_kernels(monkeypatch):

@@ -7,7 +7,7 @@ import torch
 from test_decode import GREEDY, _chi_square, _exact_ar_distribution, tokens
 
 from tridlm import masks
-from tridlm.decode import GenerationConfig, generate
+from tridlm.decode import AnswerHistory, DecodeState, GenerationConfig, generate, stream
 from tridlm.decode.lookup import NGramIndex
 from tridlm.decode.pipelined import Acceptance, Plan, Planner
 from tridlm.model import ModelConfig, random_model
@@ -21,6 +21,41 @@ def test_ngram_index_proposes_the_latest_continuation_of_the_longest_suffix():
     index.extend([7])
     assert index.propose(4) == (0, [])  # 7 never occurred before
     assert NGramIndex([]).propose(3) == (0, []) and NGramIndex([5]).propose(3) == (0, [])
+
+
+def test_answer_history_continues_earlier_answers_and_never_across_two():
+    history = AnswerHistory(shortest=2)
+    history.add([1, 2, 3, 4])
+    history.add([1, 2, 5])
+    assert history.follow([9, 1, 2], 3) == (2, [5])  # the latest answer, cut where it ends
+    assert history.follow([8, 2, 3], 5) == (2, [4])
+    assert history.follow([8, 3], 5) == (0, [])  # one token in common is not a match (shortest=2)
+    assert history.follow([1, 2, 5], 3) == (0, [])  # nothing followed it
+
+
+def test_answer_history_keeps_the_newest_tokens_within_capacity():
+    history = AnswerHistory(capacity=10)
+    history.add([1, 2, 3, 4, 5, 6])
+    history.add([7, 8, 9, 10, 11, 12])
+    assert len(history.index.tokens) <= 10
+    assert history.follow([1, 2], 3) == (0, [])  # the older answer is gone
+    assert history.follow([9, 10], 2) == (2, [11, 12])
+    with pytest.raises(ValueError, match="capacity"):
+        AnswerHistory(capacity=0)
+
+
+def test_a_repeated_request_verifies_the_earlier_answer(tiny_model, prompts):
+    history = AnswerHistory()
+    cfg = GREEDY.replace(mode="spec", spec_variant="pipelined", block_size=8)
+    ar = generate(tiny_model, prompts[:1], GREEDY, history=history)  # any mode's answers join the history
+    assert history.index.tokens == [AnswerHistory.SEPARATOR, *ar.rows[0].tokens]
+    state = DecodeState(1, cfg, tiny_model.cfg.eos_ids, None, trace=True)
+    sources = set()
+    for _ in stream(tiny_model, prompts[:1], cfg, state=state, history=history):
+        sources.update(e.get("source") for _, events in state.take_trace() for e in events)
+    assert state.rows[0].tokens == ar.rows[0].tokens
+    assert "history" in sources
+    assert state.rows[0].nfe < ar.rows[0].nfe / 3  # seven candidates per forward, each AR's own token
 
 
 def test_verify_then_draft_mask():

@@ -162,6 +162,15 @@ def test_auto_mode_plans_per_cycle_when_idle_and_batches_ar_under_load(client):
     assert "ar" in modes
 
 
+def test_auto_drafts_from_the_servers_earlier_answers(client):
+    ask = dict(model="tiny", prompt="once more, the same request", max_tokens=48, extra_body={"mode": "auto"})
+    first, again = client.completions.create(**ask), client.completions.create(**ask)
+    assert again.choices[0].text == first.choices[0].text
+    assert extra(again.usage, "nfe") < extra(first.usage, "nfe")  # the first answer's tokens were verified
+    with pytest.raises(ValueError, match="answer_history"):
+        ServerConfig(answer_history=-1).validate()
+
+
 @pytest.mark.parametrize("kwargs,error,message", [
     ({"temperature": -1}, "BadRequestError", "temperature"),
     ({"top_p": 1.5}, "BadRequestError", "top_p"),

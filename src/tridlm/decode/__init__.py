@@ -6,6 +6,7 @@ prefill, sampling and stopping (``common``); each one's loop is a generator over
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -14,23 +15,27 @@ import torch
 from tridlm.decode.ar import ar
 from tridlm.decode.common import MODES, SPEC_VARIANTS, DecodeState, GenerationConfig, Row, prefill, summarize
 from tridlm.decode.diffusion import diffusion
+from tridlm.decode.lookup import AnswerHistory
 from tridlm.decode.pipelined import pipelined
 from tridlm.decode.spec import spec
 from tridlm.model import TriModel
 
 DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec}  # auto and pipelined spec: ``pipelined``
 
-__all__ = ["MODES", "SPEC_VARIANTS", "DecodeState", "GenerationConfig", "Row", "generate", "stream", "summarize"]
+__all__ = ["MODES", "SPEC_VARIANTS", "AnswerHistory", "DecodeState", "GenerationConfig", "Row", "generate", "stream",
+           "summarize"]
 
 
 @torch.inference_mode()
 def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
            eos_ids: Sequence[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
-           state: DecodeState | None = None) -> Iterator[list[tuple[int, list[int]]]]:
+           state: DecodeState | None = None, history: AnswerHistory | None = None
+           ) -> Iterator[list[tuple[int, list[int]]]]:
     """Decode a batch of token prompts, yielding (row, newly committed tokens) pairs per cycle.
 
     eos_ids defaults to the model's EOS. Pass your own ``state`` to read per-row results and counts
-    (``state.rows``, ``state.stats()``).
+    (``state.rows``, ``state.stats()``). ``history``: earlier answers that ``auto`` and pipelined spec draft
+    from (with lookup on); every finished decode adds its answers to it, in any mode.
     """
     cfg = cfg.validate().resolve(model)
     state = state or DecodeState(len(prompts), cfg, _eos(model, eos_ids), detokenize)
@@ -53,17 +58,20 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     for i, t in enumerate(pending.tolist()):
         state.emit(i, [t])
     yield state.flush()
-    decoder = pipelined if cfg.pipelined else DECODERS[cfg.mode]
+    decoder = functools.partial(pipelined, history=history) if cfg.pipelined else DECODERS[cfg.mode]
     yield from decoder(model, cache, pending, state, generator)
+    for row in state.rows if history is not None else ():
+        history.add(row.tokens)
 
 
 def generate(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
              eos_ids: Sequence[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
-             on_tokens: Callable[[int, list[int]], None] | None = None) -> DecodeState:
+             on_tokens: Callable[[int, list[int]], None] | None = None,
+             history: AnswerHistory | None = None) -> DecodeState:
     """Decode to the end; the returned state holds each row's tokens and the call's stats.
-    ``on_tokens(row, tokens)`` sees each row's tokens as they are committed."""
+    ``on_tokens(row, tokens)`` sees each row's tokens as they are committed; ``history`` as in ``stream``."""
     state = DecodeState(len(prompts), cfg.validate(), _eos(model, eos_ids), detokenize)
-    for chunk in stream(model, prompts, cfg, state=state):
+    for chunk in stream(model, prompts, cfg, state=state, history=history):
         for row, tokens in chunk if on_tokens else ():
             on_tokens(row, tokens)
     return state

@@ -9,8 +9,9 @@ Each forward carries, per row:
      likeliest acceptance count).
 
 Candidates come from prompt lookup (``lookup``: the tokens that followed the latest earlier occurrence of
-the last 1-3 tokens) or from the previous forward's MASK rows (kept only when those rows also guessed the
-bonus token they could not see). ``m = r = 0`` is an AR step. The output is AR's token for token
+the last 1-5 tokens), from earlier answers (``history``, an ``AnswerHistory``, where the text's tail matches
+one of them for longer than it matches itself) or from the previous forward's MASK rows (kept only when
+those rows also guessed the bonus token they could not see). ``m = r = 0`` is an AR step. The output is AR's token for token
 (greedy), and exactly AR's distribution when sampling (a candidate x drawn from q is accepted with
 probability min(1, p(x)/q(x)); lookup candidates have a one-hot q).
 
@@ -33,7 +34,7 @@ from tridlm.cache import KVCache
 from tridlm.decode.ar import ar_step
 from tridlm.decode.common import DecodeState, forward_block, unmasking_distribution
 from tridlm.decode.costs import relative_costs
-from tridlm.decode.lookup import NGramIndex
+from tridlm.decode.lookup import AnswerHistory, NGramIndex
 from tridlm.decode.spec import settle
 from tridlm.model import TriModel
 
@@ -41,7 +42,8 @@ from tridlm.model import TriModel
 @dataclass(frozen=True)
 class Plan:
     """One cycle: verify ``verify`` candidates of ``source``, append ``drafts`` MASK rows. Sources:
-    ``draft`` (the last forward's MASK rows) and ``lookup<n>`` (the continuation of an n-token match)."""
+    ``draft`` (the last forward's MASK rows), ``lookup<n>`` and ``history<n>`` (the continuation of an n-token
+    match in the request's own text, in earlier answers)."""
 
     verify: int = 0
     drafts: int = 0
@@ -127,9 +129,10 @@ def planner_for(model: TriModel, state: DecodeState) -> Planner:
 
 
 def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
-              generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
+              generator: torch.Generator | None, history: AnswerHistory | None = None
+              ) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield each cycle's tokens (accepted candidates + bonus) per row; ``pending`` (B,) is the last
-    sampled token, not yet cached."""
+    sampled token, not yet cached. ``history``: earlier answers to draft from (with ``cfg.lookup``)."""
     cfg, sampler, mask_id = state.cfg, state.cfg.sampler, model.cfg.mask_id
     planner = planner_for(model, state)
     rows, room = len(pending), cfg.block_size - 1
@@ -143,11 +146,14 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
         if lookups:
             for lk, row in zip(lookups, state.rows):  # the tokens the last cycle committed
                 lk.extend(row.tokens[len(lk.tokens) - len(row.prompt):])
-            found = [lk.propose(room) for lk in lookups]
-            # Acceptance is kept per match length (the first live row's: a batch shares one plan).
-            n = next((n for i, (n, c) in enumerate(found) if i in live and c), 0)
-            if n:
-                proposals = {f"lookup{n}": [c for _, c in found], **proposals}
+            found, source = [lk.propose(room) for lk in lookups], "lookup"
+            if history is not None:  # earlier answers, where they match the tail for longer than the text does
+                earlier = [history.follow(lk.tokens, room) for lk in lookups]
+                if _match_length(earlier, live) > _match_length(found, live):
+                    found, source = earlier, "history"
+            # Acceptance is kept per source and match length (the first live row's: a batch shares one plan).
+            if n := _match_length(found, live):
+                proposals = {f"{source}{n}": [c for _, c in found], **proposals}
         plan = planner.plan({s: max(len(c[i]) for i in live) for s, c in proposals.items()}, acc, len(live))
         if not plan.verify and not plan.drafts:  # a plain AR step, without verification's bookkeeping
             pending = ar_step(model, cache, pending, state, generator, _no_drafts)
@@ -169,7 +175,7 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
                                write=1 + m, adapter=adapter)
         state.count_forward()
         p = sampler.distribution(logits[:, : 1 + m])
-        source = ("lookup" if plan.source.startswith("lookup") else plan.source) if m else None
+        source = plan.source.rstrip("0123456789") if m else None
         pending, k = settle(cache, state, start, block, p, q, generator, source)
         carried, carried_q = [[] for _ in range(rows)], [None] * rows
         if r:
@@ -185,6 +191,11 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
         for i in live:
             acc.update(plan.source, len(chosen[i]), int(k[i]))
         yield state.flush()
+
+
+def _match_length(found: list[tuple[int, list[int]]], live: list[int]) -> int:
+    """The match length of the first live row with candidates (0: none has any)."""
+    return next((n for i, (n, c) in enumerate(found) if i in live and c), 0)
 
 
 def _no_drafts(token: int) -> dict:

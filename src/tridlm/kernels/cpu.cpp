@@ -242,21 +242,28 @@ QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
   return out;
 }
 
-// The integer dot products of one tile's block of weight codes (16 channels x 32 inputs, unsigned bytes) with one
-// row's block of activation codes: lane l = channel l. Part k of the codes holds in the 4 bytes of lane l the codes
+// The integer dot products of one tile's block of weight codes (16 channels x 32 inputs, unsigned bytes) with the
+// blocks of activation codes of R rows: lane l = channel l. Part k of the codes holds in the 4 bytes of lane l the codes
 // of inputs 4k .. 4k + 3 of channel l. Q4: packed as nibbles in 256 bytes (tridlm.quant.Int4Weight); Q8: the bytes
 // w + 128 of int8 weights in 512 (tridlm.quant.Int8Weight).
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 struct Parts {
   __m512i part[8];
-  vi dot(const int8_t* xq) const {  // two chains, summed exactly
-    __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-    for (int c = 0; c < 8; ++c) {
-      int32_t word;
-      std::memcpy(&word, xq + 4 * c, sizeof word);
-      acc[c & 1] = _mm512_dpbusd_epi32(acc[c & 1], part[c], _mm512_set1_epi32(word));
-    }
-    return reinterpret_cast<vi>(_mm512_add_epi32(acc[0], acc[1]));
+  // dot[r] for the blocks of R rows at xq + r * stride, interleaved; below 4 rows two chains per row (summed
+  // exactly) keep the adds from waiting on each other.
+  template <int R>
+  void dots(const int8_t* xq, int64_t stride, vi* dot) const {
+    constexpr int C = R >= 4 ? 1 : 2;
+    __m512i acc[R * C];
+    for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c)
+      for (int r = 0; r < R; ++r) {
+        int32_t word;
+        std::memcpy(&word, xq + r * stride + 4 * c, sizeof word);
+        acc[r * C + c % C] = _mm512_dpbusd_epi32(acc[r * C + c % C], part[c], _mm512_set1_epi32(word));
+      }
+    for (int r = 0; r < R; ++r)
+      dot[r] = reinterpret_cast<vi>(C == 1 ? acc[r] : _mm512_add_epi32(acc[r * C], acc[r * C + C - 1]));
   }
 };
 struct Q4 : Parts {  // unpacked to bytes once for all rows
@@ -279,12 +286,15 @@ struct Q8 : Parts {
 #else
 struct Parts {  // portable form of the same integer sums: codes as 16 lanes of 4 bytes each
   vu part[8];
-  vi dot(const int8_t* xq) const {
-    vi acc{};
-    for (int c = 0; c < 8; ++c)
-      for (int j = 0; j < 4; ++j)
-        acc += reinterpret_cast<vi>((part[c] >> (8 * j)) & 0xFF) * static_cast<int32_t>(xq[4 * c + j]);
-    return acc;
+  template <int R>
+  void dots(const int8_t* xq, int64_t stride, vi* dot) const {
+    for (int r = 0; r < R; ++r) {
+      vi acc{};
+      for (int c = 0; c < 8; ++c)
+        for (int j = 0; j < 4; ++j)
+          acc += reinterpret_cast<vi>((part[c] >> (8 * j)) & 0xFF) * static_cast<int32_t>(xq[r * stride + 4 * c + j]);
+      dot[r] = acc;
+    }
   }
 };
 struct Q4 : Parts {
@@ -353,10 +363,11 @@ void int4_tile(const uint8_t* codes, const c10::Half* scales, const QuantizedRow
   for (int64_t b = 0; b < blocks; ++b) {
     const Q4 w(codes + (tile * blocks + b) * Q4::bytes);
     const vf d = load(scales + (tile * blocks + b) * 2 * W), m = load(scales + ((tile * blocks + b) * 2 + 1) * W);
+    vi dot[R];
+    w.template dots<R>(x.q.data() + r0 * K + b * BLOCK, K, dot);
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r;
-      const vf dot = __builtin_convertvector(w.dot(x.q.data() + row * K + b * BLOCK), vf);
-      acc[r] += dot * (d * x.d[row * blocks + b]);
+      acc[r] += __builtin_convertvector(dot[r], vf) * (d * x.d[row * blocks + b]);
       acc[r] += m * x.s[row * blocks + b];
     }
   }
@@ -375,10 +386,11 @@ void int8_tile(const uint8_t* codes, const float* scales, const QuantizedRows& x
   vf acc[R] = {};
   for (int64_t b = 0; b < blocks; ++b) {
     const Q8 w(codes + (tile * blocks + b) * Q8::bytes);
+    vi dot[R];
+    w.template dots<R>(x.q.data() + r0 * K + b * BLOCK, K, dot);
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r;
-      const vi dot = w.dot(x.q.data() + row * K + b * BLOCK) - 128 * x.sum[row * blocks + b];
-      acc[r] += __builtin_convertvector(dot, vf) * x.d[row * blocks + b];
+      acc[r] += __builtin_convertvector(dot[r] - 128 * x.sum[row * blocks + b], vf) * x.d[row * blocks + b];
     }
   }
   const vf scale = load(scales + tile * W);
@@ -506,9 +518,22 @@ static Lora lora_args(const torch::Tensor& a, const torch::Tensor& bt, const tor
   return lora;
 }
 
+// Rows per pass over a tile's codes: more rows reuse each unpacked block more often, until the accumulators no
+// longer fit in registers (beyond 8 on AVX-512; bench/kernel_costs.py times 1-16 rows).
+constexpr int ROW_GROUP = 8;
+
+// f(std::integral_constant<int, n>{}) for a run-time n in 1 .. ROW_GROUP.
+template <int R = 1, typename F>
+void with_rows(int64_t n, F&& f) {
+  if constexpr (R < ROW_GROUP) {
+    if (n != R) return with_rows<R + 1>(n, f);
+  }
+  f(std::integral_constant<int, R>{});
+}
+
 // What int4_linear and int8_linear share: x (M, K) contiguous float32/bfloat16/float16, codes (N / 16, K / 32,
 // bytes) -> (M, N) in x's dtype; the rows quantized once, tiles split between the threads, each tile's rows in
-// groups of 4. rows_of_tile(R, xq, y, r0, tile) computes rows r0 .. r0 + R of a tile (R: an integral constant).
+// groups of ROW_GROUP. rows_of_tile(R, xq, y, r0, tile) computes rows r0 .. r0 + R of a tile (R: an integral constant).
 template <typename RowsOfTile>
 torch::Tensor low_bit_linear(const char* name, const torch::Tensor& x, const torch::Tensor& codes, int64_t bytes,
                              RowsOfTile rows_of_tile) {
@@ -523,11 +548,9 @@ torch::Tensor low_bit_linear(const char* name, const torch::Tensor& x, const tor
     const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), M, K);
     T* y = out.data_ptr<T>();
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        int64_t r = 0;
-        for (; r + 4 <= M; r += 4) rows_of_tile(std::integral_constant<int, 4>{}, xq, y, r, t);
-        for (; r < M; ++r) rows_of_tile(std::integral_constant<int, 1>{}, xq, y, r, t);
-      }
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t r = 0; r < M; r += ROW_GROUP)
+          with_rows(std::min<int64_t>(M - r, ROW_GROUP), [&](auto R) { rows_of_tile(R, xq, y, r, t); });
     });
   });
   return out;

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tridlm.decode import GenerationConfig, Row, summarize
+from tridlm.decode import AnswerHistory, GenerationConfig, Row, summarize
 from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig
 from tridlm.serve.protocol import APIError, ChatRequest, CompletionRequest, envelope, new_id, usage
@@ -63,6 +63,7 @@ class Server:
         self.model, self.tokenizer, self.config = model, tokenizer, config.validate()
         self.metrics = Metrics()
         self.worker = Worker(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
+                             history=AnswerHistory(config.answer_history) if config.answer_history else None,
                              on_batch=lambda jobs, s: self.metrics.batch_rows.observe(sum(len(j.prompts) for j in jobs)))
 
     async def completions(self, request: Request):

@@ -17,10 +17,13 @@ class ServerConfig:
     default_max_tokens: int = 256  # for requests that name none (at most what the context leaves)
     default_mode: str = "ar"  # mode of requests that name none; auto: the fastest exact plan when idle, batched ar under load
     defaults: GenerationConfig = GenerationConfig()  # the knobs of requests that name none
+    answer_history: int = 1 << 16  # tokens of earlier answers that auto drafts from (0: none; shared by all clients)
 
     def validate(self) -> ServerConfig:
         if self.max_queue < 1 or self.max_batch < 1 or self.max_body_bytes < 1 or self.default_max_tokens < 1:
             raise ValueError("max_queue, max_batch, max_body_bytes and default_max_tokens must be positive")
+        if self.answer_history < 0:
+            raise ValueError(f"invalid answer_history={self.answer_history}: expected a token count >= 0")
         if self.default_mode not in MODES:
             raise ValueError(f"invalid default_mode={self.default_mode!r}: expected one of {', '.join(MODES)}")
         self.defaults.validate()

@@ -5,7 +5,8 @@ waiting job with the same decoding settings (mode, block size, threshold, sampli
 rows, and decodes them as one batch: prefill, AR decode steps, diffusion denoising steps and spec
 draft/verify cycles all run batched across requests. Jobs with a seed run alone so their samples
 do not depend on their neighbours. Committed tokens go back to each request's asyncio queue as they
-are produced; a cancelled job's rows stop at the next cycle.
+are produced; a cancelled job's rows stop at the next cycle. Every answer joins the worker's
+``AnswerHistory`` (if it has one), which later ``auto`` requests draft from.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tridlm.decode import DecodeState, GenerationConfig, stream
+from tridlm.decode import AnswerHistory, DecodeState, GenerationConfig, stream
 from tridlm.decode.costs import relative_costs
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
@@ -49,8 +50,8 @@ class Job:
 
 class Worker:
     def __init__(self, model: TriModel, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 on_batch=None):
-        self.model, self.tokenizer = model, tokenizer
+                 history: AnswerHistory | None = None, on_batch=None):
+        self.model, self.tokenizer, self.history = model, tokenizer, history
         self.max_batch, self.max_queue = max_batch, max_queue
         self.on_batch = on_batch  # callback(jobs, seconds) for metrics
         self._waiting: list[Job] = []
@@ -104,25 +105,25 @@ class Worker:
             live = [j for j in batch if not j.cancelled.is_set()]
             start = time.perf_counter()
             try:
-                if live:
-                    self._decode(live)
+                ends = self._decode(live) if live else []
             except Exception as e:  # report to the requests, keep serving
-                for job in live:
-                    job.send("error", f"generation failed: {e}")
-            finally:
-                with self._cond:
-                    self._running = 0
+                ends = [(job, ("error", f"generation failed: {e}")) for job in live]
+            with self._cond:
+                self._running = 0
+            for job, event in ends:  # once the model is free: a client's next request finds it idle
+                job.send(*event)
             if self.on_batch and live:
                 self.on_batch(live, time.perf_counter() - start)
 
     @torch.inference_mode()
-    def _decode(self, jobs: list[Job]) -> None:
+    def _decode(self, jobs: list[Job]) -> list[tuple[Job, tuple]]:
+        """Decode the jobs as one batch, streaming their tokens; returns each job's final event."""
         owner = [(j, k) for j in jobs for k in range(len(j.prompts))]  # batch row -> (job, choice)
         prompts = [p for j in jobs for p in j.prompts]
         limits = [(j.cfg.max_tokens, j.cfg.stop) for j, _ in owner]
         state = DecodeState(len(prompts), jobs[0].cfg, self.model.cfg.eos_ids, self.tokenizer.decode, limits,
                             trace=jobs[0].trace)
-        for chunk in stream(self.model, prompts, jobs[0].cfg, state=state):
+        for chunk in stream(self.model, prompts, jobs[0].cfg, state=state, history=self.history):
             for row, events in state.take_trace() if state.trace else ():
                 job, choice = owner[row]
                 job.send("trace", choice, events)
@@ -132,6 +133,4 @@ class Worker:
             for row, (job, _) in enumerate(owner):
                 if job.cancelled.is_set():
                     state.cancel(row)
-        for job in jobs:
-            rows = [state.rows[r] for r, (j, _) in enumerate(owner) if j is job]
-            job.send("done", rows)
+        return [(job, ("done", [state.rows[r] for r, (j, _) in enumerate(owner) if j is job])) for job in jobs]
