@@ -2,8 +2,8 @@
 
 Levers: the pipelined cycle (one forward: the pending token's exact AR row, the candidates' verify rows,
 MASK rows drafting past a full accept), its MASK-row drafts, prompt-lookup candidates, and ``auto``'s
-per-cycle plan; beside today's linear and quadratic spec and AR, in the same process, settings alternating
-within each repeat. Per setting: accepted tokens per cycle, tokens per forward, tok/s and its ratio to AR
+per-cycle plan; beside today's linear and quadratic spec and AR, in the same process, every setting decoding
+each prompt in turn. Per setting: accepted tokens per cycle, tokens per forward, tok/s and its ratio to AR
 in the same precision and repeat, exact match with AR, where the verified candidates came from, and the
 accepted-length histogram.
 
@@ -48,19 +48,36 @@ SETTINGS = {  # names without commas (--settings takes a comma-separated list)
 }
 
 
-def run(model, prompts: list[list[int]], cfg: GenerationConfig,
-        history: AnswerHistory | None = None) -> tuple[list, float, Counter]:
-    """Decode each prompt alone, in order; rows, wall seconds, and the verified cycles counted by draft source."""
-    rows, sources, wall = [], Counter(), 0.0
-    for p in prompts:
-        state = DecodeState(1, cfg, model.cfg.eos_ids, None, trace=True)
-        start = time.perf_counter()
-        for _ in stream(model, [p], cfg, state=state, history=history):
-            for _, events in state.take_trace():
-                sources.update(e.get("source", "none") for e in events if e["type"] in ("verify", "step"))
-        wall += time.perf_counter() - start
-        rows.append(state.rows[0])
-    return rows, wall, sources
+def decode(model, prompt: list[int], cfg: GenerationConfig, history: AnswerHistory | None,
+           sources: Counter) -> tuple[object, float]:
+    """Decode one prompt alone; its row and wall seconds; counts the verified cycles by draft source."""
+    state = DecodeState(1, cfg, model.cfg.eos_ids, None, trace=True)
+    start = time.perf_counter()
+    for _ in stream(model, [prompt], cfg, state=state, history=history):
+        for _, events in state.take_trace():
+            sources.update(e.get("source", "none") for e in events if e["type"] in ("verify", "step"))
+    return state.rows[0], time.perf_counter() - start
+
+
+def repeat(model, prompts: list[list[int]], names: list[str], max_tokens: int, warm: list[list[int]],
+           flip: bool) -> dict[str, tuple[list, float, Counter]]:
+    """One repeat of every setting over the prompts: per prompt, each setting in turn (the order alternating
+    between prompts), so that a slow spell of the machine weighs on all settings alike. Per setting: rows, wall
+    seconds, verified cycles by source. A "+history" setting has its own history, started from ``warm``."""
+    runs = {name: ([], 0.0, Counter()) for name in names}
+    histories = {}
+    for name in names:
+        if name.endswith("+history"):
+            histories[name] = AnswerHistory()
+            for answer in warm:
+                histories[name].add(answer)
+    for i, prompt in enumerate(prompts):
+        for name in (names if (i % 2 == 0) != flip else names[::-1]):
+            rows, wall, sources = runs[name]
+            cfg = GenerationConfig(max_tokens=max_tokens, **SETTINGS[name])
+            row, seconds = decode(model, prompt, cfg, histories.get(name), sources)
+            runs[name] = (rows + [row], wall + seconds, sources)
+    return runs
 
 
 def main() -> None:
@@ -96,16 +113,10 @@ def main() -> None:
             warm["code"] = [r.tokens for r in generate(model, code[args.code : args.code + args.warm], cfg).rows]
         for cls, (prompts, max_tokens) in classes.items():
             runs = {n: [] for n in names}
-            for rep in range(args.repeats):
-                for name in (names if rep % 2 == 0 else names[::-1]):
-                    cfg = GenerationConfig(max_tokens=max_tokens, **SETTINGS[name])
-                    history = None
-                    if name.endswith("+history"):  # a fresh one per run: a run never sees its own answers twice
-                        history = AnswerHistory()
-                        for answer in warm[cls]:
-                            history.add(answer)
-                    runs[name].append(run(model, prompts, cfg, history))
-                    print(f"{precision} {cls} repeat {rep} {name}: {runs[name][-1][1]:.1f} s", flush=True)
+            for rep in range(args.repeats):  # a fresh history per repeat: a run never sees its own answers twice
+                for name, result in repeat(model, prompts, names, max_tokens, warm[cls], rep % 2 == 1).items():
+                    runs[name].append(result)
+                    print(f"{precision} {cls} repeat {rep} {name}: {result[1]:.1f} s", flush=True)
             ar_tokens = [r.tokens for r in runs["ar"][0][0]]
             out = []
             for name in names:

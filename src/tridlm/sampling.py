@@ -47,6 +47,15 @@ class Sampler:
             probs = probs / probs.sum(-1, keepdim=True)
         return probs
 
+    def verifier(self, logits: torch.Tensor) -> torch.Tensor:
+        """What causal logits (..., V) become for choosing and verifying tokens: the distribution, or when greedy
+        the logits themselves, whose argmax is the greedy token (no softmax needed)."""
+        return logits if self.greedy else self.distribution(logits)
+
+    def next_token(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The token each row of causal logits (..., V) predicts -> (...): argmax when greedy, else a draw."""
+        return self.pick(self.verifier(logits), generator)
+
     def pick(self, probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """One token per distribution (..., V) -> (...): argmax when greedy, else a draw."""
         if self.greedy:

@@ -54,7 +54,7 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     cache, logits = prefill(model, prompts, max_len)
     state.prefill_s = time.perf_counter() - state.start
     sampler = cfg.sampler
-    pending = sampler.pick(sampler.distribution(logits), generator)  # (B,) first new token, not yet cached
+    pending = sampler.next_token(logits, generator)  # (B,) first new token, not yet cached
     for i, t in enumerate(pending.tolist()):
         state.emit(i, [t])
     yield state.flush()

@@ -27,7 +27,7 @@ def ar_step(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Decod
     sampler = state.cfg.sampler
     logits = forward_block(model, cache, pending[:, None], masks.causal, write=True)  # (B, 1, V)
     state.count_forward()
-    pending = sampler.pick(sampler.distribution(logits[:, -1]), generator)
+    pending = sampler.next_token(logits[:, -1], generator)
     for i, t in enumerate(pending.tolist()):
         if state.trace:
             state.note(i, event(t))

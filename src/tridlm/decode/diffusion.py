@@ -53,7 +53,7 @@ def diffusion(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
         logits = forward_block(model, cache, block, masks.causal, write=True,
                                logits_index=torch.full((len(block), 1), n - 1, device=block.device))
         state.count_forward()
-        pending = sampler.pick(sampler.distribution(logits[:, 0]), generator)
+        pending = sampler.next_token(logits[:, 0], generator)
         for i, t in enumerate(pending.tolist()):
             if state.trace:
                 state.note(i, {"type": "commit", "token": t})

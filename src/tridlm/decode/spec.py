@@ -22,22 +22,21 @@ def accept(block: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, sampler
            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Accepted draft count k (B,) and bonus token (B,) for a block [pending, draft_1..draft_{n-1}].
 
-    p: (B, n, V) verifier distributions, p[:, i] for the token after block[:, :i+1].
+    p: (B, n, V) verifier distributions (``Sampler.verifier``: logits when greedy), p[:, i] for the token after
+    block[:, :i+1].
     q: (B, n, V) draft distributions, q[:, i] the one block[:, i] was drawn from (None when n == 1).
     """
     drafts = block[:, 1:]  # (B, n-1)
     rows = torch.arange(block.shape[0], device=block.device)
     if sampler.greedy:
-        ok = p[:, :-1].argmax(-1) == drafts
-    else:
-        p_x = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
-        q_x = q[:, 1:].gather(-1, drafts[..., None])[..., 0]
-        u = torch.rand(p_x.shape, generator=generator, device=p.device)
-        ok = u * q_x < p_x  # accept with probability min(1, p/q)
-    k = ok.long().cumprod(-1).sum(-1)  # length of the accepted prefix
+        best = p.argmax(-1)  # (B, n): AR's token after each prefix
+        k = (best[:, :-1] == drafts).long().cumprod(-1).sum(-1)  # length of the accepted prefix
+        return k, best[rows, k]
+    p_x = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
+    q_x = q[:, 1:].gather(-1, drafts[..., None])[..., 0]
+    u = torch.rand(p_x.shape, generator=generator, device=p.device)
+    k = (u * q_x < p_x).long().cumprod(-1).sum(-1)  # accept each with probability min(1, p/q): the prefix's length
     target = p[rows, k]  # (B, V): distribution of the token after the accepted prefix
-    if sampler.greedy:
-        return k, target.argmax(-1)
     if q is not None:
         # A rejected draft resamples from norm(max(p - q, 0)); after a full accept, p itself.
         rejected = k < drafts.shape[1]
@@ -57,7 +56,7 @@ def spec(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeSt
     while not state.all_done:
         start = cache.lengths
         block, q = draft(model, cache, pending, state, generator)
-        p = state.cfg.sampler.distribution(forward_block(model, cache, block, masks.causal, write=True))
+        p = state.cfg.sampler.verifier(forward_block(model, cache, block, masks.causal, write=True))
         state.count_forward()
         pending, _ = settle(cache, state, start, block, p, q, generator)
         yield state.flush()
@@ -109,7 +108,7 @@ def spec_quadratic(model: TriModel, cache: KVCache, pending: torch.Tensor, state
         tokens = torch.cat([block, torch.full((rows, n * n), model.cfg.mask_id, device=block.device)], dim=1)
         logits = forward_block(model, cache, tokens, mask_fn, write=n, adapter=mask_rows, offsets=offsets)
         state.count_forward()
-        p = sampler.distribution(logits[:, :n])  # (B, n, V): the verifying draft rows
+        p = sampler.verifier(logits[:, :n])  # (B, n, V): the verifying draft rows
         bonus, k = settle(cache, state, start, block, p, q, generator)
         # Sub-block k (k drafts accepted) drafted positions bonus, bonus+1, ...: its row 0 stands where
         # the bonus now is, rows 1.. are the next drafts.
