@@ -4,7 +4,7 @@
 
 Four timings, 2 threads, inference mode, medians or means as printed:
 1. the default model's 30 layers of projections (q/k/v, o, gate/up, down shapes, each layer its own random
-   int4 weights) at 1-16 rows: torch's packed int4 kernel against ``kernels.int4_linear``;
+   int4 weights) at 1-8 and 16 rows: torch's packed int4 kernel against ``kernels.int4_linear``;
 2. one ``kernels.attend`` call (9 query heads over 3 key/value heads, head size 64) over 350 cached keys;
 3. a causal forward of n = 1, 3, 5, 8 tokens over 128, 300 and 450 cached random tokens (``latency_sweep``);
 4. the draft adapter's cost: a verify-then-draft forward over 200 cached tokens with 0, 1, 7 or 8 adapter rows.
@@ -44,7 +44,7 @@ def projections() -> None:
             layer[name] = quant.Int4Weight(q, d, m)
         layers.append(layer)
     print("30 layers of int4 projections, ms (torch's packed kernel / kernels.int4_linear):")
-    for rows in (1, 2, 4, 8, 16):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16):
         x = {name: torch.randn(rows, k, generator=gen).bfloat16() for name, (_, k) in SHAPES.items()}
 
         def ours():

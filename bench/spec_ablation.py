@@ -8,7 +8,7 @@ in the same precision and repeat, exact match with AR, where the verified candid
 accepted-length histogram.
 
     .venv/bin/python bench/spec_ablation.py [--precisions int4,float32] [--chat 12] [--code 20]
-        [--max-tokens 64,128] [--repeats 2] [--warm 60] [--out bench/results]
+        [--max-tokens 64,128] [--repeats 2] [--warm 60] [--adapter DIR] [--out bench/results]
 
 Settings "+history" draft from earlier answers too (``AnswerHistory``, as a server does): a run starts from
 an empty history and adds each answer once it is done, so the first prompt has none; on code, ``--warm N``
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--warm", type=int, default=0, help="+history on code: start from AR's answers to N other problems")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="names of SETTINGS, comma-separated")
+    ap.add_argument("--adapter", default=None, help="draft adapter folder (default: the model's own)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -99,7 +100,7 @@ def main() -> None:
     report = {"machine": None, "date": datetime.date.today().isoformat(), "command": " ".join(__import__("sys").argv),
               "threads": torch.get_num_threads(), "results": {}}
     for precision in args.precisions.split(","):
-        model, tok = open_model(dtype=precision)
+        model, tok = open_model(dtype=precision, adapter=args.adapter)
         report["machine"] = bench.machine(model)
         # auto's cost curve is measured once per model, here rather than inside the first timed auto run
         report.setdefault("relative_costs", {})[precision] = relative_costs(

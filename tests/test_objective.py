@@ -145,3 +145,39 @@ def test_adapter_regime_loss_equals_the_dual_stream_diffusion_term(tiny_cfg):
     torch.testing.assert_close(got.diffusion_sum, ref.diffusion_sum, rtol=1e-5, atol=1e-4)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_pipelined_layout_scores_masks_as_pipelined_spec_drafts_them(tiny_cfg):
+    """draft_layout pipelined: a block's MASK rows are scored as pipelined spec and auto draft them, over the
+    block's earlier tokens as causal rows without the adapter (a prefill of everything before the first MASK),
+    then one bidirectional pass of the MASK rows with the adapter; the default layout differs."""
+    model = random_model(tiny_cfg, seed=9, std=0.3)
+    model.add_lora(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    for name, p in model.named_parameters():
+        if "lora_b" in name:
+            p.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(10)
+    L, block = 12, 4
+    x0 = torch.randint(4, 64, (3, L), generator=g)
+    noised = add_noise(x0, torch.ones_like(x0, dtype=torch.bool), tiny_cfg.mask_id, g, block=block, suffix_fraction=1)
+    got = diffusion_loss(model, x0, noised, block, layout="pipelined")
+    want = 0.0
+    for b in range(3):
+        for start in range(0, L, block):
+            masked = noised.masked[b, start : start + block]
+            if not masked.any():
+                continue
+            cut = start + int(masked.int().argmax())  # suffix noise: masked from here to the block's end
+            drafts = noised.xt[b : b + 1, cut : start + block]
+            if cut:
+                cache, _ = prefill(model, [x0[b, :cut].tolist()], max_len=L + 1)
+                logits = forward_block(model, cache, drafts, masks.bidirectional, adapter=True)[0]
+            else:
+                n = drafts.shape[1]
+                logits = model(drafts, torch.arange(n)[None], masks.bidirectional(torch.zeros(1, dtype=torch.long), n, 0),
+                               adapter=True)[0]
+            want += F.cross_entropy(logits, x0[b, cut : start + block], reduction="sum") / noised.p[b]
+    torch.testing.assert_close(got.diffusion_sum, torch.as_tensor(want), rtol=1e-4, atol=1e-4)
+    linear = diffusion_loss(model, x0, noised, block)
+    assert not torch.allclose(linear.diffusion_sum, got.diffusion_sum)

@@ -18,7 +18,7 @@ from tridlm.serve.config import ServerConfig
 from tridlm.tokenizer import TextStream
 from tridlm.train import distill
 from tridlm.train.data import DataConfig
-from tridlm.train.loop import REGIMES, TrainConfig, Trainer, distributed
+from tridlm.train.loop import DRAFT_LAYOUTS, REGIMES, TrainConfig, Trainer, distributed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,7 +144,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder for checkpoint.pt and the trained adapter or model")
     p.add_argument("--until", type=int, help="stop (with a checkpoint) at this step of the schedule")
     p.add_argument("--seq-len", type=int, default=DataConfig(()).seq_len)
-    _options(p, TrainConfig(), {"regime": REGIMES, "autocast": ("auto", "bf16", "off")})
+    _options(p, TrainConfig(), {"regime": REGIMES, "autocast": ("auto", "bf16", "off"), "draft_layout": DRAFT_LAYOUTS})
     p.set_defaults(run=cmd_train)
 
 

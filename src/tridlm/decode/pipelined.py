@@ -11,9 +11,9 @@ Each forward carries, per row:
 Candidates come from prompt lookup (``lookup``: the tokens that followed the latest earlier occurrence of
 the last 1-5 tokens), from earlier answers (``history``, an ``AnswerHistory``, where the text's tail matches
 one of them for longer than it matches itself) or from the previous forward's MASK rows (kept only when
-those rows also guessed the bonus token they could not see). ``m = r = 0`` is an AR step. The output is AR's token for token
-(greedy), and exactly AR's distribution when sampling (a candidate x drawn from q is accepted with
-probability min(1, p(x)/q(x)); lookup candidates have a one-hot q).
+those rows also guessed the bonus token they could not see). ``m = r = 0`` is an AR step. The output is
+AR's token for token (greedy), and exactly AR's distribution when sampling (a candidate x drawn from q is
+accepted with probability min(1, p(x)/q(x)); lookup and history candidates have a one-hot q).
 
 How many candidates to verify and MASK rows to add is the ``Planner``'s choice per cycle: fixed by the
 block size (``spec_variant="pipelined"``), or (``mode="auto"``) the plan with the most expected tokens

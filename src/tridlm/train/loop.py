@@ -29,6 +29,7 @@ from tridlm.train.data import DataConfig, PackedData
 from tridlm.train.objective import add_noise, diffusion_loss, joint_loss
 
 REGIMES = ("adapter", "full")
+DRAFT_LAYOUTS = ("linear", "pipelined")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class TrainConfig:
     block_size: int | None = None  # default: the model's training block size (config block_size), else 32
     alpha: float = 0.3  # weight of the diffusion term (SPEC 4)
     suffix_fraction: float = 0.0  # share of sequences masked like a spec draft (block suffixes), see add_noise
+    draft_layout: str = "linear"  # a block's tokens before its MASKs: draft rows (linear), or AR rows (pipelined, as auto)
     batch_size: int = 4  # rows per step and process
     grad_accum: int = 1  # batches per optimizer step
     lr: float = 1e-3  # peak learning rate
@@ -64,6 +66,10 @@ class TrainConfig:
                 raise ValueError(f"invalid {name}={getattr(self, name)}: expected a positive integer")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"invalid autocast={self.autocast!r}: expected auto, bf16 or off")
+        if self.draft_layout not in DRAFT_LAYOUTS:
+            raise ValueError(f"invalid draft_layout={self.draft_layout!r}: expected one of {', '.join(DRAFT_LAYOUTS)}")
+        if self.draft_layout != "linear" and self.regime != "adapter":
+            raise ValueError("draft_layout=pipelined is for the adapter regime (the full regime trains both streams)")
         if not 0 <= self.suffix_fraction <= 1:
             raise ValueError(f"invalid suffix_fraction={self.suffix_fraction}: expected a value in [0, 1]")
         if not 0 < self.lr < 1:
@@ -134,7 +140,7 @@ class Trainer:
                            suffix_fraction=self.cfg.suffix_fraction)
         with self._context():
             if self.cfg.regime == "adapter":
-                return diffusion_loss(model, x0, noised, self.cfg.block_size)
+                return diffusion_loss(model, x0, noised, self.cfg.block_size, self.cfg.draft_layout)
             return joint_loss(model, x0, noised, self.cfg.block_size, self.cfg.alpha, loss_mask)
 
     def train(self, until: int | None = None) -> dict:

@@ -83,13 +83,19 @@ def joint_loss(model: TriModel, x0: torch.Tensor, noised: Noised, block: int, al
     return Loss(loss, diffusion_sum, ar_sum, n_masked, n_ar)
 
 
-def diffusion_loss(model: TriModel | torch.nn.Module, x0: torch.Tensor, noised: Noised, block: int) -> Loss:
+def diffusion_loss(model: TriModel | torch.nn.Module, x0: torch.Tensor, noised: Noised, block: int,
+                   layout: str = "linear") -> Loss:
     """The adapter regime's objective, ``diffusion_sum / n_masked``: the diffusion term of ``joint_loss``
     with the LoRA on, computed without a dual-stream forward.
 
     With the base frozen the clean stream is context only, so its keys/values come from one causal pass
     without gradient into a KV cache; the noisy stream then attends to them through the top half of the
     dual-stream mask, and logits are computed only at masked positions. model may be wrapped in DDP.
+
+    layout: what a block's unmasked tokens before its first MASK are to the noisy rows. ``linear``: rows of
+    the draft (adapter on, bidirectional in the block), as linear spec and diffusion draft. ``pipelined``:
+    causal rows without the adapter, as pipelined spec and ``auto`` verify them while their MASK rows draft;
+    those are exactly the clean stream's rows, so the noisy rows read them from the cache instead.
     """
     net = getattr(model, "module", model)
     B, L = x0.shape
@@ -101,6 +107,10 @@ def diffusion_loss(model: TriModel | torch.nn.Module, x0: torch.Tensor, noised: 
             logits_index=torch.zeros(B, 0, dtype=torch.long, device=device))
     both = masks.dual_stream(L, block, device)
     mask = torch.cat([both[:L, L:], both[:L, :L]], dim=1).expand(B, -1, -1)  # keys [cached x_0 | x_t]
+    if layout == "pipelined":
+        mask = _clean_prefix_from_cache(mask, noised.masked, block)
+    elif layout != "linear":
+        raise ValueError(f"invalid layout={layout!r}: expected linear or pipelined")
     # Each row's masked positions first (stable), cut at the largest count; padding carries weight 0.
     index = torch.argsort((~noised.masked).to(torch.uint8), dim=1, stable=True)[:, : int(noised.masked.sum(1).max())]
     logits = model(noised.xt, positions, mask, cache, adapter=True, logits_index=index)  # (B, k, V)
@@ -108,3 +118,16 @@ def diffusion_loss(model: TriModel | torch.nn.Module, x0: torch.Tensor, noised: 
     diffusion_sum = (ce * noised.masked.gather(1, index) / noised.p[:, None]).sum()
     n_masked = int(noised.masked.sum())
     return Loss(diffusion_sum / max(n_masked, 1), diffusion_sum, torch.zeros((), device=device), n_masked, 0)
+
+
+def _clean_prefix_from_cache(mask: torch.Tensor, masked: torch.Tensor, block: int) -> torch.Tensor:
+    """mask (B, L, 2L) over [cached x_0 | x_t] with each block's tokens before its first masked one read from
+    the cache (x_0's causal rows) rather than from x_t. Only a prefix: a cached row after a masked position
+    would carry the token hidden there."""
+    B, L = masked.shape
+    pos = torch.arange(L, device=masked.device)
+    blk = pos // block
+    where = F.pad(torch.where(masked, pos, L), (0, -L % block), value=L)  # whole blocks
+    cut = where.view(B, -1, block).amin(-1).gather(1, blk.expand(B, -1))  # (B, L): first masked position of the block
+    in_prefix = (pos < cut)[:, None, :] & (blk[:, None] == blk[None, :])[None]  # (B, query, key in its block's prefix)
+    return torch.cat([mask[..., :L] | in_prefix, mask[..., L:] & ~in_prefix], dim=-1)
