@@ -518,8 +518,8 @@ static Lora lora_args(const torch::Tensor& a, const torch::Tensor& bt, const tor
   return lora;
 }
 
-// Rows per pass over a tile's codes: more rows reuse each unpacked block more often, until the accumulators no
-// longer fit in registers (beyond 8 on AVX-512; bench/kernel_costs.py times 1-16 rows).
+// Rows per pass over a tile's codes: more rows reuse each unpacked block more often, while their accumulators
+// stay in registers (8 against 4 and 5 on AVX-512: docs/measurements.md; bench/kernel_costs.py times 1-16 rows).
 constexpr int ROW_GROUP = 8;
 
 // f(std::integral_constant<int, n>{}) for a run-time n in 1 .. ROW_GROUP.
