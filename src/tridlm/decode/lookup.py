@@ -53,9 +53,10 @@ class AnswerHistory:
     where its text so far matches an earlier answer's for at least ``shortest`` tokens (the same idioms,
     signatures and boilerplate recur across requests; docs/measurements.md has what it buys).
 
-    Holds the newest ``capacity`` tokens at most: beyond that it keeps the newer half. Not thread-safe:
-    one decoding thread owns it (the server's worker). Shared across users, it lets one request's speed
-    depend on others' answers (never its tokens); serve with ``--answer-history 0`` where that matters.
+    Holds the newest ``capacity`` tokens at most (the default's index peaks near 55 MB): beyond that it keeps
+    the newer half. Not thread-safe: one decoding thread owns it (the server's worker). Shared across users,
+    it lets one request's speed depend on others' answers (never its tokens); serve with
+    ``--answer-history 0`` where that matters.
     """
 
     SEPARATOR = -1  # between answers: no token id, so no match or continuation runs across two answers
