@@ -306,3 +306,21 @@ def test_block_size_round_trips_and_bounds_the_decoding_default(tmp_path, char_t
     assert checkpoint.load(tmp_path / "again")[0].cfg.block_size == 2
     plain, _ = checkpoint.load(directory)  # an AR checkpoint has none: the device default applies
     assert plain.cfg.block_size is None and GenerationConfig(mode="spec").resolve(plain).block_size > 2
+
+
+def test_convert_refuses_a_non_empty_output_without_force(tmp_path, char_tokenizer):
+    _, directory = hf_dir(tmp_path, "llama", char_tokenizer)
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="--force"):
+        convert(directory, out, dtype="float32")
+    assert (out / "notes.txt").read_text() == "keep me"  # nothing touched
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        convert(directory, tmp_path / "a-file", dtype="float32")
+    (tmp_path / "empty").mkdir()
+    convert(directory, tmp_path / "empty", dtype="float32")  # an empty folder is fine
+    convert(directory, out, dtype="float32", force=True)
+    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".precious.")]  # no temporary sibling left

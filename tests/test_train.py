@@ -3,6 +3,7 @@
 import json
 import re
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -94,6 +95,26 @@ def test_resume_after_a_stop_is_exact(corpus, tok, tiny_cfg, tmp_path):
     weights = load_file(tmp_path / "b" / "linear_spec_lora" / "adapter_model.safetensors")
     assert final.keys() == weights.keys()
     assert all(final[k].dtype == torch.bfloat16 and torch.equal(final[k], weights[k].bfloat16()) for k in final)
+
+
+def test_resume_loads_tensors_only(corpus, tok, tiny_cfg, tmp_path):
+    """Resume reads checkpoint.pt with weights_only=True: a pickle that would run code is refused."""
+    data = DataConfig((str(corpus),), seq_len=24)
+    Trainer(random_model(tiny_cfg), tok, data, small_cfg(steps=3), tmp_path, log=lambda *_: None).train()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # what resume reads loads as plain data
+    state["config"]["hook"] = Evil(tmp_path / "pwned")
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        Trainer(random_model(tiny_cfg), tok, data, small_cfg(steps=3), tmp_path, log=lambda *_: None)
+    assert not (tmp_path / "pwned").exists()
+
+
+class Evil:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_resume_refuses_other_settings(corpus, tok, tiny_cfg, tmp_path):

@@ -99,6 +99,8 @@ def _convert_parser(sub) -> None:
                                                   "model's own, if it has one)")
     p.add_argument("--dtype", choices=loading.DTYPES, default="bfloat16")
     p.add_argument("--shard-gb", type=float, default=4.0, help="maximum size of one safetensors shard")
+    p.add_argument("--force", action="store_true", help="replace an existing, non-empty output (only once the new "
+                                                         "one is written whole)")
     p.set_defaults(run=cmd_convert, no_model_args=True)
 
 
@@ -236,7 +238,7 @@ def cmd_demo(args) -> None:
 
 def cmd_convert(args) -> None:
     print(loading.convert(args.source, args.output, args.dtype, args.mask_token, args.add_mask_token, args.block_size,
-                          args.shard_gb))
+                          args.shard_gb, args.force))
 
 
 def cmd_bench(args) -> None:

@@ -105,8 +105,12 @@ def model_name(path: str | Path | None) -> str:
 
 
 def convert(source: str | Path, output: str | Path, dtype: str = "bfloat16", mask_token: str | None = None,
-            add_mask_token: bool = False, block_size: int | None = None, shard_gb: float = 4.0) -> str:
+            add_mask_token: bool = False, block_size: int | None = None, shard_gb: float = 4.0,
+            force: bool = False) -> str:
     """Write ``source`` as an NLD directory at ``output``; returns a one-line summary.
+
+    An existing ``output`` that is a file or a non-empty folder is refused unless ``force`` (then replaced
+    whole, only once the new directory is complete: it is written beside it and renamed into place).
 
     The MASK token is, in order: a new ``<|mask|>`` row (``add_mask_token``), the named ``mask_token``,
     or the model's own / an unused special token; none of them is an error. ``block_size`` records the
@@ -114,6 +118,9 @@ def convert(source: str | Path, output: str | Path, dtype: str = "bfloat16", mas
     """
     if block_size is not None and block_size < 1:
         raise ValueError(f"invalid block_size={block_size}: expected a positive integer")
+    output = Path(output)
+    if not force and (output.is_file() or (output.is_dir() and any(output.iterdir()))):
+        raise ValueError(f"{output} exists and is not empty: pick another output or pass --force to replace it")
     model, tok = open_model(source, dtype)
     if add_mask_token:
         model = checkpoint.add_mask_token(model, tok)

@@ -225,7 +225,7 @@ class Trainer:
             checkpoint.save(self.out / "model", self.model, self.tokenizer)
 
     def _load(self) -> None:
-        state = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=False)
+        state = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=True)  # tensors and plain data only: no pickled code
         saved = TrainConfig(**{**state["config"], "lora_targets": tuple(state["config"]["lora_targets"])})
         if dataclasses.replace(saved, steps=self.cfg.steps) != dataclasses.replace(self.cfg, steps=self.cfg.steps):
             raise ValueError(f"{self.out}/checkpoint.pt was written with other settings: {saved}")
