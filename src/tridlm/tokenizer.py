@@ -94,8 +94,14 @@ class Tokenizer:
         return i
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of text; special-token strings in it are recognised as such."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of text; special-token strings in it are recognised as such. (The batch call releases
+        the GIL: a server tokenizing a long prompt in a thread keeps answering meanwhile.)"""
+        return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token decodes to: a text longer than n times this has more than n tokens."""
+        return max(len(self.backend.decode([i], skip_special_tokens=False)) for i in range(self.vocab_size))
 
     def decode(self, ids: list[int]) -> str:
         """Text of ids without special tokens."""
@@ -109,8 +115,11 @@ class Tokenizer:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"chat messages need string 'role' and 'content' fields, got {m!r}")
         special = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.eos_id)}
-        return _compiled(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        try:
+            return _compiled(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        except jinja2.TemplateError as e:  # the template's own raise_exception(), or what the sandbox refuses
+            raise ValueError(f"the chat template refused these messages: {e}") from None
 
     def _token(self, i: int | None) -> str:
         return "" if i is None else self.backend.id_to_token(i)
@@ -127,24 +136,54 @@ def stop_index(text: str, stop: tuple[str, ...]) -> int | None:
 
 class TextStream:
     """Incremental detokenizer for streaming: deltas never split a UTF-8 character, and text that
-    might begin a stop string is held back until it is known not to (stop strings never leak)."""
+    might begin a stop string is held back until it is known not to (stop strings never leak).
+
+    Linear in the text: each push decodes only the new tokens (beside a few before them, so that decoders
+    which treat a text's start specially agree with decoding the whole) and searches for stop strings only
+    where the new text could complete one."""
+
+    CONTEXT = 4  # tokens decoded before the new ones
+    UTF8 = 4  # tokens held at most while their text ends in an incomplete character (its bytes are at most 4)
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer, self.stop = tokenizer, stop
         self.tokens: list[int] = []
+        self.text = ""  # the text of tokens[: self.read]
+        self.read = 0
         self.sent = 0  # characters already returned
+        self.searched = 0  # no stop string begins before searched - (its length - 1)
+        self.end: int | None = None  # where the first stop string begins, once found
 
     def push(self, tokens: list[int], final: bool = False) -> str:
         """The new text after appending tokens; ``final`` releases whatever was held back."""
         self.tokens.extend(tokens)
-        text = self.tokenizer.decode(self.tokens)
-        end = stop_index(text, self.stop)
-        if end is None and final:
-            end = len(text)
-        elif end is None:
-            # An incomplete multi-byte character decodes to U+FFFD at the end: hold it back, and
-            # any tail that could be the start of a stop string.
-            end = len(text.rstrip("\ufffd"))
-            end -= max((n for s in self.stop for n in range(1, len(s)) if text[:end].endswith(s[:n])), default=0)
-        delta, self.sent = text[self.sent:end], max(self.sent, end)
+        if self.end is None:
+            self._decode(final)
+            self.end = self._find_stop()
+        if self.end is not None:
+            end = self.end
+        elif final:
+            end = len(self.text)
+        else:  # hold back any tail that could be the start of a stop string
+            end = len(self.text) - max((n for s in self.stop for n in range(1, min(len(s), len(self.text) + 1))
+                                        if self.text.endswith(s[:n])), default=0)
+        delta, self.sent = self.text[self.sent : end], max(self.sent, end)
         return delta
+
+    def _decode(self, final: bool) -> None:
+        if self.read == len(self.tokens):
+            return
+        start = max(0, self.read - self.CONTEXT)
+        before = self.tokenizer.decode(self.tokens[start : self.read])
+        after = self.tokenizer.decode(self.tokens[start:])
+        # An incomplete multi-byte character decodes to U+FFFD at the end: wait for its next bytes.
+        if after.endswith("\ufffd") and not final and len(self.tokens) - self.read < self.UTF8:
+            return
+        new = after[len(before) :] if after.startswith(before) else self.tokenizer.decode(self.tokens)[len(self.text) :]
+        self.text += new
+        self.read = len(self.tokens)
+
+    def _find_stop(self) -> int | None:
+        hits = [i for s in self.stop if (i := self.text.find(s, max(0, self.searched - len(s) + 1))) >= 0]
+        self.searched = len(self.text)
+        return min(hits) if hits else None

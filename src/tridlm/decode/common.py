@@ -84,6 +84,14 @@ class GenerationConfig:
         return self.mode == "auto" or (self.mode == "spec" and self.spec_variant == "pipelined")
 
     @property
+    def forward_tokens(self) -> int:
+        """The most tokens one row puts through one forward after the prefill (a resolved config): B(B+1) for
+        quadratic spec, the block for the other block modes, 1 for AR."""
+        if self.mode == "spec" and self.spec_variant == "quadratic":
+            return self.block_size * (self.block_size + 1)
+        return self.block_size
+
+    @property
     def sampler(self) -> Sampler:
         return Sampler(self.temperature, self.top_k, self.top_p)
 

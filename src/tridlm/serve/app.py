@@ -20,9 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tridlm.decode import AnswerHistory, GenerationConfig, Row, summarize
+from tridlm.decode import GenerationConfig, Row, summarize
 from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig
+from tridlm.serve.guard import Gate, read_json
 from tridlm.serve.protocol import APIError, ChatRequest, CompletionRequest, envelope, new_id, usage
 from tridlm.serve.worker import Job, QueueFull, Worker
 from tridlm.tokenizer import TextStream, Tokenizer
@@ -62,15 +63,21 @@ class Server:
     def __init__(self, model: TriModel, tokenizer: Tokenizer, config: ServerConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config.validate()
         self.metrics = Metrics()
+        self.auto_block = config.defaults.replace(mode="auto").resolve(model).block_size
         self.worker = Worker(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
-                             history=AnswerHistory(config.answer_history) if config.answer_history else None,
+                             history=config.answer_history, auto_block=self.auto_block,
                              on_batch=lambda jobs, s: self.metrics.batch_rows.observe(sum(len(j.prompts) for j in jobs)))
+        # A prompt longer than this in characters has more tokens than the limit, whatever they are: refused
+        # before it is tokenized.
+        self.max_prompt_tokens = min(config.max_prompt_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.max_prompt_chars = self.max_prompt_tokens * tokenizer.longest_token_chars
 
     async def completions(self, request: Request):
         body = await parse(request, CompletionRequest, self.config)
         if isinstance(body.prompt, str):
-            ids = self.tokenizer.encode(body.prompt)
+            ids = await self.encode(body.prompt, "prompt", self.tokenizer.encode)
         else:
+            self.check_prompt_length(len(body.prompt), "tokens")
             if any(not 0 <= t < self.model.cfg.vocab_size for t in body.prompt):
                 raise APIError(400, "prompt token ids out of vocabulary range", "prompt")
             ids = list(body.prompt)
@@ -80,21 +87,42 @@ class Server:
         body = await parse(request, ChatRequest, self.config)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        try:
-            ids = self.tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
-        except ValueError as e:
-            raise APIError(400, str(e), "messages") from None
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        ids = await self.encode(messages, "messages", self.tokenizer.encode_chat)
         return await self.run(request, body, ids, "chat.completion", "/v1/chat/completions")
+
+    async def encode(self, text, field: str, encode) -> list[int]:
+        """Token ids of a prompt or of chat messages, off the event loop (tokenizing a long text takes a while),
+        after the length check that needs no tokenizing."""
+        chars = len(text) if isinstance(text, str) else sum(len(m["content"]) for m in text)
+        self.check_prompt_length(chars, "characters")
+        try:
+            ids = await asyncio.to_thread(encode, text)
+        except ValueError as e:  # a chat template that refuses the messages
+            raise APIError(400, str(e), field) from None
+        self.check_prompt_length(len(ids), "tokens")
+        return ids
+
+    def check_prompt_length(self, size: int, unit: str) -> None:
+        limit = self.max_prompt_chars if unit == "characters" else self.max_prompt_tokens
+        if size > limit:
+            raise APIError(400, f"prompt of {size} {unit} is too long: at most {self.max_prompt_tokens} tokens "
+                                f"({limit} {unit}) are accepted", "prompt", code="context_length_exceeded")
 
     async def run(self, request: Request, body, ids: list[int], kind: str, endpoint: str):
         mode = body.mode or self.config.default_mode
+        if mode == "auto" and (body.block_size or 0) > self.auto_block:
+            raise APIError(400, f"block_size={body.block_size}: auto plans with the cost curve this server measured "
+                                f"when it started, up to block {self.auto_block} (serve with --block-size for more)",
+                           "block_size")
         if mode == "auto":
             mode = "auto" if self.worker.load == 0 else "ar"
             body.lookup = body.lookup if mode == "auto" else None  # a knob of auto, not of its fallback
         cfg = make_config(body, ids, mode, self.model, self.config)
         if body.tridlm_trace and not body.stream:
             raise APIError(400, "tridlm_trace needs stream: true", "tridlm_trace")
-        job = Job([ids] * body.n, cfg, asyncio.get_running_loop(), trace=body.tridlm_trace)
+        job = Job([ids] * body.n, cfg, asyncio.get_running_loop(), trace=body.tridlm_trace,
+                  tenant=request.state.tenant)
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -115,7 +143,8 @@ class Server:
         finally:
             job.cancelled.set()  # no-op when finished; frees the rows if the client went away
         finish(rows)
-        choices = [choice(kind, i, cut(self.tokenizer, r.tokens, cfg.stop), reason(r)) for i, r in enumerate(rows)]
+        texts = await asyncio.to_thread(lambda: [cut(self.tokenizer, r.tokens, cfg.stop) for r in rows])
+        choices = [choice(kind, i, text, reason(r)) for i, (text, r) in enumerate(zip(texts, rows))]
         return envelope(kind, rid, self.config.served_model_name, choices, usage_of(len(ids), rows, mode))
 
     async def sse(self, job: Job, ids, kind, rid, include_usage, finish) -> AsyncIterator[str]:
@@ -131,14 +160,14 @@ class Server:
                 if item[0] == "trace":
                     yield event({**envelope(chunk_kind, rid, name, []), "tridlm_trace": self.trace(*item[1:])})
                     continue
-                if item[0] == "tokens":
-                    if delta := texts[item[1]].push(item[2]):
+                if item[0] == "tokens":  # detokenized and checked for stop strings off the event loop
+                    if delta := await asyncio.to_thread(texts[item[1]].push, item[2]):
                         yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, item[1], delta, None)]))
                     continue
                 if item[0] == "done":
                     rows = item[1]
                     for i, r in enumerate(rows):
-                        tail = texts[i].push([], final=True)
+                        tail = await asyncio.to_thread(texts[i].push, [], final=True)
                         yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, tail, reason(r))]))
                     if include_usage:
                         yield event(envelope(chunk_kind, rid, name, [], usage_of(len(ids), rows, job.cfg.mode)))
@@ -174,6 +203,7 @@ def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = Ser
 
     app = FastAPI(title="tridlm", lifespan=lifespan)
     app.state.worker = server.worker
+    app.add_middleware(Gate, config=config)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -200,8 +230,7 @@ def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = Ser
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request, config)
+    async def models():
         return {"object": "list", "data": [{"id": config.served_model_name, "object": "model", "created": 0,
                                             "owned_by": "tridlm"}]}
 
@@ -228,23 +257,9 @@ class Finisher:
             m.finished(self.mode, rows)
 
 
-def check_key(request: Request, config: ServerConfig) -> None:
-    if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
-        raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error",
-                       code="invalid_api_key")
-
-
 async def parse(request: Request, schema, config: ServerConfig):
-    check_key(request, config)
-    raw = await request.body()
-    if len(raw) > config.max_body_bytes:
-        raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {config.max_body_bytes}")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
+    """The request body as ``schema``, after ``guard.read_json``'s checks; 4xx naming the field otherwise."""
+    data = await read_json(request, config)
     try:
         body = schema.model_validate(data)
     except pydantic.ValidationError as e:
@@ -277,6 +292,13 @@ def make_config(body, ids: list[int], mode: str, model: TriModel, config: Server
     if max_tokens > room:
         raise APIError(400, f"max_tokens={max_tokens} exceeds the {room} tokens left in the context after the "
                             f"{len(ids)}-token prompt", "max_tokens", code="context_length_exceeded")
+    if body.n * max_tokens > config.max_total_tokens:
+        raise APIError(400, f"n x max_tokens = {body.n} x {max_tokens} exceeds this server's limit of "
+                            f"{config.max_total_tokens} tokens per request", "max_tokens")
+    if cfg.forward_tokens > config.max_forward_tokens:
+        raise APIError(400, f"block_size={cfg.block_size} puts {cfg.forward_tokens} tokens through one forward "
+                            f"({cfg.mode}{' ' + cfg.spec_variant if cfg.mode == 'spec' else ''}); this server allows "
+                            f"{config.max_forward_tokens} (--max-forward-tokens)", "block_size")
     try:
         return cfg.replace(max_tokens=max_tokens)
     except ValueError as e:

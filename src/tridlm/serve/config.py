@@ -6,25 +6,44 @@ from dataclasses import dataclass
 
 from tridlm.decode import MODES, GenerationConfig
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
     served_model_name: str = "tridlm"  # the model id clients send (default: from --model)
-    api_key: str | None = None  # require 'Authorization: Bearer KEY'
+    host: str = "127.0.0.1"  # address to bind (loopback: this machine only)
+    port: int = 8000
+    api_key: tuple[str, ...] = ()  # require 'Authorization: Bearer KEY' (repeatable: each key is a tenant)
+    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted besides the loopback ones when bound to loopback ('*': any)
     max_queue: int = 64  # requests waiting or running before 429
     max_batch: int = 16  # rows decoded together
-    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413 (counted while reading)
+    read_timeout_s: float = 30.0  # a request body not received whole within this gets 408
+    max_json_depth: int = 16  # request bodies nested deeper get 400
+    max_forward_tokens: int = 272  # tokens one choice may put through one forward (quadratic spec: B(B+1), so B <= 16)
+    max_total_tokens: int = 4096  # n x max_tokens at most
+    max_prompt_tokens: int | None = None  # prompt tokens at most (default: what the context leaves)
     default_max_tokens: int = 256  # for requests that name none (at most what the context leaves)
     default_mode: str = "ar"  # mode of requests that name none; auto: the fastest exact plan when idle, batched ar under load
     defaults: GenerationConfig = GenerationConfig()  # the knobs of requests that name none
-    answer_history: int = 1 << 16  # tokens of earlier answers that auto drafts from (0: none; shared by all clients)
+    answer_history: int = 1 << 16  # tokens of earlier answers that auto drafts from, per tenant (0: none)
 
     def validate(self) -> ServerConfig:
-        if self.max_queue < 1 or self.max_batch < 1 or self.max_body_bytes < 1 or self.default_max_tokens < 1:
-            raise ValueError("max_queue, max_batch, max_body_bytes and default_max_tokens must be positive")
+        positive = ("max_queue", "max_batch", "max_body_bytes", "read_timeout_s", "max_json_depth",
+                    "max_forward_tokens", "max_total_tokens", "default_max_tokens")
+        if any(getattr(self, name) <= 0 for name in positive) or (self.max_prompt_tokens or 1) < 1:
+            raise ValueError(f"{', '.join(positive)} and max_prompt_tokens must be positive")
+        if any(not key.strip() for key in self.api_key):
+            raise ValueError("an empty API key would let anyone in: give a non-empty --api-key, or none to serve "
+                             "without keys")
         if self.answer_history < 0:
             raise ValueError(f"invalid answer_history={self.answer_history}: expected a token count >= 0")
         if self.default_mode not in MODES:
             raise ValueError(f"invalid default_mode={self.default_mode!r}: expected one of {', '.join(MODES)}")
         self.defaults.validate()
         return self
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK or self.host.startswith("127.")

@@ -6,9 +6,12 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig
+
+
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's own limits
 
 
 class APIError(Exception):
@@ -37,7 +40,7 @@ class _Request(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what a torch.Generator takes
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
@@ -56,6 +59,16 @@ class _Request(BaseModel):
     spec_variant: Literal[SPEC_VARIANTS] | None = None
     lookup: bool | None = None  # prompt-lookup candidates (auto and pipelined spec; default on there)
     tridlm_trace: bool = False  # streaming only: per-step decoding events in each chunk's "tridlm_trace"
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
+        return stop
 
     def unsupported(self) -> str | None:
         """The name of a standard field set to something this server does not do."""

@@ -5,8 +5,12 @@ waiting job with the same decoding settings (mode, block size, threshold, sampli
 rows, and decodes them as one batch: prefill, AR decode steps, diffusion denoising steps and spec
 draft/verify cycles all run batched across requests. Jobs with a seed run alone so their samples
 do not depend on their neighbours. Committed tokens go back to each request's asyncio queue as they
-are produced; a cancelled job's rows stop at the next cycle. Every answer joins the worker's
-``AnswerHistory`` (if it has one), which later ``auto`` requests draft from.
+are produced; a cancelled job's rows stop at the next cycle.
+
+Every answer joins its tenant's ``AnswerHistory`` (one per API key; none when ``history`` is 0), which that
+tenant's later ``auto`` and pipelined-spec requests draft from: one tenant's answers never reach another's
+drafts, trace or counts. Those modes share one plan across a batch, so their batches hold one tenant only;
+the other modes decode each row as if alone and batch across tenants.
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    tenant: int = 0  # whose answer history it reads and joins
 
     def batch_key(self):
         c = self.cfg
         alone = id(self) if c.seed is not None else None
         return (c.mode, c.spec_variant, c.lookup, c.block_size, c.threshold, c.max_steps_per_block, c.temperature,
-                c.top_k, c.top_p, alone, self.trace)
+                c.top_k, c.top_p, alone, self.trace, self.tenant if c.pipelined else None)
 
     def send(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -50,9 +55,12 @@ class Job:
 
 class Worker:
     def __init__(self, model: TriModel, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 history: AnswerHistory | None = None, on_batch=None):
-        self.model, self.tokenizer, self.history = model, tokenizer, history
-        self.max_batch, self.max_queue = max_batch, max_queue
+                 history: int = 0, auto_block: int = 1, on_batch=None):
+        """``history``: tokens of earlier answers kept per tenant (0: none); ``auto_block``: the largest block
+        auto is served with (its cost curve is measured up to it before the first request)."""
+        self.model, self.tokenizer = model, tokenizer
+        self.history_capacity, self.histories = history, {}
+        self.max_batch, self.max_queue, self.auto_block = max_batch, max_queue, auto_block
         self.on_batch = on_batch  # callback(jobs, seconds) for metrics
         self._waiting: list[Job] = []
         self._running = 0
@@ -100,7 +108,7 @@ class Worker:
 
     def _run(self) -> None:
         with torch.inference_mode():  # auto's cost curve, measured before the first request needs it
-            relative_costs(self.model, GenerationConfig(mode="auto").resolve(self.model).block_size)
+            relative_costs(self.model, self.auto_block)
         while (batch := self._take_batch()) is not None:
             live = [j for j in batch if not j.cancelled.is_set()]
             start = time.perf_counter()
@@ -123,7 +131,11 @@ class Worker:
         limits = [(j.cfg.max_tokens, j.cfg.stop) for j, _ in owner]
         state = DecodeState(len(prompts), jobs[0].cfg, self.model.cfg.eos_ids, self.tokenizer.decode, limits,
                             trace=jobs[0].trace)
-        for chunk in stream(self.model, prompts, jobs[0].cfg, state=state, history=self.history):
+        tenants = {j.tenant for j in jobs}
+        # A batch of one tenant reads and joins its history in ``stream``; a mixed one (never auto or pipelined
+        # spec, by ``batch_key``) reads none, and each answer joins its own tenant's below.
+        history = self.history(tenants.pop()) if len(tenants) == 1 else None
+        for chunk in stream(self.model, prompts, jobs[0].cfg, state=state, history=history):
             for row, events in state.take_trace() if state.trace else ():
                 job, choice = owner[row]
                 job.send("trace", choice, events)
@@ -133,4 +145,15 @@ class Worker:
             for row, (job, _) in enumerate(owner):
                 if job.cancelled.is_set():
                     state.cancel(row)
+        if history is None and self.history_capacity:
+            for row, (job, _) in zip(state.rows, owner):
+                self.history(job.tenant).add(row.tokens)
         return [(job, ("done", [state.rows[r] for r, (j, _) in enumerate(owner) if j is job])) for job in jobs]
+
+    def history(self, tenant: int) -> AnswerHistory | None:
+        """The tenant's answer history (made on its first answer), None when the server keeps none."""
+        if not self.history_capacity:
+            return None
+        if tenant not in self.histories:
+            self.histories[tenant] = AnswerHistory(self.history_capacity)
+        return self.histories[tenant]

@@ -1,0 +1,115 @@
+"""What a request must pass before the server does any work for it: the Host it names, its API key (which
+also says its tenant), its content type, and its body's size, read time and nesting."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+
+import numpy as np
+from fastapi import Request
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+
+from tridlm.serve.config import LOOPBACK, ServerConfig
+from tridlm.serve.protocol import APIError
+
+OPEN_PATHS = ("/health", "/")  # liveness, and the playground's static page (it holds no data; it sends the key itself)
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+class Gate:
+    """ASGI middleware in front of every route: when bound to loopback, the Host header must name this machine
+    (a DNS-rebinding page names its own domain); when the server has keys, every route but ``OPEN_PATHS``
+    needs one. The request's tenant (the index of its key; 0 for a server without keys) goes to
+    ``request.state.tenant``."""
+
+    def __init__(self, app, config: ServerConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        error = None
+        if not host_allowed(headers.get("host"), self.config):
+            error = APIError(400, f"Host header {headers.get('host')!r} is not this server's: bound to loopback, it "
+                                  "answers requests addressed to localhost (start it with --allowed-hosts NAME to "
+                                  "add names)", kind="invalid_request_error", code="invalid_host")
+        tenant = tenant_of(headers.get("authorization"), self.config.api_key)
+        if error is None and tenant is None and scope["path"] not in OPEN_PATHS:
+            error = APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                             kind="authentication_error", code="invalid_api_key")
+        if error is not None:
+            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        scope.setdefault("state", {})["tenant"] = tenant
+        await self.app(scope, receive, send)
+
+
+def host_allowed(host: str | None, config: ServerConfig) -> bool:
+    """Whether a request's Host header may reach this server: any, unless it is bound to loopback."""
+    if not config.loopback or "*" in config.allowed_hosts:
+        return True
+    if not host:
+        return False
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    return name in LOOPBACK or name.startswith("127.") or name in config.allowed_hosts
+
+
+def tenant_of(authorization: str | None, keys: tuple[str, ...]) -> int | None:
+    """The index of the key a request presents (compared in constant time with every key), 0 when the server
+    has none, None when it presents no valid key."""
+    if not keys:
+        return 0
+    given = (authorization or "").removeprefix("Bearer ").encode()
+    found = None
+    for i, key in enumerate(keys):  # every key compared, whichever matches: the time says nothing of which
+        if hmac.compare_digest(given, key.encode()) and found is None:
+            found = i
+    return found
+
+
+async def read_json(request: Request, config: ServerConfig) -> dict:
+    """The request's JSON object, refused (4xx naming the problem) before it is parsed when its content type
+    is not JSON, when it grows past ``max_body_bytes`` (counted while reading), arrives slower than
+    ``read_timeout_s`` or nests deeper than ``max_json_depth``."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, not {kind or 'missing'!r}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > config.max_body_bytes:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {config.max_body_bytes}")
+    try:
+        raw = await asyncio.wait_for(_body(request, config.max_body_bytes), config.read_timeout_s)
+    except TimeoutError:
+        raise APIError(408, f"request body not received within {config.read_timeout_s:g} s") from None
+    if (depth := json_depth(raw)) > config.max_json_depth:
+        raise APIError(400, f"request body nests {depth} levels deep; at most {config.max_json_depth} are accepted")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return data
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (strings skipped), in linear time and without
+    recursion: what ``json.loads`` would need to recurse."""
+    skeleton = np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)
+    steps = np.isin(skeleton, (ord("["), ord("{"))).astype(np.int32) - np.isin(skeleton, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
