@@ -199,7 +199,8 @@ def test_raw_http_errors_are_json_4xx(server):
             r = httpx.post(server + path, content=body, headers={"content-type": "application/json"})
             assert 400 <= r.status_code < 500 and "message" in r.json()["error"]
     big = json.dumps({"prompt": "a" * (2 << 20)})
-    assert httpx.post(server + "/v1/completions", content=big).status_code == 413
+    assert httpx.post(server + "/v1/completions", content=big,
+                      headers={"content-type": "application/json"}).status_code == 413
 
 
 def test_api_key_is_checked(tiny_model, chat_tokenizer):

@@ -13,7 +13,7 @@ from fastapi import Request
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
-from tridlm.serve.config import LOOPBACK, ServerConfig
+from tridlm.serve.config import ServerConfig, is_loopback
 from tridlm.serve.protocol import APIError
 
 OPEN_PATHS = ("/health", "/")  # liveness, and the playground's static page (it holds no data; it sends the key itself)
@@ -56,7 +56,7 @@ def host_allowed(host: str | None, config: ServerConfig) -> bool:
         return False
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     name = name.strip("[]").lower()
-    return name in LOOPBACK or name.startswith("127.") or name in config.allowed_hosts
+    return is_loopback(name) or name in config.allowed_hosts
 
 
 def tenant_of(authorization: str | None, keys: tuple[str, ...]) -> int | None:
@@ -64,7 +64,8 @@ def tenant_of(authorization: str | None, keys: tuple[str, ...]) -> int | None:
     has none, None when it presents no valid key."""
     if not keys:
         return 0
-    given = (authorization or "").removeprefix("Bearer ").encode()
+    scheme, _, token = (authorization or "").partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
     found = None
     for i, key in enumerate(keys):  # every key compared, whichever matches: the time says nothing of which
         if hmac.compare_digest(given, key.encode()) and found is None:
