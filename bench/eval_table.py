@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import bench, evaluate, loading, plots
+from tridlm import bench, evaluate, loading, plots, sandbox
 from tridlm.decode import GenerationConfig
 
 MAX_TOKENS = 256
@@ -82,6 +82,22 @@ def markdown(task: str, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rescore(runs: Path, out: Path, allowed: bool) -> None:
+    """Every HumanEval run file in ``runs`` scored again from its stored answers."""
+    if not allowed:
+        raise SystemExit("rescoring HumanEval runs the model's code: pass --allow-code-execution")
+    tokenizer = loading.open_model(dtype="int4")[1]
+    files = []
+    for path in sorted(runs.glob("humaneval-*.jsonl")):
+        settings, moved = evaluate.rescore(path, tokenizer)
+        passed = sum(r["passed"] for r in evaluate.RunFile.read(path)[1].values())
+        files.append({"run_file": str(path), "passed": passed, "moved": moved})
+        print(f"{path.name}: {passed} passed as recorded, {len(moved)} moved {moved}", flush=True)
+    (out / "eval-rescore.json").write_text(json.dumps(
+        {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+         "sandbox": sandbox.isolation(), "files": files}, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="humaneval,gsm8k")
@@ -89,9 +105,13 @@ def main() -> None:
     ap.add_argument("--runs", default="bench/results/eval-runs", help="folder of the per-run JSONL files")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--allow-code-execution", action="store_true", help="run HumanEval answers (tridlm.sandbox)")
+    ap.add_argument("--rescore", action="store_true", help="decode nothing: score every HumanEval run file's stored "
+                    "answers again and write OUT/eval-rescore.json with each problem whose pass moved")
     ap.add_argument("--report", action="store_true", help="decode nothing: table and plot of the complete runs")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.rescore:
+        return rescore(Path(args.runs), Path(args.out), args.allow_code_execution)
     report, models = run_all(args.tasks.split(","), evaluate.EvalOptions(
         limit=args.limit, runs=args.runs, allow_code_execution=args.allow_code_execution),
                              decode=not args.report)

@@ -15,6 +15,8 @@ from dataclasses import replace
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("uvicorn")
 from test_serve import TEMPLATE, running  # noqa: E402
@@ -107,19 +109,19 @@ HOSTILE = {  # name: (path, body or raw bytes, extra headers, status, what the m
 }
 
 
-def post(url, path, body, headers, **kw):
+def post(url, path, body, headers, http=httpx, **kw):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"content-type": "application/json", **A, **headers}
-    return httpx.post(url + path, content=content, headers={k: v for k, v in headers.items() if v}, **kw)
+    return http.post(url + path, content=content, headers={k: v for k, v in headers.items() if v}, **kw)
 
 
 def test_hostile_requests_get_a_4xx_at_once_with_no_forward(counted):
     model, url = counted
     assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2}, {}).status_code == 200  # warm
-    with health_watch(url) as health:
+    with health_watch(url) as health, httpx.Client(timeout=10) as http:
         for name, (path, body, headers, status, names) in HOSTILE.items():
             before, start = model.forwards, time.perf_counter()
-            r = post(url, path, body, headers, timeout=10)
+            r = post(url, path, body, headers, http)
             elapsed = time.perf_counter() - start
             assert r.status_code == status, (name, r.text)
             assert names in r.json()["error"]["message"], (name, r.text)
@@ -235,9 +237,20 @@ def test_the_host_header_is_checked_on_loopback_only():
     assert guard.host_allowed("anything", ServerConfig(host="0.0.0.0"))  # reachable from elsewhere: no rebinding
 
 
-def test_json_depth_skips_strings():
-    assert guard.json_depth(b'{"a": [1, {"b": "[[[[{{{{"}]}') == 3
-    assert guard.json_depth(b'"\\"[[["') == 0 and guard.json_depth(b"[]") == 1
+JSON = st.recursive(st.none() | st.integers() | st.text(alphabet='ab[]{}"\\', max_size=6),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text('[{"\\k', max_size=3), inner,
+                                                                                 max_size=3), max_leaves=12)
+
+
+def nesting(value) -> int:
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 0 if children is None else 1 + max(map(nesting, children), default=0)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(value=JSON, ascii_only=st.booleans())
+def test_json_depth_is_the_nesting_with_strings_skipped(value, ascii_only):
+    assert guard.json_depth(json.dumps(value, ensure_ascii=ascii_only).encode()) == nesting(value)
 
 
 # ------------------------------------------------------------------------------------------ tenants
@@ -275,3 +288,22 @@ def test_a_tenant_sees_nothing_of_another_tenants_answers(small_vocab_model, cha
         a_again = traced(url, A, follow, mode)
     assert b_after_a == b_alone
     assert "history" in sources(a_again) and "history" not in sources(b_alone)
+
+
+def test_auto_and_pipelined_batches_hold_one_tenant(tiny_model):
+    """Those modes share one plan across a batch (a row's speed would depend on its neighbours'); the others
+    decode each row as if alone and batch across tenants."""
+    import asyncio
+
+    from tridlm.decode import GenerationConfig
+    from tridlm.serve.worker import Job
+
+    loop = asyncio.new_event_loop()
+    try:
+        def key(tenant, **cfg):
+            return Job([[5]], GenerationConfig(**cfg).resolve(tiny_model), loop, tenant=tenant).batch_key()
+        assert key(0, mode="auto") != key(1, mode="auto")
+        assert key(0, mode="spec", spec_variant="pipelined") != key(1, mode="spec", spec_variant="pipelined")
+        assert key(0, mode="ar") == key(1, mode="ar") and key(0, mode="spec") == key(1, mode="spec")
+    finally:
+        loop.close()

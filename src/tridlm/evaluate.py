@@ -265,6 +265,20 @@ def describe(result: dict) -> str:
             f"TPF {tpf}, {r['tok_s']:.1f} tok/s, {r['wall_s']:.0f} s ({r['run_file']})")
 
 
+def rescore(path: Path, tokenizer: Tokenizer) -> tuple[dict, list[dict]]:
+    """Score a run file's stored answers again (after a change to a scorer or to the sandbox): its settings and
+    each problem whose pass moved, as {"id", "was", "now"}. The file itself is left as it is."""
+    settings, records = RunFile.read(path)
+    task = TASKS[settings["task"]]()
+    problems = {p.id: p for p in task.problems()}
+    moved = []
+    for pid, record in records.items():
+        now = task.score(problems[pid], tokenizer.decode(record["tokens"]))
+        if now != record["passed"]:
+            moved.append({"id": pid, "was": record["passed"], "now": now})
+    return settings, moved
+
+
 def same_tokens(a: Path, b: Path) -> float:
     """The share of problems, among those both runs scored, whose generated tokens are identical."""
     (_, first), (_, second) = RunFile.read(a), RunFile.read(b)

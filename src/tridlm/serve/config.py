@@ -39,6 +39,10 @@ class ServerConfig:
     defaults: GenerationConfig = GenerationConfig()  # the knobs of requests that name none
     answer_history: int = 1 << 16  # tokens of earlier answers that auto drafts from, per tenant (0: none)
 
+    def __post_init__(self):
+        if isinstance(self.api_key, str):  # one key
+            object.__setattr__(self, "api_key", (self.api_key,))
+
     def validate(self) -> ServerConfig:
         positive = ("max_queue", "max_batch", "max_body_bytes", "read_timeout_s", "max_json_depth",
                     "max_forward_tokens", "max_total_tokens", "default_max_tokens")
