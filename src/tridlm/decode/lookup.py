@@ -54,9 +54,9 @@ class AnswerHistory:
     signatures and boilerplate recur across requests; docs/measurements.md has what it buys).
 
     Holds the newest ``capacity`` tokens at most (the default's index peaks near 55 MB): beyond that it keeps
-    the newer half. Not thread-safe: one decoding thread owns it (the server's worker). Shared across users,
-    it lets one request's speed depend on others' answers (never its tokens); serve with
-    ``--answer-history 0`` where that matters.
+    the newer half. Not thread-safe: one decoding thread owns it (the server's worker). Its answers show in
+    the drafts of traces and move speed and forward counts, so whoever reads one must be allowed to see the
+    answers in it: the server keeps one per tenant.
     """
 
     SEPARATOR = -1  # between answers: no token id, so no match or continuation runs across two answers
