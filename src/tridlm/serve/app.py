@@ -64,9 +64,10 @@ class Server:
         self.model, self.tokenizer, self.config = model, tokenizer, config.validate()
         self.metrics = Metrics()
         self.auto_block = config.defaults.replace(mode="auto").resolve(model).block_size
+        rows = self.metrics.batch_rows
         self.worker = Worker(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
                              history=config.answer_history, auto_block=self.auto_block,
-                             on_batch=lambda jobs, s: self.metrics.batch_rows.observe(sum(len(j.prompts) for j in jobs)))
+                             on_batch=lambda jobs, s: rows.observe(sum(len(j.prompts) for j in jobs)))
         # A prompt longer than this in characters has more tokens than the limit, whatever they are: refused
         # before it is tokenized.
         self.max_prompt_tokens = min(config.max_prompt_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from tridlm.decode import MODES, GenerationConfig
 
 
-
 def is_loopback(host: str) -> bool:
     """Whether a host name or address means this machine only (localhost, 127.0.0.0/8, ::1)."""
     if host.lower() == "localhost":
@@ -25,13 +24,13 @@ class ServerConfig:
     host: str = "127.0.0.1"  # address to bind (loopback: this machine only)
     port: int = 8000
     api_key: tuple[str, ...] = ()  # require 'Authorization: Bearer KEY' (repeatable: each key is a tenant)
-    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted besides the loopback ones when bound to loopback ('*': any)
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones when bound to loopback ('*': any)
     max_queue: int = 64  # requests waiting or running before 429
     max_batch: int = 16  # rows decoded together
     max_body_bytes: int = 1 << 20  # larger request bodies get 413 (counted while reading)
     read_timeout_s: float = 30.0  # a request body not received whole within this gets 408
     max_json_depth: int = 16  # request bodies nested deeper get 400
-    max_forward_tokens: int = 272  # tokens one choice may put through one forward (quadratic spec: B(B+1), so B <= 16)
+    max_forward_tokens: int = 272  # tokens one choice may put through one forward (quadratic spec: B(B+1): B <= 16)
     max_total_tokens: int = 4096  # n x max_tokens at most
     max_prompt_tokens: int | None = None  # prompt tokens at most (default: what the context leaves)
     default_max_tokens: int = 256  # for requests that name none (at most what the context leaves)

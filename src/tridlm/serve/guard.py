@@ -117,5 +117,6 @@ def json_depth(raw: bytes) -> int:
     backslashes = at - 1 - np.concatenate(([-1], last_plain[:-1]))
     quotes = (text == ord('"')) & (backslashes % 2 == 0)
     outside = np.cumsum(quotes) % 2 == 0  # not inside a string (a closing quote counts as outside)
-    steps = (np.isin(text, (ord("["), ord("{"))) & outside).astype(np.int32) - (np.isin(text, (ord("]"), ord("}"))) & outside)
+    opens, closes = np.isin(text, (ord("["), ord("{"))) & outside, np.isin(text, (ord("]"), ord("}"))) & outside
+    steps = opens.astype(np.int32) - closes
     return int(np.cumsum(steps).max(initial=0))

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig
 
-
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's own limits
 
 
