@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tridlm import kernels, rope
-from tridlm.model import RMSNorm, attention_bias, row_exact_attention
+from tridlm.attention import attention_bias, row_exact_attention
+from tridlm.model import RMSNorm
 
 pytestmark = pytest.mark.skipif(kernels._module() is None, reason="the CPU kernels could not be built here")
 
@@ -159,7 +160,7 @@ def test_adapters_in_the_int4_kernel_and_lora_add_match_the_torch_formula():
     """A group's adapter (block-diagonal B, tiles spanning two projections) added inside the int4 matmul or by
     lora_add, on chosen rows only, equals y + mask * (x A^T) B^T; rows without it are untouched, bit for bit."""
     from tridlm import quant
-    from tridlm.model import Linear, LoraGroup
+    from tridlm.projection import Linear, LoraGroup
 
     gen = torch.Generator().manual_seed(4)
     projs = tuple(Linear(64, n) for n in (40, 24, 56))  # 40 and 64 end inside tiles of 16

@@ -22,13 +22,15 @@ def test_adapter_only_acts_when_switched_on(tiny_cfg):
     for name, p in model.named_parameters():
         if name.endswith("lora_b"):
             p.normal_(0, 0.5)
+    model.adapters_changed()
     assert torch.equal(model(x, pos, mask, adapter=False), base)
     assert not torch.allclose(model(x, pos, mask, adapter=True), base)
 
 
 def test_grouped_adapters_compute_what_each_projection_does(tiny_cfg):
     """At inference q/k/v and gate/up adapters run as one low-rank pair each (``LoraGroup``); with gradients
-    on, each projection's own. Same values up to float rounding, off rows untouched, rebuilt after a change."""
+    on, each projection's own. Same values up to float rounding, off rows untouched, rebuilt once a change is
+    announced (``adapters_changed``)."""
     model = random_model(tiny_cfg, seed=3)
     model.add_lora(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"))
@@ -45,7 +47,11 @@ def test_grouped_adapters_compute_what_each_projection_does(tiny_cfg):
         for name, p in model.named_parameters():
             if "lora" in name:
                 with torch.no_grad():
-                    p.normal_(0, 0.5)  # in place: the groups must notice
+                    p.normal_(0, 0.5)  # in place
+        if step:  # not announced: inference still runs the adapters it was last told of
+            stale, fresh = both()
+            assert not torch.allclose(stale, fresh)
+        model.adapters_changed()
         grouped, single = both()
         torch.testing.assert_close(grouped, single, rtol=1e-5, atol=1e-5)
         with torch.no_grad():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tridlm import checkpoint, quant
+from tridlm import checkpoint, projection, quant
 from tridlm.decode import GenerationConfig, generate
 from tridlm.model import random_model
 
@@ -49,7 +49,7 @@ def models(tiny_cfg):
     out = {"bfloat16": random_model(cfg, seed=4, std=0.3).to(torch.bfloat16)}
     for precision in quant.WEIGHT_PRECISIONS:
         model = random_model(cfg, seed=4, std=0.3).to(torch.bfloat16)
-        quant.quantize(model, precision)
+        projection.quantize(model, precision)
         out[precision] = model
     return out
 

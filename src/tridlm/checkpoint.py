@@ -22,7 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tridlm.model import Linear, ModelConfig, TriModel
+from tridlm.model import ModelConfig, TriModel
+from tridlm.projection import Linear
 from tridlm.rope import RopeConfig
 from tridlm.tokenizer import Tokenizer
 
@@ -368,3 +369,4 @@ def load_adapter(model: TriModel, directory: Path) -> None:
                                       f"r={config['r']}, target_modules={config['target_modules']})")
             with torch.no_grad():
                 param.copy_(value)
+    model.adapters_changed()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import checkpoint, default_model, quant
+from tridlm import checkpoint, default_model, projection, quant
 from tridlm.device import fast_dtype
 from tridlm.gguf_file import load_gguf
 from tridlm.graphs import GraphedModel
@@ -66,7 +66,7 @@ def open_model(path: str | Path | None = None, dtype: str | None = None, device:
     if adapter not in (None, "none"):
         checkpoint.load_adapter(model, Path(adapter))
     if dtype in quant.WEIGHT_PRECISIONS:
-        quant.quantize(model, dtype)
+        projection.quantize(model, dtype)
     return model, tok
 
 

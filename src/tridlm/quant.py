@@ -162,22 +162,3 @@ def concat(weights: list) -> Int8Weight | Int4Weight | None:
     fused.codes = torch.cat([w.codes for w in weights])
     fused.scales = torch.cat([w.scales for w in weights])
     return fused
-
-
-def quantize(model, precision: str) -> None:
-    """Give every projection and the output head of a bfloat16 ``model`` ``precision`` weights (in place),
-    except those already packed. The output head gets int8 in both precisions (where the model ties it to
-    the embedding, the float table stays for the lookup)."""
-    from tridlm.model import Linear
-
-    if precision not in WEIGHT_PRECISIONS:
-        raise ValueError(f"invalid weight precision {precision!r}: expected one of {', '.join(WEIGHT_PRECISIONS)}")
-    if model.dtype != ACTIVATIONS:
-        raise ValueError(f"{precision} weights run with {ACTIVATIONS} activations; cast the model first")
-    for name, module in model.named_modules():
-        if not isinstance(module, Linear) or module.packed is not None:
-            continue
-        head = name == "diffusion_head"
-        module.pack(Int8Weight.from_float(module.weight) if precision == "int8" or head
-                    else Int4Weight.from_float(module.weight))
-    model.fuse_packed()

@@ -167,6 +167,7 @@ class Trainer:
                 total += float(out.loss.detach()) / cfg.grad_accum
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
+            self.model.adapters_changed()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
@@ -225,7 +226,8 @@ class Trainer:
             checkpoint.save(self.out / "model", self.model, self.tokenizer)
 
     def _load(self) -> None:
-        state = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=True)  # tensors and plain data only: no pickled code
+        # Tensors and plain data only: a checkpoint that carries pickled code is refused.
+        state = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=True)
         saved = TrainConfig(**{**state["config"], "lora_targets": tuple(state["config"]["lora_targets"])})
         if dataclasses.replace(saved, steps=self.cfg.steps) != dataclasses.replace(self.cfg, steps=self.cfg.steps):
             raise ValueError(f"{self.out}/checkpoint.pt was written with other settings: {saved}")
@@ -233,6 +235,7 @@ class Trainer:
         with torch.no_grad():
             for name, value in state["model"].items():
                 params[name].copy_(value)
+        self.model.adapters_changed()
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.step, self.rows = state["step"], state["rows"]

@@ -1,0 +1,143 @@
+"""The model's projections and what makes them fast: ``Linear`` (float or low-bit weights, an optional
+low-rank adapter), adapters grouped into the kernels' form (``LoraGroup``), projections that read the same
+input run as one kernel call (``project``, ``fuse_packed``), and ``quantize`` giving a model low-bit weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tridlm import kernels
+from tridlm.quant import ACTIVATIONS, WEIGHT_PRECISIONS, Int4Weight, Int8Weight, concat
+
+
+class Linear(nn.Linear):
+    """A linear layer with an optional low-rank adapter, used only when asked, and optionally low-bit
+    weights (``tridlm.quant``) in place of the float ones."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False):
+        super().__init__(d_in, d_out, bias=bias)
+        self.lora_a: nn.Parameter | None = None
+        self.lora_b: nn.Parameter | None = None
+        self.lora_scale = 0.0
+        self.packed = None  # an Int8Weight / Int4Weight; the float weight is dropped
+
+    def pack(self, weight) -> None:
+        """Use low-bit ``weight`` from now on (activations in ``tridlm.quant.ACTIVATIONS``)."""
+        self.packed, self.weight = weight, None
+
+    def add_lora(self, rank: int, alpha: float, dtype: torch.dtype, device: torch.device) -> None:
+        """Attach a LoRA (B initialised to zero, so the adapter starts as the identity)."""
+        self.lora_a = nn.Parameter(torch.randn(rank, self.in_features, dtype=dtype, device=device)
+                                   / math.sqrt(self.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        self.lora_scale = alpha / rank
+
+    def forward(self, x: torch.Tensor, adapter: bool | torch.Tensor = False) -> torch.Tensor:
+        """adapter: True/False for every token, or a (B, n) bool tensor choosing tokens."""
+        if self.packed is not None:
+            y = self.packed(x) if self.bias is None else self.packed(x) + self.bias
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return self.with_lora(y, x, adapter)
+
+    def with_lora(self, y: torch.Tensor, x: torch.Tensor, adapter: bool | torch.Tensor) -> torch.Tensor:
+        """``y`` (this layer's output for ``x``) plus the adapter's contribution where it is switched on."""
+        if adapter is False or self.lora_a is None:
+            return y
+        delta = F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b) * self.lora_scale
+        return y + (delta if adapter is True else delta * adapter[..., None]).to(y.dtype)
+
+
+class LoraGroup:
+    """The adapters of projections that read the same input (q/k/v, gate/up; or one projection) as one
+    low-rank pair at inference: A stacked, B block-diagonal with each scale folded in, applied in one kernel
+    call (inside the int4 matmul, or ``kernels.lora_add``) where torch needs two matmuls, a mask and an add per
+    projection: on a CPU a drafting forward's time would otherwise go largely into these tiny ops. The model
+    rebuilds the form after ``TriModel.adapters_changed``; training uses each projection's own adapter so that
+    gradients reach it."""
+
+    def __init__(self, projs: tuple[Linear, ...]):
+        self.projs = projs
+        self.form: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a, bt, spans (kernels.Adapter)
+
+    def refresh(self, activations: torch.dtype) -> None:
+        if any(p.lora_a is None for p in self.projs):
+            self.form = None
+            return
+        a = torch.cat([p.lora_a for p in self.projs]).float()
+        b = torch.block_diag(*[p.lora_b.float() * p.lora_scale for p in self.projs])  # (N, r)
+        n = b.shape[0]
+        tiles = -(-n // 16)
+        bt = F.pad(b.T, (0, 16 * tiles - n)).view(-1, tiles, 16).transpose(0, 1).contiguous()  # (tiles, r, 16)
+        # each tile's rank range: from the first to the last adapter of the projections it overlaps
+        ends = torch.tensor([p.out_features for p in self.projs]).cumsum(0)
+        ranks = torch.tensor([p.lora_a.shape[0] for p in self.projs]).cumsum(0)
+        first = torch.searchsorted(ends, torch.arange(tiles) * 16, right=True)
+        last = torch.searchsorted(ends, torch.clamp(torch.arange(1, tiles + 1) * 16, max=n) - 1, right=True)
+        spans = torch.stack([F.pad(ranks, (1, 0))[first], ranks[last]], 1).to(torch.int32).contiguous()
+        # bfloat16 where the activations are: half the bytes that each drafting forward reads
+        dtype = torch.bfloat16 if activations == torch.bfloat16 else torch.float32
+        self.form = a.to(dtype).contiguous(), bt.to(dtype), spans
+
+    def usable(self, adapter: bool | torch.Tensor) -> bool:
+        return adapter is not False and self.form is not None and not torch.is_grad_enabled()
+
+    def kernel_form(self, adapter: bool | torch.Tensor) -> kernels.Adapter:
+        """The group's adapters for the tokens ``adapter`` selects (all, or a (B, n) selection)."""
+        return kernels.Adapter(*self.form, None if adapter is True else adapter.reshape(-1))
+
+
+def project(x: torch.Tensor, projs: tuple[Linear, ...], fused, group: LoraGroup,
+            adapter: bool | torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of projections that read the same ``x``: with their low-bit weights in one kernel call
+    when ``fused`` (``fuse_packed``), their adapters as one group where usable."""
+    sizes = [p.out_features for p in projs]
+    if not group.usable(adapter):
+        if fused is None:
+            return [p(x, adapter) for p in projs]
+        return [p.with_lora(o, x, adapter) for p, o in zip(projs, fused(x).split(sizes, dim=-1))]
+    lora = group.kernel_form(adapter)
+    if fused is None and len(projs) == 1 and projs[0].bias is None:
+        fused = projs[0].packed
+    if isinstance(fused, Int4Weight):  # the adapter inside the int4 kernel
+        return list(fused(x, lora).split(sizes, dim=-1))
+    if fused is not None:
+        y = fused(x)
+    else:
+        y = projs[0](x) if len(projs) == 1 else torch.cat([p(x) for p in projs], dim=-1)
+    rows = kernels.lora_add(y.reshape(-1, y.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]), lora)
+    return list(rows.view(y.shape).split(sizes, dim=-1))
+
+
+def fuse_packed(model) -> None:
+    """Run each layer's q/k/v, and its gate/up, low-bit weights as one kernel call each (same values bit for
+    bit; adapters still apply per projection). Layers with float weights or biases stay as they are."""
+    for layer in model.encoder.layers:
+        a, m = layer.self_attn, layer.mlp
+        groups = ((a, "qkv", (a.q_proj, a.k_proj, a.v_proj)), (m, "gate_up", (m.gate_proj, m.up_proj)))
+        for owner, name, projs in groups:
+            kinds = {type(pr.packed) for pr in projs}
+            if len(kinds) == 1 and None not in (pr.packed for pr in projs) and all(pr.bias is None for pr in projs):
+                setattr(owner, name, concat([pr.packed for pr in projs]))
+
+
+def quantize(model, precision: str) -> None:
+    """Give every projection and the output head of a bfloat16 ``model`` ``precision`` weights (in place),
+    except those already packed. The output head gets int8 in both precisions (where the model ties it to
+    the embedding, the float table stays for the lookup)."""
+    if precision not in WEIGHT_PRECISIONS:
+        raise ValueError(f"invalid weight precision {precision!r}: expected one of {', '.join(WEIGHT_PRECISIONS)}")
+    if model.dtype != ACTIVATIONS:
+        raise ValueError(f"{precision} weights run with {ACTIVATIONS} activations; cast the model first")
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or module.packed is not None:
+            continue
+        head = name == "diffusion_head"
+        module.pack(Int8Weight.from_float(module.weight) if precision == "int8" or head
+                    else Int4Weight.from_float(module.weight))
+    fuse_packed(model)
