@@ -17,7 +17,7 @@ import torch
 
 from tridlm import bench, masks
 from tridlm.decode import GenerationConfig, generate
-from tridlm.decode.common import forward_block
+from tridlm.decode.forward import forward_block
 from tridlm.loading import open_model
 
 PROMPT = "Write a short poem about the sea and the wind, in four lines."

@@ -17,8 +17,8 @@ import time
 import torch
 
 from tridlm import kernels, masks, quant
-from tridlm.decode.common import forward_block, prefill
 from tridlm.decode.costs import latency_sweep
+from tridlm.decode.forward import forward_block, prefill
 from tridlm.loading import open_model
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # (out, in)

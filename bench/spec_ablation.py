@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 from tridlm import bench, evaluate, plots
-from tridlm.decode import AnswerHistory, DecodeState, GenerationConfig, generate, stream
-from tridlm.decode.costs import relative_costs
+from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig, generate, stream
 from tridlm.loading import open_model
 
 SETTINGS = {  # names without commas (--settings takes a comma-separated list)
@@ -49,18 +48,18 @@ SETTINGS = {  # names without commas (--settings takes a comma-separated list)
 
 
 def decode(model, prompt: list[int], cfg: GenerationConfig, history: AnswerHistory | None,
-           sources: Counter) -> tuple[object, float]:
+           sources: Counter, costs: CostCurve) -> tuple[object, float]:
     """Decode one prompt alone; its row and wall seconds; counts the verified cycles by draft source."""
     state = DecodeState(1, cfg, model.cfg.eos_ids, None, trace=True)
     start = time.perf_counter()
-    for _ in stream(model, [prompt], cfg, state=state, history=history):
+    for _ in stream(model, [prompt], cfg, state=state, history=history, costs=costs):
         for _, events in state.take_trace():
             sources.update(e.get("source", "none") for e in events if e["type"] in ("verify", "step"))
     return state.rows[0], time.perf_counter() - start
 
 
 def repeat(model, prompts: list[list[int]], names: list[str], max_tokens: int, warm: list[list[int]],
-           flip: bool) -> dict[str, tuple[list, float, Counter]]:
+           flip: bool, costs: CostCurve) -> dict[str, tuple[list, float, Counter]]:
     """One repeat of every setting over the prompts: per prompt, each setting in turn (the order alternating
     between prompts), so that a slow spell of the machine weighs on all settings alike. Per setting: rows, wall
     seconds, verified cycles by source. A "+history" setting has its own history, started from ``warm``."""
@@ -75,7 +74,7 @@ def repeat(model, prompts: list[list[int]], names: list[str], max_tokens: int, w
         for name in (names if (i % 2 == 0) != flip else names[::-1]):
             rows, wall, sources = runs[name]
             cfg = GenerationConfig(max_tokens=max_tokens, **SETTINGS[name])
-            row, seconds = decode(model, prompt, cfg, histories.get(name), sources)
+            row, seconds = decode(model, prompt, cfg, histories.get(name), sources, costs)
             runs[name] = (rows + [row], wall + seconds, sources)
     return runs
 
@@ -102,9 +101,9 @@ def main() -> None:
     for precision in args.precisions.split(","):
         model, tok = open_model(dtype=precision, adapter=args.adapter)
         report["machine"] = bench.machine(model)
-        # auto's cost curve is measured once per model, here rather than inside the first timed auto run
-        report.setdefault("relative_costs", {})[precision] = relative_costs(
-            model, GenerationConfig(mode="auto").resolve(model).block_size)
+        # auto's cost curve is measured once per model, here rather than inside every timed auto run
+        costs = CostCurve.measure(model, GenerationConfig(mode="auto").resolve(model).block_size)
+        report.setdefault("relative_costs", {})[precision] = costs.upto(costs.largest)
         code = [tok.encode_chat([{"role": "user", "content": p.request}]) for p in evaluate.HumanEval().problems()]
         classes = {"chat": (bench.load_prompts(None, tok)[: args.chat], chat_tokens),
                    "code": (code[: args.code], code_tokens)}
@@ -115,7 +114,8 @@ def main() -> None:
         for cls, (prompts, max_tokens) in classes.items():
             runs = {n: [] for n in names}
             for rep in range(args.repeats):  # a fresh history per repeat: a run never sees its own answers twice
-                for name, result in repeat(model, prompts, names, max_tokens, warm[cls], rep % 2 == 1).items():
+                for name, result in repeat(model, prompts, names, max_tokens, warm[cls], rep % 2 == 1,
+                                             costs).items():
                     runs[name].append(result)
                     print(f"{precision} {cls} repeat {rep} {name}: {result[1]:.1f} s", flush=True)
             ar_tokens = [r.tokens for r in runs["ar"][0][0]]

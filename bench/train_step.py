@@ -1,9 +1,13 @@
 """One adapter-regime training step (forward + backward), dual-stream forward vs cached clean stream,
 with the shipped adapter's training settings (batch 8 x 256, block 8, LoRA rank 8 on all projections,
 bf16 autocast), alternating in one process."""
-import time, torch
+import time
+
+import torch
+
 from tridlm import default_model
-from tridlm.train.objective import add_noise, joint_loss, diffusion_loss
+from tridlm.train.objective import add_noise, diffusion_loss, joint_loss
+
 model, tok = default_model.load(own_adapter=False)
 model.add_lora(8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 for n, p in model.named_parameters(): p.requires_grad_("lora_" in n)

@@ -19,7 +19,7 @@ import torch
 
 from tridlm import bench, evaluate, masks
 from tridlm.decode import GenerationConfig, generate
-from tridlm.decode.common import forward_block, masked_block, prefill
+from tridlm.decode.forward import forward_block, masked_block, prefill
 from tridlm.loading import open_model
 
 RUNS = {"humaneval": "bench/results/eval-runs/humaneval-ar-int4-69084718.jsonl",

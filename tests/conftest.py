@@ -7,7 +7,8 @@ import string
 
 import pytest
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from tridlm.model import ModelConfig, random_model
 from tridlm.tokenizer import Tokenizer

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tridlm import masks
-from tridlm.decode.common import forward_block, prefill
+from tridlm.decode.forward import forward_block, prefill
 
 
 def full_forward(model, seq: list[int]) -> torch.Tensor:

@@ -1,20 +1,14 @@
 import dataclasses
-import itertools
 
 import pytest
 import torch
+from helpers import GREEDY, chi_square, exact_ar_distribution, tokens
 
 from tridlm import masks
 from tridlm.decode import GenerationConfig, generate, stream
 from tridlm.decode.spec import accept
 from tridlm.model import ModelConfig, random_model
 from tridlm.sampling import Sampler
-
-GREEDY = GenerationConfig(max_tokens=40)
-
-
-def tokens(state):
-    return [r.tokens for r in state.rows]
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, 4, 8])
@@ -63,9 +57,9 @@ def test_quadratic_spec_sampling_is_distributionally_lossless():
     prompt, n = [1, 2, 3], 4
     cfg = GenerationConfig(mode="spec", spec_variant="quadratic", block_size=3, temperature=1.0, seed=12,
                            max_tokens=n)
-    expected = _exact_ar_distribution(model, prompt, n, cfg.sampler)
+    expected = exact_ar_distribution(model, prompt, n, cfg.sampler)
     state = generate(model, [prompt] * 6000, cfg, eos_ids=[])
-    stat, dof = _chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)
+    stat, dof = chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)
     assert scipy_stats.chi2.sf(stat, dof) > 1e-3
     assert max(state.stats()["accepted_hist"]) >= 2
 
@@ -181,42 +175,17 @@ def test_accept_greedy_prefix_and_bonus():
     assert k.tolist() == [2, 1] and bonus.tolist() == [0, 1]
 
 
-def _exact_ar_distribution(model, prompt, n, sampler):
-    """p(t1..tn) for every sequence over a tiny vocabulary, by enumeration with uncached forwards."""
-    V = model.cfg.vocab_size
-    seqs = torch.tensor(list(itertools.product(range(V), repeat=n)))  # (V^n, n)
-    x = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], dim=1)
-    T = x.shape[1]
-    with torch.no_grad():
-        logits = model(x, torch.arange(T).expand(len(x), -1), masks.causal(torch.zeros(len(x), dtype=torch.long), T, 0))
-    probs = sampler.distribution(logits[:, len(prompt) - 1 : -1])  # (V^n, n, V)
-    return probs.gather(-1, seqs[..., None])[..., 0].prod(-1)  # (V^n,)
-
-
-def _chi_square(samples: torch.Tensor, expected_p: torch.Tensor, V: int) -> tuple[float, int]:
-    """Chi-square statistic and dof over sequence bins, pooling bins expected below 5 counts."""
-    n = len(samples)
-    index = (samples * (V ** torch.arange(samples.shape[1] - 1, -1, -1))).sum(-1)
-    observed = torch.bincount(index, minlength=len(expected_p)).double()
-    expected = expected_p.double() * n
-    small = expected < 5
-    obs = torch.cat([observed[~small], observed[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
-
-
 def test_spec_sampling_is_distributionally_lossless():
     scipy_stats = pytest.importorskip("scipy.stats")
     model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
     prompt, n, samples = [1, 2, 3], 3, 6000
     cfg = GenerationConfig(mode="spec", block_size=4, temperature=1.0, top_k=5, seed=11, max_tokens=n)
     sampler = cfg.sampler
-    expected = _exact_ar_distribution(model, prompt, n, sampler)
+    expected = exact_ar_distribution(model, prompt, n, sampler)
 
     def p_value(mode):
         state = generate(model, [prompt] * samples, cfg.replace(mode=mode), eos_ids=[])
-        stat, dof = _chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)
+        stat, dof = chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)
         return scipy_stats.chi2.sf(stat, dof), state
 
     p_spec, state = p_value("spec")

@@ -7,7 +7,7 @@ import torch
 
 from tridlm import masks
 from tridlm.decode import GenerationConfig, generate
-from tridlm.decode.common import forward_block, prefill
+from tridlm.decode.forward import forward_block, prefill
 from tridlm.graphs import GraphedModel
 
 SETTINGS = [

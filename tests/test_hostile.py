@@ -14,12 +14,11 @@ from dataclasses import replace
 
 import httpx
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("uvicorn")
-from test_serve import TEMPLATE, running  # noqa: E402
+from helpers import TEMPLATE, Wrapped, running  # noqa: E402
 
 from tridlm import cli  # noqa: E402
 from tridlm.serve import guard  # noqa: E402
@@ -30,19 +29,6 @@ KEYS = ("key-a", "key-b")
 A, B = ({"authorization": f"Bearer {k}"} for k in KEYS)
 
 
-class Counting(torch.nn.Module):
-    """A model that counts its forwards (prefills included)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.cfg, self.forwards = inner, inner.cfg, 0
-        self.device, self.dtype, self.new_cache = inner.device, inner.dtype, inner.new_cache
-
-    def forward(self, *args, **kwargs):
-        self.forwards += 1
-        return self.inner(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def chat_tokenizer(char_tokenizer):
     return replace(char_tokenizer, chat_template=TEMPLATE)
@@ -50,7 +36,7 @@ def chat_tokenizer(char_tokenizer):
 
 @pytest.fixture(scope="module")
 def counted(tiny_model, chat_tokenizer):
-    model = Counting(tiny_model)
+    model = Wrapped(tiny_model)
     with running(model, chat_tokenizer, api_key=KEYS, read_timeout_s=1.0, max_total_tokens=256) as url:
         yield model, url
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from tridlm import masks
-from tridlm.decode.common import forward_block, prefill
+from tridlm.decode.forward import forward_block, prefill
 from tridlm.model import random_model
 from tridlm.train.objective import add_noise, diffusion_loss, joint_loss
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_decode import GREEDY, _chi_square, _exact_ar_distribution, tokens
+from helpers import GREEDY, chi_square, exact_ar_distribution, tokens
 
 from tridlm import masks
 from tridlm.decode import AnswerHistory, DecodeState, GenerationConfig, generate, stream
@@ -139,9 +139,9 @@ def test_pipelined_sampling_is_distributionally_lossless():
     prompt, n = [1, 2, 3, 1, 2], 4
     cfg = GenerationConfig(mode="spec", spec_variant="pipelined", block_size=4, temperature=1.0, seed=13,
                            max_tokens=n)
-    expected = _exact_ar_distribution(model, prompt, n, cfg.sampler)
+    expected = exact_ar_distribution(model, prompt, n, cfg.sampler)
     state = generate(model, [prompt] * 6000, cfg, eos_ids=[])
-    stat, dof = _chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)
+    stat, dof = chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)
     assert scipy_stats.chi2.sf(stat, dof) > 1e-3
     assert max(state.stats()["accepted_hist"]) >= 3
 
@@ -153,3 +153,19 @@ def test_a_batch_leaves_room_for_rows_that_finished_past_max_tokens(small_vocab_
     cfg = GREEDY.replace(max_tokens=21, mode="spec", spec_variant="pipelined", block_size=8)
     sp = generate(small_vocab_model, prompts, cfg, eos_ids=[])
     assert tokens(sp) == tokens(generate(small_vocab_model, prompts, GREEDY.replace(max_tokens=21), eos_ids=[]))
+
+
+def test_a_cost_curve_saves_loads_and_must_cover_the_block(tiny_model, tmp_path):
+    from helpers import COSTS
+
+    from tridlm.decode import CostCurve
+
+    COSTS.save(tmp_path / "costs.json")
+    assert CostCurve.load(tmp_path / "costs.json") == COSTS
+    with pytest.raises(ValueError, match="covers forwards of up to 8"):
+        COSTS.upto(9)
+    (tmp_path / "bad.json").write_text('{"verify": {"2": 1.0}, "draft": {"2": 1.0}}')
+    with pytest.raises(ValueError, match="sizes 1..n"):
+        CostCurve.load(tmp_path / "bad.json")
+    measured = CostCurve.measure(tiny_model, 3, context=16, reps=1)
+    assert measured.largest == 3 and measured.verify[1] == 1.0

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 pytest.importorskip("uvicorn")
-from test_serve import TEMPLATE, running
+from helpers import TEMPLATE, running
 
 pytestmark = pytest.mark.server
 

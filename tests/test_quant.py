@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import unfused_logits_equal
 
 from tridlm import checkpoint, projection, quant
 from tridlm.decode import GenerationConfig, generate
@@ -114,24 +115,6 @@ def test_default_model_int4_keeps_the_gguf_codes(default_model):
     want = float_model.encoder.layers[0].self_attn.q_proj.weight.float()
     torch.testing.assert_close(matrix(q.packed, want.shape[1]), want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
 
-
-
-def unfused_logits_equal(model, tokens) -> bool:
-    """Whether the model's logits are the same bit for bit with its fused q/k/v and gate/up weights as with
-    the separate ones (which ``fuse_packed`` keeps)."""
-    from tridlm import masks
-
-    x = torch.tensor([tokens])
-    args = (x, torch.arange(x.shape[1])[None], masks.causal(torch.zeros(1, dtype=torch.long), x.shape[1], 0))
-    fused = model(*args)
-    saved = [(layer.self_attn.qkv, layer.mlp.gate_up) for layer in model.encoder.layers]
-    for layer in model.encoder.layers:
-        layer.self_attn.qkv = layer.mlp.gate_up = None
-    try:
-        return torch.equal(fused, model(*args))
-    finally:
-        for layer, (qkv, gate_up) in zip(model.encoder.layers, saved):
-            layer.self_attn.qkv, layer.mlp.gate_up = qkv, gate_up
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import torch
 
 from tridlm import masks
 from tridlm.decode import GenerationConfig, generate
-from tridlm.decode.common import forward_block, prefill
+from tridlm.decode.forward import forward_block, prefill
 
 pytestmark = pytest.mark.slow
 
@@ -80,9 +80,9 @@ def test_verify_rows_are_ar_steps_bit_for_bit(precision):
     steps (row-independent matmuls at these shapes, and ``kernels.attend``), so spec's greedy text is AR's by
     construction, not by argmax margins; checked on real prompts in every spec variant and auto too. The same holds
     between a row decoded in a ragged batch and alone."""
-    from tridlm.loading import open_model
+    from helpers import unfused_logits_equal
 
-    from test_quant import unfused_logits_equal
+    from tridlm.loading import open_model
 
     model, tok = open_model(dtype=precision)
     prompts = [tok.encode_chat([{"role": "user", "content": c}]) for c in CHATS]

@@ -3,54 +3,30 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import replace
 
 import httpx
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
+from helpers import TEMPLATE, Wrapped, running  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tridlm.decode import GenerationConfig, generate  # noqa: E402
-from tridlm.serve.app import ServerConfig, create_app  # noqa: E402
+from tridlm.serve.app import ServerConfig  # noqa: E402
 
 pytestmark = pytest.mark.server
 
-TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 PROMPTS = ["hello there", "a quick test", "what is one plus two?", "tell me more", "x", "the end is near"]
 
 
 @pytest.fixture(scope="module")
 def chat_tokenizer(char_tokenizer):
     return replace(char_tokenizer, chat_template=TEMPLATE)
-
-
-@contextmanager
-def running(model, tokenizer, **config):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(model, tokenizer, ServerConfig(served_model_name="tiny", **config))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -211,21 +187,8 @@ def test_api_key_is_checked(tiny_model, chat_tokenizer):
         assert good.completions.create(model="tiny", prompt="hi", max_tokens=3).choices
 
 
-class Slow(torch.nn.Module):
-    """The tiny model with a delay per forward, so that a request outlives its client."""
-
-    def __init__(self, inner, delay):
-        super().__init__()
-        self.inner, self.delay, self.cfg = inner, delay, inner.cfg
-        self.device, self.dtype, self.new_cache = inner.device, inner.dtype, inner.new_cache
-
-    def forward(self, *args, **kwargs):
-        time.sleep(self.delay)
-        return self.inner(*args, **kwargs)
-
-
 def test_queue_limit_answers_429_and_disconnect_frees_the_slot(tiny_model, chat_tokenizer):
-    with running(Slow(tiny_model, 0.02), chat_tokenizer, max_queue=2, max_batch=1) as url:
+    with running(Wrapped(tiny_model, 0.02), chat_tokenizer, max_queue=2, max_batch=1) as url:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 400}
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as first:

@@ -1,9 +1,9 @@
 """Training: data packing, exact resume, the adapter regime's AR invariance, learning, and DDP."""
 
 import json
-import re
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess

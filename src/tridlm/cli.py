@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tridlm import bench, checkpoint, demo, evaluate, loading
-from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, generate
+from tridlm.decode import MODES, SPEC_VARIANTS, CostCurve, GenerationConfig, generate
 from tridlm.serve.config import ServerConfig
 from tridlm.tokenizer import TextStream
 from tridlm.train import distill
@@ -176,6 +176,8 @@ def _adapter_parsers(sub) -> None:
 
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    p.add_argument("--cost-curve", help="a cost curve saved with tridlm.decode.CostCurve.save for auto to plan with "
+                                        "(default: measured before serving)")
     p.add_argument("--api-key-file", help="a file of API keys, one per line ('#' comments): each is a tenant, "
                                           "besides those of --api-key")
     p.add_argument("--block-size", type=int, help="block size of requests that name none (default: per device "
@@ -286,7 +288,8 @@ def cmd_serve(args) -> None:
     keys = tuple(args.api_key) + (_key_file(args.api_key_file) if args.api_key_file else ())
     config = _fill(ServerConfig, args, served_model_name=args.served_model_name or loading.model_name(args.model),
                    defaults=GenerationConfig(block_size=args.block_size).validate(), api_key=keys)
-    uvicorn.run(create_app(*_open(args), config), host=config.host, port=config.port, log_level="info")
+    costs = CostCurve.load(args.cost_curve) if args.cost_curve else None
+    uvicorn.run(create_app(*_open(args), config, costs), host=config.host, port=config.port, log_level="info")
 
 
 def _key_file(path: str) -> tuple[str, ...]:

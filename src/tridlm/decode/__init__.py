@@ -13,23 +13,27 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from tridlm.decode.ar import ar
-from tridlm.decode.common import MODES, SPEC_VARIANTS, DecodeState, GenerationConfig, Row, prefill, summarize
+from tridlm.decode.config import MODES, SPEC_VARIANTS, GenerationConfig
 from tridlm.decode.diffusion import diffusion
+from tridlm.decode.forward import prefill
+from tridlm.decode.costs import CostCurve
 from tridlm.decode.lookup import AnswerHistory
+from tridlm.decode.metrics import summarize
 from tridlm.decode.pipelined import pipelined
 from tridlm.decode.spec import spec
+from tridlm.decode.state import DecodeState, Row
 from tridlm.model import TriModel
 
 DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec}  # auto and pipelined spec: ``pipelined``
 
-__all__ = ["MODES", "SPEC_VARIANTS", "AnswerHistory", "DecodeState", "GenerationConfig", "Row", "generate", "stream",
+__all__ = ["MODES", "SPEC_VARIANTS", "AnswerHistory", "CostCurve", "DecodeState", "GenerationConfig", "Row", "generate", "stream",
            "summarize"]
 
 
 @torch.inference_mode()
 def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
            eos_ids: Sequence[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
-           state: DecodeState | None = None, history: AnswerHistory | None = None
+           state: DecodeState | None = None, history: AnswerHistory | None = None, costs: CostCurve | None = None
            ) -> Iterator[list[tuple[int, list[int]]]]:
     """Decode a batch of token prompts, yielding (row, newly committed tokens) pairs per cycle.
 
@@ -58,7 +62,7 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     for i, t in enumerate(pending.tolist()):
         state.emit(i, [t])
     yield state.flush()
-    decoder = functools.partial(pipelined, history=history) if cfg.pipelined else DECODERS[cfg.mode]
+    decoder = functools.partial(pipelined, history=history, costs=costs) if cfg.pipelined else DECODERS[cfg.mode]
     yield from decoder(model, cache, pending, state, generator)
     for row in state.rows if history is not None else ():
         history.add(row.tokens)
@@ -67,11 +71,12 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
 def generate(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
              eos_ids: Sequence[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
              on_tokens: Callable[[int, list[int]], None] | None = None,
-             history: AnswerHistory | None = None) -> DecodeState:
+             history: AnswerHistory | None = None, costs: CostCurve | None = None) -> DecodeState:
     """Decode to the end; the returned state holds each row's tokens and the call's stats.
-    ``on_tokens(row, tokens)`` sees each row's tokens as they are committed; ``history`` as in ``stream``."""
+    ``on_tokens(row, tokens)`` sees each row's tokens as they are committed; ``history`` and ``costs`` as in
+    ``stream``."""
     state = DecodeState(len(prompts), cfg.validate(), _eos(model, eos_ids), detokenize)
-    for chunk in stream(model, prompts, cfg, state=state, history=history):
+    for chunk in stream(model, prompts, cfg, state=state, history=history, costs=costs):
         for row, tokens in chunk if on_tokens else ():
             on_tokens(row, tokens)
     return state

@@ -8,7 +8,8 @@ import torch
 
 from tridlm import masks
 from tridlm.cache import KVCache
-from tridlm.decode.common import DecodeState, forward_block
+from tridlm.decode.forward import forward_block
+from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
 
 

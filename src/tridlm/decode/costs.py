@@ -7,17 +7,17 @@ The cost curve decides which exact decoding pays (``auto``): on a CPU with low-b
 from __future__ import annotations
 
 import functools
+import json
 import statistics
 import time
-import weakref
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from tridlm import masks
-from tridlm.decode.common import forward_block, prefill
+from tridlm.decode.forward import forward_block, prefill
 from tridlm.model import TriModel
-
-_measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> relative_costs' curves
 
 
 def sync(device) -> None:
@@ -63,18 +63,48 @@ def _median_ms(model: TriModel, context: list[int], reps: int, shapes: list[tupl
     return {shape: statistics.median(ts) for shape, ts in times.items()}
 
 
-def relative_costs(model: TriModel, largest: int, context: int = 256, reps: int = 9) -> dict[str, dict[int, float]]:
-    """cost(n) / cost(1) for n = 1..largest, for plain causal forwards ("verify") and for forwards whose rows
-    after the first draft with the adapter ("draft"), over a context about as long as a chat request's, measured
-    once per model (10 forwards per size and kind, interleaved) and remembered; measured again when a larger
-    size is asked for."""
-    known = _measured.get(model)
-    if known is None or max(known["verify"]) < largest:
+@dataclass(frozen=True)
+class CostCurve:
+    """cost(n) / cost(1) for n = 1..largest on one model, device and precision: of plain causal forwards
+    ("verify") and of forwards whose rows after the first draft with the adapter ("draft"). Whoever decodes
+    ``auto`` holds one (the server measures its own before it serves) and passes it to ``stream``; it can be
+    saved and loaded so that a run plans with a known curve."""
+
+    verify: dict[int, float]
+    draft: dict[int, float]
+
+    @property
+    def largest(self) -> int:
+        return max(self.verify)
+
+    @classmethod
+    def measure(cls, model: TriModel, largest: int, context: int = 256, reps: int = 9) -> CostCurve:
+        """Measured over a context about as long as a chat request's: 10 forwards per size and kind,
+        interleaved (the first round a warm-up)."""
         context = max(1, min(context, model.cfg.max_seq_len - largest - 1))
         tokens = torch.randint(model.cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
         sizes = range(1, largest + 1)
         times = _median_ms(model, tokens, reps, [(n, drafting) for drafting in (False, True) for n in sizes])
-        known = {kind: {n: times[n, drafting] / times[1, False] for n in sizes}
-                 for kind, drafting in (("verify", False), ("draft", True))}
-        _measured[model] = known
-    return {kind: {n: c for n, c in curve.items() if n <= largest} for kind, curve in known.items()}
+        return cls(*({n: times[n, drafting] / times[1, False] for n in sizes} for drafting in (False, True)))
+
+    def upto(self, block: int) -> dict[str, dict[int, float]]:
+        """The curve's sizes up to ``block``, as the planner reads them."""
+        if block > self.largest:
+            raise ValueError(f"the cost curve covers forwards of up to {self.largest} tokens; auto asked for a "
+                             f"block of {block}: measure one that covers it (CostCurve.measure)")
+        return {kind: {n: c for n, c in curve.items() if n <= block}
+                for kind, curve in (("verify", self.verify), ("draft", self.draft))}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"verify": self.verify, "draft": self.draft}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostCurve:
+        try:
+            data = json.loads(Path(path).read_text())
+            verify, draft = ({int(n): float(c) for n, c in data[kind].items()} for kind in ("verify", "draft"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a cost curve ({e})") from None
+        if sorted(verify) != list(range(1, len(verify) + 1)) or verify.keys() != draft.keys():
+            raise ValueError(f"{path}: a cost curve needs the sizes 1..n for both verify and draft")
+        return cls(verify, draft)

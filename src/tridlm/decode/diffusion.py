@@ -13,7 +13,8 @@ import torch
 
 from tridlm import masks, unmask
 from tridlm.cache import KVCache
-from tridlm.decode.common import DecodeState, forward_block, masked_block, unmasking_distribution
+from tridlm.decode.forward import forward_block, masked_block, unmasking_distribution
+from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
 
 

@@ -17,7 +17,7 @@ accepted with probability min(1, p(x)/q(x)); lookup and history candidates have 
 
 How many candidates to verify and MASK rows to add is the ``Planner``'s choice per cycle: fixed by the
 block size (``spec_variant="pipelined"``), or (``mode="auto"``) the plan with the most expected tokens
-per unit of cost, from the cost curve measured on this model (``costs.relative_costs``) and the running
+per unit of cost, from the cost curve measured on this model (``costs.CostCurve``) and the running
 acceptance of this request's candidates.
 """
 
@@ -32,10 +32,11 @@ import torch
 from tridlm import masks
 from tridlm.cache import KVCache
 from tridlm.decode.ar import ar_step
-from tridlm.decode.common import DecodeState, forward_block, unmasking_distribution
-from tridlm.decode.costs import relative_costs
+from tridlm.decode.costs import CostCurve
+from tridlm.decode.forward import forward_block, unmasking_distribution
 from tridlm.decode.lookup import AnswerHistory, NGramIndex
 from tridlm.decode.spec import settle
+from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
 
 
@@ -81,7 +82,7 @@ class Acceptance:
 
 class Planner:
     """Chooses each cycle's plan. ``block``: the most tokens one forward carries. ``costs``: relative
-    forward costs (``costs.relative_costs``: n -> cost(n)/cost(1) of a causal forward, "verify", and of one
+    forward costs (``costs.CostCurve``: n -> cost(n)/cost(1) of a causal forward, "verify", and of one
     with adapter-on MASK rows, "draft"); None = a fixed plan (fill the block: candidates first, then MASK
     rows when at least two fit)."""
 
@@ -121,20 +122,22 @@ class Planner:
         return [0.0, 0.0] + [kept * max(net[: r]) for r in range(2, self.block)] if self.block > 2 else [0.0] * 2
 
 
-def planner_for(model: TriModel, state: DecodeState) -> Planner:
+def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) -> Planner:
+    """auto plans with ``costs`` (measured now when none is given); pipelined spec fills its block."""
     cfg = state.cfg
     if cfg.mode == "auto":
-        return Planner(cfg.block_size, relative_costs(model, cfg.block_size))
+        return Planner(cfg.block_size, (costs or CostCurve.measure(model, cfg.block_size)).upto(cfg.block_size))
     return Planner(cfg.block_size)
 
 
 def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
-              generator: torch.Generator | None, history: AnswerHistory | None = None
-              ) -> Iterator[list[tuple[int, list[int]]]]:
+              generator: torch.Generator | None, history: AnswerHistory | None = None,
+              costs: CostCurve | None = None) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield each cycle's tokens (accepted candidates + bonus) per row; ``pending`` (B,) is the last
-    sampled token, not yet cached. ``history``: earlier answers to draft from (with ``cfg.lookup``)."""
+    sampled token, not yet cached. ``history``: earlier answers to draft from (with ``cfg.lookup``);
+    ``costs``: the cost curve auto plans with."""
     cfg, sampler, mask_id = state.cfg, state.cfg.sampler, model.cfg.mask_id
-    planner = planner_for(model, state)
+    planner = planner_for(model, state, costs)
     rows, room = len(pending), cfg.block_size - 1
     acc = Acceptance(max(room, 1))
     lookups = [NGramIndex(r.prompt + r.tokens) for r in state.rows] if cfg.lookup else None

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tridlm.decode import GenerationConfig, Row, summarize
+from tridlm.decode import CostCurve, GenerationConfig, Row, summarize
 from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig
 from tridlm.serve.guard import Gate, read_json
@@ -60,13 +60,15 @@ class Metrics:
 class Server:
     """The endpoints' logic over one worker thread that owns the model."""
 
-    def __init__(self, model: TriModel, tokenizer: Tokenizer, config: ServerConfig):
+    def __init__(self, model: TriModel, tokenizer: Tokenizer, config: ServerConfig, costs: CostCurve | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config.validate()
         self.metrics = Metrics()
         self.auto_block = config.defaults.replace(mode="auto").resolve(model).block_size
+        if costs is not None:
+            costs.upto(self.auto_block)  # covers the auto block, or says it does not
         rows = self.metrics.batch_rows
         self.worker = Worker(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
-                             history=config.answer_history, auto_block=self.auto_block,
+                             history=config.answer_history, auto_block=self.auto_block, costs=costs,
                              on_batch=lambda jobs, s: rows.observe(sum(len(j.prompts) for j in jobs)))
         # A prompt longer than this in characters has more tokens than the limit, whatever they are: refused
         # before it is tokenized.
@@ -193,8 +195,11 @@ class Server:
                 "pieces": {str(t): self.tokenizer.decode([t]) for t in sorted(ids)}}
 
 
-def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = ServerConfig()) -> FastAPI:
-    server = Server(model, tokenizer, config)
+def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = ServerConfig(),
+               costs: CostCurve | None = None) -> FastAPI:
+    """The app over one model. ``costs``: the cost curve ``auto`` plans with, covering the server's auto block
+    (default: measured before it serves)."""
+    server = Server(model, tokenizer, config, costs)
 
     @asynccontextmanager
     async def lifespan(app):

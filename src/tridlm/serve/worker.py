@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tridlm.decode import AnswerHistory, DecodeState, GenerationConfig, stream
-from tridlm.decode.costs import relative_costs
+from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig, stream
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
@@ -55,12 +54,13 @@ class Job:
 
 class Worker:
     def __init__(self, model: TriModel, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 history: int = 0, auto_block: int = 1, on_batch=None):
+                 history: int = 0, auto_block: int = 1, costs: CostCurve | None = None, on_batch=None):
         """``history``: tokens of earlier answers kept per tenant (0: none); ``auto_block``: the largest block
-        auto is served with (its cost curve is measured up to it before the first request)."""
+        auto is served with; ``costs``: the cost curve auto plans with, up to that block (default: measured on
+        the worker's thread before the first request)."""
         self.model, self.tokenizer = model, tokenizer
         self.history_capacity, self.histories = history, {}
-        self.max_batch, self.max_queue, self.auto_block = max_batch, max_queue, auto_block
+        self.max_batch, self.max_queue, self.auto_block, self.costs = max_batch, max_queue, auto_block, costs
         self.on_batch = on_batch  # callback(jobs, seconds) for metrics
         self._waiting: list[Job] = []
         self._running = 0
@@ -108,7 +108,7 @@ class Worker:
 
     def _run(self) -> None:
         with torch.inference_mode():  # auto's cost curve, measured before the first request needs it
-            relative_costs(self.model, self.auto_block)
+            self.costs = self.costs or CostCurve.measure(self.model, self.auto_block)
         while (batch := self._take_batch()) is not None:
             live = [j for j in batch if not j.cancelled.is_set()]
             start = time.perf_counter()
@@ -135,7 +135,7 @@ class Worker:
         # A batch of one tenant reads and joins its history in ``stream``; a mixed one (never auto or pipelined
         # spec, by ``batch_key``) reads none, and each answer joins its own tenant's below.
         history = self.history(tenants.pop()) if len(tenants) == 1 else None
-        for chunk in stream(self.model, prompts, jobs[0].cfg, state=state, history=history):
+        for chunk in stream(self.model, prompts, jobs[0].cfg, state=state, history=history, costs=self.costs):
             for row, events in state.take_trace() if state.trace else ():
                 job, choice = owner[row]
                 job.send("trace", choice, events)

@@ -1,0 +1,89 @@
+"""A request's decoding knobs (SPEC 3.5): ``GenerationConfig``, validated and resolved for a model in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from tridlm.device import default_block_size
+from tridlm.sampling import Sampler
+
+MODES = ("ar", "diffusion", "spec", "auto")
+SPEC_VARIANTS = ("linear", "quadratic", "pipelined")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding knobs of one request (SPEC 3.5). ``validate`` rejects anything out of range."""
+
+    mode: str = "ar"  # ar | diffusion | spec | auto (the exact plan predicted fastest, per cycle: decode.pipelined)
+    block_size: int | None = None  # default: per device and mode (tridlm.device), at most the model's training block
+    threshold: float | None = 0.9  # diffusion: commit confidence; none = one token per step
+    spec_variant: str = "linear"  # spec: linear (draft + verify forwards), quadratic (one forward of n(n+1) tokens)
+    # or pipelined (one forward per cycle: AR step + candidates' verify + MASK rows drafting the next ones)
+    lookup: bool | None = None  # pipelined spec and auto: prompt-lookup candidates (default on); others: none
+    max_steps_per_block: int | None = None  # diffusion: denoising steps per block at most (default: block size)
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None  # seeds the sampling generator
+    max_tokens: int = 256  # generated tokens at most (exactly, even when a block commits more)
+    stop: tuple[str, ...] = ()  # stop string (repeatable)
+
+    def validate(self) -> GenerationConfig:
+        def bad(name, why):
+            raise ValueError(f"invalid {name}={getattr(self, name)!r}: {why}")
+        if self.mode not in MODES:
+            bad("mode", f"expected one of {', '.join(MODES)}")
+        if self.spec_variant not in SPEC_VARIANTS:
+            bad("spec_variant", f"expected one of {', '.join(SPEC_VARIANTS)}")
+        if self.lookup and not self.pipelined:
+            bad("lookup", "prompt lookup drafts for mode auto and spec variant pipelined only")
+        if self.block_size is not None and not 1 <= self.block_size <= 256:
+            bad("block_size", "expected an integer in [1, 256]")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            bad("threshold", "expected a probability in [0, 1]")
+        if self.max_steps_per_block is not None and self.max_steps_per_block < 1:
+            bad("max_steps_per_block", "expected a positive integer")
+        if not 0.0 <= self.temperature <= 100.0:
+            bad("temperature", "expected a value in [0, 100]")
+        if self.top_k is not None and self.top_k < 1:
+            bad("top_k", "expected a positive integer")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "expected a value in (0, 1]")
+        if self.max_tokens < 1:
+            bad("max_tokens", "expected a positive integer")
+        if any(not s for s in self.stop):
+            bad("stop", "stop strings must be non-empty")
+        return self
+
+    def resolve(self, model) -> GenerationConfig:
+        """This config with every default filled in for ``model`` (its device and training block size):
+        the one place API, CLI, server and bench get defaults from."""
+        resolved = self
+        if self.lookup is None and self.pipelined:
+            resolved = resolved.replace(lookup=True)
+        if self.block_size is None:
+            block = default_block_size(model.device, self.mode, self.spec_variant, model.cfg.block_size)
+            resolved = resolved.replace(block_size=block)
+        return resolved
+
+    @property
+    def pipelined(self) -> bool:
+        """Decoded by ``decode.pipelined``: ``auto``, or spec's pipelined variant."""
+        return self.mode == "auto" or (self.mode == "spec" and self.spec_variant == "pipelined")
+
+    @property
+    def forward_tokens(self) -> int:
+        """The most tokens one row puts through one forward after the prefill (a resolved config): B(B+1) for
+        quadratic spec, the block for the other block modes, 1 for AR."""
+        if self.mode == "spec" and self.spec_variant == "quadratic":
+            return self.block_size * (self.block_size + 1)
+        return self.block_size
+
+    @property
+    def sampler(self) -> Sampler:
+        return Sampler(self.temperature, self.top_k, self.top_p)
+
+    def replace(self, **changes) -> GenerationConfig:
+        return dataclasses.replace(self, **changes).validate()

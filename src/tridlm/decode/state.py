@@ -1,0 +1,133 @@
+"""Per-row decoding state: committed tokens with exact stopping (EOS, stop strings, max_tokens), the counts of
+SPEC 2 as they accrue, and the trace events of each step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tridlm.decode.config import GenerationConfig
+from tridlm.decode.metrics import summarize
+from tridlm.tokenizer import stop_index
+
+
+@dataclass
+class Row:
+    """One prompt of a batch: its limits and its output."""
+
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    prompt: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | "cancelled"
+    nfe: int = 0  # forwards after prefill while this row was unfinished
+    accepted_lengths: list[int] = field(default_factory=list)  # spec: tokens emitted per cycle
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class DecodeState:
+    """Per-row committed tokens with exact stopping (EOS, stop strings, max_tokens) and counts."""
+
+    def __init__(self, n_rows: int, cfg: GenerationConfig, eos_ids: Sequence[int],
+                 detokenize: Callable[[list[int]], str] | None,
+                 limits: Sequence[tuple[int, tuple[str, ...]]] | None = None, trace: bool = False):
+        """``limits`` gives (max_tokens, stop) per row; default: the config's for every row. ``trace``:
+        the decoders record what each step did per row (``note``; read with ``take_trace``)."""
+        limits = limits or [(cfg.max_tokens, cfg.stop)] * n_rows
+        if len(limits) != n_rows:
+            raise ValueError(f"{len(limits)} row limits for {n_rows} rows")
+        if any(stop for _, stop in limits) and detokenize is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.cfg = cfg
+        self.rows = [Row(max_tokens, tuple(stop)) for max_tokens, stop in limits]
+        self.eos_ids = frozenset(eos_ids)
+        self.detokenize = detokenize
+        self.forwards = 0
+        self.start = time.perf_counter()
+        self.prefill_s = 0.0
+        self._fresh: list[list[int]] = [[] for _ in range(n_rows)]
+        self.trace = trace
+        self._events: list[list[dict]] = [[] for _ in range(n_rows)]
+
+    @property
+    def all_done(self) -> bool:
+        return all(r.done for r in self.rows)
+
+    def active(self, device) -> torch.Tensor:
+        return torch.tensor([not r.done for r in self.rows], device=device)
+
+    def count_forward(self) -> None:
+        self.forwards += 1
+        for r in self.rows:
+            r.nfe += not r.done
+
+    def emit(self, i: int, tokens: Sequence[int]) -> None:
+        """Commit tokens to row i, stopping exactly at EOS, a stop string or max_tokens."""
+        row = self.rows[i]
+        now = time.perf_counter() - self.start
+        for t in tokens:
+            if row.done:
+                return
+            row.tokens.append(int(t))
+            self._fresh[i].append(int(t))
+            row.first_token_s = row.first_token_s if row.first_token_s is not None else now
+            row.last_token_s = now
+            if int(t) in self.eos_ids or self._stopped(row):
+                row.finish_reason = "stop"
+            elif len(row.tokens) >= row.max_tokens:
+                row.finish_reason = "length"
+
+    def _stopped(self, row: Row) -> bool:
+        if not row.stop:
+            return False
+        # Enough trailing tokens to contain any stop string (a token decodes to >= 1 char, bar split UTF-8).
+        window = max(len(s) for s in row.stop) + 8
+        tail = self.detokenize(row.tokens[-window:])
+        return any(s in tail for s in row.stop)
+
+    def cancel(self, i: int) -> None:
+        """Stop row i now (its client went away); the batch goes on without it."""
+        if not self.rows[i].done:
+            self.rows[i].finish_reason = "cancelled"
+
+    def note(self, i: int, event: dict) -> None:
+        """Record a step's event for row i while it is unfinished (callers check ``trace`` first, so an
+        untraced decode builds no events). Event types, all with ``forward`` (the forward count after the
+        step): ``step`` (ar: ``token``), ``denoise`` (diffusion: ``block`` ids with None at masked slots,
+        ``guess`` the prediction and ``conf`` its probability at every slot, ``new`` the slots committed
+        by this step), ``commit`` (diffusion: the causal pass that caches a finished block; ``token`` is the
+        next block's first), ``verify`` (spec: ``drafts``, ``accepted`` of them, ``bonus`` token; pipelined
+        spec and auto: ``source`` of the drafts, lookup or draft, when there were any)."""
+        if not self.rows[i].done:
+            self._events[i].append({**event, "forward": self.forwards})
+
+    def take_trace(self) -> list[tuple[int, list[dict]]]:
+        """Events recorded since the last call, as (row, events) pairs."""
+        out = [(i, e) for i, e in enumerate(self._events) if e]
+        self._events = [[] for _ in self.rows]
+        return out
+
+    def flush(self) -> list[tuple[int, list[int]]]:
+        """Tokens committed since the last flush, as (row, tokens) pairs."""
+        out = [(i, f) for i, f in enumerate(self._fresh) if f]
+        self._fresh = [[] for _ in self.rows]
+        return out
+
+    def text(self, i: int) -> str:
+        """Row i's text without special tokens, cut before the first stop string."""
+        text = self.detokenize(self.rows[i].tokens)
+        return text[: stop_index(text, self.rows[i].stop)]
+
+    def stats(self) -> dict:
+        """Counts of the whole call (``summarize``), plus the mode and the batch's forward calls."""
+        wall = max((r.last_token_s for r in self.rows if r.last_token_s is not None), default=0.0)
+        return {"mode": self.cfg.mode, "rows": len(self.rows), "forwards": self.forwards,
+                "prefill_s": self.prefill_s, **summarize(self.rows, wall)}
