@@ -49,7 +49,7 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
         generator = torch.Generator(model.device).manual_seed(cfg.seed)
     for p, row in zip(prompts, state.rows):
         row.prompt = list(p)
-        if len(p) + row.max_tokens + cfg.block_size + 1 > model.cfg.max_seq_len:
+        if row.max_tokens > cfg.room(model, len(p)):
             raise ValueError(f"prompt ({len(p)} tokens) + max_tokens ({row.max_tokens}) + block_size exceeds "
                              f"the model's context of {model.cfg.max_seq_len}")
     # A row's last cycle may commit up to a block past its max_tokens; a batch's finished rows stay put but still

@@ -68,6 +68,11 @@ class GenerationConfig:
             resolved = resolved.replace(block_size=block)
         return resolved
 
+    def room(self, model, prompt_tokens: int) -> int:
+        """The most tokens this (resolved) config may generate after a prompt of ``prompt_tokens`` in the model's
+        context: a block's worth stays free for the last cycle's forward."""
+        return model.cfg.max_seq_len - prompt_tokens - self.block_size - 1
+
     @property
     def pipelined(self) -> bool:
         """Decoded by ``decode.pipelined``: ``auto``, or spec's pipelined variant."""

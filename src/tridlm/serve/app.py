@@ -88,8 +88,6 @@ class Server:
 
     async def chat(self, request: Request):
         body = await parse(request, ChatRequest, self.config)
-        if body.max_completion_tokens is not None:
-            body.max_tokens = body.max_completion_tokens
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         ids = await self.encode(messages, "messages", self.tokenizer.encode_chat)
         return await self.run(request, body, ids, "chat.completion", "/v1/chat/completions")
@@ -113,15 +111,14 @@ class Server:
                                 f"({limit} {unit}) are accepted", "prompt", code="context_length_exceeded")
 
     async def run(self, request: Request, body, ids: list[int], kind: str, endpoint: str):
-        mode = body.mode or self.config.default_mode
+        requested = mode = body.mode or self.config.default_mode
         if mode == "auto" and (body.block_size or 0) > self.auto_block:
             raise APIError(400, f"block_size={body.block_size}: auto plans with the cost curve this server measured "
                                 f"when it started, up to block {self.auto_block} (serve with --block-size for more)",
                            "block_size")
-        if mode == "auto":
-            mode = "auto" if self.worker.load == 0 else "ar"
-            body.lookup = body.lookup if mode == "auto" else None  # a knob of auto, not of its fallback
-        cfg = make_config(body, ids, mode, self.model, self.config)
+        if mode == "auto" and self.worker.load:  # busy: batched AR, the best throughput
+            mode = "ar"
+        cfg = make_config(body, ids, mode, self.model, self.config, fallback=mode != requested)
         if body.tridlm_trace and not body.stream:
             raise APIError(400, "tridlm_trace needs stream: true", "tridlm_trace")
         job = Job([ids] * body.n, cfg, asyncio.get_running_loop(), trace=body.tridlm_trace,
@@ -280,21 +277,22 @@ async def parse(request: Request, schema, config: ServerConfig):
     return body
 
 
-def make_config(body, ids: list[int], mode: str, model: TriModel, config: ServerConfig) -> GenerationConfig:
+def make_config(body, ids: list[int], mode: str, model: TriModel, config: ServerConfig,
+                fallback: bool = False) -> GenerationConfig:
     """The request's decoding config over the server's defaults, resolved for the model, with max_tokens
     checked against the room the prompt leaves in the context."""
     if not ids:
         raise APIError(400, "the prompt is empty", "prompt")
     try:
-        cfg = body.generation_config(config.defaults, mode, max_tokens=1).resolve(model)
+        cfg = body.generation_config(config.defaults, mode, max_tokens=1, fallback=fallback).resolve(model)
     except ValueError as e:
         raise APIError(400, str(e)) from None
-    context = model.cfg.max_seq_len
-    room = context - len(ids) - cfg.block_size - 1
+    room = cfg.room(model, len(ids))
     if room < 1:
-        raise APIError(400, f"prompt of {len(ids)} tokens is too long for the context of {context}", "prompt",
-                       code="context_length_exceeded")
-    max_tokens = body.max_tokens if body.max_tokens is not None else min(config.default_max_tokens, room)
+        raise APIError(400, f"prompt of {len(ids)} tokens is too long for the context of {model.cfg.max_seq_len}",
+                       "prompt", code="context_length_exceeded")
+    asked = body.requested_max_tokens
+    max_tokens = asked if asked is not None else min(config.default_max_tokens, room)
     if max_tokens > room:
         raise APIError(400, f"max_tokens={max_tokens} exceeds the {room} tokens left in the context after the "
                             f"{len(ids)}-token prompt", "max_tokens", code="context_length_exceeded")

@@ -81,11 +81,18 @@ class _Request(BaseModel):
             return "echo"
         return None
 
-    def generation_config(self, defaults: GenerationConfig, mode: str, max_tokens: int) -> GenerationConfig:
-        """Our config: the request's values over the server's defaults, validated once."""
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def generation_config(self, defaults: GenerationConfig, mode: str, max_tokens: int,
+                          fallback: bool = False) -> GenerationConfig:
+        """Our config: the request's values over the server's defaults, validated once. ``mode`` is the one the
+        request runs in; ``fallback``: the server runs an ``auto`` request as batched AR, without auto's knob."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         changes = {"mode": mode, "max_tokens": max_tokens, "stop": stop, "seed": self.seed}
-        for name in ("temperature", "top_p", "top_k", "block_size", "max_steps_per_block", "spec_variant", "lookup"):
+        knobs = ("temperature", "top_p", "top_k", "block_size", "max_steps_per_block", "spec_variant", "lookup")
+        for name in knobs[:-1] if fallback else knobs:
             if getattr(self, name) is not None:
                 changes[name] = getattr(self, name)
         if "threshold" in self.model_fields_set:
@@ -106,7 +113,11 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name of max_tokens (it wins where both are given)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 def new_id(prefix: str) -> str:
