@@ -9,8 +9,6 @@ which the worker batches across them (best throughput).
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -18,43 +16,17 @@ from importlib import resources
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tridlm.decode import CostCurve, GenerationConfig, Row, summarize
+from tridlm.decode import CostCurve, GenerationConfig
 from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig
 from tridlm.serve.guard import Gate, read_json
-from tridlm.serve.protocol import APIError, ChatRequest, CompletionRequest, envelope, new_id, usage
+from tridlm.serve.metrics import Finisher, Metrics
+from tridlm.serve.protocol import (APIError, ChatRequest, CompletionRequest, choice, delta_choice, envelope, event,
+                                   new_id, reason, usage_of)
 from tridlm.serve.worker import Job, QueueFull, Worker
 from tridlm.tokenizer import TextStream, Tokenizer
-
-
-class Metrics:
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("tridlm_requests", "Requests by endpoint, mode and status", ["endpoint", "mode", "status"], registry=r)
-        self.tokens = Counter("tridlm_completion_tokens", "Generated tokens", ["mode"], registry=r)
-        self.nfe = Counter("tridlm_nfe", "Model forwards after prefill", ["mode"], registry=r)
-        self.tpf = Gauge("tridlm_tpf", "Tokens per forward, cumulative", ["mode"], registry=r)
-        self.queue = Gauge("tridlm_queue_depth", "Requests waiting or running", registry=r)
-        self.latency = Histogram("tridlm_request_seconds", "Request latency", ["mode"], registry=r,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.ttft = Histogram("tridlm_ttft_seconds", "Time to first token", ["mode"], registry=r,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.batch_rows = Histogram("tridlm_batch_rows", "Rows per decoded batch", registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64))
-        self._counts: dict[str, list[int]] = {}
-
-    def finished(self, mode: str, rows: list[Row]) -> None:
-        counts = summarize(rows)
-        self.tokens.labels(mode).inc(counts["completion_tokens"])
-        self.nfe.labels(mode).inc(counts["nfe"])
-        total = self._counts.setdefault(mode, [0, 0])
-        total[0] += counts["completion_tokens"]
-        total[1] += counts["nfe"]
-        if total[1]:
-            self.tpf.labels(mode).set(total[0] / total[1])
 
 
 class Server:
@@ -242,24 +214,6 @@ def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = Ser
     return app
 
 
-class Finisher:
-    """Records a request's metrics once, whichever way it ends."""
-
-    def __init__(self, metrics: Metrics, endpoint: str, mode: str, job: Job):
-        self.metrics, self.endpoint, self.mode, self.job = metrics, endpoint, mode, job
-        self.done = False
-
-    def __call__(self, rows: list[Row] | None, status: str = "200") -> None:
-        if self.done:
-            return
-        self.done = True
-        m = self.metrics
-        m.requests.labels(self.endpoint, self.mode, status).inc()
-        m.latency.labels(self.mode).observe(time.perf_counter() - self.job.submitted)
-        if rows:
-            m.finished(self.mode, rows)
-
-
 async def parse(request: Request, schema, config: ServerConfig):
     """The request body as ``schema``, after ``guard.read_json``'s checks; 4xx naming the field otherwise."""
     data = await read_json(request, config)
@@ -328,29 +282,3 @@ async def collect(job: Job, request: Request):
 def cut(tokenizer: Tokenizer, tokens: list[int], stop: tuple[str, ...]) -> str:
     stream = TextStream(tokenizer, stop)
     return stream.push(tokens, final=True)
-
-
-def reason(r) -> str:
-    return "length" if r.finish_reason == "length" else "stop"
-
-
-def choice(kind: str, i: int, text: str, finish: str) -> dict:
-    if kind == "chat.completion":
-        return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-
-
-def delta_choice(kind: str, i: int, text: str, finish: str | None) -> dict:
-    if kind == "chat.completion":
-        return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}
-    return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-
-
-def usage_of(prompt_tokens: int, rows: list[Row], mode: str) -> dict:
-    """Usage of all choices (``summarize``: NFE sums the choices' forwards, TPF = tokens / NFE)."""
-    counts = summarize(rows)
-    return usage(prompt_tokens * len(rows), counts["completion_tokens"], counts["nfe"], counts["tpf"], mode)
-
-
-def event(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig
+from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, Row, summarize
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's own limits
 
@@ -136,3 +137,29 @@ def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict 
     if usage_ is not None:
         body["usage"] = usage_
     return body
+
+
+def reason(r) -> str:
+    return "length" if r.finish_reason == "length" else "stop"
+
+
+def choice(kind: str, i: int, text: str, finish: str) -> dict:
+    if kind == "chat.completion":
+        return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+
+
+def delta_choice(kind: str, i: int, text: str, finish: str | None) -> dict:
+    if kind == "chat.completion":
+        return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}
+    return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+
+
+def usage_of(prompt_tokens: int, rows: list[Row], mode: str) -> dict:
+    """Usage of all choices (``summarize``: NFE sums the choices' forwards, TPF = tokens / NFE)."""
+    counts = summarize(rows)
+    return usage(prompt_tokens * len(rows), counts["completion_tokens"], counts["nfe"], counts["tpf"], mode)
+
+
+def event(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
