@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from tridlm import bench, masks
+from tridlm import harness, masks
 from tridlm.decode import GenerationConfig, generate
 from tridlm.decode.forward import forward_block
 from tridlm.loading import open_model
@@ -40,7 +40,7 @@ def steps(model, forward, tok, n: int) -> tuple[list[int], float]:
 
 
 def profile(model, tok) -> None:
-    prompts = bench.load_prompts(None, tok)[:12]
+    prompts = harness.load_prompts(None, tok)[:12]
     cfg = GenerationConfig(mode="auto", max_tokens=64)
     generate(model, prompts[:1], cfg)  # auto's cost curve, measured once per model
     prof = cProfile.Profile()

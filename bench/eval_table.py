@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import bench, evaluate, loading, plots, sandbox
+from tridlm import evaluate, harness, loading, plots, sandbox
 from tridlm.decode import GenerationConfig
 
 MAX_TOKENS = 256
@@ -119,7 +119,7 @@ def main() -> None:
     for task, results in report.items():
         (out / f"eval-{task}.json").write_text(json.dumps(
             {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
-             "machine": bench.machine(next(iter(models.values()))[0]), "max_tokens": MAX_TOKENS,
+             "machine": harness.machine(next(iter(models.values()))[0]), "max_tokens": MAX_TOKENS,
              "runs": results}, indent=2) + "\n")
         print("\n" + markdown(task, results) + "\n", flush=True)
     print("wrote", plots.eval_frontier(report, out / "eval-frontier.png"))

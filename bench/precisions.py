@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import bench
+from tridlm import harness
 from tridlm.baselines import Baselines
 from tridlm.decode import GenerationConfig
 from tridlm.decode.costs import latency_sweep
@@ -45,14 +45,14 @@ def main() -> None:
     settings = ["ar", *(s for s in settings if s != "ar")]
     models = {p: open_model(dtype=p)[0] for p in {"float32", *precisions}}
     tok = open_model(dtype="float32")[1]
-    prompts = bench.load_prompts(None, tok)[: args.prompts]
+    prompts = harness.load_prompts(None, tok)[: args.prompts]
     others = Baselines(["hf", "llama.cpp"], None, torch.float32, "cpu")
     eos = models["float32"].cfg.eos_ids
 
     def run(engine: str, name: str, max_tokens: int = 64, some=prompts):
         if engine in others.names:
             return others.run(engine, some, max_tokens, eos)
-        return bench.run_tridlm(models[engine], some, bench.Setting("tridlm", SETTINGS[name].replace(max_tokens=max_tokens)))
+        return harness.run_tridlm(models[engine], some, harness.Setting("tridlm", SETTINGS[name].replace(max_tokens=max_tokens)))
 
     runs = [(p, name) for p in precisions for name in settings] + [(b, "ar") for b in others.names]
     runs += [] if "float32" in precisions else [("float32", "ar")]  # every row is compared with float32 AR
@@ -66,9 +66,9 @@ def main() -> None:
             speed.setdefault((engine, name), []).append(sum(len(r.tokens) for r in rows) / (time.perf_counter() - t))
             outputs[engine, name] = rows
             print(f"  repeat {rep + 1}  {engine:<9} {name:<14} {speed[engine, name][-1]:6.1f} tok/s", flush=True)
-    context = tok.encode(Path(bench.__file__).read_text())[:200]
+    context = tok.encode(Path(harness.__file__).read_text())[:200]
     sweeps = {p: latency_sweep(models[p], context, reps=5, sizes=range(1, 33)) for p in precisions}
-    report = {"machine": bench.machine(models["float32"]), "prompts": len(prompts), "repeats": args.repeats,
+    report = {"machine": harness.machine(models["float32"]), "prompts": len(prompts), "repeats": args.repeats,
               "command": " ".join(["python", *sys.argv]), "baselines_missing": others.missing, "results": {},
               "cost_ms": sweeps}
     llama = statistics.median(speed["llama.cpp", "ar"]) if "llama.cpp" in others.names else None
@@ -80,7 +80,7 @@ def main() -> None:
             "x_float32_ar": tok_s / statistics.median(speed["float32", "ar"]),
             "x_llama_cpp": tok_s / llama if llama else None,
             "exact_vs_own_ar": same((engine, "ar")), "exact_vs_float32_ar": same(("float32", "ar")),
-            **bench.summarize(models["float32"], prompts, rows)}
+            **harness.summarize(models["float32"], prompts, rows)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     subset = "" if (precisions, settings) == (list(PRECISIONS), list(SETTINGS)) else f"-{'-'.join(precisions + settings)}"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import bench, evaluate, plots
+from tridlm import evaluate, harness, plots
 from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig, generate, stream
 from tridlm.loading import open_model
 
@@ -100,12 +100,12 @@ def main() -> None:
               "threads": torch.get_num_threads(), "results": {}}
     for precision in args.precisions.split(","):
         model, tok = open_model(dtype=precision, adapter=args.adapter)
-        report["machine"] = bench.machine(model)
+        report["machine"] = harness.machine(model)
         # auto's cost curve is measured once per model, here rather than inside every timed auto run
         costs = CostCurve.measure(model, GenerationConfig(mode="auto").resolve(model).block_size)
         report.setdefault("relative_costs", {})[precision] = costs.upto(costs.largest)
         code = [tok.encode_chat([{"role": "user", "content": p.request}]) for p in evaluate.HumanEval().problems()]
-        classes = {"chat": (bench.load_prompts(None, tok)[: args.chat], chat_tokens),
+        classes = {"chat": (harness.load_prompts(None, tok)[: args.chat], chat_tokens),
                    "code": (code[: args.code], code_tokens)}
         warm = {"chat": [], "code": []}
         if args.warm and any(n.endswith("+history") for n in names):

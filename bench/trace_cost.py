@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from tridlm import bench
+from tridlm import harness
 from tridlm.decode import DecodeState, GenerationConfig, stream
 from tridlm.loading import open_model
 
@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     model, tok = open_model(dtype=args.dtype)
-    prompts = bench.load_prompts(None, tok)
+    prompts = harness.load_prompts(None, tok)
     speed = {}
     for rep in range(args.repeats):
         for trace in (False, True) if rep % 2 == 0 else (True, False):

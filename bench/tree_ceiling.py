@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import bench, evaluate, masks
+from tridlm import evaluate, harness, masks
 from tridlm.decode import GenerationConfig, generate
 from tridlm.decode.forward import forward_block, masked_block, prefill
 from tridlm.loading import open_model
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/tree-ceiling.json")
     args = ap.parse_args()
     model, tok = open_model(dtype=args.precision)
-    report = {"draft_coverage": draft_coverage(model, bench.load_prompts(None, tok))}
+    report = {"draft_coverage": draft_coverage(model, harness.load_prompts(None, tok))}
     raw = json.loads(Path(COSTS).read_text())["cost_ms"][args.precision]
     cost = {int(n): ms / raw["1"] for n, ms in raw.items()}
     report["lookup"] = {f"{task} budget {b} branches {br}": lookup_branches(tok, task, path, cost, b, br)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from tridlm import bench, checkpoint, demo, evaluate, loading
+from tridlm import checkpoint, demo, evaluate, harness, loading
 from tridlm.decode import MODES, SPEC_VARIANTS, CostCurve, GenerationConfig, generate
 from tridlm.serve.config import ServerConfig
 from tridlm.tokenizer import TextStream
-from tridlm.train import distill
+from tridlm.train import distill, draft_eval
 from tridlm.train.data import DataConfig
 from tridlm.train.loop import DRAFT_LAYOUTS, REGIMES, TrainConfig, Trainer, distributed
 
@@ -138,7 +138,7 @@ def _options(p: argparse.ArgumentParser, defaults, kinds: dict | None = None, he
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed and quality of modes and baselines on a prompt set")
-    _options(p, bench.Options(), {"thresholds": _threshold}, {"sweep": "skip the forward-latency sweep"})
+    _options(p, harness.Options(), {"thresholds": _threshold}, {"sweep": "skip the forward-latency sweep"})
     p.set_defaults(run=cmd_bench)
 
 
@@ -170,7 +170,7 @@ def _adapter_parsers(sub) -> None:
     x.add_argument("--adapter-dtype", choices=loading.DTYPES, default="bfloat16", help="dtype of the written weights")
     x.set_defaults(run=cmd_export_adapter)
     e = sub.add_parser("eval-draft", help="held-out spec accepted length and diffusion quality of a draft adapter")
-    _options(e, bench.DraftOptions(), {"threshold": _threshold})
+    _options(e, draft_eval.DraftOptions(), {"threshold": _threshold})
     e.set_defaults(run=cmd_eval_draft)
 
 
@@ -246,8 +246,8 @@ def cmd_convert(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    opts = _fill(bench.Options, args)
-    bench.run_suite(*_open(args), opts, args.model, "tridlm " + " ".join(sys.argv[1:]))
+    opts = _fill(harness.Options, args)
+    harness.run_suite(*_open(args), opts, args.model, "tridlm " + " ".join(sys.argv[1:]))
 
 
 def cmd_train(args) -> None:
@@ -274,10 +274,10 @@ def cmd_export_adapter(args) -> None:
 
 
 def cmd_eval_draft(args) -> None:
-    opts = _fill(bench.DraftOptions, args)
+    opts = _fill(draft_eval.DraftOptions, args)
     if opts.snapshots and args.adapter:
         raise ValueError("--snapshots evaluates the bare model and each snapshot; leave out --adapter")
-    bench.run_draft_eval(*_open_float(args, adapter="none" if opts.snapshots else args.adapter), opts)
+    draft_eval.run_draft_eval(*_open_float(args, adapter="none" if opts.snapshots else args.adapter), opts)
 
 
 def cmd_serve(args) -> None:

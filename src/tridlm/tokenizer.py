@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2.sandbox
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 # llama.cpp's pre-tokenizer names -> the regex split that precedes byte-level BPE.
 _GPT2_PRE = {"smollm", "gpt2", "default"}

@@ -14,9 +14,9 @@ import torch
 
 from tridlm.decode.ar import ar
 from tridlm.decode.config import MODES, SPEC_VARIANTS, GenerationConfig
+from tridlm.decode.costs import CostCurve
 from tridlm.decode.diffusion import diffusion
 from tridlm.decode.forward import prefill
-from tridlm.decode.costs import CostCurve
 from tridlm.decode.lookup import AnswerHistory
 from tridlm.decode.metrics import summarize
 from tridlm.decode.pipelined import pipelined

@@ -23,8 +23,18 @@ from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig
 from tridlm.serve.guard import Gate, read_json
 from tridlm.serve.metrics import Finisher, Metrics
-from tridlm.serve.protocol import (APIError, ChatRequest, CompletionRequest, choice, delta_choice, envelope, event,
-                                   new_id, reason, usage_of)
+from tridlm.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    choice,
+    delta_choice,
+    envelope,
+    event,
+    new_id,
+    reason,
+    usage_of,
+)
 from tridlm.serve.worker import Job, QueueFull, Worker
 from tridlm.tokenizer import TextStream, Tokenizer
 
