@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -107,16 +105,15 @@ def _convert_parser(sub) -> None:
 
 
 _TYPES = {"int": int, "float": float, "str": str}
-_FIELD_COMMENT = re.compile(r"^\s+(\w+): [^#\n]*#\s*(.+)$", re.M)
 
 
 def _options(p: argparse.ArgumentParser, defaults, kinds: dict | None = None, helps: dict | None = None,
              skip: tuple[str, ...] = ()) -> None:
     """One --flag per field of a config dataclass, typed by its annotation or ``kinds`` (a parser, a tuple of
-    choices, or "append"), helped by the field's comment in the class or ``helps``; tuples are comma-separated,
-    booleans that default to true become --no-flag."""
+    choices, or "append"), helped by the field's help (``options.option``) or ``helps``; tuples are
+    comma-separated, booleans that default to true become --no-flag."""
     kinds = kinds or {}
-    helps = {**dict(_FIELD_COMMENT.findall(inspect.getsource(type(defaults)))), **(helps or {})}
+    helps = {**{f.name: f.metadata.get("help") for f in dataclasses.fields(defaults)}, **(helps or {})}
     for f in dataclasses.fields(defaults):
         if f.name in skip:
             continue

@@ -28,6 +28,7 @@ from pathlib import Path
 from tridlm import sandbox
 from tridlm.decode import GenerationConfig, Row, generate, summarize
 from tridlm.model import TriModel
+from tridlm.options import option
 from tridlm.tokenizer import Tokenizer
 
 HUMANEVAL_PROMPT = ("Complete the following Python function. Answer with the whole function in a Python code "
@@ -122,10 +123,10 @@ TASKS = {t.name: t for t in (HumanEval, GSM8K)}
 class EvalOptions:
     """How ``tridlm eval`` runs a task (the decoding settings are a ``GenerationConfig``)."""
 
-    limit: int | None = None  # score the first N problems only (default: all)
-    batch_size: int = 1  # problems decoded together
-    runs: str = "bench/results/eval-runs"  # folder of the per-run JSONL files (a rerun resumes from its file)
-    allow_code_execution: bool = False  # run the model's code (HumanEval); refused without it
+    limit: int | None = option(None, "score the first N problems only (default: all)")
+    batch_size: int = option(1, "problems decoded together")
+    runs: str = option("bench/results/eval-runs", "folder of the per-run JSONL files (a rerun resumes from its file)")
+    allow_code_execution: bool = option(False, "run the model's code (HumanEval); refused without it")
 
     def validate(self) -> EvalOptions:
         if self.limit is not None and self.limit < 1:

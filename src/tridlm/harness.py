@@ -31,6 +31,7 @@ from tridlm.decode import summarize as decode_summary
 from tridlm.decode.costs import latency_sweep, sync
 from tridlm.evaluate import HumanEval
 from tridlm.model import TriModel
+from tridlm.options import option
 from tridlm.tokenizer import Tokenizer
 
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
@@ -285,21 +286,24 @@ def table(report: dict) -> str:
 class Options:
     """What ``tridlm bench`` runs: the tridlm settings grid, the baselines, HumanEval and the sweep."""
 
-    prompts: str | None = None  # JSONL prompt set (default: the packaged chat prompts)
+    prompts: str | None = option(None, "JSONL prompt set (default: the packaged chat prompts)")
     modes: tuple[str, ...] = ("ar", "spec", "diffusion")
     block_sizes: tuple[int, ...] = (4, 16)
     thresholds: tuple[float | None, ...] = (0.9, 0.5)
-    spec_variants: tuple[str, ...] = ("linear",)  # linear, quadratic and/or pipelined
+    spec_variants: tuple[str, ...] = option(("linear",), "linear, quadratic and/or pipelined")
     temperatures: tuple[float, ...] = (0.0,)
     batch_sizes: tuple[int, ...] = (1,)
     max_tokens: int = 64
     repeats: int = 3
-    baselines: tuple[str, ...] = BASELINES  # hf (transformers generate), hf-lookup (its prompt lookup), llama.cpp, or none
-    humaneval: int = 0  # HumanEval problems to score (0 = skip)
+    baselines: tuple[str, ...] = option(
+        BASELINES,
+        "hf (transformers generate), hf-lookup (its prompt lookup), llama.cpp, or none",
+    )
+    humaneval: int = option(0, "HumanEval problems to score (0 = skip)")
     humaneval_modes: tuple[str, ...] = ("ar", "diffusion")
     humaneval_max_tokens: int = 256
-    sweep: bool = True  # the forward-latency sweep
-    out: str = "bench/results"  # folder for the JSON results and PNG plots
+    sweep: bool = option(True, "the forward-latency sweep")
+    out: str = option("bench/results", "folder for the JSON results and PNG plots")
 
     def validate(self) -> Options:
         bad = (set(self.baselines) - {*BASELINES, "none"} or set(self.modes) - set(MODES)

@@ -14,6 +14,7 @@ from tridlm.device import fast_dtype
 from tridlm.gguf_file import load_gguf
 from tridlm.graphs import GraphedModel
 from tridlm.model import TriModel
+from tridlm.options import option
 from tridlm.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -74,12 +75,17 @@ def open_model(path: str | Path | None = None, dtype: str | None = None, device:
 class Source:
     """Which model to open and how: what every command takes (``--model``, ``--dtype`` ...)."""
 
-    model: str | None = None  # NLD or Hugging Face directory, or a GGUF file (default: SmolLM2-135M-Instruct)
-    dtype: str | None = None  # int4/int8 weights (CPU, int8-quantized activations), bfloat16, float32, or auto (bf16 where native); spec == ar bit for bit in int4 and int8 on CPU, token for token on the bench prompts in float32, not always in bfloat16 (default: int4 on CPU for the default model and GGUF files, else float32)
-    device: str = "cpu"  # torch device, e.g. cpu or cuda
-    adapter: str | None = None  # draft adapter folder (PEFT layout), or none (default: the model's own, if any)
-    threads: int | None = None  # CPU threads for torch (default: torch's choice)
-    cuda_graphs: int = 0  # replay per-cycle forwards as CUDA graphs over a static cache of this many tokens
+    model: str | None = option(None, "NLD or Hugging Face directory, or a GGUF file (default: SmolLM2-135M-Instruct)")
+    dtype: str | None = option(
+        None,
+        "int4/int8 weights (CPU, int8-quantized activations), bfloat16, float32, or auto (bf16 where native);"
+        " spec == ar bit for bit in int4 and int8 on CPU, token for token on the bench prompts in float32, "
+        "not always in bfloat16 (default: int4 on CPU for the default model and GGUF files, else float32)",
+    )
+    device: str = option("cpu", "torch device, e.g. cpu or cuda")
+    adapter: str | None = option(None, "draft adapter folder (PEFT layout), or none (default: the model's own, if any)")
+    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    cuda_graphs: int = option(0, "replay per-cycle forwards as CUDA graphs over a static cache of this many tokens")
 
     def validate(self) -> Source:
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tridlm.device import default_block_size
+from tridlm.options import option
 from tridlm.sampling import Sampler
 
 MODES = ("ar", "diffusion", "spec", "auto")
@@ -16,19 +17,28 @@ SPEC_VARIANTS = ("linear", "quadratic", "pipelined")
 class GenerationConfig:
     """Decoding knobs of one request (SPEC 3.5). ``validate`` rejects anything out of range."""
 
-    mode: str = "ar"  # ar | diffusion | spec | auto (the exact plan predicted fastest, per cycle: decode.pipelined)
-    block_size: int | None = None  # default: per device and mode (tridlm.device), at most the model's training block
-    threshold: float | None = 0.9  # diffusion: commit confidence; none = one token per step
-    spec_variant: str = "linear"  # spec: linear (draft + verify forwards), quadratic (one forward of n(n+1) tokens)
-    # or pipelined (one forward per cycle: AR step + candidates' verify + MASK rows drafting the next ones)
-    lookup: bool | None = None  # pipelined spec and auto: prompt-lookup candidates (default on); others: none
-    max_steps_per_block: int | None = None  # diffusion: denoising steps per block at most (default: block size)
-    temperature: float = 0.0  # 0 = greedy
+    mode: str = option(
+        "ar",
+        "ar | diffusion | spec | auto (the exact plan predicted fastest, per cycle: decode.pipelined)",
+    )
+    block_size: int | None = option(
+        None,
+        "default: per device and mode (tridlm.device), at most the model's training block",
+    )
+    threshold: float | None = option(0.9, "diffusion: commit confidence; none = one token per step")
+    spec_variant: str = option(
+        "linear",
+        "spec: linear (draft + verify forwards), quadratic (one forward of n(n+1) tokens) or pipelined (one "
+        "forward per cycle: AR step + candidates' verify + MASK rows drafting the next ones)",
+    )
+    lookup: bool | None = option(None, "pipelined spec and auto: prompt-lookup candidates (default on); others: none")
+    max_steps_per_block: int | None = option(None, "diffusion: denoising steps per block at most (default: block size)")
+    temperature: float = option(0.0, "0 = greedy")
     top_k: int | None = None
     top_p: float | None = None
-    seed: int | None = None  # seeds the sampling generator
-    max_tokens: int = 256  # generated tokens at most (exactly, even when a block commits more)
-    stop: tuple[str, ...] = ()  # stop string (repeatable)
+    seed: int | None = option(None, "seeds the sampling generator")
+    max_tokens: int = option(256, "generated tokens at most (exactly, even when a block commits more)")
+    stop: tuple[str, ...] = option((), "stop string (repeatable)")
 
     def validate(self) -> GenerationConfig:
         def bad(name, why):

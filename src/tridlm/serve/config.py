@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from tridlm.decode import MODES, GenerationConfig
+from tridlm.options import option
 
 
 def is_loopback(host: str) -> bool:
@@ -20,23 +21,32 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    served_model_name: str = "tridlm"  # the model id clients send (default: from --model)
-    host: str = "127.0.0.1"  # address to bind (loopback: this machine only)
+    served_model_name: str = option("tridlm", "the model id clients send (default: from --model)")
+    host: str = option("127.0.0.1", "address to bind (loopback: this machine only)")
     port: int = 8000
-    api_key: tuple[str, ...] = ()  # require 'Authorization: Bearer KEY' (repeatable: each key is a tenant)
-    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones when bound to loopback ('*': any)
-    max_queue: int = 64  # requests waiting or running before 429
-    max_batch: int = 16  # rows decoded together
-    max_body_bytes: int = 1 << 20  # larger request bodies get 413 (counted while reading)
-    read_timeout_s: float = 30.0  # a request body not received whole within this gets 408
-    max_json_depth: int = 16  # request bodies nested deeper get 400
-    max_forward_tokens: int = 272  # tokens one choice may put through one forward (quadratic spec: B(B+1): B <= 16)
-    max_total_tokens: int = 4096  # n x max_tokens at most
-    max_prompt_tokens: int | None = None  # prompt tokens at most (default: what the context leaves)
-    default_max_tokens: int = 256  # for requests that name none (at most what the context leaves)
-    default_mode: str = "ar"  # mode of requests that name none; auto: the fastest exact plan when idle, batched ar under load
-    defaults: GenerationConfig = GenerationConfig()  # the knobs of requests that name none
-    answer_history: int = 1 << 16  # tokens of earlier answers that auto drafts from, per tenant (0: none)
+    api_key: tuple[str, ...] = option((), "require 'Authorization: Bearer KEY' (repeatable: each key is a tenant)")
+    allowed_hosts: tuple[str, ...] = option(
+        (),
+        "Host names accepted besides loopback ones when bound to loopback ('*': any)",
+    )
+    max_queue: int = option(64, "requests waiting or running before 429")
+    max_batch: int = option(16, "rows decoded together")
+    max_body_bytes: int = option(1 << 20, "larger request bodies get 413 (counted while reading)")
+    read_timeout_s: float = option(30.0, "a request body not received whole within this gets 408")
+    max_json_depth: int = option(16, "request bodies nested deeper get 400")
+    max_forward_tokens: int = option(
+        272,
+        "tokens one choice may put through one forward (quadratic spec: B(B+1): B <= 16)",
+    )
+    max_total_tokens: int = option(4096, "n x max_tokens at most")
+    max_prompt_tokens: int | None = option(None, "prompt tokens at most (default: what the context leaves)")
+    default_max_tokens: int = option(256, "for requests that name none (at most what the context leaves)")
+    default_mode: str = option(
+        "ar",
+        "mode of requests that name none; auto: the fastest exact plan when idle, batched ar under load",
+    )
+    defaults: GenerationConfig = option(GenerationConfig(), "the knobs of requests that name none")
+    answer_history: int = option(1 << 16, "tokens of earlier answers that auto drafts from, per tenant (0: none)")
 
     def __post_init__(self):
         if isinstance(self.api_key, str):  # one key

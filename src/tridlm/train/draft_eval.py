@@ -11,6 +11,7 @@ from tridlm import checkpoint, plots
 from tridlm.decode import MODES, SPEC_VARIANTS
 from tridlm.harness import Setting, grid, load_prompts, run_tridlm, summarize
 from tridlm.model import TriModel
+from tridlm.options import option
 from tridlm.tokenizer import Tokenizer
 
 
@@ -23,14 +24,14 @@ def eval_draft(model: TriModel, prompts: list[list[int]], settings: list[Setting
 class DraftOptions:
     """What ``tridlm eval-draft`` measures: held-out acceptance and diffusion quality of a draft adapter."""
 
-    prompts: str | None = None  # JSONL prompt set (default: the packaged chat prompts)
+    prompts: str | None = option(None, "JSONL prompt set (default: the packaged chat prompts)")
     modes: tuple[str, ...] = ("ar", "spec", "diffusion")
     block_sizes: tuple[int, ...] = (8,)
-    spec_variants: tuple[str, ...] = ("linear",)  # linear, quadratic and/or pipelined
-    threshold: float | None = 0.9  # diffusion confidence, or none
+    spec_variants: tuple[str, ...] = option(("linear",), "linear, quadratic and/or pipelined")
+    threshold: float | None = option(0.9, "diffusion confidence, or none")
     max_tokens: int = 64
-    snapshots: str | None = None  # a training run's adapters/ folder: the bare model, then every step-N adapter
-    plot: str | None = None  # with --snapshots: write accepted length vs training tokens to this PNG
+    snapshots: str | None = option(None, "a training run's adapters/ folder: the bare model, then every step-N adapter")
+    plot: str | None = option(None, "with --snapshots: write accepted length vs training tokens to this PNG")
 
     def validate(self) -> DraftOptions:
         if bad := set(self.modes) - set(MODES) or set(self.spec_variants) - set(SPEC_VARIANTS):

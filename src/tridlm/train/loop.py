@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tridlm import checkpoint
 from tridlm.device import fast_dtype
 from tridlm.model import TriModel
+from tridlm.options import option
 from tridlm.tokenizer import Tokenizer
 from tridlm.train.data import DataConfig, PackedData
 from tridlm.train.objective import add_noise, diffusion_loss, joint_loss
@@ -34,26 +35,32 @@ DRAFT_LAYOUTS = ("linear", "pipelined")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    regime: str = "adapter"  # adapter: a LoRA on the diffusion term, base frozen; full: every weight, joint objective
+    regime: str = option(
+        "adapter",
+        "adapter: a LoRA on the diffusion term, base frozen; full: every weight, joint objective",
+    )
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get a LoRA
-    block_size: int | None = None  # default: the model's training block size (config block_size), else 32
-    alpha: float = 0.3  # weight of the diffusion term (SPEC 4)
-    suffix_fraction: float = 0.0  # share of sequences masked like a spec draft (block suffixes), see add_noise
-    draft_layout: str = "linear"  # a block's tokens before its MASKs: draft rows (linear), or AR rows (pipelined, as auto)
-    batch_size: int = 4  # rows per step and process
-    grad_accum: int = 1  # batches per optimizer step
-    lr: float = 1e-3  # peak learning rate
+    lora_targets: tuple[str, ...] = option(("q_proj", "k_proj", "v_proj", "o_proj"), "projections that get a LoRA")
+    block_size: int | None = option(None, "default: the model's training block size (config block_size), else 32")
+    alpha: float = option(0.3, "weight of the diffusion term (SPEC 4)")
+    suffix_fraction: float = option(0.0, "share of sequences masked like a spec draft (block suffixes), see add_noise")
+    draft_layout: str = option(
+        "linear",
+        "a block's tokens before its MASKs: draft rows (linear), or AR rows (pipelined, as auto)",
+    )
+    batch_size: int = option(4, "rows per step and process")
+    grad_accum: int = option(1, "batches per optimizer step")
+    lr: float = option(1e-3, "peak learning rate")
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    steps: int = 200  # length of the learning-rate schedule
-    min_lr_ratio: float = 0.1  # the schedule's final learning rate over the peak
-    eval_every: int = 50  # steps between held-out evaluations
-    eval_batches: int = 4  # held-out batches per evaluation
-    checkpoint_every: int = 50  # steps between checkpoints (a killed run resumes from the last)
+    steps: int = option(200, "length of the learning-rate schedule")
+    min_lr_ratio: float = option(0.1, "the schedule's final learning rate over the peak")
+    eval_every: int = option(50, "steps between held-out evaluations")
+    eval_batches: int = option(4, "held-out batches per evaluation")
+    checkpoint_every: int = option(50, "steps between checkpoints (a killed run resumes from the last)")
     seed: int = 0
-    autocast: str = "auto"  # auto (bf16 where supported) | bf16 | off
+    autocast: str = option("auto", "auto (bf16 where supported) | bf16 | off")
 
     def validate(self) -> TrainConfig:
         if self.regime not in REGIMES:
