@@ -1,4 +1,8 @@
-"""Command line: a dispatcher from arguments to library calls. Argument parsing lives here only."""
+"""Command line: a dispatcher from arguments to library calls. Argument parsing lives here only.
+
+Each command imports what it needs when it runs (``tridlm serve`` never loads the trainer); only the command
+named on the command line gets its flags built.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,6 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-
-import torch
-
-from tridlm import checkpoint, demo, evaluate, harness, loading
-from tridlm.decode import MODES, SPEC_VARIANTS, CostCurve, GenerationConfig, generate
-from tridlm.serve.config import ServerConfig
-from tridlm.tokenizer import TextStream
-from tridlm.train import distill, draft_eval
-from tridlm.train.data import DataConfig
-from tridlm.train.loop import DRAFT_LAYOUTS, REGIMES, TrainConfig, Trainer, distributed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,11 +43,12 @@ def _fill(cls, args, **extra):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
+    from tridlm import loading
+
     _options(p, loading.Source(), {"dtype": loading.DTYPE_CHOICES})
 
 
-def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt")
+def _generate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     out = p.add_mutually_exclusive_group()
@@ -64,12 +59,15 @@ def _generate_parser(sub) -> None:
 
 
 def _generation_options(p: argparse.ArgumentParser) -> None:
+    from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig
+
     _options(p, GenerationConfig(), {"mode": MODES, "spec_variant": SPEC_VARIANTS, "threshold": _threshold,
                                      "stop": "append", "lookup": _on_off})
 
 
-def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="score a task (humaneval, gsm8k) in a mode and precision, beside its speed")
+def _eval_parser(p: argparse.ArgumentParser) -> None:
+    from tridlm import evaluate
+
     p.add_argument("task", choices=evaluate.TASKS)
     p.add_argument("--json", action="store_true", help="print one JSON line: settings, score, counts, speed")
     p.add_argument("--allow-code-execution", action="store_true",
@@ -79,16 +77,16 @@ def _eval_parser(sub) -> None:
     p.set_defaults(run=cmd_eval)
 
 
-def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="answer a chat prompt in all three modes and compare")
+def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="Explain in a few sentences why the sky is blue.")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--block-size", type=int, help="default: per device and mode")
     p.set_defaults(run=cmd_demo)
 
 
-def _convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert an HF/NLD directory or a GGUF file to an NLD directory")
+def _convert_parser(p: argparse.ArgumentParser) -> None:
+    from tridlm import loading
+
     p.add_argument("source", help="HF or NLD checkpoint directory, or a GGUF file")
     p.add_argument("output", help="NLD directory to write")
     mask = p.add_mutually_exclusive_group()
@@ -133,14 +131,17 @@ def _options(p: argparse.ArgumentParser, defaults, kinds: dict | None = None, he
             p.add_argument(flag, type=kinds[f.name], default=value, help=h)
 
 
-def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="speed and quality of modes and baselines on a prompt set")
+def _bench_parser(p: argparse.ArgumentParser) -> None:
+    from tridlm import harness
+
     _options(p, harness.Options(), {"thresholds": _threshold}, {"sweep": "skip the forward-latency sweep"})
     p.set_defaults(run=cmd_bench)
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a draft adapter (or all weights) on the joint objective")
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    from tridlm.train.data import DataConfig
+    from tridlm.train.loop import DRAFT_LAYOUTS, REGIMES, TrainConfig
+
     p.add_argument("--data", nargs="+", required=True, help="text/code files, folders, or chat JSONL files")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt and the trained adapter or model")
     p.add_argument("--until", type=int, help="stop (with a checkpoint) at this step of the schedule")
@@ -149,8 +150,9 @@ def _train_parser(sub) -> None:
     p.set_defaults(run=cmd_train)
 
 
-def _distill_parser(sub) -> None:
-    p = sub.add_parser("distill", help="write the model's own greedy answers to generated prompts as chat JSONL")
+def _distill_parser(p: argparse.ArgumentParser) -> None:
+    from tridlm.train import distill
+
     p.add_argument("--out", required=True)
     p.add_argument("--prompts", type=int, default=512, help="how many prompts")
     p.add_argument("--batch", type=int, default=16)
@@ -161,18 +163,25 @@ def _distill_parser(sub) -> None:
     p.set_defaults(run=cmd_distill)
 
 
-def _adapter_parsers(sub) -> None:
-    x = sub.add_parser("export-adapter", help="write the model's draft adapter (see --adapter) as a PEFT folder")
-    x.add_argument("out", help="folder to write")
-    x.add_argument("--adapter-dtype", choices=loading.DTYPES, default="bfloat16", help="dtype of the written weights")
-    x.set_defaults(run=cmd_export_adapter)
-    e = sub.add_parser("eval-draft", help="held-out spec accepted length and diffusion quality of a draft adapter")
-    _options(e, draft_eval.DraftOptions(), {"threshold": _threshold})
-    e.set_defaults(run=cmd_eval_draft)
+def _export_adapter_parser(p: argparse.ArgumentParser) -> None:
+    from tridlm import loading
+
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--adapter-dtype", choices=loading.DTYPES, default="bfloat16", help="dtype of the written weights")
+    p.set_defaults(run=cmd_export_adapter)
 
 
-def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+def _eval_draft_parser(p: argparse.ArgumentParser) -> None:
+    from tridlm.train import draft_eval
+
+    _options(p, draft_eval.DraftOptions(), {"threshold": _threshold})
+    p.set_defaults(run=cmd_eval_draft)
+
+
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    from tridlm.decode import MODES
+    from tridlm.serve.config import ServerConfig
+
     p.add_argument("--cost-curve", help="a cost curve saved with tridlm.decode.CostCurve.save for auto to plan with "
                                         "(default: measured before serving)")
     p.add_argument("--api-key-file", help="a file of API keys, one per line ('#' comments): each is a tenant, "
@@ -183,19 +192,36 @@ def _serve_parser(sub) -> None:
     p.set_defaults(run=cmd_serve, served_model_name=None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = {  # name: (help, the function that adds its flags)
+    "generate": ("generate text from a prompt", _generate_parser),
+    "eval": ("score a task (humaneval, gsm8k) in a mode and precision, beside its speed", _eval_parser),
+    "demo": ("answer a chat prompt in all three modes and compare", _demo_parser),
+    "convert": ("convert an HF/NLD directory or a GGUF file to an NLD directory", _convert_parser),
+    "bench": ("speed and quality of modes and baselines on a prompt set", _bench_parser),
+    "train": ("train a draft adapter (or all weights) on the joint objective", _train_parser),
+    "distill": ("write the model's own greedy answers to generated prompts as chat JSONL", _distill_parser),
+    "export-adapter": ("write the model's draft adapter (see --adapter) as a PEFT folder", _export_adapter_parser),
+    "eval-draft": ("held-out spec accepted length and diffusion quality of a draft adapter", _eval_draft_parser),
+    "serve": ("serve the model over an OpenAI-compatible HTTP API", _serve_parser),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, with the flags of ``command`` only (of all when None)."""
     parser = _Parser(prog="tridlm", description="Tri-mode diffusion language models: ar, diffusion, spec.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_generate_parser, _eval_parser, _demo_parser, _convert_parser, _bench_parser, _train_parser,
-                _distill_parser, _adapter_parsers, _serve_parser):
-        add(sub)
-    for p in sub.choices.values():
-        if not p.get_default("no_model_args"):
-            _model_args(p)
+    for name, (help_, add) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        if command in (None, name):
+            add(p)
+            if not p.get_default("no_model_args"):
+                _model_args(p)
     return parser
 
 
 def _open(args, **override):
+    from tridlm import loading
+
     return _fill(loading.Source, args, **override).open()
 
 
@@ -205,6 +231,9 @@ def _open_float(args, **override):
 
 
 def cmd_generate(args) -> None:
+    from tridlm.decode import GenerationConfig, generate
+    from tridlm.tokenizer import TextStream
+
     cfg = _fill(GenerationConfig, args)
     model, tok = _open(args)
     ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
@@ -223,6 +252,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from tridlm import evaluate, loading
+    from tridlm.decode import GenerationConfig
+
     gen, opts = _fill(GenerationConfig, args), _fill(evaluate.EvalOptions, args)
     source = _fill(loading.Source, args)
     model, tok = source.open()
@@ -234,20 +266,31 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    from tridlm import demo
+
     demo.run(*_open(args), args.prompt, args.max_tokens, args.block_size)
 
 
 def cmd_convert(args) -> None:
+    from tridlm import loading
+
     print(loading.convert(args.source, args.output, args.dtype, args.mask_token, args.add_mask_token, args.block_size,
                           args.shard_gb, args.force))
 
 
 def cmd_bench(args) -> None:
+    from tridlm import harness
+
     opts = _fill(harness.Options, args)
     harness.run_suite(*_open(args), opts, args.model, "tridlm " + " ".join(sys.argv[1:]))
 
 
 def cmd_train(args) -> None:
+    import torch
+
+    from tridlm.train.data import DataConfig
+    from tridlm.train.loop import TrainConfig, Trainer, distributed
+
     cfg = _fill(TrainConfig, args)
     with distributed(args.device):
         torch.manual_seed(cfg.seed)
@@ -259,6 +302,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_distill(args) -> None:
+    from tridlm.train import distill
+
     model, tok = _open_float(args)
     prompts = distill.prompts_from(args.source, model, tok, args.prompts, args.batch, args.seed)
     count = distill.distill(model, tok, prompts, Path(args.out), args.batch, args.max_tokens)
@@ -266,11 +311,15 @@ def cmd_distill(args) -> None:
 
 
 def cmd_export_adapter(args) -> None:
+    from tridlm import checkpoint, loading
+
     checkpoint.save_adapter(_open_float(args)[0], Path(args.out), loading.DTYPES[args.adapter_dtype])
     print(json.dumps({"out": args.out, "dtype": args.adapter_dtype}))
 
 
 def cmd_eval_draft(args) -> None:
+    from tridlm.train import draft_eval
+
     opts = _fill(draft_eval.DraftOptions, args)
     if opts.snapshots and args.adapter:
         raise ValueError("--snapshots evaluates the bare model and each snapshot; leave out --adapter")
@@ -280,7 +329,10 @@ def cmd_eval_draft(args) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
+    from tridlm import loading
+    from tridlm.decode import CostCurve, GenerationConfig
     from tridlm.serve.app import create_app
+    from tridlm.serve.config import ServerConfig
 
     keys = tuple(args.api_key) + (_key_file(args.api_key_file) if args.api_key_file else ())
     config = _fill(ServerConfig, args, served_model_name=args.served_model_name or loading.model_name(args.model),
@@ -297,7 +349,8 @@ def _key_file(path: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as e:
