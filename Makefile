@@ -32,8 +32,10 @@ $(CHROMIUM): $(STAMP)
 	  echo "chromium is not installed: the playground's browser test will be skipped"
 	touch $(CHROMIUM)
 
-# The whole suite: what CI runs (.ci/run).
+# The whole suite: what CI runs (.ci/run). Lint and formatting first (ruff, line length 120).
 test: setup $(CHROMIUM)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -q
 
 # The inner loop: tiny-model tests only (no real model, server or multi-process training), well under a minute.

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/ar_step.py [--dtype int4] [--steps 64] [--compile] [--profile]
 
-Prefills a short prompt (no chat template), then times AR steps (the decoders' ``forward_block``, 2 threads, inference mode),
+Prefills a short prompt (no chat template), then times AR steps (the decoders' ``forward_block``, 2 threads,
+inference mode),
 twice, and checks both runs emit the same tokens. ``--compile`` times the whole forward under
 ``torch.compile`` instead (compile time reported). ``--profile`` decodes the 12 packaged chat prompts in
 ``auto`` under cProfile and prints forwards, ms per forward and the main costs per forward.
@@ -22,9 +23,14 @@ from tridlm.loading import open_model
 
 PROMPT = "Write a short poem about the sea and the wind, in four lines."
 # cProfile entries reported per forward: (label, substring of pstats' function key)
-COSTS = (("int4 projections", ".int4_linear"), ("int8 output head", ".int8_linear"),
-         ("kernels.attend", ".attend"), ("kernels.rms_norm", ".rms_norm"), ("kernels.rope", ".rope"),
-         ("nn.Module.__getattr__", "__getattr__"))
+COSTS = (
+    ("int4 projections", ".int4_linear"),
+    ("int8 output head", ".int8_linear"),
+    ("kernels.attend", ".attend"),
+    ("kernels.rms_norm", ".rms_norm"),
+    ("kernels.rope", ".rope"),
+    ("nn.Module.__getattr__", "__getattr__"),
+)
 
 
 @torch.inference_mode()
@@ -51,14 +57,18 @@ def profile(model, tok) -> None:
     wall = time.perf_counter() - start
     prof.disable()
     stats = pstats.Stats(prof).stats
-    print(f"auto, {len(prompts)} chat prompts: {forwards} forwards, {wall / forwards * 1000:.2f} ms per forward "
-          "(under cProfile)")
+    print(
+        f"auto, {len(prompts)} chat prompts: {forwards} forwards, {wall / forwards * 1000:.2f} ms per forward "
+        "(under cProfile)"
+    )
     for label, key in COSTS:
         seconds = sum(tt for func, (_, _, tt, _, _) in stats.items() if key in str(func))
         print(f"  {label:<24} {seconds / forwards * 1000:.2f} ms per forward")
     in_forwards = sum(ct for (_, _, name), (_, _, _, ct, _) in stats.items() if name == "forward_block")
-    print(f"  outside the forwards     {(wall - in_forwards) / forwards * 1000:.2f} ms per forward (the decoder's "
-          "own work: planning, lookup, verification, sampling)")
+    print(
+        f"  outside the forwards     {(wall - in_forwards) / forwards * 1000:.2f} ms per forward (the decoder's "
+        "own work: planning, lookup, verification, sampling)"
+    )
 
 
 def main() -> None:
@@ -74,14 +84,17 @@ def main() -> None:
         return profile(model, tok)
     forward = model
     if args.compile:
-        forward = torch.compile(model, dynamic=True,
-                                options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        forward = torch.compile(
+            model, dynamic=True, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        )
         start = time.perf_counter()
         steps(model, forward, tok, 4)
         print(f"torch.compile: {time.perf_counter() - start:.1f} s to compile and run 4 steps")
     (first, ms1), (second, ms2) = steps(model, forward, tok, args.steps), steps(model, forward, tok, args.steps)
-    print(f"{args.dtype}{' compiled' if args.compile else ''}: {ms1:.2f} and {ms2:.2f} ms per AR step, "
-          f"same tokens: {first == second}")
+    print(
+        f"{args.dtype}{' compiled' if args.compile else ''}: {ms1:.2f} and {ms2:.2f} ms per AR step, "
+        f"same tokens: {first == second}"
+    )
 
 
 if __name__ == "__main__":

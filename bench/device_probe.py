@@ -23,8 +23,20 @@ from tridlm.model import ModelConfig, random_model
 from tridlm.train.objective import add_noise, diffusion_loss
 
 # SmolLM2-135M-Instruct as converted (config.json of the default model's NLD directory).
-SMOLLM2 = ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
-                      max_seq_len=8192, tie_embeddings=True, bos_id=1, eos_ids=(2,), mask_id=16)
+SMOLLM2 = ModelConfig(
+    vocab_size=49152,
+    dim=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    ffn_dim=1536,
+    max_seq_len=8192,
+    tie_embeddings=True,
+    bos_id=1,
+    eos_ids=(2,),
+    mask_id=16,
+)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -41,8 +53,10 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__}
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     model = random_model(SMOLLM2, seed=0, std=0.02).to(device)
     for rows in map(int, args.gen_batches.split(",")):
         prompts = [[1] + [10 + i % 50] * 40 for i in range(rows)]  # 41-token prompts, like a short chat
@@ -67,8 +81,9 @@ def main() -> None:
             x0 = torch.randint(20, SMOLLM2.vocab_size, (rows, 256), device=device)
             sync()
             start = time.perf_counter()
-            noised = add_noise(x0, torch.ones_like(x0, dtype=torch.bool), SMOLLM2.mask_id, noise, block=8,
-                               suffix_fraction=0.5)
+            noised = add_noise(
+                x0, torch.ones_like(x0, dtype=torch.bool), SMOLLM2.mask_id, noise, block=8, suffix_fraction=0.5
+            )
             with autocast:
                 loss = diffusion_loss(model, x0, noised, 8).loss
             loss.backward()

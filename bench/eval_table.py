@@ -27,13 +27,25 @@ MATRIX = [
     ("int4", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
     ("int4", "spec B=8", GenerationConfig(mode="spec", block_size=8, max_tokens=MAX_TOKENS)),
     ("float32", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
-    *[("int4", f"diffusion B=4 t={t}", GenerationConfig(mode="diffusion", block_size=4, threshold=t,
-                                                         max_tokens=MAX_TOKENS)) for t in (0.9, 0.5)],
-    ("int4", "spec-quadratic B=4", GenerationConfig(mode="spec", spec_variant="quadratic", block_size=4,
-                                                    max_tokens=MAX_TOKENS)),
+    *[
+        (
+            "int4",
+            f"diffusion B=4 t={t}",
+            GenerationConfig(mode="diffusion", block_size=4, threshold=t, max_tokens=MAX_TOKENS),
+        )
+        for t in (0.9, 0.5)
+    ],
+    (
+        "int4",
+        "spec-quadratic B=4",
+        GenerationConfig(mode="spec", spec_variant="quadratic", block_size=4, max_tokens=MAX_TOKENS),
+    ),
     ("int8", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
-    ("int4", "diffusion B=4 t=0.7", GenerationConfig(mode="diffusion", block_size=4, threshold=0.7,
-                                                     max_tokens=MAX_TOKENS)),
+    (
+        "int4",
+        "diffusion B=4 t=0.7",
+        GenerationConfig(mode="diffusion", block_size=4, threshold=0.7, max_tokens=MAX_TOKENS),
+    ),
     ("int4", "auto", GenerationConfig(mode="auto", max_tokens=MAX_TOKENS)),
     ("bfloat16", "ar", GenerationConfig(max_tokens=MAX_TOKENS)),
 ]
@@ -45,8 +57,10 @@ def finished(task: str, settings: dict, opts: evaluate.EvalOptions) -> dict | No
     problems = evaluate.TASKS[task]().problems()[: opts.limit]
     found, done = evaluate.RunFile.read(path) if path.exists() else (None, {})
     if found != settings or any(p.id not in done for p in problems):
-        print(f"{task} {settings['mode']} {settings['precision']}: {len(done)}/{len(problems)} problems so far, "
-              f"left out", flush=True)
+        print(
+            f"{task} {settings['mode']} {settings['precision']}: {len(done)}/{len(problems)} problems so far, left out",
+            flush=True,
+        )
         return None
     return evaluate.summary(settings, [done[p.id] for p in problems], path)
 
@@ -75,10 +89,15 @@ def run_all(tasks: list[str], opts: evaluate.EvalOptions, decode: bool = True) -
 
 
 def markdown(task: str, results: list[dict]) -> str:
-    lines = [f"| {task} | precision | passed | pass@1 | tokens = AR | TPF | tok/s (median) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| {task} | precision | passed | pass@1 | tokens = AR | TPF | tok/s (median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['setting']} | {r['precision']} | {r['passed']}/{r['total']} | {r['pass@1']:.1%} | "
-                     f"{r['same_tokens_as_ar']:.0%} | {r['tpf']:.2f} | {r['tok_s_median']:.1f} |")
+        lines.append(
+            f"| {r['setting']} | {r['precision']} | {r['passed']}/{r['total']} | {r['pass@1']:.1%} | "
+            f"{r['same_tokens_as_ar']:.0%} | {r['tpf']:.2f} | {r['tok_s_median']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -93,9 +112,18 @@ def rescore(runs: Path, out: Path, allowed: bool) -> None:
         passed = sum(r["passed"] for r in evaluate.RunFile.read(path)[1].values())
         files.append({"run_file": str(path), "passed": passed, "moved": moved})
         print(f"{path.name}: {passed} passed as recorded, {len(moved)} moved {moved}", flush=True)
-    (out / "eval-rescore.json").write_text(json.dumps(
-        {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
-         "sandbox": sandbox.isolation(), "files": files}, indent=2) + "\n")
+    (out / "eval-rescore.json").write_text(
+        json.dumps(
+            {
+                "command": "python " + " ".join(sys.argv),
+                "date": datetime.date.today().isoformat(),
+                "sandbox": sandbox.isolation(),
+                "files": files,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def main() -> None:
@@ -105,22 +133,37 @@ def main() -> None:
     ap.add_argument("--runs", default="bench/results/eval-runs", help="folder of the per-run JSONL files")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--allow-code-execution", action="store_true", help="run HumanEval answers (in tridlm.sandbox)")
-    ap.add_argument("--rescore", action="store_true", help="decode nothing: score every HumanEval run file's stored "
-                    "answers again and write OUT/eval-rescore.json with each problem whose pass moved")
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="decode nothing: score every HumanEval run file's stored "
+        "answers again and write OUT/eval-rescore.json with each problem whose pass moved",
+    )
     ap.add_argument("--report", action="store_true", help="decode nothing: table and plot of the complete runs")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.rescore:
         return rescore(Path(args.runs), Path(args.out), args.allow_code_execution)
-    report, models = run_all(args.tasks.split(","), evaluate.EvalOptions(
-        limit=args.limit, runs=args.runs, allow_code_execution=args.allow_code_execution),
-                             decode=not args.report)
+    report, models = run_all(
+        args.tasks.split(","),
+        evaluate.EvalOptions(limit=args.limit, runs=args.runs, allow_code_execution=args.allow_code_execution),
+        decode=not args.report,
+    )
     out = Path(args.out)
     for task, results in report.items():
-        (out / f"eval-{task}.json").write_text(json.dumps(
-            {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
-             "machine": harness.machine(next(iter(models.values()))[0]), "max_tokens": MAX_TOKENS,
-             "runs": results}, indent=2) + "\n")
+        (out / f"eval-{task}.json").write_text(
+            json.dumps(
+                {
+                    "command": "python " + " ".join(sys.argv),
+                    "date": datetime.date.today().isoformat(),
+                    "machine": harness.machine(next(iter(models.values()))[0]),
+                    "max_tokens": MAX_TOKENS,
+                    "runs": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print("\n" + markdown(task, results) + "\n", flush=True)
     print("wrote", plots.eval_frontier(report, out / "eval-frontier.png"))
 

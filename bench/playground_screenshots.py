@@ -34,7 +34,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{args.port}"
-    server = subprocess.Popen([sys.executable, "-m", "tridlm", "serve", "--port", str(args.port), "--dtype", args.dtype])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tridlm", "serve", "--port", str(args.port), "--dtype", args.dtype]
+    )
     try:
         for _ in range(120):
             try:
@@ -55,8 +57,9 @@ def main() -> None:
                 page.click("#send")
                 page.wait_for_function("window.playground.state !== 'running'", timeout=300_000)
                 step = page.evaluate(f"window.playground.events.findLastIndex({pick})")
-                page.eval_on_selector("#replay", "(el, k) => { el.value = k; el.dispatchEvent(new Event('input')); }",
-                                      max(step, 0))
+                page.eval_on_selector(
+                    "#replay", "(el, k) => { el.value = k; el.dispatchEvent(new Event('input')); }", max(step, 0)
+                )
                 path = out / f"{mode.replace(':', '-')}.png"
                 page.screenshot(path=str(path), full_page=True)
                 print(path, page.inner_text("#status"))

@@ -47,8 +47,9 @@ SETTINGS = {  # names without commas (--settings takes a comma-separated list)
 }
 
 
-def decode(model, prompt: list[int], cfg: GenerationConfig, history: AnswerHistory | None,
-           sources: Counter, costs: CostCurve) -> tuple[object, float]:
+def decode(
+    model, prompt: list[int], cfg: GenerationConfig, history: AnswerHistory | None, sources: Counter, costs: CostCurve
+) -> tuple[object, float]:
     """Decode one prompt alone; its row and wall seconds; counts the verified cycles by draft source."""
     state = DecodeState(1, cfg, model.cfg.eos_ids, None, trace=True)
     start = time.perf_counter()
@@ -58,8 +59,15 @@ def decode(model, prompt: list[int], cfg: GenerationConfig, history: AnswerHisto
     return state.rows[0], time.perf_counter() - start
 
 
-def repeat(model, prompts: list[list[int]], names: list[str], max_tokens: int, warm: list[list[int]],
-           flip: bool, costs: CostCurve) -> dict[str, tuple[list, float, Counter]]:
+def repeat(
+    model,
+    prompts: list[list[int]],
+    names: list[str],
+    max_tokens: int,
+    warm: list[list[int]],
+    flip: bool,
+    costs: CostCurve,
+) -> dict[str, tuple[list, float, Counter]]:
     """One repeat of every setting over the prompts: per prompt, each setting in turn (the order alternating
     between prompts), so that a slow spell of the machine weighs on all settings alike. Per setting: rows, wall
     seconds, verified cycles by source. A "+history" setting has its own history, started from ``warm``."""
@@ -71,7 +79,7 @@ def repeat(model, prompts: list[list[int]], names: list[str], max_tokens: int, w
             for answer in warm:
                 histories[name].add(answer)
     for i, prompt in enumerate(prompts):
-        for name in (names if (i % 2 == 0) != flip else names[::-1]):
+        for name in names if (i % 2 == 0) != flip else names[::-1]:
             rows, wall, sources = runs[name]
             cfg = GenerationConfig(max_tokens=max_tokens, **SETTINGS[name])
             row, seconds = decode(model, prompt, cfg, histories.get(name), sources, costs)
@@ -96,8 +104,13 @@ def main() -> None:
     names = [n for n in args.settings.split(",") if n]
     if unknown := set(names) - set(SETTINGS):
         raise SystemExit(f"unknown settings {sorted(unknown)}")
-    report = {"machine": None, "date": datetime.date.today().isoformat(), "command": " ".join(__import__("sys").argv),
-              "threads": torch.get_num_threads(), "results": {}}
+    report = {
+        "machine": None,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(__import__("sys").argv),
+        "threads": torch.get_num_threads(),
+        "results": {},
+    }
     for precision in args.precisions.split(","):
         model, tok = open_model(dtype=precision, adapter=args.adapter)
         report["machine"] = harness.machine(model)
@@ -105,8 +118,10 @@ def main() -> None:
         costs = CostCurve.measure(model, GenerationConfig(mode="auto").resolve(model).block_size)
         report.setdefault("relative_costs", {})[precision] = costs.upto(costs.largest)
         code = [tok.encode_chat([{"role": "user", "content": p.request}]) for p in evaluate.HumanEval().problems()]
-        classes = {"chat": (harness.load_prompts(None, tok)[: args.chat], chat_tokens),
-                   "code": (code[: args.code], code_tokens)}
+        classes = {
+            "chat": (harness.load_prompts(None, tok)[: args.chat], chat_tokens),
+            "code": (code[: args.code], code_tokens),
+        }
         warm = {"chat": [], "code": []}
         if args.warm and any(n.endswith("+history") for n in names):
             cfg = GenerationConfig(max_tokens=code_tokens)
@@ -114,8 +129,7 @@ def main() -> None:
         for cls, (prompts, max_tokens) in classes.items():
             runs = {n: [] for n in names}
             for rep in range(args.repeats):  # a fresh history per repeat: a run never sees its own answers twice
-                for name, result in repeat(model, prompts, names, max_tokens, warm[cls], rep % 2 == 1,
-                                             costs).items():
+                for name, result in repeat(model, prompts, names, max_tokens, warm[cls], rep % 2 == 1, costs).items():
                     runs[name].append(result)
                     print(f"{precision} {cls} repeat {rep} {name}: {result[1]:.1f} s", flush=True)
             ar_tokens = [r.tokens for r in runs["ar"][0][0]]
@@ -124,17 +138,33 @@ def main() -> None:
                 rows, _, sources = runs[name][0]
                 tokens, nfe = sum(len(r.tokens) for r in rows), sum(r.nfe for r in rows)
                 rates = [sum(len(r.tokens) for r in rs) / wall for rs, wall, _ in runs[name]]
-                x_ar = [rate / (sum(len(r.tokens) for r in ar_rs) / ar_wall)
-                        for rate, (ar_rs, ar_wall, _) in zip(rates, runs["ar"])]
+                x_ar = [
+                    rate / (sum(len(r.tokens) for r in ar_rs) / ar_wall)
+                    for rate, (ar_rs, ar_wall, _) in zip(rates, runs["ar"])
+                ]
                 accepted = [a for r in rows for a in r.accepted_lengths]
-                out.append({"setting": name, "config": SETTINGS[name], "tokens": tokens, "nfe": nfe,
-                            "tpf": tokens / nfe, "tok_s": statistics.median(rates), "x_ar": statistics.median(x_ar),
-                            "x_ar_runs": x_ar, "accepted_mean": statistics.mean(accepted) if accepted else None,
-                            "accepted_hist": dict(sorted(Counter(accepted).items())),
-                            "cycles_by_source": dict(sources),
-                            "exact": sum(r.tokens == a for r, a in zip(rows, ar_tokens)) / len(rows)})
-            report["results"].setdefault(precision, {})[cls] = {"prompts": len(prompts), "max_tokens": max_tokens,
-                                                                 "warm_answers": len(warm[cls]), "settings": out}
+                out.append(
+                    {
+                        "setting": name,
+                        "config": SETTINGS[name],
+                        "tokens": tokens,
+                        "nfe": nfe,
+                        "tpf": tokens / nfe,
+                        "tok_s": statistics.median(rates),
+                        "x_ar": statistics.median(x_ar),
+                        "x_ar_runs": x_ar,
+                        "accepted_mean": statistics.mean(accepted) if accepted else None,
+                        "accepted_hist": dict(sorted(Counter(accepted).items())),
+                        "cycles_by_source": dict(sources),
+                        "exact": sum(r.tokens == a for r, a in zip(rows, ar_tokens)) / len(rows),
+                    }
+                )
+            report["results"].setdefault(precision, {})[cls] = {
+                "prompts": len(prompts),
+                "max_tokens": max_tokens,
+                "warm_answers": len(warm[cls]),
+                "settings": out,
+            }
             print(table(precision, cls, out), flush=True)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,15 +175,20 @@ def main() -> None:
 
 
 def table(precision: str, cls: str, results: list[dict]) -> str:
-    lines = [f"{precision}, {cls} prompts", "",
-             "| setting | accepted / cycle | TPF | tok/s | x AR | = AR | cycles: lookup / history / draft / none |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{precision}, {cls} prompts",
+        "",
+        "| setting | accepted / cycle | TPF | tok/s | x AR | = AR | cycles: lookup / history / draft / none |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         src = r["cycles_by_source"]
         acc = "-" if r["accepted_mean"] is None else f"{r['accepted_mean']:.2f}"
-        lines.append(f"| {r['setting']} | {acc} | {r['tpf']:.2f} | {r['tok_s']:.1f} | {r['x_ar']:.2f} | "
-                     f"{r['exact']:.0%} | {src.get('lookup', 0)} / {src.get('history', 0)} / {src.get('draft', 0)} / "
-                     f"{src.get('none', 0)} |")
+        lines.append(
+            f"| {r['setting']} | {acc} | {r['tpf']:.2f} | {r['tok_s']:.1f} | {r['x_ar']:.2f} | "
+            f"{r['exact']:.0%} | {src.get('lookup', 0)} / {src.get('history', 0)} / {src.get('draft', 0)} / "
+            f"{src.get('none', 0)} |"
+        )
     return "\n".join(lines)
 
 

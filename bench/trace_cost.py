@@ -15,8 +15,11 @@ from tridlm import harness
 from tridlm.decode import DecodeState, GenerationConfig, stream
 from tridlm.loading import open_model
 
-SETTINGS = {"ar": GenerationConfig(max_tokens=64), "spec B=8": GenerationConfig(mode="spec", block_size=8, max_tokens=64),
-            "diffusion B=4": GenerationConfig(mode="diffusion", block_size=4, max_tokens=64)}
+SETTINGS = {
+    "ar": GenerationConfig(max_tokens=64),
+    "spec B=8": GenerationConfig(mode="spec", block_size=8, max_tokens=64),
+    "diffusion B=4": GenerationConfig(mode="diffusion", block_size=4, max_tokens=64),
+}
 
 
 def run(model, prompts, cfg: GenerationConfig, trace: bool) -> float:

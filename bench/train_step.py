@@ -1,6 +1,7 @@
 """One adapter-regime training step (forward + backward), dual-stream forward vs cached clean stream,
 with the shipped adapter's training settings (batch 8 x 256, block 8, LoRA rank 8 on all projections,
 bf16 autocast), alternating in one process."""
+
 import time
 
 import torch
@@ -10,7 +11,8 @@ from tridlm.train.objective import add_noise, diffusion_loss, joint_loss
 
 model, tok = default_model.load(own_adapter=False)
 model.add_lora(8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-for n, p in model.named_parameters(): p.requires_grad_("lora_" in n)
+for n, p in model.named_parameters():
+    p.requires_grad_("lora_" in n)
 g = torch.Generator().manual_seed(0)
 x0 = torch.randint(100, 40000, (8, 256), generator=g)
 bearing = torch.ones_like(x0, dtype=torch.bool)

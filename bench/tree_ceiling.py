@@ -22,8 +22,10 @@ from tridlm.decode import GenerationConfig, generate
 from tridlm.decode.forward import forward_block, masked_block, prefill
 from tridlm.loading import open_model
 
-RUNS = {"humaneval": "bench/results/eval-runs/humaneval-ar-int4-69084718.jsonl",
-        "gsm8k": "bench/results/eval-runs/gsm8k-ar-int4-c3d837d6.jsonl"}
+RUNS = {
+    "humaneval": "bench/results/eval-runs/humaneval-ar-int4-69084718.jsonl",
+    "gsm8k": "bench/results/eval-runs/gsm8k-ar-int4-c3d837d6.jsonl",
+}
 COSTS = "bench/results/precisions-2026-11-29.json"
 
 
@@ -94,8 +96,12 @@ def main() -> None:
     report = {"draft_coverage": draft_coverage(model, harness.load_prompts(None, tok))}
     raw = json.loads(Path(COSTS).read_text())["cost_ms"][args.precision]
     cost = {int(n): ms / raw["1"] for n, ms in raw.items()}
-    report["lookup"] = {f"{task} budget {b} branches {br}": lookup_branches(tok, task, path, cost, b, br)
-                        for task, path in RUNS.items() for b in (3, 7) for br in (1, 2)}
+    report["lookup"] = {
+        f"{task} budget {b} branches {br}": lookup_branches(tok, task, path, cost, b, br)
+        for task, path in RUNS.items()
+        for b in (3, 7)
+        for br in (1, 2)
+    }
     print(json.dumps(report, indent=1))
     Path(args.out).write_text(json.dumps(report, indent=1))
 

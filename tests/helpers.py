@@ -17,8 +17,9 @@ from tridlm.decode import CostCurve, GenerationConfig
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 # A CPU-like curve: a few tokens cost little more than one, so auto drafts where candidates are at hand.
-COSTS = CostCurve(verify={n: 1 + 0.05 * (n - 1) for n in range(1, 9)},
-                  draft={n: 1 + 0.08 * (n - 1) for n in range(1, 9)})
+COSTS = CostCurve(
+    verify={n: 1 + 0.05 * (n - 1) for n in range(1, 9)}, draft={n: 1 + 0.08 * (n - 1) for n in range(1, 9)}
+)
 
 
 @contextmanager

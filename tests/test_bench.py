@@ -8,8 +8,15 @@ from tridlm.decode import GenerationConfig
 
 def test_grid_expands_only_meaningful_settings():
     names = [s.name for s in harness.grid(["ar", "spec", "diffusion"], [4, 8], [0.9, None], [0.0], [1], 32)]
-    assert names == ["ar", "spec B=4", "spec B=8", "diffusion B=4 t=0.9", "diffusion B=4 t=None",
-                     "diffusion B=8 t=0.9", "diffusion B=8 t=None"]
+    assert names == [
+        "ar",
+        "spec B=4",
+        "spec B=8",
+        "diffusion B=4 t=0.9",
+        "diffusion B=4 t=None",
+        "diffusion B=8 t=0.9",
+        "diffusion B=8 t=None",
+    ]
 
 
 def test_bench_on_tiny_model(tiny_model, char_tokenizer, tmp_path):

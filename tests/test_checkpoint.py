@@ -15,22 +15,58 @@ from tridlm.model import random_model
 
 transformers = pytest.importorskip("transformers")
 
-COMMON = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
-              bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.1,
+)
 ARCHS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "llama-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"tie_word_embeddings": True}),
-    "llama3-rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32}}),
+    "llama3-rope": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 5e5,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+    ),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),
     # Ministral 3 is the NLD backbone: yarn + Llama-4 query scaling; positions beyond 16 exercise both.
-    "ministral3": (transformers.Ministral3Config, transformers.Ministral3ForCausalLM, {"rope_parameters": {
-        "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 16,
-        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}}),
+    "ministral3": (
+        transformers.Ministral3Config,
+        transformers.Ministral3ForCausalLM,
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 1e6,
+                "factor": 16.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "llama_4_scaling_beta": 0.1,
+            }
+        },
+    ),
 }
 SEQ = [1] + [(7 * i + 3) % 60 + 4 for i in range(47)]  # 48 tokens: positions well past 16 and 32
 
@@ -112,8 +148,21 @@ def test_convert_hf_to_nld_then_generate_in_every_mode(tmp_path, char_tokenizer,
     assert "mask token '<mask>'" in capsys.readouterr().out
     outputs = {}
     for mode in ("ar", "spec", "diffusion"):
-        main(["generate", "abc", "--model", str(tmp_path / "out"), "--mode", mode, "--block-size", "4",
-              "--max-tokens", "16", "--json"])
+        main(
+            [
+                "generate",
+                "abc",
+                "--model",
+                str(tmp_path / "out"),
+                "--mode",
+                mode,
+                "--block-size",
+                "4",
+                "--max-tokens",
+                "16",
+                "--json",
+            ]
+        )
         outputs[mode] = json.loads(capsys.readouterr().out)
         assert outputs[mode]["completion_tokens"] >= 1
     assert outputs["spec"]["tokens"] == outputs["ar"]["tokens"]
@@ -148,6 +197,7 @@ def test_gguf_convert_round_trip(tmp_path, default_model):
 
 
 # ------------------------------------------------------------------------------------------ bad input
+
 
 @pytest.fixture
 def sharded(tmp_path, char_tokenizer):
@@ -184,12 +234,15 @@ def test_config_disagreeing_with_weights_is_named(sharded):
         checkpoint.load(sharded)
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
-    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0}}, "unsupported rope type 'longrope'"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "need original_max_position_embeddings"),
-    ({"hidden_size": None}, "missing field 'hidden_size'|hidden_size"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
+        ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0}}, "unsupported rope type 'longrope'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "need original_max_position_embeddings"),
+        ({"hidden_size": None}, "missing field 'hidden_size'|hidden_size"),
+    ],
+)
 def test_bad_config_is_a_clear_error(sharded, changes, message):
     edit_config(sharded, **changes)
     if changes.get("hidden_size", 0) is None:
@@ -213,8 +266,12 @@ def test_cli_reports_bad_checkpoint_in_one_line(sharded):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", "from tridlm.cli import main; main()", "generate", "hi", "--model",
-                        str(sharded)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", "from tridlm.cli import main; main()", "generate", "hi", "--model", str(sharded)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "unsupported architecture 'Unknown'" in r.stderr and r.stderr.count("\n") == 1
     shutil.rmtree(sharded)
 
@@ -234,16 +291,39 @@ def test_synthetic_nld_checkpoint_end_to_end(tmp_path, tiny_cfg, char_tokenizer,
     decodes in all three modes through the CLI past original_max_position_embeddings."""
     from tridlm.rope import RopeConfig
 
-    cfg = replace(tiny_cfg, rope=RopeConfig(theta=1e6, type="yarn", factor=16.0, original_max_position_embeddings=16,
-                                            mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))
+    cfg = replace(
+        tiny_cfg,
+        rope=RopeConfig(
+            theta=1e6,
+            type="yarn",
+            factor=16.0,
+            original_max_position_embeddings=16,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+            llama_4_scaling_beta=0.1,
+        ),
+    )
     model = random_model(cfg, seed=9, std=0.3)
     model.add_lora(rank=2, alpha=4)
     model.cfg = replace(model.cfg, block_size=4)
     checkpoint.save(tmp_path / "nld", model, char_tokenizer)
     tokens = {}
     for mode in ("ar", "diffusion", "spec"):
-        main(["generate", "hello", "--model", str(tmp_path / "nld"), "--mode", mode, "--block-size", "4",
-              "--max-tokens", "40", "--json"])
+        main(
+            [
+                "generate",
+                "hello",
+                "--model",
+                str(tmp_path / "nld"),
+                "--mode",
+                mode,
+                "--block-size",
+                "4",
+                "--max-tokens",
+                "40",
+                "--json",
+            ]
+        )
         out = json.loads(capsys.readouterr().out)
         tokens[mode] = out["tokens"]
         assert out["mode"] == mode and out["nfe"] >= 1
@@ -251,6 +331,7 @@ def test_synthetic_nld_checkpoint_end_to_end(tmp_path, tiny_cfg, char_tokenizer,
 
 
 # ------------------------------------------------------------------------- interop with NVIDIA's reader
+
 
 def reference_rope(config: dict) -> dict:
     """RoPE settings as NVIDIA's NLD configuration class sees them under transformers 5.0 (the version its
@@ -283,7 +364,8 @@ def test_converted_config_reads_right_in_nvidias_layout(tmp_path, char_tokenizer
     assert "rope_scaling" not in config
     seen, ours = reference_rope(config), model.cfg.rope
     assert seen["rope_theta"] == ours.theta == 1e6 and seen["rope_type"] == ours.type == (
-        "yarn" if name == "ministral3" else "default")
+        "yarn" if name == "ministral3" else "default"
+    )
     fields = {k: v for k, v in seen.items() if k not in ("rope_theta", "rope_type")}
     assert RopeConfig(theta=seen["rope_theta"], type=seen["rope_type"], **fields) == ours  # every field
     if ours.type == "yarn":

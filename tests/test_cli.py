@@ -16,14 +16,31 @@ def tiny_checkpoint(tmp_path_factory, tiny_model, char_tokenizer):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-c", "from tridlm.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", "from tridlm.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
 def test_generate_json(tiny_checkpoint, mode, capsys):
-    main(["generate", "hello", "--model", str(tiny_checkpoint), "--mode", mode, "--block-size", "4",
-          "--max-tokens", "12", "--json"])
+    main(
+        [
+            "generate",
+            "hello",
+            "--model",
+            str(tiny_checkpoint),
+            "--mode",
+            mode,
+            "--block-size",
+            "4",
+            "--max-tokens",
+            "12",
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == mode and len(out["tokens"]) == out["completion_tokens"] <= 12
     assert out["tpf"] == pytest.approx(out["completion_tokens"] / out["nfe"]) and out["tok_s"] > 0
@@ -42,22 +59,35 @@ def test_spec_cli_equals_ar_cli(tiny_checkpoint, capsys):
 
 
 def test_stream_prints_the_same_text(tiny_checkpoint, capsys):
-    common = ["generate", "hi", "--model", str(tiny_checkpoint), "--max-tokens", "20", "--mode", "diffusion",
-              "--block-size", "4"]
+    common = [
+        "generate",
+        "hi",
+        "--model",
+        str(tiny_checkpoint),
+        "--max-tokens",
+        "20",
+        "--mode",
+        "diffusion",
+        "--block-size",
+        "4",
+    ]
     main(common)
     plain = capsys.readouterr().out
     main(common + ["--stream"])
     assert capsys.readouterr().out == plain
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--block-size", "0"], "invalid block_size=0"),
-    (["--mode", "fast"], "invalid choice: 'fast'"),
-    (["--temperature", "hot"], "invalid float value: 'hot'"),
-    (["--top-p", "1.5"], "invalid top_p=1.5"),
-    (["--model", "/nonexistent"], "not a checkpoint directory"),
-    (["--json", "--stream"], "not allowed with argument"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--block-size", "0"], "invalid block_size=0"),
+        (["--mode", "fast"], "invalid choice: 'fast'"),
+        (["--temperature", "hot"], "invalid float value: 'hot'"),
+        (["--top-p", "1.5"], "invalid top_p=1.5"),
+        (["--model", "/nonexistent"], "not a checkpoint directory"),
+        (["--json", "--stream"], "not allowed with argument"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(tiny_checkpoint, args, message):
     argv = ["generate", "hi", "--model", str(tiny_checkpoint), *args]
     if "--model" in args:
@@ -78,8 +108,21 @@ def test_block_size_defaults_per_device_and_mode(tiny_checkpoint, capsys):
                 GenerationConfig(mode=mode, spec_variant=variant, block_size=block).validate()
     assert default_block_size("cpu", "ar") == 1
     for variant in SPEC_VARIANTS:
-        main(["generate", "abc", "--model", str(tiny_checkpoint), "--mode", "spec", "--spec-variant", variant,
-              "--max-tokens", "20", "--json"])
+        main(
+            [
+                "generate",
+                "abc",
+                "--model",
+                str(tiny_checkpoint),
+                "--mode",
+                "spec",
+                "--spec-variant",
+                variant,
+                "--max-tokens",
+                "20",
+                "--json",
+            ]
+        )
         out = json.loads(capsys.readouterr().out)
         assert out["block_size"] == default_block_size("cpu", "spec", variant)
         assert max(out["accepted_lengths"]) <= out["block_size"]

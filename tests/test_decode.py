@@ -55,8 +55,7 @@ def test_quadratic_spec_sampling_is_distributionally_lossless():
     scipy_stats = pytest.importorskip("scipy.stats")
     model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
     prompt, n = [1, 2, 3], 4
-    cfg = GenerationConfig(mode="spec", spec_variant="quadratic", block_size=3, temperature=1.0, seed=12,
-                           max_tokens=n)
+    cfg = GenerationConfig(mode="spec", spec_variant="quadratic", block_size=3, temperature=1.0, seed=12, max_tokens=n)
     expected = exact_ar_distribution(model, prompt, n, cfg.sampler)
     state = generate(model, [prompt] * 6000, cfg, eos_ids=[])
     stat, dof = chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)
@@ -74,13 +73,16 @@ def test_diffusion_block_size_one_is_ar(tiny_model, prompts):
     assert tokens(generate(tiny_model, prompts, GREEDY.replace(mode="diffusion", block_size=1))) == tokens(ar)
 
 
-@pytest.mark.parametrize("cfg", [
-    GREEDY,
-    GREEDY.replace(mode="spec", block_size=4),
-    GREEDY.replace(mode="spec", block_size=4, spec_variant="quadratic"),
-    GREEDY.replace(mode="diffusion", block_size=4, threshold=0.3),
-    GREEDY.replace(mode="diffusion", block_size=6, threshold=None),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GREEDY,
+        GREEDY.replace(mode="spec", block_size=4),
+        GREEDY.replace(mode="spec", block_size=4, spec_variant="quadratic"),
+        GREEDY.replace(mode="diffusion", block_size=4, threshold=0.3),
+        GREEDY.replace(mode="diffusion", block_size=6, threshold=None),
+    ],
+)
 def test_batch_row_equals_single(tiny_model, prompts, cfg):
     batched = tokens(generate(tiny_model, prompts, cfg))
     assert batched == [generate(tiny_model, [p], cfg).rows[0].tokens for p in prompts]
@@ -89,8 +91,7 @@ def test_batch_row_equals_single(tiny_model, prompts, cfg):
 @pytest.mark.parametrize("mode", ["ar", "spec", "diffusion"])
 @pytest.mark.parametrize("max_tokens", [1, 5, 13])
 def test_max_tokens_is_exact(tiny_model, prompts, mode, max_tokens):
-    state = generate(tiny_model, prompts, GenerationConfig(mode=mode, block_size=8, max_tokens=max_tokens),
-                     eos_ids=[])
+    state = generate(tiny_model, prompts, GenerationConfig(mode=mode, block_size=8, max_tokens=max_tokens), eos_ids=[])
     assert [len(r.tokens) for r in state.rows] == [max_tokens] * len(prompts)
     assert all(r.finish_reason == "length" for r in state.rows)
 
@@ -130,12 +131,14 @@ def test_counts_are_honest(small_vocab_model):
     prompt = [[5, 6, 7]]
     ar = generate(small_vocab_model, prompt, GREEDY, eos_ids=[]).stats()
     assert ar["completion_tokens"] == 40 and ar["nfe"] == 39  # the first token comes from the prefill
-    sp = generate(small_vocab_model, prompt, GREEDY.replace(mode="spec", block_size=4, max_tokens=300),
-                  eos_ids=[]).rows[0]
+    sp = generate(
+        small_vocab_model, prompt, GREEDY.replace(mode="spec", block_size=4, max_tokens=300), eos_ids=[]
+    ).rows[0]
     cycles = len(sp.accepted_lengths)
     assert sp.nfe == 2 * cycles and sum(sp.accepted_lengths) == len(sp.tokens) - 1
-    diff = generate(small_vocab_model, prompt, GREEDY.replace(mode="diffusion", block_size=4, threshold=None),
-                    eos_ids=[]).stats()
+    diff = generate(
+        small_vocab_model, prompt, GREEDY.replace(mode="diffusion", block_size=4, threshold=None), eos_ids=[]
+    ).stats()
     # One token per denoising step, 3 steps + 1 commit pass per block of 4: 9 blocks give the prefill's
     # token + 36, then 3 steps of the 10th block finish the 40 (no commit pass after the last token).
     assert diff["completion_tokens"] == 40 and diff["nfe"] == 9 * 4 + 3
@@ -151,10 +154,21 @@ def test_streaming_yields_every_token_once_in_order(tiny_model, prompts):
     assert seen == tokens(generate(tiny_model, prompts, cfg))
 
 
-@pytest.mark.parametrize("field,value", [("mode", "fast"), ("block_size", 0), ("threshold", 1.5),
-                                         ("temperature", -1.0), ("top_p", 0.0), ("top_k", 0), ("max_tokens", 0),
-                                         ("max_steps_per_block", 0), ("stop", ("",)),
-                                         ("spec_variant", "cubic")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("mode", "fast"),
+        ("block_size", 0),
+        ("threshold", 1.5),
+        ("temperature", -1.0),
+        ("top_p", 0.0),
+        ("top_k", 0),
+        ("max_tokens", 0),
+        ("max_steps_per_block", 0),
+        ("stop", ("",)),
+        ("spec_variant", "cubic"),
+    ],
+)
 def test_config_rejects_out_of_range(field, value):
     with pytest.raises(ValueError, match=f"invalid {field}="):
         GenerationConfig(**{field: value}).validate()
@@ -224,13 +238,16 @@ def mask_loving_model(tiny_cfg):
 def test_mask_token_is_never_emitted_from_a_bidirectional_prediction(mask_loving_model, tiny_cfg, prompts):
     mask_id = tiny_cfg.mask_id
     x = torch.tensor([[5, mask_id, mask_id, mask_id]])
-    logits = mask_loving_model(x, torch.arange(4)[None], masks.bidirectional(torch.zeros(1, dtype=torch.long), 4, 0),
-                               adapter=True)
+    logits = mask_loving_model(
+        x, torch.arange(4)[None], masks.bidirectional(torch.zeros(1, dtype=torch.long), 4, 0), adapter=True
+    )
     assert (logits.argmax(-1) == mask_id).all()  # without the exclusion every masked slot would stay MASK
     ar = tokens(generate(mask_loving_model, prompts, GREEDY, eos_ids=[]))
     assert all(mask_id not in row for row in ar)
-    for cfg in (GREEDY.replace(mode="diffusion", block_size=4), GREEDY.replace(mode="diffusion", block_size=4,
-                                                                                temperature=1.0, seed=3)):
+    for cfg in (
+        GREEDY.replace(mode="diffusion", block_size=4),
+        GREEDY.replace(mode="diffusion", block_size=4, temperature=1.0, seed=3),
+    ):
         out = tokens(generate(mask_loving_model, prompts, cfg, eos_ids=[]))
         assert all(mask_id not in row for row in out) and all(len(row) == 40 for row in out)
     for variant in ("linear", "quadratic"):

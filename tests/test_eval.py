@@ -10,21 +10,26 @@ from tridlm.evaluate import EvalOptions, Problem
 from tridlm.tokenizer import Tokenizer
 
 
-@pytest.mark.parametrize("text, number", [
-    ("so the total is \\boxed{1,234} dollars", 1234.0),
-    ("\\boxed{12} at first, then \\boxed{$-3.5}", -3.5),
-    ("work 3 + 4 = 7\n#### 7", 7.0),
-    ("She pays 18 dollars. The answer is 18.", 18.0),
-    ("\\boxed{\\text{45}\\%}", 45.0),
-    ("no number here", None),
-])
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("so the total is \\boxed{1,234} dollars", 1234.0),
+        ("\\boxed{12} at first, then \\boxed{$-3.5}", -3.5),
+        ("work 3 + 4 = 7\n#### 7", 7.0),
+        ("She pays 18 dollars. The answer is 18.", 18.0),
+        ("\\boxed{\\text{45}\\%}", 45.0),
+        ("no number here", None),
+    ],
+)
 def test_final_number(text, number):
     assert evaluate.final_number(text) == number
 
 
 def test_extract_code_takes_the_first_block_even_unclosed():
-    assert evaluate.extract_code("Sure:\n```python\ndef f():\n    return 1\n```\n```py\nx\n```") == \
-        "def f():\n    return 1\n"
+    assert (
+        evaluate.extract_code("Sure:\n```python\ndef f():\n    return 1\n```\n```py\nx\n```")
+        == "def f():\n    return 1\n"
+    )
     assert evaluate.extract_code("```\ndef g(): pass") == "def g(): pass"
     assert evaluate.extract_code("def h(): pass") == "def h(): pass"
 
@@ -34,8 +39,15 @@ def test_humaneval_refuses_to_run_code_without_the_opt_in(tiny_model, chat_token
     gen = GenerationConfig(max_tokens=4)
     settings = evaluate.run_settings("humaneval", tiny_model, "tiny", "float32", None, gen, 1)
     with pytest.raises(ValueError, match="--allow-code-execution"):
-        evaluate.evaluate(tiny_model, chat_tokenizer, "humaneval", gen, EvalOptions(limit=1, runs=str(tmp_path)),
-                          settings, progress=False)
+        evaluate.evaluate(
+            tiny_model,
+            chat_tokenizer,
+            "humaneval",
+            gen,
+            EvalOptions(limit=1, runs=str(tmp_path)),
+            settings,
+            progress=False,
+        )
     assert not list(tmp_path.iterdir())  # refused before anything ran or was written
 
 
@@ -70,7 +82,9 @@ class Echo:
         self.scored = []
 
     def problems(self):
-        return [Problem(f"echo/{i}", text, {}) for i, text in enumerate(["abc", "hello there", "x", "what is it", "no"])]
+        return [
+            Problem(f"echo/{i}", text, {}) for i, text in enumerate(["abc", "hello there", "x", "what is it", "no"])
+        ]
 
     def score(self, problem, answer):
         self.scored.append(problem.id)
@@ -79,8 +93,9 @@ class Echo:
 
 @pytest.fixture
 def chat_tokenizer(char_tokenizer):
-    return Tokenizer(char_tokenizer.backend, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}",
-                     bos_id=1, eos_id=2)
+    return Tokenizer(
+        char_tokenizer.backend, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}", bos_id=1, eos_id=2
+    )
 
 
 @pytest.fixture
@@ -110,8 +125,9 @@ def test_a_killed_run_resumes_where_it_stopped(tiny_model, chat_tokenizer, echo,
     assert whole["tokens"] == sum(len(r["tokens"]) for r in lines[1:]) and whole["pass@1"] == whole["passed"] / 5
     assert whole["nfe"] == whole["tokens"] - 5  # AR: one forward per token after the one from the prefill
     again = run(tiny_model, chat_tokenizer, gen, EvalOptions(batch_size=2, runs=str(tmp_path)))
-    assert len(echo.scored) == 5 and {k: v for k, v in again.items() if k != "run_file"} == \
-        {k: v for k, v in whole.items() if k != "run_file"}
+    assert len(echo.scored) == 5 and {k: v for k, v in again.items() if k != "run_file"} == {
+        k: v for k, v in whole.items() if k != "run_file"
+    }
 
 
 def test_a_run_file_of_other_settings_is_refused(tiny_model, chat_tokenizer, echo, tmp_path):

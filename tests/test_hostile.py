@@ -67,27 +67,57 @@ def health_watch(url):
 
 DEEP = b'{"prompt": "hi", "stop": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 HOSTILE = {  # name: (path, body or raw bytes, extra headers, status, what the message names)
-    "quadratic block 256": ("/v1/completions", {"prompt": "hi", "mode": "spec", "spec_variant": "quadratic",
-                                                "block_size": 256}, {}, 400, "block_size"),
-    "quadratic block 17": ("/v1/completions", {"prompt": "hi", "mode": "spec", "spec_variant": "quadratic",
-                                               "block_size": 17}, {}, 400, "block_size"),
-    "auto block past the measured curve": ("/v1/completions", {"prompt": "hi", "mode": "auto", "block_size": 64},
-                                           {}, 400, "block_size"),
+    "quadratic block 256": (
+        "/v1/completions",
+        {"prompt": "hi", "mode": "spec", "spec_variant": "quadratic", "block_size": 256},
+        {},
+        400,
+        "block_size",
+    ),
+    "quadratic block 17": (
+        "/v1/completions",
+        {"prompt": "hi", "mode": "spec", "spec_variant": "quadratic", "block_size": 17},
+        {},
+        400,
+        "block_size",
+    ),
+    "auto block past the measured curve": (
+        "/v1/completions",
+        {"prompt": "hi", "mode": "auto", "block_size": 64},
+        {},
+        400,
+        "block_size",
+    ),
     "n x max_tokens": ("/v1/completions", {"prompt": "hi", "n": 8, "max_tokens": 40}, {}, 400, "n x max_tokens"),
     "prompt ids past the context": ("/v1/completions", {"prompt": [5] * 100_000}, {}, 400, "prompt"),
     "prompt of 900k characters": ("/v1/completions", {"prompt": "a" * 900_000}, {}, 400, "prompt"),
-    "chat of 900k characters": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "b" * 900_000}]},
-                                {}, 400, "prompt"),
+    "chat of 900k characters": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "b" * 900_000}]},
+        {},
+        400,
+        "prompt",
+    ),
     "5 stop strings": ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, {}, 400, "stop"),
     "a stop string of 40k characters": ("/v1/completions", {"prompt": "hi", "stop": "x" * 40_000}, {}, 400, "stop"),
     "JSON nested 100k deep": ("/v1/completions", DEEP, {}, 400, "nests"),
     "seed 2**64": ("/v1/completions", {"prompt": "hi", "seed": 2**64}, {}, 400, "seed"),
     "seed -2**63 - 1": ("/v1/completions", {"prompt": "hi", "seed": -(2**63) - 1}, {}, 400, "seed"),
     "body over the limit (declared)": ("/v1/completions", {"prompt": "a" * (2 << 20)}, {}, 413, "exceeds"),
-    "text/plain body (a cross-site form)": ("/v1/completions", b'{"prompt": "hi"}', {"content-type": "text/plain"},
-                                            415, "Content-Type"),
-    "form-encoded body": ("/v1/completions", b"prompt=hi", {"content-type": "application/x-www-form-urlencoded"},
-                          415, "Content-Type"),
+    "text/plain body (a cross-site form)": (
+        "/v1/completions",
+        b'{"prompt": "hi"}',
+        {"content-type": "text/plain"},
+        415,
+        "Content-Type",
+    ),
+    "form-encoded body": (
+        "/v1/completions",
+        b"prompt=hi",
+        {"content-type": "application/x-www-form-urlencoded"},
+        415,
+        "Content-Type",
+    ),
     "no content type": ("/v1/completions", b'{"prompt": "hi"}', {"content-type": ""}, 415, "Content-Type"),
     "a DNS-rebinding Host": ("/v1/completions", {"prompt": "hi"}, {"host": "evil.example:8000"}, 400, "Host"),
     "no key": ("/v1/completions", {"prompt": "hi"}, {"authorization": ""}, 401, "API key"),
@@ -118,9 +148,11 @@ def test_hostile_requests_get_a_4xx_at_once_with_no_forward(counted):
 
 def test_the_limits_pass_what_they_allow(counted):
     _, url = counted
-    ok = [{"prompt": "hi", "mode": "spec", "spec_variant": "quadratic", "block_size": 16, "max_tokens": 4},
-          {"prompt": "hi", "seed": 2**64 - 1, "temperature": 1.0, "max_tokens": 4},
-          {"prompt": "hi", "stop": ["a" * 256, "b", "c", "d"], "max_tokens": 4}]
+    ok = [
+        {"prompt": "hi", "mode": "spec", "spec_variant": "quadratic", "block_size": 16, "max_tokens": 4},
+        {"prompt": "hi", "seed": 2**64 - 1, "temperature": 1.0, "max_tokens": 4},
+        {"prompt": "hi", "stop": ["a" * 256, "b", "c", "d"], "max_tokens": 4},
+    ]
     for body in ok:
         assert post(url, "/v1/completions", body, {}).status_code == 200, body
 
@@ -134,6 +166,7 @@ def test_a_body_over_the_limit_is_refused_while_it_is_read(counted):
         for _ in range(40):
             yield b"a" * 65536
         yield b'"}'
+
     r = httpx.post(url + "/v1/completions", content=chunks(), headers={"content-type": "application/json", **A})
     assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
 
@@ -143,8 +176,10 @@ def test_a_stalled_body_times_out_while_health_answers(counted):
     host, port = url.removeprefix("http://").split(":")
     before = model.forwards
     with health_watch(url) as health, socket.create_connection((host, int(port))) as s:
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                  f"Authorization: Bearer {KEYS[0]}\r\nContent-Length: 100\r\n\r\n{{\"prompt\"".encode())
+        s.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f'Authorization: Bearer {KEYS[0]}\r\nContent-Length: 100\r\n\r\n{{"prompt"'.encode()
+        )
         s.settimeout(5)
         start = time.perf_counter()
         reply = s.recv(4096).decode()
@@ -153,14 +188,18 @@ def test_a_stalled_body_times_out_while_health_answers(counted):
 
 
 def test_a_chat_template_that_raises_is_a_400(tiny_model, char_tokenizer):
-    strict = replace(char_tokenizer, chat_template="{% if messages[0]['role'] != 'system' %}"
-                                                   "{{ raise_exception('a system message must come first') }}"
-                                                   "{% endif %}{{ messages[0]['content'] }}")
+    strict = replace(
+        char_tokenizer,
+        chat_template="{% if messages[0]['role'] != 'system' %}"
+        "{{ raise_exception('a system message must come first') }}"
+        "{% endif %}{{ messages[0]['content'] }}",
+    )
     with running(tiny_model, strict) as url:
         r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "system", "content": "hi"}],
-                                                           "max_tokens": 2})
+        r = httpx.post(
+            url + "/v1/chat/completions", json={"messages": [{"role": "system", "content": "hi"}], "max_tokens": 2}
+        )
         assert r.status_code == 200
 
 
@@ -182,6 +221,7 @@ def test_stop_matching_is_linear(chat_tokenizer):
 
 
 # ------------------------------------------------------------------------------------------ auth and browser
+
 
 def test_every_route_but_health_needs_the_key(counted):
     _, url = counted
@@ -224,9 +264,11 @@ def test_the_host_header_is_checked_on_loopback_only():
     assert guard.host_allowed("anything", ServerConfig(host="0.0.0.0"))  # reachable from elsewhere: no rebinding
 
 
-JSON = st.recursive(st.none() | st.integers() | st.text(alphabet='ab[]{}"\\', max_size=6),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text('[{"\\k', max_size=3), inner,
-                                                                                 max_size=3), max_leaves=12)
+JSON = st.recursive(
+    st.none() | st.integers() | st.text(alphabet='ab[]{}"\\', max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text('[{"\\k', max_size=3), inner, max_size=3),
+    max_leaves=12,
+)
 
 
 def nesting(value) -> int:
@@ -242,10 +284,18 @@ def test_json_depth_is_the_nesting_with_strings_skipped(value, ascii_only):
 
 # ------------------------------------------------------------------------------------------ tenants
 
+
 def traced(url, headers, prompt, mode, **knobs):
     """Every byte a client sees of one streamed, traced request, ids and timestamps aside."""
-    body = {"prompt": prompt, "max_tokens": 24, "stream": True, "tridlm_trace": True,
-            "stream_options": {"include_usage": True}, **mode, **knobs}
+    body = {
+        "prompt": prompt,
+        "max_tokens": 24,
+        "stream": True,
+        "tridlm_trace": True,
+        "stream_options": {"include_usage": True},
+        **mode,
+        **knobs,
+    }
     r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
@@ -287,8 +337,10 @@ def test_auto_and_pipelined_batches_hold_one_tenant(tiny_model):
 
     loop = asyncio.new_event_loop()
     try:
+
         def key(tenant, **cfg):
             return Job([[5]], GenerationConfig(**cfg).resolve(tiny_model), loop, tenant=tenant).batch_key()
+
         assert key(0, mode="auto") != key(1, mode="auto")
         assert key(0, mode="spec", spec_variant="pipelined") != key(1, mode="spec", spec_variant="pipelined")
         assert key(0, mode="ar") == key(1, mode="ar") and key(0, mode="spec") == key(1, mode="spec")

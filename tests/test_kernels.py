@@ -42,7 +42,9 @@ def test_attend_row_is_independent_of_other_rows_and_trailing_keys(dtype):
     mask = torch.ones(1, n, P + n, dtype=torch.bool).tril(P)
     block = kernels.attend(q, k, v, mask)
     for i in range(n):
-        alone = kernels.attend(q[:, i : i + 1], k[:, :, : P + i + 1], v[:, :, : P + i + 1], mask[:, i : i + 1, : P + i + 1])
+        alone = kernels.attend(
+            q[:, i : i + 1], k[:, :, : P + i + 1], v[:, :, : P + i + 1], mask[:, i : i + 1, : P + i + 1]
+        )
         assert torch.equal(alone, block[:, i : i + 1])
     # and each batch row alone equals its row in the batch
     q, k, v, mask = _inputs(dtype, B=3, n=4)
@@ -74,7 +76,12 @@ def test_rms_norm_and_rope_match_their_torch_forms(dtype, monkeypatch):
 
 def test_kernels_step_aside_where_they_do_not_apply():
     x = torch.randn(1, 2, 9, 48)  # a head size the attention is not compiled for
-    assert kernels.attend(x, x[:, :, :3].transpose(1, 2), x[:, :, :3].transpose(1, 2), torch.ones(1, 2, 2, dtype=torch.bool)) is None
+    assert (
+        kernels.attend(
+            x, x[:, :, :3].transpose(1, 2), x[:, :, :3].transpose(1, 2), torch.ones(1, 2, 2, dtype=torch.bool)
+        )
+        is None
+    )
     with torch.no_grad():  # training, even where it needs no gradients, keeps torch's ops
         assert kernels.rms_norm(torch.randn(2, 64), torch.ones(64), 1e-5) is None
 
@@ -116,8 +123,10 @@ def test_int4_and_int8_kernels_compute_their_weights_on_quantized_activations(dt
     w, x = torch.randn(n_out, 192, generator=gen), (torch.randn(9, 192, generator=gen) * 3).to(dtype)
     i4, i8 = quant.Int4Weight.from_float(w), quant.Int8Weight.from_float(w)
     q, d, m = i4.unpack()
-    weights = {"int4": (i4, q.float() * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)),
-               "int8": (i8, i8.dequantize())}
+    weights = {
+        "int4": (i4, q.float() * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)),
+        "int8": (i8, i8.dequantize()),
+    }
     for name, (packed, exact) in weights.items():
         got = packed(x)
         want = _quantized_rows(x) @ exact.T

@@ -32,8 +32,9 @@ def test_grouped_adapters_compute_what_each_projection_does(tiny_cfg):
     on, each projection's own. Same values up to float rounding, off rows untouched, rebuilt once a change is
     announced (``adapters_changed``)."""
     model = random_model(tiny_cfg, seed=3)
-    model.add_lora(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                            "down_proj"))
+    model.add_lora(
+        rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
     x, pos = torch.tensor([[5, 6, 7, 8]]), torch.arange(4)[None]
     mask = masks.bidirectional(torch.zeros(1, dtype=torch.long), 4, 0)
     rows = torch.tensor([[False, True, False, True]])

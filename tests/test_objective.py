@@ -86,8 +86,12 @@ def test_loss_equals_a_reference_built_from_inference_passes(tiny_cfg):
                 cache, _ = prefill(model, [seq[:start]], max_len=L + 1)
                 logits = forward_block(model, cache, noisy, masks.bidirectional, adapter=True)[0]
             else:
-                logits = model(noisy, torch.arange(block)[None], masks.bidirectional(torch.zeros(1, dtype=torch.long),
-                                                                                     block, 0), adapter=True)[0]
+                logits = model(
+                    noisy,
+                    torch.arange(block)[None],
+                    masks.bidirectional(torch.zeros(1, dtype=torch.long), block, 0),
+                    adapter=True,
+                )[0]
             for i in range(block):
                 if noised.masked[b, start + i]:
                     diffusion_sum += F.cross_entropy(logits[i], x0[b, start + i]) / noised.p[b]
@@ -175,8 +179,12 @@ def test_pipelined_layout_scores_masks_as_pipelined_spec_drafts_them(tiny_cfg):
                 logits = forward_block(model, cache, drafts, masks.bidirectional, adapter=True)[0]
             else:
                 n = drafts.shape[1]
-                logits = model(drafts, torch.arange(n)[None], masks.bidirectional(torch.zeros(1, dtype=torch.long), n, 0),
-                               adapter=True)[0]
+                logits = model(
+                    drafts,
+                    torch.arange(n)[None],
+                    masks.bidirectional(torch.zeros(1, dtype=torch.long), n, 0),
+                    adapter=True,
+                )[0]
             want += F.cross_entropy(logits, x0[b, cut : start + block], reduction="sum") / noised.p[b]
     torch.testing.assert_close(got.diffusion_sum, torch.as_tensor(want), rtol=1e-4, atol=1e-4)
     linear = diffusion_loss(model, x0, noised, block)

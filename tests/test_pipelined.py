@@ -84,8 +84,9 @@ def test_pipelined_greedy_equals_ar_one_forward_per_cycle(small_vocab_model, pro
 
 def test_pipelined_batch_row_equals_single(tiny_model, prompts):
     cfg = GREEDY.replace(mode="spec", spec_variant="pipelined", block_size=4)
-    assert tokens(generate(tiny_model, prompts, cfg)) == [generate(tiny_model, [p], cfg).rows[0].tokens
-                                                          for p in prompts]
+    assert tokens(generate(tiny_model, prompts, cfg)) == [
+        generate(tiny_model, [p], cfg).rows[0].tokens for p in prompts
+    ]
 
 
 def test_auto_greedy_equals_ar(tiny_model, prompts):
@@ -137,8 +138,7 @@ def test_pipelined_sampling_is_distributionally_lossless():
     scipy_stats = pytest.importorskip("scipy.stats")
     model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
     prompt, n = [1, 2, 3, 1, 2], 4
-    cfg = GenerationConfig(mode="spec", spec_variant="pipelined", block_size=4, temperature=1.0, seed=13,
-                           max_tokens=n)
+    cfg = GenerationConfig(mode="spec", spec_variant="pipelined", block_size=4, temperature=1.0, seed=13, max_tokens=n)
     expected = exact_ar_distribution(model, prompt, n, cfg.sampler)
     state = generate(model, [prompt] * 6000, cfg, eos_ids=[])
     stat, dof = chi_square(torch.tensor(tokens(state)), expected, model.cfg.vocab_size)

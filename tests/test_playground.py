@@ -16,8 +16,13 @@ from helpers import TEMPLATE, running
 pytestmark = pytest.mark.server
 
 PROMPT = "hello there"
-MODES = {"ar": {}, "diffusion": {"block_size": 8, "threshold": 0.3},
-         "spec:linear": {"block_size": 4}, "spec:quadratic": {"block_size": 4}, "spec:pipelined": {"block_size": 4}}
+MODES = {
+    "ar": {},
+    "diffusion": {"block_size": 8, "threshold": 0.3},
+    "spec:linear": {"block_size": 4},
+    "spec:quadratic": {"block_size": 4},
+    "spec:pipelined": {"block_size": 4},
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,14 @@ def server(tiny_model, chat_tokenizer):
 
 def request(mode: str, **extra) -> dict:
     name, _, variant = mode.partition(":")
-    body = {"messages": [{"role": "user", "content": PROMPT}], "mode": name, "max_tokens": 64, "temperature": 0,
-            **MODES.get(mode, {"block_size": 4}), **extra}
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "mode": name,
+        "max_tokens": 64,
+        "temperature": 0,
+        **MODES.get(mode, {"block_size": 4}),
+        **extra,
+    }
     if variant:
         body["spec_variant"] = variant
     return body
@@ -54,6 +65,7 @@ def streamed(server: str, body: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ the trace stream
+
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_trace_stream_describes_every_step_and_changes_nothing_else(server, mode):
@@ -106,14 +118,18 @@ def test_trace_needs_streaming_and_the_page_is_self_contained(server):
 
 # ------------------------------------------------------------------------------------------ the page
 
+
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playground test drives Chromium with "
-                                   "playwright (pip install 'tridlm[test]')")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playground test drives Chromium with playwright (pip install 'tridlm[test]')"
+    )
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("headless Chromium is missing: install Debian's chromium package (apt-get install chromium); "
-                    "make test does so when run as root")
+        pytest.skip(
+            "headless Chromium is missing: install Debian's chromium package (apt-get install chromium); "
+            "make test does so when run as root"
+        )
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         yield b
@@ -163,8 +179,10 @@ def test_page_shows_the_api_answer_and_how_it_was_made(page, server, mode):
     if mode == "auto":  # on an idle server: one verify event per forward, drafts where the planner chose some
         assert events and all(e["type"] == "verify" for e in events)
     if mode.startswith("spec") or mode == "auto":
-        found = {"rejected": next((i for i, e in enumerate(events) if e["accepted"] < len(e["drafts"])), None),
-                 "accepted": next((i for i, e in enumerate(events) if e["accepted"] > 0), None)}
+        found = {
+            "rejected": next((i for i, e in enumerate(events) if e["accepted"] < len(e["drafts"])), None),
+            "accepted": next((i for i, e in enumerate(events) if e["accepted"] > 0), None),
+        }
         if mode in ("spec:linear", "spec:quadratic"):  # the tiny model's drafts: some accepted, some not
             assert None not in found.values()
         for kind, k in found.items():
@@ -188,8 +206,9 @@ def test_page_says_what_went_wrong_and_stays_usable(page, server):
     assert "busy (429)" in page.inner_text("#status")
     cut = 'data: {"choices": [{"index": 0, "delta": {"content": "half an"}, "finish_reason": null}]}\n\n'
     page.unroute("**/v1/chat/completions")
-    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=200, body=cut,
-                                                                      content_type="text/event-stream"))
+    page.route(
+        "**/v1/chat/completions", lambda route: route.fulfill(status=200, body=cut, content_type="text/event-stream")
+    )
     state = submit(page, "ar")
     assert "dropped mid-reply" in page.inner_text("#status") and state["text"] == "half an"
     page.unroute("**/v1/chat/completions")

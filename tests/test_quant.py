@@ -116,7 +116,6 @@ def test_default_model_int4_keeps_the_gguf_codes(default_model):
     torch.testing.assert_close(matrix(q.packed, want.shape[1]), want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
 
 
-
 @torch.no_grad()
 def test_fused_projections_give_the_same_logits(models, prompts):
     model = models["int8"]

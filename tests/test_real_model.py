@@ -11,8 +11,11 @@ from tridlm.decode.forward import forward_block, prefill
 
 pytestmark = pytest.mark.slow
 
-CHATS = ["What is the capital of France?", "Write a Python function that reverses a string.",
-         "Give me three tips for sleeping better."]
+CHATS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Give me three tips for sleeping better.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +58,15 @@ def test_ar_greedy_equals_transformers_generate(default_model, hf_reference):
     prompts = [tok.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
     ours = generate(model, prompts, GenerationConfig(max_tokens=48))
     for prompt, row in zip(prompts, ours.rows):
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=48, do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
-        assert row.tokens == out[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=48,
+            do_sample=False,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.eos_id,
+        )
+        assert row.tokens == out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
@@ -94,20 +103,31 @@ def test_verify_rows_are_ar_steps_bit_for_bit(precision):
         block = torch.arange(300, 300 + n).repeat(len(prompts), 1)
         together = forward_block(model, cache, block, masks.causal, write=True)
         cache.crop(start)
-        steps = torch.cat([forward_block(model, cache, block[:, i : i + 1], masks.causal, write=True)
-                           for i in range(n)], dim=1)
+        steps = torch.cat(
+            [forward_block(model, cache, block[:, i : i + 1], masks.causal, write=True) for i in range(n)], dim=1
+        )
         assert torch.equal(together, steps)
         for b, p in enumerate(prompts):  # batch == single: a row's keys keep their order (masks.after_own_cache)
             alone, _ = prefill(model, [p], max_len=200)
-            assert torch.equal(torch.cat([forward_block(model, alone, block[b : b + 1, i : i + 1], masks.causal,
-                                                        write=True) for i in range(n)], dim=1), steps[b : b + 1])
+            assert torch.equal(
+                torch.cat(
+                    [
+                        forward_block(model, alone, block[b : b + 1, i : i + 1], masks.causal, write=True)
+                        for i in range(n)
+                    ],
+                    dim=1,
+                ),
+                steps[b : b + 1],
+            )
     cfg = GenerationConfig(max_tokens=40)
     ar = [r.tokens for r in generate(model, prompts, cfg).rows]
     for variant, block in (("linear", 8), ("quadratic", 4), ("pipelined", 4), ("pipelined", 8)):
         sp = generate(model, prompts, cfg.replace(mode="spec", spec_variant=variant, block_size=block))
         assert [r.tokens for r in sp.rows] == ar
     assert [generate(model, [p], cfg.replace(mode="auto")).rows[0].tokens for p in prompts] == ar
-    drafts_only = generate(model, prompts, cfg.replace(mode="spec", spec_variant="pipelined", block_size=4, lookup=False))
+    drafts_only = generate(
+        model, prompts, cfg.replace(mode="spec", spec_variant="pipelined", block_size=4, lookup=False)
+    )
     assert [r.tokens for r in drafts_only.rows] == ar
     assert drafts_only.stats()["tpf"] > 1.1  # the MASK rows' drafts are accepted
 

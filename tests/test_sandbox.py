@@ -11,8 +11,9 @@ import pytest
 from tridlm import sandbox
 from tridlm.sandbox import run_python
 
-namespaces = pytest.mark.skipif(sandbox.isolation() != "namespaces",
-                                reason="this machine lets the sandbox use rlimits only (no unshare)")
+namespaces = pytest.mark.skipif(
+    sandbox.isolation() != "namespaces", reason="this machine lets the sandbox use rlimits only (no unshare)"
+)
 
 
 def test_passes_exit_zero_only_and_stops_runaways():
@@ -36,25 +37,32 @@ def test_huge_output_is_capped_and_fails():
     assert time.perf_counter() - start < 5  # stopped by the file-size limit, not the timeout
 
 
-@pytest.mark.skipif(sandbox.isolation() != "namespaces" and os.geteuid() == 0,
-                    reason="without namespaces the program runs as root, whom Linux exempts from the process limit")
+@pytest.mark.skipif(
+    sandbox.isolation() != "namespaces" and os.geteuid() == 0,
+    reason="without namespaces the program runs as root, whom Linux exempts from the process limit",
+)
 def test_a_fork_bomb_is_contained():
     start = time.perf_counter()
-    assert not run_python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-                          timeout=2)
+    assert not run_python(
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", timeout=2
+    )
     assert time.perf_counter() - start < 10
-    assert run_python("import os\nn = 0\nfor _ in range(500):\n    try:\n        pid = os.fork()\n"
-                      "    except OSError:\n        break\n    if pid == 0:\n"
-                      "        import time; time.sleep(5); os._exit(0)\n"
-                      f"    n += 1\nassert n < {sandbox.PROCESSES + 1}, n")
+    assert run_python(
+        "import os\nn = 0\nfor _ in range(500):\n    try:\n        pid = os.fork()\n"
+        "    except OSError:\n        break\n    if pid == 0:\n"
+        "        import time; time.sleep(5); os._exit(0)\n"
+        f"    n += 1\nassert n < {sandbox.PROCESSES + 1}, n"
+    )
 
 
 @namespaces
 def test_a_detached_grandchild_dies_with_the_program():
     token = secrets.token_hex(8)
-    program = ("import os, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-               f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{token}'])\n"
-               "    os._exit(0)\n")
+    program = (
+        "import os, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{token}'])\n"
+        "    os._exit(0)\n"
+    )
     assert run_python(program)
     time.sleep(0.5)
     alive = [p for p in Path("/proc").iterdir() if p.name.isdigit() and token in _cmdline(p)]
@@ -63,25 +71,33 @@ def test_a_detached_grandchild_dies_with_the_program():
 
 @namespaces
 def test_no_network():
-    assert run_python("import socket\ntry:\n    socket.create_connection(('127.0.0.1', 22), timeout=2)\n"
-                      "except OSError:\n    pass\nelse:\n    raise SystemExit(1)")
-    assert run_python("import socket\ntry:\n    socket.create_connection(('1.1.1.1', 80), timeout=2)\n"
-                      "except OSError:\n    pass\nelse:\n    raise SystemExit(1)")
+    assert run_python(
+        "import socket\ntry:\n    socket.create_connection(('127.0.0.1', 22), timeout=2)\n"
+        "except OSError:\n    pass\nelse:\n    raise SystemExit(1)"
+    )
+    assert run_python(
+        "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 80), timeout=2)\n"
+        "except OSError:\n    pass\nelse:\n    raise SystemExit(1)"
+    )
 
 
 @namespaces
 def test_no_view_of_the_parent():
     parent = os.getpid()
-    assert run_python(f"try:\n    open('/proc/{parent}/environ').read()\nexcept OSError:\n    pass\n"
-                      "else:\n    raise SystemExit(1)\nimport os\nassert os.getppid() == 0")  # pid 1 of its namespace
+    assert run_python(
+        f"try:\n    open('/proc/{parent}/environ').read()\nexcept OSError:\n    pass\n"
+        "else:\n    raise SystemExit(1)\nimport os\nassert os.getppid() == 0"
+    )  # pid 1 of its namespace
 
 
 @namespaces
 def test_writes_nothing_outside_its_folder(tmp_path):
     target = tmp_path / "escaped.txt"
     os.chmod(tmp_path, 0o777)  # were the filesystem writable, even nobody could write here
-    assert run_python(f"try:\n    open({str(target)!r}, 'w').write('x')\nexcept OSError:\n    pass\n"
-                      "else:\n    raise SystemExit(1)\nopen('scratch.txt', 'w').write('its own folder is fine')")
+    assert run_python(
+        f"try:\n    open({str(target)!r}, 'w').write('x')\nexcept OSError:\n    pass\n"
+        "else:\n    raise SystemExit(1)\nopen('scratch.txt', 'w').write('its own folder is fine')"
+    )
     assert not target.exists()
 
 

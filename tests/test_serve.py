@@ -56,30 +56,45 @@ def extra(usage, name):
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
 def test_completion_and_chat_match_the_library(client, tiny_model, chat_tokenizer, mode):
     want, row = expected(tiny_model, chat_tokenizer, "hello there", mode=mode)
-    r = client.completions.create(model="tiny", prompt="hello there", max_tokens=24, temperature=0,
-                                  extra_body={"mode": mode})
+    r = client.completions.create(
+        model="tiny", prompt="hello there", max_tokens=24, temperature=0, extra_body={"mode": mode}
+    )
     assert r.choices[0].text == want
     assert r.usage.completion_tokens == len(row.tokens) and extra(r.usage, "mode") == mode
     assert extra(r.usage, "nfe") == row.nfe and extra(r.usage, "tpf") == pytest.approx(len(row.tokens) / row.nfe)
     want_chat, _ = expected(tiny_model, chat_tokenizer, "hello there", chat=True, mode=mode)
-    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello there"}],
-                                       max_tokens=24, extra_body={"mode": mode})
+    c = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello there"}], max_tokens=24, extra_body={"mode": mode}
+    )
     assert c.choices[0].message.content == want_chat and c.choices[0].message.role == "assistant"
 
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
 def test_streaming_carries_the_same_text_and_usage(client, tiny_model, chat_tokenizer, mode):
     want, row = expected(tiny_model, chat_tokenizer, "a quick test", mode=mode)
-    chunks = list(client.completions.create(model="tiny", prompt="a quick test", max_tokens=24, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"mode": mode}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="a quick test",
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"mode": mode},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == want
     assert chunks[-1].usage.completion_tokens == len(row.tokens) and extra(chunks[-1].usage, "mode") == mode
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == ["length" if row.finish_reason == "length" else "stop"]
     want_chat, _ = expected(tiny_model, chat_tokenizer, "a quick test", chat=True, mode=mode)
-    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a quick test"}],
-                                            max_tokens=24, stream=True, extra_body={"mode": mode})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "a quick test"}],
+        max_tokens=24,
+        stream=True,
+        extra_body={"mode": mode},
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want_chat
 
 
@@ -88,12 +103,16 @@ def test_stop_strings_never_leak_and_max_tokens_is_exact(client, tiny_model, cha
     stop = free[5:7]
     r = client.completions.create(model="tiny", prompt="hello there", max_tokens=24, stop=[stop])
     assert r.choices[0].text == free[: free.index(stop)] and r.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt="hello there", max_tokens=24, stop=stop, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="tiny", prompt="hello there", max_tokens=24, stop=stop, stream=True)
+        if c.choices
+    )
     assert streamed == free[: free.index(stop)]
     for mode in ("ar", "diffusion", "spec"):
-        r = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=7, extra_body={
-            "mode": mode, "block_size": 4})
+        r = client.completions.create(
+            model="tiny", prompt=[5, 6, 7], max_tokens=7, extra_body={"mode": mode, "block_size": 4}
+        )
         assert r.usage.completion_tokens <= 7
         if r.choices[0].finish_reason == "length":
             assert r.usage.completion_tokens == 7
@@ -133,8 +152,15 @@ def test_auto_mode_plans_per_cycle_when_idle_and_batches_ar_under_load(client):
     plain = client.completions.create(model="tiny", prompt="hello", max_tokens=8)
     assert idle.choices[0].text == plain.choices[0].text  # exact: AR's tokens
     with ThreadPoolExecutor(12) as pool:
-        modes = list(pool.map(lambda p: extra(client.completions.create(
-            model="tiny", prompt=p, max_tokens=64, extra_body={"mode": "auto"}).usage, "mode"), PROMPTS * 2))
+        modes = list(
+            pool.map(
+                lambda p: extra(
+                    client.completions.create(model="tiny", prompt=p, max_tokens=64, extra_body={"mode": "auto"}).usage,
+                    "mode",
+                ),
+                PROMPTS * 2,
+            )
+        )
     assert "ar" in modes
 
 
@@ -147,19 +173,22 @@ def test_auto_drafts_from_the_servers_earlier_answers(client):
         ServerConfig(answer_history=-1).validate()
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
-    ({"temperature": -1}, "BadRequestError", "temperature"),
-    ({"top_p": 1.5}, "BadRequestError", "top_p"),
-    ({"max_tokens": 0}, "BadRequestError", "max_tokens"),
-    ({"max_tokens": 100000}, "BadRequestError", "max_tokens"),
-    ({"extra_body": {"mode": "fast"}}, "BadRequestError", "mode"),
-    ({"extra_body": {"block_size": 0}}, "BadRequestError", "block_size"),
-    ({"extra_body": {"temprature": 0.5}}, "BadRequestError", "temprature"),
-    ({"model": "gpt-9"}, "NotFoundError", "gpt-9"),
-    ({"prompt": ""}, "BadRequestError", "empty"),
-    ({"prompt": "a" * 600}, "BadRequestError", "too long"),
-    ({"presence_penalty": 1.0}, "BadRequestError", "presence_penalty"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"temperature": -1}, "BadRequestError", "temperature"),
+        ({"top_p": 1.5}, "BadRequestError", "top_p"),
+        ({"max_tokens": 0}, "BadRequestError", "max_tokens"),
+        ({"max_tokens": 100000}, "BadRequestError", "max_tokens"),
+        ({"extra_body": {"mode": "fast"}}, "BadRequestError", "mode"),
+        ({"extra_body": {"block_size": 0}}, "BadRequestError", "block_size"),
+        ({"extra_body": {"temprature": 0.5}}, "BadRequestError", "temprature"),
+        ({"model": "gpt-9"}, "NotFoundError", "gpt-9"),
+        ({"prompt": ""}, "BadRequestError", "empty"),
+        ({"prompt": "a" * 600}, "BadRequestError", "too long"),
+        ({"presence_penalty": 1.0}, "BadRequestError", "presence_penalty"),
+    ],
+)
 def test_bad_requests_get_openai_errors(client, kwargs, error, message):
     args = {"model": "tiny", "prompt": "hi", "max_tokens": 8, **kwargs}
     with pytest.raises(getattr(openai, error)) as e:
@@ -169,14 +198,23 @@ def test_bad_requests_get_openai_errors(client, kwargs, error, message):
 
 
 def test_raw_http_errors_are_json_4xx(server):
-    for body in (b"{not json", b"[1, 2]", b'{"prompt": 5}', b'{"messages": []}', b'{"prompt": "x", "n": 99}',
-                 b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "top_p": Infinity}'):
+    for body in (
+        b"{not json",
+        b"[1, 2]",
+        b'{"prompt": 5}',
+        b'{"messages": []}',
+        b'{"prompt": "x", "n": 99}',
+        b'{"prompt": "x", "temperature": NaN}',
+        b'{"prompt": "x", "top_p": Infinity}',
+    ):
         for path in ("/v1/completions", "/v1/chat/completions"):
             r = httpx.post(server + path, content=body, headers={"content-type": "application/json"})
             assert 400 <= r.status_code < 500 and "message" in r.json()["error"]
     big = json.dumps({"prompt": "a" * (2 << 20)})
-    assert httpx.post(server + "/v1/completions", content=big,
-                      headers={"content-type": "application/json"}).status_code == 413
+    assert (
+        httpx.post(server + "/v1/completions", content=big, headers={"content-type": "application/json"}).status_code
+        == 413
+    )
 
 
 def test_api_key_is_checked(tiny_model, chat_tokenizer):
@@ -193,11 +231,13 @@ def test_queue_limit_answers_429_and_disconnect_frees_the_slot(tiny_model, chat_
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as first:
                 next(first.iter_lines())  # generation has started
-                statuses = [http.post(url + "/v1/completions", json={**body, "max_tokens": 2}).status_code
-                            for _ in range(1)]
+                statuses = [
+                    http.post(url + "/v1/completions", json={**body, "max_tokens": 2}).status_code for _ in range(1)
+                ]
                 with ThreadPoolExecutor(4) as pool:
-                    statuses += list(pool.map(lambda _: http.post(url + "/v1/completions", json=body).status_code,
-                                              range(4)))
+                    statuses += list(
+                        pool.map(lambda _: http.post(url + "/v1/completions", json=body).status_code, range(4))
+                    )
             # The streaming client left: its rows stop at the next cycle, not after 400 tokens (8 s).
             assert 429 in statuses
             deadline = time.time() + 20
@@ -208,18 +248,49 @@ def test_queue_limit_answers_429_and_disconnect_frees_the_slot(tiny_model, chat_
             assert 'status="499"' in http.get(url + "/metrics").text
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
-                    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children,
-                                                                                       max_size=3), max_leaves=6)
-FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
-          "mode", "block_size", "threshold", "max_steps_per_block", "stream_options", "logprobs", "bogus"]
-VALUES = {"prompt": st.text(max_size=12) | st.lists(st.integers(-5, 100), max_size=4),
-          "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "robot"]),
-                                                      "content": st.text(max_size=8)}), max_size=2),
-          "max_tokens": st.integers(-2, 40), "n": st.integers(-1, 4), "mode": st.sampled_from(
-              ["ar", "spec", "diffusion", "auto", "x"]), "block_size": st.integers(-1, 40)}
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-10, 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6,
+)
+FIELDS = [
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "mode",
+    "block_size",
+    "threshold",
+    "max_steps_per_block",
+    "stream_options",
+    "logprobs",
+    "bogus",
+]
+VALUES = {
+    "prompt": st.text(max_size=12) | st.lists(st.integers(-5, 100), max_size=4),
+    "messages": st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "robot"]), "content": st.text(max_size=8)}),
+        max_size=2,
+    ),
+    "max_tokens": st.integers(-2, 40),
+    "n": st.integers(-1, 4),
+    "mode": st.sampled_from(["ar", "spec", "diffusion", "auto", "x"]),
+    "block_size": st.integers(-1, 40),
+}
 BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6).flatmap(
-    lambda d: st.fixed_dictionaries({k: VALUES.get(k, JSON) for k in d}))
+    lambda d: st.fixed_dictionaries({k: VALUES.get(k, JSON) for k in d})
+)
 
 
 @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -231,12 +302,23 @@ def test_fuzzed_bodies_never_5xx(server, body, path):
         assert r.json()["error"]["message"]
 
 
-KNOBS = st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=12)}, optional={
-    "max_tokens": st.integers(-1, 30), "temperature": st.floats(-1, 3), "top_p": st.floats(-0.5, 1.5),
-    "top_k": st.integers(-1, 80), "seed": st.integers(0, 2**31), "n": st.integers(1, 3),
-    "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3), "stream": st.booleans(),
-    "mode": st.sampled_from(["ar", "spec", "diffusion", "auto"]), "block_size": st.integers(0, 20),
-    "threshold": st.none() | st.floats(-0.5, 1.5), "max_steps_per_block": st.integers(0, 10)})
+KNOBS = st.fixed_dictionaries(
+    {"prompt": st.text(min_size=1, max_size=12)},
+    optional={
+        "max_tokens": st.integers(-1, 30),
+        "temperature": st.floats(-1, 3),
+        "top_p": st.floats(-0.5, 1.5),
+        "top_k": st.integers(-1, 80),
+        "seed": st.integers(0, 2**31),
+        "n": st.integers(1, 3),
+        "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3),
+        "stream": st.booleans(),
+        "mode": st.sampled_from(["ar", "spec", "diffusion", "auto"]),
+        "block_size": st.integers(0, 20),
+        "threshold": st.none() | st.floats(-0.5, 1.5),
+        "max_steps_per_block": st.integers(0, 10),
+    },
+)
 
 
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

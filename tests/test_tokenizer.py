@@ -23,9 +23,15 @@ def test_gguf_tokenizer_matches_transformers(default_model, hf_reference, text):
 def test_chat_template_matches_transformers(default_model, hf_reference):
     _, tok = default_model
     _, hf_tok = hf_reference
-    for messages in ([{"role": "user", "content": "What is 2+2?"}],
-                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]):
+    for messages in (
+        [{"role": "user", "content": "What is 2+2?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+        ],
+    ):
         ref = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert tok.render_chat(messages) == ref
         assert tok.encode_chat(messages) == hf_tok(ref, add_special_tokens=False).input_ids

@@ -30,8 +30,15 @@ def corpus(tmp_path):
     d.mkdir()
     for i in range(40):
         (d / f"doc{i}.txt").write_text(f"the number {i} comes after {i - 1} and before {i + 1}. " * 3)
-    chats = [{"messages": [{"role": "user", "content": f"count to {i}"},
-                           {"role": "assistant", "content": " ".join(str(j) for j in range(i))}]} for i in range(3, 9)]
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"count to {i}"},
+                {"role": "assistant", "content": " ".join(str(j) for j in range(i))},
+            ]
+        }
+        for i in range(3, 9)
+    ]
     (d / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
     return d
 
@@ -50,15 +57,16 @@ def test_packing_is_deterministic_and_skips_exactly(corpus, tok):
 
 
 def test_chat_loss_mask_covers_assistant_replies_only(tmp_path, tok):
-    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                               {"role": "assistant", "content": "yo"}]}) + "\n")
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
+    )
     data = PackedData(DataConfig((str(tmp_path / "c.jsonl"),), seq_len=8, heldout_percent=0.0), tok)
     ids, bearing = next(data.rows())
     text = "user: hi\nassistant: yo\n"
     full = tok.encode(text) + [tok.eos_id]
     assert ids.tolist() == (full * 2)[:8]
     user_len = len(tok.encode("user: hi\n"))
-    assert not bearing[:user_len].any() and bearing[user_len:len(full)].all()
+    assert not bearing[:user_len].any() and bearing[user_len : len(full)].all()
 
 
 def test_heldout_split_is_disjoint(corpus, tok):
@@ -69,8 +77,23 @@ def test_heldout_split_is_disjoint(corpus, tok):
 
 
 def small_cfg(**kw):
-    return TrainConfig(**{**dict(block_size=4, batch_size=2, steps=6, warmup_steps=2, lr=1e-2, eval_every=3,
-                                 eval_batches=1, checkpoint_every=3, lora_rank=4, autocast="off"), **kw})
+    return TrainConfig(
+        **{
+            **dict(
+                block_size=4,
+                batch_size=2,
+                steps=6,
+                warmup_steps=2,
+                lr=1e-2,
+                eval_every=3,
+                eval_batches=1,
+                checkpoint_every=3,
+                lora_rank=4,
+                autocast="off",
+            ),
+            **kw,
+        }
+    )
 
 
 def test_resume_after_a_stop_is_exact(corpus, tok, tiny_cfg, tmp_path):
@@ -129,8 +152,14 @@ def test_adapter_training_learns_and_leaves_ar_bit_identical(corpus, tok, tiny_c
     prompts = [tok.encode("the number 5"), tok.encode("count")]
     ar_before = [r.tokens for r in generate(model, prompts, GenerationConfig(max_tokens=20)).rows]
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = Trainer(model, tok, DataConfig((str(corpus),), seq_len=32), small_cfg(steps=40, eval_every=40),
-                      tmp_path, log=lambda *_: None)
+    trainer = Trainer(
+        model,
+        tok,
+        DataConfig((str(corpus),), seq_len=32),
+        small_cfg(steps=40, eval_every=40),
+        tmp_path,
+        log=lambda *_: None,
+    )
     lora_start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     before = trainer.evaluate()
     after = trainer.train()["eval_loss"]
@@ -148,8 +177,14 @@ def test_adapter_training_learns_and_leaves_ar_bit_identical(corpus, tok, tiny_c
 def test_full_regime_trains_the_base_weights(corpus, tok, tiny_cfg, tmp_path):
     model = random_model(tiny_cfg, seed=3, std=0.3)
     embed = model.encoder.embed_tokens.weight.detach().clone()
-    Trainer(model, tok, DataConfig((str(corpus),), seq_len=24), small_cfg(regime="full", steps=2), tmp_path,
-            log=lambda *_: None).train()
+    Trainer(
+        model,
+        tok,
+        DataConfig((str(corpus),), seq_len=24),
+        small_cfg(regime="full", steps=2),
+        tmp_path,
+        log=lambda *_: None,
+    ).train()
     assert not torch.equal(model.encoder.embed_tokens.weight, embed)
     assert (tmp_path / "model" / "config.json").is_file()
 
@@ -159,9 +194,31 @@ def test_cli_train_until_stops_inside_the_schedule_and_goes_on(corpus, tok, tiny
 
     ckpt = tmp_path / "tiny"
     checkpoint.save(ckpt, tiny_model, tok)
-    args = ["train", "--model", str(ckpt), "--data", str(corpus), "--out", str(tmp_path / "out"), "--steps", "4",
-            "--batch-size", "2", "--seq-len", "24", "--block-size", "4", "--lora-rank", "4", "--eval-every", "2",
-            "--checkpoint-every", "4", "--autocast", "off"]
+    args = [
+        "train",
+        "--model",
+        str(ckpt),
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "24",
+        "--block-size",
+        "4",
+        "--lora-rank",
+        "4",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--autocast",
+        "off",
+    ]
     main([*args, "--until", "2"])
     state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 2 and state["sched"]["last_epoch"] == 2  # the 4-step schedule, stopped halfway
@@ -182,10 +239,39 @@ def test_two_process_data_parallel_training(corpus, tok, tiny_model, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tridlm = shutil.which("tridlm", path=str(Path(sys.executable).parent))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", tridlm,
-           "train", "--model", str(ckpt), "--data", str(corpus), "--out", str(tmp_path / "out"), "--steps", "3",
-           "--batch-size", "2", "--seq-len", "24", "--block-size", "4", "--lora-rank", "4", "--eval-every", "3",
-           "--checkpoint-every", "3", "--autocast", "off", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        tridlm,
+        "train",
+        "--model",
+        str(ckpt),
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "24",
+        "--block-size",
+        "4",
+        "--lora-rank",
+        "4",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--autocast",
+        "off",
+        "--threads",
+        "1",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
@@ -217,13 +303,36 @@ def test_eval_draft_snapshots_give_the_acceptance_curve(corpus, tok, tiny_cfg, t
     model = random_model(tiny_cfg, seed=2, std=0.3)
     ckpt = tmp_path / "tiny"
     checkpoint.save(ckpt, model, tok)
-    Trainer(model, tok, DataConfig((str(corpus),), seq_len=24), small_cfg(steps=4, checkpoint_every=2), tmp_path / "run",
-            log=lambda *_: None).train()
+    Trainer(
+        model,
+        tok,
+        DataConfig((str(corpus),), seq_len=24),
+        small_cfg(steps=4, checkpoint_every=2),
+        tmp_path / "run",
+        log=lambda *_: None,
+    ).train()
     capsys.readouterr()
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "the number"}\n')
-    main(["eval-draft", "--model", str(ckpt), "--prompts", str(prompts), "--modes", "spec", "--block-sizes", "4",
-          "--max-tokens", "10", "--snapshots", str(tmp_path / "run" / "adapters"), "--plot", str(tmp_path / "c.png")])
+    main(
+        [
+            "eval-draft",
+            "--model",
+            str(ckpt),
+            "--prompts",
+            str(prompts),
+            "--modes",
+            "spec",
+            "--block-sizes",
+            "4",
+            "--max-tokens",
+            "10",
+            "--snapshots",
+            str(tmp_path / "run" / "adapters"),
+            "--plot",
+            str(tmp_path / "c.png"),
+        ]
+    )
     curve = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [c["step"] for c in curve] == [0, 2, 4]
     assert [c["tokens"] for c in curve] == [0, 2 * 2 * 24, 4 * 2 * 24]  # steps x batch rows x seq_len
@@ -278,12 +387,17 @@ def test_magpie_prompts_are_the_models_own_finished_requests(tok, tiny_model):
     prompts = magpie_prompts(tiny_model, tok, 6, batch=8, seed=3, max_tokens=48, **quiet)
     assert len(set(prompts)) == 6 and all(p and p == p.strip() for p in prompts)
     assert prompts == magpie_prompts(tiny_model, tok, 6, batch=8, seed=3, max_tokens=48, **quiet)
-    assert magpie_prompts(tiny_model, tok, 6, batch=8, seed=3, max_tokens=48, exclude=(prompts[0],),
-                          **quiet)[0] != prompts[0]
+    assert (
+        magpie_prompts(tiny_model, tok, 6, batch=8, seed=3, max_tokens=48, exclude=(prompts[0],), **quiet)[0]
+        != prompts[0]
+    )
     # Each kept request is a sample the model ended itself: re-sampling its round reproduces it.
-    state = generate(tiny_model, [user_turn_prefix(tok)] * 8,
-                     GenerationConfig(max_tokens=48, temperature=1.0, top_p=0.95, seed=3 * 1_000_003),
-                     detokenize=tok.decode)
+    state = generate(
+        tiny_model,
+        [user_turn_prefix(tok)] * 8,
+        GenerationConfig(max_tokens=48, temperature=1.0, top_p=0.95, seed=3 * 1_000_003),
+        detokenize=tok.decode,
+    )
     finished = [state.text(j).strip() for j, r in enumerate(state.rows) if r.finish_reason == "stop"]
     assert [p for p in finished if p][:1] == prompts[:1]
     with pytest.raises(ValueError, match="complete and distinct"):
@@ -296,8 +410,15 @@ def test_distill_writes_the_models_own_answers(tmp_path, tok, tiny_model):
     prompts = stdlib_prompts(5, seed=1)
     assert prompts == stdlib_prompts(5, seed=1) and len(set(prompts)) == 5
     chat_tok = replace(tok, chat_template=TEMPLATE + "assistant:")
-    n = distill(tiny_model, chat_tok, [p.lower()[:20] for p in prompts], tmp_path / "d.jsonl", batch=2, max_tokens=8,
-                log=lambda *_: None)
+    n = distill(
+        tiny_model,
+        chat_tok,
+        [p.lower()[:20] for p in prompts],
+        tmp_path / "d.jsonl",
+        batch=2,
+        max_tokens=8,
+        log=lambda *_: None,
+    )
     records = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
     assert n == len(records) == 5
     first = records[0]["messages"]

@@ -55,22 +55,32 @@ class Plan:
     in_place: bool = False  # current keys/values go to cache slots P + i, and attention reads the cache there
 
 
-def plan(cache: KVCache | None, positions: torch.Tensor, prefix: int, write: int,
-         key_slots: torch.Tensor | None) -> Plan:
+def plan(
+    cache: KVCache | None, positions: torch.Tensor, prefix: int, write: int, key_slots: torch.Tensor | None
+) -> Plan:
     """The plan for a forward of tokens at ``positions`` (B, n) over ``prefix`` cached keys."""
     n = positions.shape[1]
-    return Plan(positions.device.type == "cpu" and n <= ROW_EXACT_MAX_QUERIES,
-                _in_place(cache, positions, prefix, write, key_slots))
+    return Plan(
+        positions.device.type == "cpu" and n <= ROW_EXACT_MAX_QUERIES,
+        _in_place(cache, positions, prefix, write, key_slots),
+    )
 
 
-def _in_place(cache: KVCache | None, positions: torch.Tensor, prefix: int, write: int,
-              key_slots: torch.Tensor | None) -> bool:
+def _in_place(
+    cache: KVCache | None, positions: torch.Tensor, prefix: int, write: int, key_slots: torch.Tensor | None
+) -> bool:
     """Whether a forward can attend over the cache itself, its current keys at slots P + i (on a CPU this
     saves a copy of every layer's cached keys per forward): one row, not a static cache, past its committed
     length, with room, and the tokens it writes at exactly those slots; and no autograd (a graph through the
     cache's own buffers would outlive the forward)."""
-    if (cache is None or key_slots is not None or cache.static or cache.batch != 1 or cache.k.device.type != "cpu"
-            or torch.is_grad_enabled()):
+    if (
+        cache is None
+        or key_slots is not None
+        or cache.static
+        or cache.batch != 1
+        or cache.k.device.type != "cpu"
+        or torch.is_grad_enabled()
+    ):
         return False
     n = positions.shape[1]
     if prefix < int(cache.lengths[0]) or prefix + n > cache.max_len:
@@ -78,8 +88,9 @@ def _in_place(cache: KVCache | None, positions: torch.Tensor, prefix: int, write
     return not write or torch.equal(positions[0, :write], torch.arange(prefix, prefix + write))
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, row_exact: bool,
-           bias=None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, row_exact: bool, bias=None
+) -> torch.Tensor:
     """q (B, n, H, D) over keys, values (B, KV, P + n, D) under mask (B, 1, n, P + n) -> (B, n, H * D).
     ``bias``: a callable giving ``attention_bias`` for the torch row-exact path (built once per forward)."""
     B, n = q.shape[:2]
@@ -87,6 +98,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
         o = kernels.attend(q, keys, values, mask[:, 0])
         return o if o is not None else row_exact_attention(q, keys, values, bias())
     with sdpa_kernel(SDPA_BACKENDS):
-        o = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask,
-                                           enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=True
+        )
     return o.transpose(1, 2).reshape(B, n, -1)

@@ -53,6 +53,7 @@ def _gguf(model_path: str | None) -> Path | None:
 
 # ------------------------------------------------------------------------------------------ transformers
 
+
 class _HFCounter:
     """Counts forwards of a transformers model and times the first generated token."""
 
@@ -77,8 +78,9 @@ class _HFCounter:
 
 
 @torch.inference_mode()
-def run_hf(hf, counter: _HFCounter, prompts: list[list[int]], max_tokens: int, eos_ids, lookup: bool = False
-           ) -> list[Row]:
+def run_hf(
+    hf, counter: _HFCounter, prompts: list[list[int]], max_tokens: int, eos_ids, lookup: bool = False
+) -> list[Row]:
     """transformers ``generate`` greedy (``lookup``: with prompt-lookup speculative decoding), one prompt at a time."""
     outs = []
     for p in prompts:
@@ -86,18 +88,24 @@ def run_hf(hf, counter: _HFCounter, prompts: list[list[int]], max_tokens: int, e
         counter.reset()
         t = time.perf_counter()
         extra = {"prompt_lookup_num_tokens": 10} if lookup else {}
-        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
-                          eos_token_id=list(eos_ids) or None, pad_token_id=(list(eos_ids) or [0])[0],
-                          streamer=counter, **extra)
+        out = hf.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=list(eos_ids) or None,
+            pad_token_id=(list(eos_ids) or [0])[0],
+            streamer=counter,
+            **extra,
+        )
         if hf.device.type == "cuda":
             torch.cuda.synchronize()
         end = time.perf_counter()
-        tokens = out[0, len(p):].tolist()
+        tokens = out[0, len(p) :].tolist()
         if eos_ids and tokens and tokens[-1] in eos_ids:  # drop padding after EOS (batch of one: none)
             tokens = tokens[: tokens.index(tokens[-1]) + 1]
         first = counter.first - t if counter.first else None
-        outs.append(Row(max_tokens, tokens=tokens, nfe=counter.calls - 1, first_token_s=first,
-                        last_token_s=end - t))
+        outs.append(Row(max_tokens, tokens=tokens, nfe=counter.calls - 1, first_token_s=first, last_token_s=end - t))
     return outs
 
 
@@ -109,13 +117,16 @@ def load_hf(model_arg: str | None, dtype: torch.dtype, device: str):
         hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     else:
         config = json.loads((Path(model_arg) / "config.json").read_text())
-        if (config.get("architectures") or [None])[0] not in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        if (config.get("architectures") or [None])[
+            0
+        ] not in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
             raise ValueError(f"{model_arg}: transformers cannot load this checkpoint; use --baselines none")
         hf = transformers.AutoModelForCausalLM.from_pretrained(model_arg, dtype=dtype)
     return hf.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
+
 
 def load_llamacpp(path: Path):
     """llama.cpp on a GGUF file, with torch's thread count."""
@@ -135,6 +146,13 @@ def run_llamacpp(llm, prompts: list[list[int]], max_tokens: int, eos_ids) -> lis
             tokens.append(int(t))
             if int(t) in eos_ids or len(tokens) >= max_tokens:
                 break
-        rows.append(Row(max_tokens, tokens=tokens, nfe=max(len(tokens) - 1, 0), first_token_s=first,
-                        last_token_s=time.perf_counter() - start))
+        rows.append(
+            Row(
+                max_tokens,
+                tokens=tokens,
+                nfe=max(len(tokens) - 1, 0),
+                first_token_s=first,
+                last_token_s=time.perf_counter() - start,
+            )
+        )
     return rows

@@ -11,8 +11,17 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", static: bool = False):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        static: bool = False,
+    ):
         """static: attention reads all max_len slots (masked past each row's length) instead of the
         longest committed prefix, so every decoding step has the same shapes (CUDA graphs)."""
         self.static = static

@@ -32,8 +32,11 @@ NLD_MODEL_TYPE = "nemotron_labs_diffusion"
 ADAPTER_DIR = "linear_spec_lora"
 # HF architecture -> (attention biases on q/k/v, per-head q/k RMSNorm)
 HF_ARCHS = {
-    "LlamaForCausalLM": (False, False), "MistralForCausalLM": (False, False),
-    "Ministral3ForCausalLM": (False, False), "Qwen2ForCausalLM": (True, False), "Qwen3ForCausalLM": (False, True),
+    "LlamaForCausalLM": (False, False),
+    "MistralForCausalLM": (False, False),
+    "Ministral3ForCausalLM": (False, False),
+    "Qwen2ForCausalLM": (True, False),
+    "Qwen3ForCausalLM": (False, True),
 }
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,15 +47,28 @@ class CheckpointError(ValueError):
 
 # --------------------------------------------------------------------------------------------- config
 
+
 def _rope_from_json(data: dict, where: Path) -> RopeConfig:
     """RoPE settings from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``."""
     params = dict(data.get("rope_scaling") or {})
     params.update(data.get("rope_parameters") or {})
     kind = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
-    fields = {k: params[k] for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-                                     "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor",
-                                     "llama_4_scaling_beta") if params.get(k) is not None}
+    fields = {
+        k: params[k]
+        for k in (
+            "factor",
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "mscale",
+            "mscale_all_dim",
+            "low_freq_factor",
+            "high_freq_factor",
+            "llama_4_scaling_beta",
+        )
+        if params.get(k) is not None
+    }
     try:
         return RopeConfig(theta=float(theta), type=kind, **fields).validate()
     except ValueError as e:
@@ -73,25 +89,39 @@ def config_from_json(path: Path) -> tuple[ModelConfig, str]:
         fmt, (bias, qk_norm) = "hf", HF_ARCHS[arch]
         bias = bias or bool(data.get("attention_bias", False))
     else:
-        raise CheckpointError(f"{path}: unsupported architecture {arch!r} "
-                              f"(supported: {', '.join([NLD_ARCH, *HF_ARCHS])})")
+        raise CheckpointError(
+            f"{path}: unsupported architecture {arch!r} (supported: {', '.join([NLD_ARCH, *HF_ARCHS])})"
+        )
     if data.get("mlp_bias"):
         raise CheckpointError(f"{path}: mlp_bias=true is not supported")
-    if data.get("sliding_window") and data.get("use_sliding_window", True) and \
-            data["sliding_window"] < data.get("max_position_embeddings", 0):
+    if (
+        data.get("sliding_window")
+        and data.get("use_sliding_window", True)
+        and data["sliding_window"] < data.get("max_position_embeddings", 0)
+    ):
         raise CheckpointError(f"{path}: sliding_window={data['sliding_window']} attention is not supported")
     try:
         heads = data["num_attention_heads"]
         eos = data.get("eos_token_id")
         cfg = ModelConfig(
-            vocab_size=data["vocab_size"], dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
-            n_heads=heads, n_kv_heads=data.get("num_key_value_heads") or heads,
-            head_dim=data.get("head_dim") or data["hidden_size"] // heads, ffn_dim=data["intermediate_size"],
-            norm_eps=data.get("rms_norm_eps", 1e-5), rope=_rope_from_json(data, path),
+            vocab_size=data["vocab_size"],
+            dim=data["hidden_size"],
+            n_layers=data["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=data.get("num_key_value_heads") or heads,
+            head_dim=data.get("head_dim") or data["hidden_size"] // heads,
+            ffn_dim=data["intermediate_size"],
+            norm_eps=data.get("rms_norm_eps", 1e-5),
+            rope=_rope_from_json(data, path),
             max_seq_len=data.get("max_position_embeddings", 4096),
-            tie_embeddings=bool(data.get("tie_word_embeddings", False)), attention_bias=bias, qk_norm=qk_norm,
-            bos_id=data.get("bos_token_id"), eos_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
-            mask_id=data.get("mask_token_id"), block_size=data.get("block_size") if fmt == "nld" else None)
+            tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+            attention_bias=bias,
+            qk_norm=qk_norm,
+            bos_id=data.get("bos_token_id"),
+            eos_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            mask_id=data.get("mask_token_id"),
+            block_size=data.get("block_size") if fmt == "nld" else None,
+        )
     except KeyError as e:
         raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
     return cfg, fmt
@@ -105,8 +135,9 @@ def rope_parameters(rope: RopeConfig) -> dict:
     if rope.type != "default" or rope.llama_4_scaling_beta is not None:
         params.update(factor=rope.factor, original_max_position_embeddings=rope.original_max_position_embeddings)
     if rope.type == "yarn":
-        params.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, mscale=rope.mscale,
-                      mscale_all_dim=rope.mscale_all_dim)
+        params.update(
+            beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, mscale=rope.mscale, mscale_all_dim=rope.mscale_all_dim
+        )
     if rope.type == "llama3":
         params.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
     if rope.llama_4_scaling_beta is not None:
@@ -118,14 +149,28 @@ def config_to_nld_json(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """An NLD ``config.json`` in the layout NVIDIA ships (RoPE in ``rope_parameters``, no ``rope_scaling``:
     transformers 5 treats that name as an alias and would let it replace the theta-bearing object)."""
     config = {
-        "architectures": [NLD_ARCH], "model_type": NLD_MODEL_TYPE,
-        "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope_parameters(cfg.rope),
-        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": cfg.attention_bias, "qk_norm": cfg.qk_norm, "mlp_bias": False, "sliding_window": None,
-        "hidden_act": "silu", "mask_token_id": cfg.mask_id, "dlm_paradigm": "bidirectional",
-        "bos_token_id": cfg.bos_id, "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) != 1 else cfg.eos_ids[0],
+        "architectures": [NLD_ARCH],
+        "model_type": NLD_MODEL_TYPE,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": rope_parameters(cfg.rope),
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "qk_norm": cfg.qk_norm,
+        "mlp_bias": False,
+        "sliding_window": None,
+        "hidden_act": "silu",
+        "mask_token_id": cfg.mask_id,
+        "dlm_paradigm": "bidirectional",
+        "bos_token_id": cfg.bos_id,
+        "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) != 1 else cfg.eos_ids[0],
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     if cfg.block_size is not None:
@@ -134,6 +179,7 @@ def config_to_nld_json(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- weights
+
 
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
@@ -173,8 +219,9 @@ def _our_name(name: str, fmt: str) -> str:
     return name
 
 
-def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu",
-               cfg: ModelConfig | None = None) -> TriModel:
+def load_model(
+    directory: Path, dtype: torch.dtype = torch.float32, device="cpu", cfg: ModelConfig | None = None
+) -> TriModel:
     """Build the model of an NLD or HF directory, reading each tensor once onto ``device``/``dtype``."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -187,20 +234,26 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu"
     if cfg.tie_embeddings:
         wanted.pop("diffusion_head.weight")
     with ExitStack() as stack:
-        found = {_our_name(n, fmt): (n, f, h) for n, (f, h) in _open_tensors(_weight_files(directory), stack).items()
-                 if not n.endswith("rotary_emb.inv_freq")}
+        found = {
+            _our_name(n, fmt): (n, f, h)
+            for n, (f, h) in _open_tensors(_weight_files(directory), stack).items()
+            if not n.endswith("rotary_emb.inv_freq")
+        }
         if cfg.tie_embeddings:
             found.pop("diffusion_head.weight", None)  # some tied checkpoints store the copy too
         missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
         if missing or extra:
-            raise CheckpointError(f"{directory}: weights do not match config.json: missing {missing[:4]}, "
-                                  f"unexpected {extra[:4]}")
+            raise CheckpointError(
+                f"{directory}: weights do not match config.json: missing {missing[:4]}, unexpected {extra[:4]}"
+            )
         for ours, (name, file, handle) in found.items():
             shape = tuple(handle.get_slice(name).get_shape())
             if shape != tuple(wanted[ours].shape):
-                raise CheckpointError(f"{file.name}: tensor {name} has shape {shape}, but config.json "
-                                      f"(hidden_size, intermediate_size, heads, vocab_size) implies "
-                                      f"{tuple(wanted[ours].shape)}")
+                raise CheckpointError(
+                    f"{file.name}: tensor {name} has shape {shape}, but config.json "
+                    f"(hidden_size, intermediate_size, heads, vocab_size) implies "
+                    f"{tuple(wanted[ours].shape)}"
+                )
             tensor = handle.get_tensor(name).to(device=device, dtype=dtype)
             module, _, attr = ours.rpartition(".")
             setattr(model.get_submodule(module), attr, torch.nn.Parameter(tensor, requires_grad=False))
@@ -209,8 +262,9 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu"
     return model.eval()
 
 
-def load(directory: Path, dtype: torch.dtype = torch.float32, device="cpu",
-         own_adapter: bool = True) -> tuple[TriModel, Tokenizer]:
+def load(
+    directory: Path, dtype: torch.dtype = torch.float32, device="cpu", own_adapter: bool = True
+) -> tuple[TriModel, Tokenizer]:
     """Model and tokenizer of an NLD or HF directory. A model without a mask token reuses an unused
     special token of its tokenizer when it has one. The draft adapter in ``linear_spec_lora/`` is
     attached when present and ``own_adapter`` is true."""
@@ -249,8 +303,11 @@ def save(directory: Path, model: TriModel, tokenizer: Tokenizer, max_shard_bytes
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-                 if "lora_" not in k and not (model.cfg.tie_embeddings and k == "diffusion_head.weight")}
+        state = {
+            k: v.detach().contiguous()
+            for k, v in model.state_dict().items()
+            if "lora_" not in k and not (model.cfg.tie_embeddings and k == "diffusion_head.weight")
+        }
         shards = list(_shards(state, max_shard_bytes))
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
@@ -277,6 +334,7 @@ def save(directory: Path, model: TriModel, tokenizer: Tokenizer, max_shard_bytes
 
 # ------------------------------------------------------------------------------------- mask tokens
 
+
 def find_mask_token(tokenizer: Tokenizer) -> int | None:
     """An existing special token to reuse as MASK (SPEC 1.1): one named like a mask if there is one,
     else the highest-id control token that is neither BOS/EOS nor used by the chat template."""
@@ -284,8 +342,11 @@ def find_mask_token(tokenizer: Tokenizer) -> int | None:
     for i, text in special:
         if "mask" in text.lower():
             return i
-    unused = [i for i, text in special
-              if i not in (tokenizer.bos_id, tokenizer.eos_id) and text not in (tokenizer.chat_template or "")]
+    unused = [
+        i
+        for i, text in special
+        if i not in (tokenizer.bos_id, tokenizer.eos_id) and text not in (tokenizer.chat_template or "")
+    ]
     return max(unused, default=None)
 
 
@@ -314,6 +375,7 @@ def add_mask_token(model: TriModel, tokenizer: Tokenizer, token: str = "<|mask|>
 
 # ----------------------------------------------------------------------------------------- adapters
 
+
 def is_packed(model: TriModel) -> bool:
     """Whether any layer runs low-bit weights (``tridlm.quant``)."""
     return any(isinstance(m, Linear) and m.packed is not None for m in model.modules())
@@ -338,8 +400,14 @@ def save_adapter(model: TriModel, directory: Path, dtype: torch.dtype | None = N
             targets.add(name.rsplit(".", 1)[-1])
             rank, alpha = m.lora_a.shape[0], m.lora_scale * m.lora_a.shape[0]
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
-              "lora_dropout": 0.0, "bias": "none"}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+    }
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -365,8 +433,10 @@ def load_adapter(model: TriModel, directory: Path) -> None:
             param = module.lora_a if kind == "A.weight" else module.lora_b
             value = handle.get_tensor(name)
             if param is None or value.shape != param.shape:
-                raise CheckpointError(f"{weights}: tensor {name} does not fit (shape {tuple(value.shape)}, "
-                                      f"r={config['r']}, target_modules={config['target_modules']})")
+                raise CheckpointError(
+                    f"{weights}: tensor {name} does not fit (shape {tuple(value.shape)}, "
+                    f"r={config['r']}, target_modules={config['target_modules']})"
+                )
             with torch.no_grad():
                 param.copy_(value)
     model.adapters_changed()

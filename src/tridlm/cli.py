@@ -31,6 +31,7 @@ def _on_off(value: str) -> bool:
 def _list(kind):
     def parse(value: str) -> tuple:
         return tuple(kind(v) for v in value.split(",") if v)
+
     parse.__name__ = f"comma-separated {kind.__name__}"
     return parse
 
@@ -61,8 +62,11 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
 def _generation_options(p: argparse.ArgumentParser) -> None:
     from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig
 
-    _options(p, GenerationConfig(), {"mode": MODES, "spec_variant": SPEC_VARIANTS, "threshold": _threshold,
-                                     "stop": "append", "lookup": _on_off})
+    _options(
+        p,
+        GenerationConfig(),
+        {"mode": MODES, "spec_variant": SPEC_VARIANTS, "threshold": _threshold, "stop": "append", "lookup": _on_off},
+    )
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
@@ -70,8 +74,11 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("task", choices=evaluate.TASKS)
     p.add_argument("--json", action="store_true", help="print one JSON line: settings, score, counts, speed")
-    p.add_argument("--allow-code-execution", action="store_true",
-                   help="run the model's answers as code (humaneval), in a sandbox (tridlm.sandbox says which)")
+    p.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="run the model's answers as code (humaneval), in a sandbox (tridlm.sandbox says which)",
+    )
     _options(p, evaluate.EvalOptions(), skip=("allow_code_execution",))
     _generation_options(p)
     p.set_defaults(run=cmd_eval)
@@ -90,23 +97,35 @@ def _convert_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="HF or NLD checkpoint directory, or a GGUF file")
     p.add_argument("output", help="NLD directory to write")
     mask = p.add_mutually_exclusive_group()
-    mask.add_argument("--mask-token", help="existing token to use as MASK (default: the model's, or an unused "
-                                           "special token)")
+    mask.add_argument(
+        "--mask-token", help="existing token to use as MASK (default: the model's, or an unused special token)"
+    )
     mask.add_argument("--add-mask-token", action="store_true", help="grow the vocabulary by a new <|mask|> token")
-    p.add_argument("--block-size", type=int, help="diffusion block size recorded in config.json (default: the "
-                                                  "model's own, if it has one)")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        help="diffusion block size recorded in config.json (default: the model's own, if it has one)",
+    )
     p.add_argument("--dtype", choices=loading.DTYPES, default="bfloat16")
     p.add_argument("--shard-gb", type=float, default=4.0, help="maximum size of one safetensors shard")
-    p.add_argument("--force", action="store_true", help="replace an existing, non-empty output (only once the new "
-                                                         "one is written whole)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing, non-empty output (only once the new one is written whole)",
+    )
     p.set_defaults(run=cmd_convert, no_model_args=True)
 
 
 _TYPES = {"int": int, "float": float, "str": str}
 
 
-def _options(p: argparse.ArgumentParser, defaults, kinds: dict | None = None, helps: dict | None = None,
-             skip: tuple[str, ...] = ()) -> None:
+def _options(
+    p: argparse.ArgumentParser,
+    defaults,
+    kinds: dict | None = None,
+    helps: dict | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
     """One --flag per field of a config dataclass, typed by its annotation or ``kinds`` (a parser, a tuple of
     choices, or "append"), helped by the field's help (``options.option``) or ``helps``; tuples are
     comma-separated, booleans that default to true become --no-flag."""
@@ -158,8 +177,12 @@ def _distill_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", choices=distill.SOURCES, default="mixed",
-                   help="mixed: stdlib questions and templated requests; magpie: requests the model writes itself")
+    p.add_argument(
+        "--source",
+        choices=distill.SOURCES,
+        default="mixed",
+        help="mixed: stdlib questions and templated requests; magpie: requests the model writes itself",
+    )
     p.set_defaults(run=cmd_distill)
 
 
@@ -182,12 +205,18 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     from tridlm.decode import MODES
     from tridlm.serve.config import ServerConfig
 
-    p.add_argument("--cost-curve", help="a cost curve saved with tridlm.decode.CostCurve.save for auto to plan with "
-                                        "(default: measured before serving)")
-    p.add_argument("--api-key-file", help="a file of API keys, one per line ('#' comments): each is a tenant, "
-                                          "besides those of --api-key")
-    p.add_argument("--block-size", type=int, help="block size of requests that name none (default: per device "
-                                                  "and mode)")
+    p.add_argument(
+        "--cost-curve",
+        help="a cost curve saved with tridlm.decode.CostCurve.save for auto to plan with "
+        "(default: measured before serving)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        help="a file of API keys, one per line ('#' comments): each is a tenant, besides those of --api-key",
+    )
+    p.add_argument(
+        "--block-size", type=int, help="block size of requests that name none (default: per device and mode)"
+    )
     _options(p, ServerConfig(), {"default_mode": MODES, "api_key": "append"}, skip=("defaults",))
     p.set_defaults(run=cmd_serve, served_model_name=None)
 
@@ -244,9 +273,19 @@ def cmd_generate(args) -> None:
         print(text.push([], final=True))
     elif args.json:
         row = state.rows[0]
-        print(json.dumps({"text": state.text(0), "tokens": row.tokens, "finish_reason": row.finish_reason,
-                          "prompt_tokens": len(ids), "accepted_lengths": row.accepted_lengths,
-                          "block_size": state.cfg.block_size, **state.stats()}))
+        print(
+            json.dumps(
+                {
+                    "text": state.text(0),
+                    "tokens": row.tokens,
+                    "finish_reason": row.finish_reason,
+                    "prompt_tokens": len(ids),
+                    "accepted_lengths": row.accepted_lengths,
+                    "block_size": state.cfg.block_size,
+                    **state.stats(),
+                }
+            )
+        )
     else:
         print(state.text(0))
 
@@ -259,8 +298,9 @@ def cmd_eval(args) -> None:
     source = _fill(loading.Source, args)
     model, tok = source.open()
     precision = str(model.dtype).removeprefix("torch.") if source.dtype == "auto" else source.dtype
-    settings = evaluate.run_settings(args.task, model, loading.model_name(args.model), precision, args.adapter, gen,
-                                     opts.batch_size)
+    settings = evaluate.run_settings(
+        args.task, model, loading.model_name(args.model), precision, args.adapter, gen, opts.batch_size
+    )
     result = evaluate.evaluate(model, tok, args.task, gen, opts, settings)
     print(json.dumps(result) if args.json else evaluate.describe(result))
 
@@ -274,8 +314,18 @@ def cmd_demo(args) -> None:
 def cmd_convert(args) -> None:
     from tridlm import loading
 
-    print(loading.convert(args.source, args.output, args.dtype, args.mask_token, args.add_mask_token, args.block_size,
-                          args.shard_gb, args.force))
+    print(
+        loading.convert(
+            args.source,
+            args.output,
+            args.dtype,
+            args.mask_token,
+            args.add_mask_token,
+            args.block_size,
+            args.shard_gb,
+            args.force,
+        )
+    )
 
 
 def cmd_bench(args) -> None:
@@ -335,8 +385,13 @@ def cmd_serve(args) -> None:
     from tridlm.serve.config import ServerConfig
 
     keys = tuple(args.api_key) + (_key_file(args.api_key_file) if args.api_key_file else ())
-    config = _fill(ServerConfig, args, served_model_name=args.served_model_name or loading.model_name(args.model),
-                   defaults=GenerationConfig(block_size=args.block_size).validate(), api_key=keys)
+    config = _fill(
+        ServerConfig,
+        args,
+        served_model_name=args.served_model_name or loading.model_name(args.model),
+        defaults=GenerationConfig(block_size=args.block_size).validate(),
+        api_key=keys,
+    )
     costs = CostCurve.load(args.cost_curve) if args.cost_curve else None
     uvicorn.run(create_app(*_open(args), config, costs), host=config.host, port=config.port, log_level="info")
 

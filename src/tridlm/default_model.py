@@ -52,8 +52,9 @@ def adapter_dir() -> Path:
     return Path(__file__).parent / "adapters" / NAME
 
 
-def load(dtype: torch.dtype = torch.float32, device="cpu", own_adapter: bool = True,
-         native_int4: bool = False) -> tuple[TriModel, Tokenizer]:
+def load(
+    dtype: torch.dtype = torch.float32, device="cpu", own_adapter: bool = True, native_int4: bool = False
+) -> tuple[TriModel, Tokenizer]:
     """The default model, with the shipped draft adapter unless ``own_adapter`` is false; ``native_int4``
     reads its projections' Q4_1 codes from the GGUF file as they are (``tridlm.quant``)."""
     if native_int4:

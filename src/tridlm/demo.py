@@ -7,20 +7,35 @@ from tridlm.decode import DecodeState, GenerationConfig, generate
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
-RUNS = {"ar": ("ar", "linear"), "diffusion": ("diffusion", "linear"), "spec": ("spec", "linear"),
-        "spec-quad": ("spec", "quadratic"), "spec-pipe": ("spec", "pipelined"), "auto": ("auto", "linear")}
+RUNS = {
+    "ar": ("ar", "linear"),
+    "diffusion": ("diffusion", "linear"),
+    "spec": ("spec", "linear"),
+    "spec-quad": ("spec", "quadratic"),
+    "spec-pipe": ("spec", "pipelined"),
+    "auto": ("auto", "linear"),
+}
 
 
-def run(model: TriModel, tokenizer: Tokenizer, prompt: str, max_tokens: int = 96,
-        block_size: int | None = None) -> dict[str, DecodeState]:
+def run(
+    model: TriModel, tokenizer: Tokenizer, prompt: str, max_tokens: int = 96, block_size: int | None = None
+) -> dict[str, DecodeState]:
     """Greedy answers in every mode (block sizes: the defaults unless given); prints a table of tokens,
     NFE, TPF, tok/s and whether each equals AR, then the texts."""
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
-    configs = {name: GenerationConfig(mode=mode, spec_variant=variant, max_tokens=max_tokens,
-                                      block_size=block_size if mode not in ("ar", "auto") else None)
-               for name, (mode, variant) in RUNS.items()}
-    print(f"prompt: {prompt!r} ({len(ids)} tokens), greedy, draft adapter: "
-          f"{'yes' if checkpoint.has_adapter(model) else 'none'}\n")
+    configs = {
+        name: GenerationConfig(
+            mode=mode,
+            spec_variant=variant,
+            max_tokens=max_tokens,
+            block_size=block_size if mode not in ("ar", "auto") else None,
+        )
+        for name, (mode, variant) in RUNS.items()
+    }
+    print(
+        f"prompt: {prompt!r} ({len(ids)} tokens), greedy, draft adapter: "
+        f"{'yes' if checkpoint.has_adapter(model) else 'none'}\n"
+    )
     for cfg in (configs["ar"], configs["auto"]):  # warm-up: first-call allocations, auto's measured cost curve
         generate(model, [ids], cfg.replace(max_tokens=4))
     results = {name: generate(model, [ids], cfg, detokenize=tokenizer.decode) for name, cfg in configs.items()}

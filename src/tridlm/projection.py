@@ -32,8 +32,9 @@ class Linear(nn.Linear):
 
     def add_lora(self, rank: int, alpha: float, dtype: torch.dtype, device: torch.device) -> None:
         """Attach a LoRA (B initialised to zero, so the adapter starts as the identity)."""
-        self.lora_a = nn.Parameter(torch.randn(rank, self.in_features, dtype=dtype, device=device)
-                                   / math.sqrt(self.in_features))
+        self.lora_a = nn.Parameter(
+            torch.randn(rank, self.in_features, dtype=dtype, device=device) / math.sqrt(self.in_features)
+        )
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
         self.lora_scale = alpha / rank
 
@@ -92,8 +93,9 @@ class LoraGroup:
         return kernels.Adapter(*self.form, None if adapter is True else adapter.reshape(-1))
 
 
-def project(x: torch.Tensor, projs: tuple[Linear, ...], fused, group: LoraGroup,
-            adapter: bool | torch.Tensor) -> list[torch.Tensor]:
+def project(
+    x: torch.Tensor, projs: tuple[Linear, ...], fused, group: LoraGroup, adapter: bool | torch.Tensor
+) -> list[torch.Tensor]:
     """The outputs of projections that read the same ``x``: with their low-bit weights in one kernel call
     when ``fused`` (``fuse_packed``), their adapters as one group where usable."""
     sizes = [p.out_features for p in projs]
@@ -138,6 +140,9 @@ def quantize(model, precision: str) -> None:
         if not isinstance(module, Linear) or module.packed is not None:
             continue
         head = name == "diffusion_head"
-        module.pack(Int8Weight.from_float(module.weight) if precision == "int8" or head
-                    else Int4Weight.from_float(module.weight))
+        module.pack(
+            Int8Weight.from_float(module.weight)
+            if precision == "int8" or head
+            else Int4Weight.from_float(module.weight)
+        )
     fuse_packed(model)

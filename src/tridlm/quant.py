@@ -145,8 +145,9 @@ class Int4Weight:
             q, d, m = self.unpack()
             self._torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             self._torch_scales = torch.stack([d.T, (m + 8 * d).T], dim=-1).to(ACTIVATIONS).contiguous()
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(ACTIVATIONS), self._torch_packed, GROUP,
-                                                          self._torch_scales).to(rows.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows.to(ACTIVATIONS), self._torch_packed, GROUP, self._torch_scales
+        ).to(rows.dtype)
 
 
 def concat(weights: list) -> Int8Weight | Int4Weight | None:

@@ -48,11 +48,16 @@ def inv_freq_and_attention_factor(rope: RopeConfig, head_dim: int) -> tuple[torc
 
 def _yarn(rope: RopeConfig, dim: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate low frequencies by ``factor``, keep high ones, blend linearly in between."""
+
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
     def correction_dim(rotations):  # the dimension whose wavelength fits `rotations` times in the context
-        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+        return (
+            dim
+            * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(rope.theta))
+        )
 
     low = max(math.floor(correction_dim(rope.beta_fast)), 0)
     high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
@@ -94,5 +99,7 @@ def query_scale(positions: torch.Tensor, rope: RopeConfig, dtype: torch.dtype) -
     Exactly 1 below original_max_position_embeddings, so short contexts are unaffected."""
     if rope.llama_4_scaling_beta is None:
         return None
-    scale = 1 + rope.llama_4_scaling_beta * torch.log1p(torch.floor(positions.float() / rope.original_max_position_embeddings))
+    scale = 1 + rope.llama_4_scaling_beta * torch.log1p(
+        torch.floor(positions.float() / rope.original_max_position_embeddings)
+    )
     return scale[:, :, None, None].to(dtype)

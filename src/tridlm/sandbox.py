@@ -50,13 +50,20 @@ exec setpriv --no-new-privs --inh-caps=-all --bounding-set=-all "$@"
 
 @functools.cache
 def isolation() -> str:
-    """"namespaces" where the program runs in its own mount, network and PID namespaces, else "rlimits"."""
+    """ "namespaces" where the program runs in its own mount, network and PID namespaces, else "rlimits"."""
     if not sys.platform.startswith("linux") or not (shutil.which("unshare") and shutil.which("setpriv")):
         return "rlimits"
     with tempfile.TemporaryDirectory() as folder:
         try:
-            done = subprocess.run(_command(folder, ["true"]), cwd=folder, env=_ENV, capture_output=True, timeout=30,
-                                  check=False, preexec_fn=_limits(30))
+            done = subprocess.run(
+                _command(folder, ["true"]),
+                cwd=folder,
+                env=_ENV,
+                capture_output=True,
+                timeout=30,
+                check=False,
+                preexec_fn=_limits(30),
+            )
         except (OSError, subprocess.TimeoutExpired):
             return "rlimits"
     return "namespaces" if done.returncode == 0 else "rlimits"
@@ -79,8 +86,25 @@ def _command(folder: str, program: list[str]) -> list[str]:
     user = ["--user", "--map-root-user"] if not root else []
     drop = ["--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"] if root else []
     python_root, _ = _python()
-    return ["unshare", *user, "--mount", "--net", "--pid", "--fork", "--mount-proc", "--kill-child",
-            "sh", "-c", _SETUP, "sandbox", folder, python_root, *drop, "--", *program]
+    return [
+        "unshare",
+        *user,
+        "--mount",
+        "--net",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+        "sh",
+        "-c",
+        _SETUP,
+        "sandbox",
+        folder,
+        python_root,
+        *drop,
+        "--",
+        *program,
+    ]
 
 
 def _limits(seconds: float):
@@ -95,6 +119,7 @@ def _limits(seconds: float):
         resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_NPROC, (own + PROCESSES, own + PROCESSES))
+
     return apply
 
 
@@ -120,8 +145,16 @@ def run_python(program: str, timeout: float = 10.0) -> bool:
         else:
             command = [sys.executable, "-I", "program.py"]
         with open(Path(folder) / "output", "w+b") as output:
-            proc = subprocess.Popen(command, cwd=folder, env=_ENV, stdin=subprocess.PIPE, stdout=output,
-                                    stderr=subprocess.DEVNULL, preexec_fn=_limits(timeout), start_new_session=True)
+            proc = subprocess.Popen(
+                command,
+                cwd=folder,
+                env=_ENV,
+                stdin=subprocess.PIPE,
+                stdout=output,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=_limits(timeout),
+                start_new_session=True,
+            )
             try:
                 proc.communicate(marker.encode(), timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -32,32 +32,45 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader) -> Tokenizer:
         """Rebuild the byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` metadata."""
+
         def field(name, default=None):
             f = reader.fields.get(name)
             return f.contents() if f is not None else default
+
         kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")
         if kind != "gpt2" or pre not in _GPT2_PRE:
             raise ValueError(f"unsupported GGUF tokenizer: model={kind!r} pre={pre!r} (supported: gpt2 byte-level BPE)")
         tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
         merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
         backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=pre == "smollm"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=pre == "smollm"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
         backend.decoder = decoders.ByteLevel()
         control = 3  # llama.cpp token type CONTROL
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t, ty in zip(tokens, types) if ty == control])
-        return cls(backend, field("tokenizer.chat_template"), field("tokenizer.ggml.bos_token_id"),
-                   field("tokenizer.ggml.eos_token_id"))
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == control]
+        )
+        return cls(
+            backend,
+            field("tokenizer.chat_template"),
+            field("tokenizer.ggml.bos_token_id"),
+            field("tokenizer.ggml.eos_token_id"),
+        )
 
     def save(self, directory: Path) -> None:
         """Write ``tokenizer.json`` and a Hugging Face style ``tokenizer_config.json``."""
         directory = Path(directory)
         self.backend.save(str(directory / "tokenizer.json"))
-        meta = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": self.chat_template,
-                "bos_token": self._token(self.bos_id) or None, "eos_token": self._token(self.eos_id) or None}
+        meta = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": self.chat_template,
+            "bos_token": self._token(self.bos_id) or None,
+            "eos_token": self._token(self.eos_id) or None,
+        }
         (directory / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -82,6 +95,7 @@ class Tokenizer:
             token = meta.get(key)
             token = token.get("content") if isinstance(token, dict) else token
             return None if token is None else backend.token_to_id(token)
+
         return cls(backend, template, token_id("bos_token"), token_id("eos_token"))
 
     @property
@@ -118,7 +132,8 @@ class Tokenizer:
         special = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.eos_id)}
         try:
             return _compiled(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **special)
+                messages=messages, add_generation_prompt=add_generation_prompt, **special
+            )
         except jinja2.TemplateError as e:  # the template's own raise_exception(), or what the sandbox refuses
             raise ValueError(f"the chat template refused these messages: {e}") from None
 
@@ -166,8 +181,10 @@ class TextStream:
         elif final:
             end = len(self.text)
         else:  # hold back any tail that could be the start of a stop string
-            end = len(self.text) - max((n for s in self.stop for n in range(1, min(len(s), len(self.text) + 1))
-                                        if self.text.endswith(s[:n])), default=0)
+            end = len(self.text) - max(
+                (n for s in self.stop for n in range(1, min(len(s), len(self.text) + 1)) if self.text.endswith(s[:n])),
+                default=0,
+            )
         delta, self.sent = self.text[self.sent : end], max(self.sent, end)
         return delta
 

@@ -21,8 +21,10 @@ def _most_confident(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
 
 def confidence_threshold(threshold: float) -> Rule:
     """Commit every masked position whose confidence is >= threshold, and at least the best one."""
+
     def select(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         return _most_confident(conf, masked) | ((conf >= threshold) & masked)
+
     return select
 
 

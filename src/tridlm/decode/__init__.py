@@ -26,15 +26,32 @@ from tridlm.model import TriModel
 
 DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec}  # auto and pipelined spec: ``pipelined``
 
-__all__ = ["MODES", "SPEC_VARIANTS", "AnswerHistory", "CostCurve", "DecodeState", "GenerationConfig", "Row", "generate", "stream",
-           "summarize"]
+__all__ = [
+    "MODES",
+    "SPEC_VARIANTS",
+    "AnswerHistory",
+    "CostCurve",
+    "DecodeState",
+    "GenerationConfig",
+    "Row",
+    "generate",
+    "stream",
+    "summarize",
+]
 
 
 @torch.inference_mode()
-def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
-           eos_ids: Sequence[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
-           state: DecodeState | None = None, history: AnswerHistory | None = None, costs: CostCurve | None = None
-           ) -> Iterator[list[tuple[int, list[int]]]]:
+def stream(
+    model: TriModel,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerationConfig,
+    *,
+    eos_ids: Sequence[int] | None = None,
+    detokenize: Callable[[list[int]], str] | None = None,
+    state: DecodeState | None = None,
+    history: AnswerHistory | None = None,
+    costs: CostCurve | None = None,
+) -> Iterator[list[tuple[int, list[int]]]]:
     """Decode a batch of token prompts, yielding (row, newly committed tokens) pairs per cycle.
 
     eos_ids defaults to the model's EOS. Pass your own ``state`` to read per-row results and counts
@@ -50,8 +67,10 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     for p, row in zip(prompts, state.rows):
         row.prompt = list(p)
         if row.max_tokens > cfg.room(model, len(p)):
-            raise ValueError(f"prompt ({len(p)} tokens) + max_tokens ({row.max_tokens}) + block_size exceeds "
-                             f"the model's context of {model.cfg.max_seq_len}")
+            raise ValueError(
+                f"prompt ({len(p)} tokens) + max_tokens ({row.max_tokens}) + block_size exceeds "
+                f"the model's context of {model.cfg.max_seq_len}"
+            )
     # A row's last cycle may commit up to a block past its max_tokens; a batch's finished rows stay put but still
     # ride along in its later forwards, each writing up to a block more: room for both.
     max_len = max(len(p) + row.max_tokens for p, row in zip(prompts, state.rows)) + 2 * cfg.block_size + 1
@@ -68,10 +87,17 @@ def stream(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationCon
         history.add(row.tokens)
 
 
-def generate(model: TriModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
-             eos_ids: Sequence[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
-             on_tokens: Callable[[int, list[int]], None] | None = None,
-             history: AnswerHistory | None = None, costs: CostCurve | None = None) -> DecodeState:
+def generate(
+    model: TriModel,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerationConfig,
+    *,
+    eos_ids: Sequence[int] | None = None,
+    detokenize: Callable[[list[int]], str] | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+    history: AnswerHistory | None = None,
+    costs: CostCurve | None = None,
+) -> DecodeState:
     """Decode to the end; the returned state holds each row's tokens and the call's stats.
     ``on_tokens(row, tokens)`` sees each row's tokens as they are committed; ``history`` and ``costs`` as in
     ``stream``."""

@@ -13,16 +13,23 @@ from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
 
 
-def ar(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
-       generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
+def ar(
+    model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState, generator: torch.Generator | None
+) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield committed tokens per step; ``pending`` (B,) is the last sampled token, not yet cached."""
     while not state.all_done:
         pending = ar_step(model, cache, pending, state, generator)
         yield state.flush()
 
 
-def ar_step(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
-            generator: torch.Generator | None, event=lambda t: {"type": "step", "token": t}) -> torch.Tensor:
+def ar_step(
+    model: TriModel,
+    cache: KVCache,
+    pending: torch.Tensor,
+    state: DecodeState,
+    generator: torch.Generator | None,
+    event=lambda t: {"type": "step", "token": t},
+) -> torch.Tensor:
     """One causal forward of every row's pending token: caches it and emits the next, which it returns.
     ``event``: what a trace records for the step, given its token."""
     sampler = state.cfg.sampler

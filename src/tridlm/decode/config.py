@@ -43,6 +43,7 @@ class GenerationConfig:
     def validate(self) -> GenerationConfig:
         def bad(name, why):
             raise ValueError(f"invalid {name}={getattr(self, name)!r}: {why}")
+
         if self.mode not in MODES:
             bad("mode", f"expected one of {', '.join(MODES)}")
         if self.spec_variant not in SPEC_VARIANTS:

@@ -25,8 +25,9 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def latency_sweep(model: TriModel, context: list[int], reps: int = 9, sizes=(1, 2, 4, 8),
-                  drafting: bool = False) -> dict[int, float]:
+def latency_sweep(
+    model: TriModel, context: list[int], reps: int = 9, sizes=(1, 2, 4, 8), drafting: bool = False
+) -> dict[int, float]:
     """Median ms of one causal forward of n new tokens over a cached context (the cost of a block).
     ``drafting``: one causal row then n-1 MASK rows with the draft adapter on (a pipelined-spec forward
     that only drafts; the adapter's work is not free)."""
@@ -48,8 +49,9 @@ def _median_ms(model: TriModel, context: list[int], reps: int, shapes: list[tupl
         if drafting and n > 1:
             mask_fn = functools.partial(masks.verify_then_draft, verify=1)
             adapter = (torch.arange(n, device=block.device) > 0)[None]
-        calls[n, drafting] = functools.partial(forward_block, model, cache, block, mask_fn,
-                                               write=1 if drafting else True, adapter=adapter)
+        calls[n, drafting] = functools.partial(
+            forward_block, model, cache, block, mask_fn, write=1 if drafting else True, adapter=adapter
+        )
     times = {shape: [] for shape in shapes}
     for rep in range(reps + 1):
         for shape, call in calls.items():
@@ -90,10 +92,14 @@ class CostCurve:
     def upto(self, block: int) -> dict[str, dict[int, float]]:
         """The curve's sizes up to ``block``, as the planner reads them."""
         if block > self.largest:
-            raise ValueError(f"the cost curve covers forwards of up to {self.largest} tokens; auto asked for a "
-                             f"block of {block}: measure one that covers it (CostCurve.measure)")
-        return {kind: {n: c for n, c in curve.items() if n <= block}
-                for kind, curve in (("verify", self.verify), ("draft", self.draft))}
+            raise ValueError(
+                f"the cost curve covers forwards of up to {self.largest} tokens; auto asked for a "
+                f"block of {block}: measure one that covers it (CostCurve.measure)"
+            )
+        return {
+            kind: {n: c for n, c in curve.items() if n <= block}
+            for kind, curve in (("verify", self.verify), ("draft", self.draft))
+        }
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"verify": self.verify, "draft": self.draft}, indent=1) + "\n")

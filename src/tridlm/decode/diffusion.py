@@ -18,8 +18,9 @@ from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
 
 
-def diffusion(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
-              generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
+def diffusion(
+    model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState, generator: torch.Generator | None
+) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield tokens as they become committed in order (never a mask), block by block."""
     cfg, sampler = state.cfg, state.cfg.sampler
     n = cfg.block_size
@@ -51,8 +52,14 @@ def diffusion(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
             yield state.flush()
         if state.all_done:
             return
-        logits = forward_block(model, cache, block, masks.causal, write=True,
-                               logits_index=torch.full((len(block), 1), n - 1, device=block.device))
+        logits = forward_block(
+            model,
+            cache,
+            block,
+            masks.causal,
+            write=True,
+            logits_index=torch.full((len(block), 1), n - 1, device=block.device),
+        )
         state.count_forward()
         pending = sampler.next_token(logits[:, 0], generator)
         for i, t in enumerate(pending.tolist()):
@@ -62,11 +69,23 @@ def diffusion(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
         yield state.flush()
 
 
-def trace_step(state: DecodeState, block: torch.Tensor, masked: torch.Tensor, pred: torch.Tensor,
-               conf: torch.Tensor, chosen: torch.Tensor) -> None:
+def trace_step(
+    state: DecodeState,
+    block: torch.Tensor,
+    masked: torch.Tensor,
+    pred: torch.Tensor,
+    conf: torch.Tensor,
+    chosen: torch.Tensor,
+) -> None:
     """Each row's ``denoise`` event: the block after this step, every slot's guess and confidence."""
     for i in range(len(block)):
-        state.note(i, {"type": "denoise",
-                       "block": [None if m else t for t, m in zip(block[i].tolist(), masked[i].tolist())],
-                       "guess": pred[i].tolist(), "conf": [round(c, 4) for c in conf[i].tolist()],
-                       "new": chosen[i].nonzero()[:, 0].tolist()})
+        state.note(
+            i,
+            {
+                "type": "denoise",
+                "block": [None if m else t for t, m in zip(block[i].tolist(), masked[i].tolist())],
+                "guess": pred[i].tolist(),
+                "conf": [round(c, 4) for c in conf[i].tolist()],
+                "new": chosen[i].nonzero()[:, 0].tolist(),
+            },
+        )

@@ -13,9 +13,17 @@ from tridlm.model import TriModel
 from tridlm.sampling import Sampler
 
 
-def forward_block(model: TriModel, cache: KVCache, tokens: torch.Tensor, mask_fn, *, write: bool | int = False,
-                  adapter: bool | torch.Tensor = False, logits_index: torch.Tensor | None = None,
-                  offsets: torch.Tensor | None = None) -> torch.Tensor:
+def forward_block(
+    model: TriModel,
+    cache: KVCache,
+    tokens: torch.Tensor,
+    mask_fn,
+    *,
+    write: bool | int = False,
+    adapter: bool | torch.Tensor = False,
+    logits_index: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The decoders' one way to run the model: tokens (B, n) placed right after each row's committed
     cache (at ``offsets`` from it, default 0..n-1), keys [committed cache | tokens] under ``mask_fn``.
 
@@ -32,8 +40,9 @@ def forward_block(model: TriModel, cache: KVCache, tokens: torch.Tensor, mask_fn
     written = n if write is True else int(write)
     if written:
         cache.check_room(positions[:, :written])
-    logits = model(tokens, positions, mask, cache, write=written, adapter=adapter, logits_index=logits_index,
-                   key_slots=key_slots)
+    logits = model(
+        tokens, positions, mask, cache, write=written, adapter=adapter, logits_index=logits_index, key_slots=key_slots
+    )
     if written:
         cache.commit(positions[:, written - 1] + 1)
     return logits
@@ -42,8 +51,7 @@ def forward_block(model: TriModel, cache: KVCache, tokens: torch.Tensor, mask_fn
 def unmasking_distribution(sampler: Sampler, logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """What a bidirectional prediction samples from (diffusion denoising, spec drafting): the sampler's
     distribution with the MASK token excluded, so a masked position is never filled with MASK."""
-    return sampler.distribution(logits.index_fill(-1, torch.tensor([mask_id], device=logits.device),
-                                                  float("-inf")))
+    return sampler.distribution(logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf")))
 
 
 def masked_block(pending: torch.Tensor, n: int, mask_id: int | None) -> torch.Tensor:

@@ -23,8 +23,11 @@ def summarize(rows: Sequence[Row], wall_s: float | None = None) -> dict:
     tokens = sum(len(r.tokens) for r in rows)
     nfe = sum(r.nfe for r in rows)
     firsts = [r.first_token_s for r in rows if r.first_token_s is not None]
-    itl = [(r.last_token_s - r.first_token_s) / (len(r.tokens) - 1) for r in rows
-           if len(r.tokens) > 1 and r.first_token_s is not None]
+    itl = [
+        (r.last_token_s - r.first_token_s) / (len(r.tokens) - 1)
+        for r in rows
+        if len(r.tokens) > 1 and r.first_token_s is not None
+    ]
     accepted = [a for r in rows for a in r.accepted_lengths]
     return {
         "completion_tokens": tokens,

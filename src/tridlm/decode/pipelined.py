@@ -117,9 +117,8 @@ class Planner:
         the chance the drafts are kept."""
         kept = acc.carried[0] / acc.carried[1]
         verify = self.costs["verify"]
-        net = [gain - (verify[1 + m] - verify[1]) for m, (gain, _) in
-               enumerate(acc.expected("draft", self.block - 2))]
-        return [0.0, 0.0] + [kept * max(net[: r]) for r in range(2, self.block)] if self.block > 2 else [0.0] * 2
+        net = [gain - (verify[1 + m] - verify[1]) for m, (gain, _) in enumerate(acc.expected("draft", self.block - 2))]
+        return [0.0, 0.0] + [kept * max(net[:r]) for r in range(2, self.block)] if self.block > 2 else [0.0] * 2
 
 
 def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) -> Planner:
@@ -130,9 +129,15 @@ def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) ->
     return Planner(cfg.block_size)
 
 
-def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
-              generator: torch.Generator | None, history: AnswerHistory | None = None,
-              costs: CostCurve | None = None) -> Iterator[list[tuple[int, list[int]]]]:
+def pipelined(
+    model: TriModel,
+    cache: KVCache,
+    pending: torch.Tensor,
+    state: DecodeState,
+    generator: torch.Generator | None,
+    history: AnswerHistory | None = None,
+    costs: CostCurve | None = None,
+) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield each cycle's tokens (accepted candidates + bonus) per row; ``pending`` (B,) is the last
     sampled token, not yet cached. ``history``: earlier answers to draft from (with ``cfg.lookup``);
     ``costs``: the cost curve auto plans with."""
@@ -148,7 +153,7 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
         proposals = {"draft": carried}
         if lookups:
             for lk, row in zip(lookups, state.rows):  # the tokens the last cycle committed
-                lk.extend(row.tokens[len(lk.tokens) - len(row.prompt):])
+                lk.extend(row.tokens[len(lk.tokens) - len(row.prompt) :])
             found, source = [lk.propose(room) for lk in lookups], "lookup"
             if history is not None:  # earlier answers, where they match the tail for longer than the text does
                 earlier = [history.follow(lk.tokens, room) for lk in lookups]
@@ -174,8 +179,9 @@ def pipelined(model: TriModel, cache: KVCache, pending: torch.Tensor, state: Dec
         tokens = torch.cat([block, torch.full((rows, r), mask_id or 0, device=block.device)], dim=1)
         adapter = (torch.arange(1 + m + r, device=block.device) > m).expand(rows, -1) if r else False
         start = cache.lengths
-        logits = forward_block(model, cache, tokens, functools.partial(masks.verify_then_draft, verify=1 + m),
-                               write=1 + m, adapter=adapter)
+        logits = forward_block(
+            model, cache, tokens, functools.partial(masks.verify_then_draft, verify=1 + m), write=1 + m, adapter=adapter
+        )
         state.count_forward()
         p = sampler.verifier(logits[:, : 1 + m])
         source = plan.source.rstrip("0123456789") if m else None
@@ -208,8 +214,9 @@ def _no_drafts(token: int) -> dict:
 
 def _pad(chosen: list[list[int]], pending: torch.Tensor, m: int) -> torch.Tensor:
     """(B, m) candidates; a row with fewer repeats its pending token (accepted only if it is AR's token)."""
-    return torch.tensor([c + [int(t)] * (m - len(c)) for c, t in zip(chosen, pending.tolist())],
-                        dtype=torch.long, device=pending.device).view(len(chosen), m)
+    return torch.tensor(
+        [c + [int(t)] * (m - len(c)) for c, t in zip(chosen, pending.tolist())], dtype=torch.long, device=pending.device
+    ).view(len(chosen), m)
 
 
 def _draft_distributions(block: torch.Tensor, plan: Plan, carried_q, vocab: int) -> torch.Tensor:

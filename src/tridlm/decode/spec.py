@@ -19,8 +19,9 @@ from tridlm.model import TriModel
 from tridlm.sampling import Sampler, draw
 
 
-def accept(block: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, sampler: Sampler,
-           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def accept(
+    block: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, sampler: Sampler, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Accepted draft count k (B,) and bonus token (B,) for a block [pending, draft_1..draft_{n-1}].
 
     p: (B, n, V) verifier distributions (``Sampler.verifier``: logits when greedy), p[:, i] for the token after
@@ -47,8 +48,9 @@ def accept(block: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, sampler
     return k, draw(target, generator)
 
 
-def spec(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
-         generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
+def spec(
+    model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState, generator: torch.Generator | None
+) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield the tokens of each draft+verify cycle (accepted drafts + bonus) per row; ``pending`` (B,)
     is the last sampled token, not yet cached."""
     if state.cfg.spec_variant == "quadratic" and state.cfg.block_size > 1:
@@ -94,8 +96,9 @@ def settle(cache, state, start, block, p, q, generator, source: str | None = Non
     return bonus, k
 
 
-def spec_quadratic(model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState,
-                   generator: torch.Generator | None) -> Iterator[list[tuple[int, list[int]]]]:
+def spec_quadratic(
+    model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState, generator: torch.Generator | None
+) -> Iterator[list[tuple[int, list[int]]]]:
     """Quadratic self-speculation (SPEC 3.4): one forward per cycle verifies the current drafts and,
     for every possible number of accepted drafts, drafts the block after it."""
     n, sampler = state.cfg.block_size, state.cfg.sampler

@@ -36,9 +36,15 @@ class Row:
 class DecodeState:
     """Per-row committed tokens with exact stopping (EOS, stop strings, max_tokens) and counts."""
 
-    def __init__(self, n_rows: int, cfg: GenerationConfig, eos_ids: Sequence[int],
-                 detokenize: Callable[[list[int]], str] | None,
-                 limits: Sequence[tuple[int, tuple[str, ...]]] | None = None, trace: bool = False):
+    def __init__(
+        self,
+        n_rows: int,
+        cfg: GenerationConfig,
+        eos_ids: Sequence[int],
+        detokenize: Callable[[list[int]], str] | None,
+        limits: Sequence[tuple[int, tuple[str, ...]]] | None = None,
+        trace: bool = False,
+    ):
         """``limits`` gives (max_tokens, stop) per row; default: the config's for every row. ``trace``:
         the decoders record what each step did per row (``note``; read with ``take_trace``)."""
         limits = limits or [(cfg.max_tokens, cfg.stop)] * n_rows
@@ -129,5 +135,10 @@ class DecodeState:
     def stats(self) -> dict:
         """Counts of the whole call (``summarize``), plus the mode and the batch's forward calls."""
         wall = max((r.last_token_s for r in self.rows if r.last_token_s is not None), default=0.0)
-        return {"mode": self.cfg.mode, "rows": len(self.rows), "forwards": self.forwards,
-                "prefill_s": self.prefill_s, **summarize(self.rows, wall)}
+        return {
+            "mode": self.cfg.mode,
+            "rows": len(self.rows),
+            "forwards": self.forwards,
+            "prefill_s": self.prefill_s,
+            **summarize(self.rows, wall),
+        }

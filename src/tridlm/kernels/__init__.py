@@ -41,11 +41,17 @@ def _module():
 
     start = time.perf_counter()
     try:
-        module = cpp_extension.load(f"tridlm_cpu_{_cpu_tag()}", [str(Path(__file__).with_name("cpu.cpp"))],
-                                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        module = cpp_extension.load(
+            f"tridlm_cpu_{_cpu_tag()}",
+            [str(Path(__file__).with_name("cpu.cpp"))],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
     except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:  # no compiler, no ninja ...
-        print(f"tridlm: the CPU kernels could not be built ({type(e).__name__}: {e}); using torch ops instead "
-              "(slower)", file=sys.stderr)
+        print(
+            f"tridlm: the CPU kernels could not be built ({type(e).__name__}: {e}); using torch ops instead (slower)",
+            file=sys.stderr,
+        )
         return None
     took = time.perf_counter() - start
     if took > 2:  # a build rather than a load from the cache
@@ -127,8 +133,9 @@ _ALL_ROWS = torch.empty(0, dtype=torch.bool)  # the kernels' "rows": none given,
 NO_ADAPTER = (torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.int32), _ALL_ROWS)
 
 
-def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                adapter: Adapter | None = None) -> torch.Tensor | None:
+def int4_linear(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, adapter: Adapter | None = None
+) -> torch.Tensor | None:
     """x (M, K) times int4 weights in ``tridlm.quant.Int4Weight``'s layout (N outputs padded to 16), plus
     ``adapter``'s contribution where given, each row rounded once -> (M, N), or None where the kernels were
     not built. Unlike the other kernels it runs in and out of inference mode, so that an int4 model computes

@@ -49,9 +49,16 @@ class Server:
         if costs is not None:
             costs.upto(self.auto_block)  # covers the auto block, or says it does not
         rows = self.metrics.batch_rows
-        self.worker = Worker(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
-                             history=config.answer_history, auto_block=self.auto_block, costs=costs,
-                             on_batch=lambda jobs, s: rows.observe(sum(len(j.prompts) for j in jobs)))
+        self.worker = Worker(
+            model,
+            tokenizer,
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            history=config.answer_history,
+            auto_block=self.auto_block,
+            costs=costs,
+            on_batch=lambda jobs, s: rows.observe(sum(len(j.prompts) for j in jobs)),
+        )
         # A prompt longer than this in characters has more tokens than the limit, whatever they are: refused
         # before it is tokenized.
         self.max_prompt_tokens = min(config.max_prompt_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -89,34 +96,43 @@ class Server:
     def check_prompt_length(self, size: int, unit: str) -> None:
         limit = self.max_prompt_chars if unit == "characters" else self.max_prompt_tokens
         if size > limit:
-            raise APIError(400, f"prompt of {size} {unit} is too long: at most {self.max_prompt_tokens} tokens "
-                                f"({limit} {unit}) are accepted", "prompt", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"prompt of {size} {unit} is too long: at most {self.max_prompt_tokens} tokens "
+                f"({limit} {unit}) are accepted",
+                "prompt",
+                code="context_length_exceeded",
+            )
 
     async def run(self, request: Request, body, ids: list[int], kind: str, endpoint: str):
         requested = mode = body.mode or self.config.default_mode
         if mode == "auto" and (body.block_size or 0) > self.auto_block:
-            raise APIError(400, f"block_size={body.block_size}: auto plans with the cost curve this server measured "
-                                f"when it started, up to block {self.auto_block} (serve with --block-size for more)",
-                           "block_size")
+            raise APIError(
+                400,
+                f"block_size={body.block_size}: auto plans with the cost curve this server measured "
+                f"when it started, up to block {self.auto_block} (serve with --block-size for more)",
+                "block_size",
+            )
         if mode == "auto" and self.worker.load:  # busy: batched AR, the best throughput
             mode = "ar"
         cfg = make_config(body, ids, mode, self.model, self.config, fallback=mode != requested)
         if body.tridlm_trace and not body.stream:
             raise APIError(400, "tridlm_trace needs stream: true", "tridlm_trace")
-        job = Job([ids] * body.n, cfg, asyncio.get_running_loop(), trace=body.tridlm_trace,
-                  tenant=request.state.tenant)
+        job = Job([ids] * body.n, cfg, asyncio.get_running_loop(), trace=body.tridlm_trace, tenant=request.state.tenant)
         try:
             self.worker.submit(job)
         except QueueFull:
             self.metrics.requests.labels(endpoint, mode, "429").inc()
-            raise APIError(429, f"server busy: {self.config.max_queue} requests queued; retry later",
-                           kind="rate_limit_error") from None
+            raise APIError(
+                429, f"server busy: {self.config.max_queue} requests queued; retry later", kind="rate_limit_error"
+            ) from None
         rid = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         finish = Finisher(self.metrics, endpoint, mode, job)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self.sse(job, ids, kind, rid, include_usage, finish),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self.sse(job, ids, kind, rid, include_usage, finish), media_type="text/event-stream"
+            )
         try:
             rows = await collect(job, request)
         except APIError as e:
@@ -130,13 +146,19 @@ class Server:
         return envelope(kind, rid, self.config.served_model_name, choices, usage_of(len(ids), rows, mode))
 
     async def sse(self, job: Job, ids, kind, rid, include_usage, finish) -> AsyncIterator[str]:
-        chunk_kind, name = ("chat.completion.chunk" if kind == "chat.completion" else kind), self.config.served_model_name
+        chunk_kind, name = (
+            ("chat.completion.chunk" if kind == "chat.completion" else kind),
+            self.config.served_model_name,
+        )
         texts = [TextStream(self.tokenizer, job.cfg.stop) for _ in job.prompts]
         try:
             if kind == "chat.completion":
                 for i in range(len(job.prompts)):
-                    yield event(envelope(chunk_kind, rid, name, [{"index": i, "delta": {"role": "assistant"},
-                                                                   "finish_reason": None}]))
+                    yield event(
+                        envelope(
+                            chunk_kind, rid, name, [{"index": i, "delta": {"role": "assistant"}, "finish_reason": None}]
+                        )
+                    )
             while True:
                 item = await job.events.get()
                 if item[0] == "trace":
@@ -163,19 +185,18 @@ class Server:
             job.cancelled.set()
             finish(None, "499")  # the client went away mid-stream (no-op after a normal end)
 
-
     def trace(self, index: int, events: list[dict]) -> dict:
         """A choice's step events for the stream, with the text of every token id they name."""
         ids = set()
         for e in events:
             ids.update(t for key in ("block", "guess", "drafts") for t in e.get(key) or () if t is not None)
             ids.update(e[key] for key in ("token", "bonus") if key in e)
-        return {"index": index, "events": events,
-                "pieces": {str(t): self.tokenizer.decode([t]) for t in sorted(ids)}}
+        return {"index": index, "events": events, "pieces": {str(t): self.tokenizer.decode([t]) for t in sorted(ids)}}
 
 
-def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = ServerConfig(),
-               costs: CostCurve | None = None) -> FastAPI:
+def create_app(
+    model: TriModel, tokenizer: Tokenizer, config: ServerConfig = ServerConfig(), costs: CostCurve | None = None
+) -> FastAPI:
     """The app over one model. ``costs``: the cost curve ``auto`` plans with, covering the server's auto block
     (default: measured before it serves)."""
     server = Server(model, tokenizer, config, costs)
@@ -196,8 +217,9 @@ def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = Ser
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):  # never a stack trace or a dead server
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", kind="server_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            APIError(500, f"internal error: {type(e).__name__}", kind="server_error").body(), status_code=500
+        )
 
     page = (resources.files("tridlm.serve") / "static" / "playground.html").read_text()
 
@@ -216,8 +238,10 @@ def create_app(model: TriModel, tokenizer: Tokenizer, config: ServerConfig = Ser
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "tridlm"}]}
+        return {
+            "object": "list",
+            "data": [{"id": config.served_model_name, "object": "model", "created": 0, "owned_by": "tridlm"}],
+        }
 
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat)
@@ -234,15 +258,20 @@ async def parse(request: Request, schema, config: ServerConfig):
         param = ".".join(str(p) for p in err["loc"])
         raise APIError(400, f"invalid field '{param}': {err['msg']}", param) from None
     if body.model not in (None, config.served_model_name):
-        raise APIError(404, f"model '{body.model}' does not exist; this server serves '{config.served_model_name}'",
-                       "model", code="model_not_found")
+        raise APIError(
+            404,
+            f"model '{body.model}' does not exist; this server serves '{config.served_model_name}'",
+            "model",
+            code="model_not_found",
+        )
     if (field := body.unsupported()) is not None:
         raise APIError(400, f"'{field}' is not supported by this server", field)
     return body
 
 
-def make_config(body, ids: list[int], mode: str, model: TriModel, config: ServerConfig,
-                fallback: bool = False) -> GenerationConfig:
+def make_config(
+    body, ids: list[int], mode: str, model: TriModel, config: ServerConfig, fallback: bool = False
+) -> GenerationConfig:
     """The request's decoding config over the server's defaults, resolved for the model, with max_tokens
     checked against the room the prompt leaves in the context."""
     if not ids:
@@ -253,20 +282,36 @@ def make_config(body, ids: list[int], mode: str, model: TriModel, config: Server
         raise APIError(400, str(e)) from None
     room = cfg.room(model, len(ids))
     if room < 1:
-        raise APIError(400, f"prompt of {len(ids)} tokens is too long for the context of {model.cfg.max_seq_len}",
-                       "prompt", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"prompt of {len(ids)} tokens is too long for the context of {model.cfg.max_seq_len}",
+            "prompt",
+            code="context_length_exceeded",
+        )
     asked = body.requested_max_tokens
     max_tokens = asked if asked is not None else min(config.default_max_tokens, room)
     if max_tokens > room:
-        raise APIError(400, f"max_tokens={max_tokens} exceeds the {room} tokens left in the context after the "
-                            f"{len(ids)}-token prompt", "max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"max_tokens={max_tokens} exceeds the {room} tokens left in the context after the {len(ids)}-token prompt",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
     if body.n * max_tokens > config.max_total_tokens:
-        raise APIError(400, f"n x max_tokens = {body.n} x {max_tokens} exceeds this server's limit of "
-                            f"{config.max_total_tokens} tokens per request", "max_tokens")
+        raise APIError(
+            400,
+            f"n x max_tokens = {body.n} x {max_tokens} exceeds this server's limit of "
+            f"{config.max_total_tokens} tokens per request",
+            "max_tokens",
+        )
     if cfg.forward_tokens > config.max_forward_tokens:
-        raise APIError(400, f"block_size={cfg.block_size} puts {cfg.forward_tokens} tokens through one forward "
-                            f"({cfg.mode}{' ' + cfg.spec_variant if cfg.mode == 'spec' else ''}); this server allows "
-                            f"{config.max_forward_tokens} (--max-forward-tokens)", "block_size")
+        raise APIError(
+            400,
+            f"block_size={cfg.block_size} puts {cfg.forward_tokens} tokens through one forward "
+            f"({cfg.mode}{' ' + cfg.spec_variant if cfg.mode == 'spec' else ''}); this server allows "
+            f"{config.max_forward_tokens} (--max-forward-tokens)",
+            "block_size",
+        )
     try:
         return cfg.replace(max_tokens=max_tokens)
     except ValueError as e:

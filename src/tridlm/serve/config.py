@@ -53,13 +53,22 @@ class ServerConfig:
             object.__setattr__(self, "api_key", (self.api_key,))
 
     def validate(self) -> ServerConfig:
-        positive = ("max_queue", "max_batch", "max_body_bytes", "read_timeout_s", "max_json_depth",
-                    "max_forward_tokens", "max_total_tokens", "default_max_tokens")
+        positive = (
+            "max_queue",
+            "max_batch",
+            "max_body_bytes",
+            "read_timeout_s",
+            "max_json_depth",
+            "max_forward_tokens",
+            "max_total_tokens",
+            "default_max_tokens",
+        )
         if any(getattr(self, name) <= 0 for name in positive) or (self.max_prompt_tokens or 1) < 1:
             raise ValueError(f"{', '.join(positive)} and max_prompt_tokens must be positive")
         if any(not key.strip() for key in self.api_key):
-            raise ValueError("an empty API key would let anyone in: give a non-empty --api-key, or none to serve "
-                             "without keys")
+            raise ValueError(
+                "an empty API key would let anyone in: give a non-empty --api-key, or none to serve without keys"
+            )
         if self.answer_history < 0:
             raise ValueError(f"invalid answer_history={self.answer_history}: expected a token count >= 0")
         if self.default_mode not in MODES:

@@ -33,13 +33,22 @@ class Gate:
         headers = Headers(scope=scope)
         error = None
         if not host_allowed(headers.get("host"), self.config):
-            error = APIError(400, f"Host header {headers.get('host')!r} is not this server's: bound to loopback, it "
-                                  "answers requests addressed to localhost (start it with --allowed-hosts NAME to "
-                                  "add names)", kind="invalid_request_error", code="invalid_host")
+            error = APIError(
+                400,
+                f"Host header {headers.get('host')!r} is not this server's: bound to loopback, it "
+                "answers requests addressed to localhost (start it with --allowed-hosts NAME to "
+                "add names)",
+                kind="invalid_request_error",
+                code="invalid_host",
+            )
         tenant = tenant_of(headers.get("authorization"), self.config.api_key)
         if error is None and tenant is None and scope["path"] not in OPEN_PATHS:
-            error = APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                             kind="authentication_error", code="invalid_api_key")
+            error = APIError(
+                401,
+                "invalid or missing API key (Authorization: Bearer ...)",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
         if error is not None:
             return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
         scope.setdefault("state", {})["tenant"] = tenant

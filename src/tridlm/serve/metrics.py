@@ -15,17 +15,30 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("tridlm_requests", "Requests by endpoint, mode and status", ["endpoint", "mode", "status"], registry=r)
+        self.requests = Counter(
+            "tridlm_requests", "Requests by endpoint, mode and status", ["endpoint", "mode", "status"], registry=r
+        )
         self.tokens = Counter("tridlm_completion_tokens", "Generated tokens", ["mode"], registry=r)
         self.nfe = Counter("tridlm_nfe", "Model forwards after prefill", ["mode"], registry=r)
         self.tpf = Gauge("tridlm_tpf", "Tokens per forward, cumulative", ["mode"], registry=r)
         self.queue = Gauge("tridlm_queue_depth", "Requests waiting or running", registry=r)
-        self.latency = Histogram("tridlm_request_seconds", "Request latency", ["mode"], registry=r,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.ttft = Histogram("tridlm_ttft_seconds", "Time to first token", ["mode"], registry=r,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.batch_rows = Histogram("tridlm_batch_rows", "Rows per decoded batch", registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.latency = Histogram(
+            "tridlm_request_seconds",
+            "Request latency",
+            ["mode"],
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.ttft = Histogram(
+            "tridlm_ttft_seconds",
+            "Time to first token",
+            ["mode"],
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.batch_rows = Histogram(
+            "tridlm_batch_rows", "Rows per decoded batch", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64)
+        )
         self._counts: dict[str, list[int]] = {}
 
     def finished(self, mode: str, rows: list[Row]) -> None:

@@ -17,8 +17,14 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's own limits
 class APIError(Exception):
     """An error the client caused or must hear about, shaped like OpenAI's."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
@@ -86,8 +92,9 @@ class _Request(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def generation_config(self, defaults: GenerationConfig, mode: str, max_tokens: int,
-                          fallback: bool = False) -> GenerationConfig:
+    def generation_config(
+        self, defaults: GenerationConfig, mode: str, max_tokens: int, fallback: bool = False
+    ) -> GenerationConfig:
         """Our config: the request's values over the server's defaults, validated once. ``mode`` is the one the
         request runs in; ``fallback``: the server runs an ``auto`` request as batched AR, without auto's knob."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -128,8 +135,14 @@ def new_id(prefix: str) -> str:
 def usage(prompt_tokens: int, completion_tokens: int, nfe: int, tpf: float | None, mode: str) -> dict:
     """OpenAI usage plus our counts (SPEC 2): forwards after prefill, tokens per forward (null when no
     forward ran), mode used."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "nfe": nfe, "tpf": tpf, "mode": mode}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "nfe": nfe,
+        "tpf": tpf,
+        "mode": mode,
+    }
 
 
 def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict:

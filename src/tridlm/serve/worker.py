@@ -45,16 +45,38 @@ class Job:
     def batch_key(self):
         c = self.cfg
         alone = id(self) if c.seed is not None else None
-        return (c.mode, c.spec_variant, c.lookup, c.block_size, c.threshold, c.max_steps_per_block, c.temperature,
-                c.top_k, c.top_p, alone, self.trace, self.tenant if c.pipelined else None)
+        return (
+            c.mode,
+            c.spec_variant,
+            c.lookup,
+            c.block_size,
+            c.threshold,
+            c.max_steps_per_block,
+            c.temperature,
+            c.top_k,
+            c.top_p,
+            alone,
+            self.trace,
+            self.tenant if c.pipelined else None,
+        )
 
     def send(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Worker:
-    def __init__(self, model: TriModel, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 history: int = 0, auto_block: int = 1, costs: CostCurve | None = None, on_batch=None):
+    def __init__(
+        self,
+        model: TriModel,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        history: int = 0,
+        auto_block: int = 1,
+        costs: CostCurve | None = None,
+        on_batch=None,
+    ):
         """``history``: tokens of earlier answers kept per tenant (0: none); ``auto_block``: the largest block
         auto is served with; ``costs``: the cost curve auto plans with, up to that block (default: measured on
         the worker's thread before the first request)."""
@@ -129,8 +151,9 @@ class Worker:
         owner = [(j, k) for j in jobs for k in range(len(j.prompts))]  # batch row -> (job, choice)
         prompts = [p for j in jobs for p in j.prompts]
         limits = [(j.cfg.max_tokens, j.cfg.stop) for j, _ in owner]
-        state = DecodeState(len(prompts), jobs[0].cfg, self.model.cfg.eos_ids, self.tokenizer.decode, limits,
-                            trace=jobs[0].trace)
+        state = DecodeState(
+            len(prompts), jobs[0].cfg, self.model.cfg.eos_ids, self.tokenizer.decode, limits, trace=jobs[0].trace
+        )
         tenants = {j.tenant for j in jobs}
         # A batch of one tenant reads and joins its history in ``stream``; a mixed one (never auto or pipelined
         # spec, by ``batch_key``) reads none, and each answer joins its own tenant's below.

@@ -71,7 +71,7 @@ def _tokens(tokenizer: Tokenizer, doc: list[dict] | str) -> tuple[list[int], lis
     for i, message in enumerate(doc):
         # Render the conversation up to and including this message; the new suffix is this message.
         rendered = tokenizer.encode(tokenizer.render_chat(doc[: i + 1], add_generation_prompt=False))
-        new = rendered[len(ids):]
+        new = rendered[len(ids) :]
         ids += new
         bearing += [message["role"] == "assistant"] * len(new)
     return ids, bearing

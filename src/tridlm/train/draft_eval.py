@@ -51,8 +51,9 @@ def run_draft_eval(model: TriModel, tokenizer: Tokenizer, opts: DraftOptions) ->
     return result
 
 
-def acceptance_curve(model: TriModel, prompts: list[list[int]], settings: list[Setting], snapshots: Path,
-                     plot: Path | None = None) -> list[dict]:
+def acceptance_curve(
+    model: TriModel, prompts: list[list[int]], settings: list[Setting], snapshots: Path, plot: Path | None = None
+) -> list[dict]:
     """``eval_draft`` of the bare model, then of every ``step-N`` adapter of a training run's
     ``adapters/`` folder, one JSON line each as it is measured; optionally plotted against training tokens."""
     folders = sorted(Path(snapshots).glob("step-*"))

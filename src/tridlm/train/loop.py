@@ -67,8 +67,15 @@ class TrainConfig:
             raise ValueError(f"invalid regime={self.regime!r}: expected one of {', '.join(REGIMES)}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"invalid block_size={self.block_size}: expected a positive integer")
-        for name in ("lora_rank", "batch_size", "grad_accum", "steps", "eval_every",
-                     "checkpoint_every", "eval_batches"):
+        for name in (
+            "lora_rank",
+            "batch_size",
+            "grad_accum",
+            "steps",
+            "eval_every",
+            "checkpoint_every",
+            "eval_batches",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"invalid {name}={getattr(self, name)}: expected a positive integer")
         if self.autocast not in ("auto", "bf16", "off"):
@@ -86,17 +93,18 @@ class TrainConfig:
 
 def schedule(cfg: TrainConfig):
     """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak."""
+
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor
 
 
 class Trainer:
-    def __init__(self, model: TriModel, tokenizer: Tokenizer, data: DataConfig, cfg: TrainConfig, out: Path,
-                 log=print):
+    def __init__(self, model: TriModel, tokenizer: Tokenizer, data: DataConfig, cfg: TrainConfig, out: Path, log=print):
         if cfg.block_size is None:
             cfg = dataclasses.replace(cfg, block_size=model.cfg.block_size or 32)
         self.cfg, self.out = cfg.validate(), Path(out)
@@ -143,8 +151,14 @@ class Trainer:
         return torch.autocast(torch.device(self.model.device).type, dtype=self.autocast)
 
     def _loss(self, model, x0, loss_mask, generator):
-        noised = add_noise(x0, loss_mask, self.model.cfg.mask_id, generator, block=self.cfg.block_size,
-                           suffix_fraction=self.cfg.suffix_fraction)
+        noised = add_noise(
+            x0,
+            loss_mask,
+            self.model.cfg.mask_id,
+            generator,
+            block=self.cfg.block_size,
+            suffix_fraction=self.cfg.suffix_fraction,
+        )
         with self._context():
             if self.cfg.regime == "adapter":
                 return diffusion_loss(model, x0, noised, self.cfg.block_size, self.cfg.draft_layout)
@@ -167,8 +181,9 @@ class Trainer:
             start, tokens, total = time.perf_counter(), 0, 0.0
             for _ in range(cfg.grad_accum):
                 x0, loss_mask = next(batches)
-                out = self._loss(self.forward_model, x0.to(self.model.device), loss_mask.to(self.model.device),
-                                 self.noise)
+                out = self._loss(
+                    self.forward_model, x0.to(self.model.device), loss_mask.to(self.model.device), self.noise
+                )
                 (out.loss / cfg.grad_accum).backward()
                 tokens += x0.numel() * self.world
                 total += float(out.loss.detach()) / cfg.grad_accum
@@ -179,8 +194,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
             self.rows += cfg.batch_size * cfg.grad_accum * self.world
-            last = {"loss": total, "lr": self.sched.get_last_lr()[0],
-                    "tok_s": tokens / (time.perf_counter() - start)}
+            last = {"loss": total, "lr": self.sched.get_last_lr()[0], "tok_s": tokens / (time.perf_counter() - start)}
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{last['tok_s']:.0f}")
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -209,9 +223,16 @@ class Trainer:
 
     def _state(self) -> dict:
         trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        return {"model": trainable, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "step": self.step, "rows": self.rows, "torch_rng": torch.get_rng_state(),
-                "noise_rng": self.noise.get_state(), "config": dataclasses.asdict(self.cfg)}
+        return {
+            "model": trainable,
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "step": self.step,
+            "rows": self.rows,
+            "torch_rng": torch.get_rng_state(),
+            "noise_rng": self.noise.get_state(),
+            "config": dataclasses.asdict(self.cfg),
+        }
 
     def save(self) -> None:
         """Atomic checkpoint (written aside, then renamed) plus, for adapters, the PEFT-layout adapter and

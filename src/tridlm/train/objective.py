@@ -24,8 +24,15 @@ class Noised:
     p: torch.Tensor  # (B,) masking probability per sequence
 
 
-def add_noise(x0: torch.Tensor, loss_mask: torch.Tensor, mask_id: int, generator: torch.Generator | None,
-              eps: float = 1e-3, block: int = 1, suffix_fraction: float = 0.0) -> Noised:
+def add_noise(
+    x0: torch.Tensor,
+    loss_mask: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator | None,
+    eps: float = 1e-3,
+    block: int = 1,
+    suffix_fraction: float = 0.0,
+) -> Noised:
     """t ~ U(0,1) per sequence, p = (1 - eps) t + eps; each loss-bearing token becomes MASK with prob p.
 
     suffix_fraction: share of sequences noised the way spec drafts instead (an option beyond SPEC 4):
@@ -58,8 +65,15 @@ class Loss:
     n_ar: int
 
 
-def joint_loss(model: TriModel, x0: torch.Tensor, noised: Noised, block: int, alpha: float = 0.3,
-               loss_mask: torch.Tensor | None = None, adapter: bool = False) -> Loss:
+def joint_loss(
+    model: TriModel,
+    x0: torch.Tensor,
+    noised: Noised,
+    block: int,
+    alpha: float = 0.3,
+    loss_mask: torch.Tensor | None = None,
+    adapter: bool = False,
+) -> Loss:
     """``(alpha * diffusion_sum + ar_sum) / (n_masked + n_ar)`` from one dual-stream forward.
 
     loss_mask (B, L): tokens that bear loss (default all); the AR term predicts x0[i+1] where it bears loss.
@@ -83,8 +97,9 @@ def joint_loss(model: TriModel, x0: torch.Tensor, noised: Noised, block: int, al
     return Loss(loss, diffusion_sum, ar_sum, n_masked, n_ar)
 
 
-def diffusion_loss(model: TriModel | torch.nn.Module, x0: torch.Tensor, noised: Noised, block: int,
-                   layout: str = "linear") -> Loss:
+def diffusion_loss(
+    model: TriModel | torch.nn.Module, x0: torch.Tensor, noised: Noised, block: int, layout: str = "linear"
+) -> Loss:
     """The adapter regime's objective, ``diffusion_sum / n_masked``: the diffusion term of ``joint_loss``
     with the LoRA on, computed without a dual-stream forward.
 
@@ -103,8 +118,14 @@ def diffusion_loss(model: TriModel | torch.nn.Module, x0: torch.Tensor, noised: 
     positions = torch.arange(L, device=device).expand(B, -1)
     cache = net.new_cache(B, L)
     with torch.no_grad():
-        net(x0, positions, masks.causal(cache.lengths, L, 0), cache, write=L,
-            logits_index=torch.zeros(B, 0, dtype=torch.long, device=device))
+        net(
+            x0,
+            positions,
+            masks.causal(cache.lengths, L, 0),
+            cache,
+            write=L,
+            logits_index=torch.zeros(B, 0, dtype=torch.long, device=device),
+        )
     both = masks.dual_stream(L, block, device)
     mask = torch.cat([both[:L, L:], both[:L, :L]], dim=1).expand(B, -1, -1)  # keys [cached x_0 | x_t]
     if layout == "pipelined":
