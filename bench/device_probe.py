@@ -19,7 +19,8 @@ import torch
 
 from tridlm.decode import GenerationConfig, generate
 from tridlm.device import fast_dtype
-from tridlm.model import ModelConfig, random_model
+from tridlm.model import ModelConfig
+from tridlm.presets import random_model
 from tridlm.train.objective import add_noise, diffusion_loss
 
 # SmolLM2-135M-Instruct as converted (config.json of the default model's NLD directory).

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import evaluate, harness, loading, plots, sandbox
+from tridlm import evaluate, loading, plots, reporting, sandbox
 from tridlm.decode import GenerationConfig
 
 MAX_TOKENS = 256
@@ -156,7 +156,7 @@ def main() -> None:
                 {
                     "command": "python " + " ".join(sys.argv),
                     "date": datetime.date.today().isoformat(),
-                    "machine": harness.machine(next(iter(models.values()))[0]),
+                    "machine": reporting.machine(next(iter(models.values()))[0]),
                     "max_tokens": MAX_TOKENS,
                     "runs": results,
                 },

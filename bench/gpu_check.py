@@ -29,10 +29,11 @@ from tridlm.decode import GenerationConfig, generate
 from tridlm.decode.forward import forward_block, prefill
 from tridlm.graphs import GraphedModel
 from tridlm.model import ModelConfig, TriModel
+from tridlm.presets import preset
 
 BIG = {
-    "1b": dataclasses.replace(ModelConfig.preset("nld-3b"), dim=2048, n_layers=16, n_heads=16, ffn_dim=8192),
-    "tiny": ModelConfig.preset("tiny"),
+    "1b": dataclasses.replace(preset("nld-3b"), dim=2048, n_layers=16, n_heads=16, ffn_dim=8192),
+    "tiny": preset("tiny"),
 }
 CHECK = ModelConfig(
     vocab_size=512,

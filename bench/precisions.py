@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import harness
+from tridlm import harness, reporting
 from tridlm.baselines import Baselines
 from tridlm.decode import GenerationConfig
 from tridlm.decode.costs import latency_sweep
@@ -74,7 +74,7 @@ def main() -> None:
     context = tok.encode(Path(harness.__file__).read_text())[:200]
     sweeps = {p: latency_sweep(models[p], context, reps=5, sizes=range(1, 33)) for p in precisions}
     report = {
-        "machine": harness.machine(models["float32"]),
+        "machine": reporting.machine(models["float32"]),
         "prompts": len(prompts),
         "repeats": args.repeats,
         "command": " ".join(["python", *sys.argv]),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from tridlm import evaluate, harness, plots
+from tridlm import evaluate, harness, plots, reporting
 from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig, generate, stream
 from tridlm.loading import open_model
 
@@ -113,7 +113,7 @@ def main() -> None:
     }
     for precision in args.precisions.split(","):
         model, tok = open_model(dtype=precision, adapter=args.adapter)
-        report["machine"] = harness.machine(model)
+        report["machine"] = reporting.machine(model)
         # auto's cost curve is measured once per model, here rather than inside every timed auto run
         costs = CostCurve.measure(model, GenerationConfig(mode="auto").resolve(model).block_size)
         report.setdefault("relative_costs", {})[precision] = costs.upto(costs.largest)

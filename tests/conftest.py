@@ -10,7 +10,8 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from tridlm.model import ModelConfig, random_model
+from tridlm.model import ModelConfig
+from tridlm.presets import preset, random_model
 from tridlm.tokenizer import Tokenizer
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<mask>"]
@@ -27,7 +28,7 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_cfg() -> ModelConfig:
-    return ModelConfig.preset("tiny")
+    return preset("tiny")
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +43,7 @@ def small_vocab_model():
     """A 16-token model: drafts and lookups match the verifier often enough to exercise multi-token accepts."""
     import dataclasses
 
-    return random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=16), seed=2, std=0.3)
+    return random_model(dataclasses.replace(preset("tiny"), vocab_size=16), seed=2, std=0.3)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tridlm import harness, plots
+from tridlm import harness, plots, reporting
 from tridlm.decode import GenerationConfig
 
 
@@ -33,7 +33,7 @@ def test_bench_on_tiny_model(tiny_model, char_tokenizer, tmp_path):
     assert ar["nfe"] == ar["tokens"] - len(prompts)  # one token per forward after each prefill
     assert ar["tok_s_min"] <= ar["tok_s"] <= ar["tok_s_max"] and ar["speedup_vs_ar"] == 1.0
     assert ar["gen_ppl"] > 1.0 and set(report["sweep_ms"]) == set(harness.SWEEP)
-    text = harness.table(report)
+    text = reporting.table(report)
     assert "spec B=4" in text and "forward of n new tokens" in text
     paths = plots.bench(report, tmp_path / "b")
     assert all(p.stat().st_size > 1000 for p in paths) and len(paths) == 3

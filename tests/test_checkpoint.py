@@ -11,7 +11,7 @@ from tridlm import checkpoint, masks
 from tridlm.checkpoint import CheckpointError
 from tridlm.cli import main
 from tridlm.loading import convert
-from tridlm.model import random_model
+from tridlm.presets import random_model
 
 transformers = pytest.importorskip("transformers")
 

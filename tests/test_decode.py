@@ -7,7 +7,7 @@ from helpers import GREEDY, chi_square, exact_ar_distribution, tokens
 from tridlm import masks
 from tridlm.decode import GenerationConfig, generate, stream
 from tridlm.decode.spec import accept
-from tridlm.model import ModelConfig, random_model
+from tridlm.presets import preset, random_model
 from tridlm.sampling import Sampler
 
 
@@ -53,7 +53,7 @@ def test_adapter_never_changes_spec_output(tiny_cfg, prompts, variant):
 
 def test_quadratic_spec_sampling_is_distributionally_lossless():
     scipy_stats = pytest.importorskip("scipy.stats")
-    model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
+    model = random_model(dataclasses.replace(preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
     prompt, n = [1, 2, 3], 4
     cfg = GenerationConfig(mode="spec", spec_variant="quadratic", block_size=3, temperature=1.0, seed=12, max_tokens=n)
     expected = exact_ar_distribution(model, prompt, n, cfg.sampler)
@@ -170,8 +170,11 @@ def test_streaming_yields_every_token_once_in_order(tiny_model, prompts):
     ],
 )
 def test_config_rejects_out_of_range(field, value):
+    """A config is valid from construction: neither building one nor deriving one makes an invalid config."""
     with pytest.raises(ValueError, match=f"invalid {field}="):
-        GenerationConfig(**{field: value}).validate()
+        GenerationConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"invalid {field}="):
+        GenerationConfig().replace(**{field: value})
 
 
 def test_prompt_too_long_is_a_clear_error(tiny_model):
@@ -191,7 +194,7 @@ def test_accept_greedy_prefix_and_bonus():
 
 def test_spec_sampling_is_distributionally_lossless():
     scipy_stats = pytest.importorskip("scipy.stats")
-    model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
+    model = random_model(dataclasses.replace(preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
     prompt, n, samples = [1, 2, 3], 3, 6000
     cfg = GenerationConfig(mode="spec", block_size=4, temperature=1.0, top_k=5, seed=11, max_tokens=n)
     sampler = cfg.sampler
@@ -212,7 +215,7 @@ def test_spec_sampling_is_distributionally_lossless():
 
 @pytest.mark.parametrize("mode", ["spec", "diffusion"])
 def test_blocks_need_a_mask_token(mode):
-    model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), mask_id=None))
+    model = random_model(dataclasses.replace(preset("tiny"), mask_id=None))
     with pytest.raises(ValueError, match="need a model with a mask token"):
         generate(model, [[5, 6]], GREEDY.replace(mode=mode, block_size=4))
     assert len(generate(model, [[5, 6]], GREEDY.replace(mode=mode, block_size=1)).rows[0].tokens) == 40

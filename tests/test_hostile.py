@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 pytest.importorskip("uvicorn")
 from helpers import TEMPLATE, Wrapped, running  # noqa: E402
 
-from tridlm import cli  # noqa: E402
+from tridlm import cli, commands  # noqa: E402
 from tridlm.serve import guard  # noqa: E402
 from tridlm.serve.config import ServerConfig  # noqa: E402
 
@@ -248,10 +248,10 @@ def test_an_empty_key_is_an_error(tmp_path, capsys):
         cli.main(["serve", "--api-key", ""])
     assert e.value.code == 2 and "empty API key" in capsys.readouterr().err
     (tmp_path / "keys").write_text("# tenants\nkey-a\n\nkey-b  # the second\n")
-    assert cli._key_file(str(tmp_path / "keys")) == KEYS
+    assert commands.read_key_file(str(tmp_path / "keys")) == KEYS
     (tmp_path / "none").write_text("# nothing\n")
     with pytest.raises(ValueError, match="no API key"):
-        cli._key_file(str(tmp_path / "none"))
+        commands.read_key_file(str(tmp_path / "none"))
 
 
 def test_the_host_header_is_checked_on_loopback_only():

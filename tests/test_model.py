@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from tridlm import masks
-from tridlm.model import ModelConfig, random_model
+from tridlm.presets import preset, random_model
 
 
 def test_preset_unknown_name_is_clear():
     with pytest.raises(ValueError, match="unknown model preset 'huge'"):
-        ModelConfig.preset("huge")
+        preset("huge")
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from tridlm import masks
 from tridlm.decode.forward import forward_block, prefill
-from tridlm.model import random_model
+from tridlm.presets import random_model
 from tridlm.train.objective import add_noise, diffusion_loss, joint_loss
 
 SPEC_FIGURE = """\

@@ -10,7 +10,7 @@ from tridlm import masks
 from tridlm.decode import AnswerHistory, DecodeState, GenerationConfig, generate, stream
 from tridlm.decode.lookup import NGramIndex
 from tridlm.decode.pipelined import Acceptance, Plan, Planner
-from tridlm.model import ModelConfig, random_model
+from tridlm.presets import preset, random_model
 
 
 def test_ngram_index_proposes_the_latest_continuation_of_the_longest_suffix():
@@ -130,13 +130,13 @@ def test_acceptance_counts_the_accepted_prefix_and_the_first_miss():
 
 def test_lookup_is_for_pipelined_decoding_only():
     with pytest.raises(ValueError, match="lookup"):
-        GenerationConfig(mode="spec", lookup=True).validate()
-    GenerationConfig(mode="auto", lookup=False).validate()
+        GenerationConfig(mode="spec", lookup=True)
+    GenerationConfig(mode="auto", lookup=False)
 
 
 def test_pipelined_sampling_is_distributionally_lossless():
     scipy_stats = pytest.importorskip("scipy.stats")
-    model = random_model(dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
+    model = random_model(dataclasses.replace(preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
     prompt, n = [1, 2, 3, 1, 2], 4
     cfg = GenerationConfig(mode="spec", spec_variant="pipelined", block_size=4, temperature=1.0, seed=13, max_tokens=n)
     expected = exact_ar_distribution(model, prompt, n, cfg.sampler)

@@ -10,7 +10,7 @@ from helpers import unfused_logits_equal
 
 from tridlm import checkpoint, projection, quant
 from tridlm.decode import GenerationConfig, generate
-from tridlm.model import random_model
+from tridlm.presets import random_model
 
 gguf = pytest.importorskip("gguf")
 

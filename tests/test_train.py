@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tridlm import checkpoint
 from tridlm.decode import GenerationConfig, generate
-from tridlm.model import random_model
+from tridlm.presets import random_model
 from tridlm.train.data import DataConfig, PackedData
 from tridlm.train.loop import TrainConfig, Trainer
 

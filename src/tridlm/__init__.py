@@ -38,7 +38,7 @@ def stream(model, tokenizer, prompt: str | list[dict], **knobs) -> Iterator[str]
     from tridlm.decode import stream as decode_stream
     from tridlm.tokenizer import TextStream
 
-    cfg = GenerationConfig(**knobs).validate()
+    cfg = GenerationConfig(**knobs)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else tokenizer.encode_chat(prompt)
     text = TextStream(tokenizer, cfg.stop)
     for chunk in decode_stream(model, [ids], cfg, detokenize=tokenizer.decode):

@@ -1,16 +1,14 @@
-"""Command line: a dispatcher from arguments to library calls. Argument parsing lives here only.
+"""Command line: the flags of each command, parsed and handed to its function in ``commands``.
 
-Each command imports what it needs when it runs (``tridlm serve`` never loads the trainer); only the command
-named on the command line gets its flags built.
+Only the command named on the command line gets its flags built, and each imports what it needs when it runs
+(``tridlm serve`` never loads the trainer).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,13 +34,6 @@ def _list(kind):
     return parse
 
 
-def _fill(cls, args, **extra):
-    """A config dataclass from the parsed arguments of the same names (lists become tuples)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**{**values, **extra}).validate()
-
-
 def _model_args(p: argparse.ArgumentParser) -> None:
     from tridlm import loading
 
@@ -56,7 +47,6 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
     out.add_argument("--stream", action="store_true", help="print text as tokens are committed")
     out.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and counts")
     _generation_options(p)
-    p.set_defaults(run=cmd_generate)
 
 
 def _generation_options(p: argparse.ArgumentParser) -> None:
@@ -81,14 +71,12 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
     )
     _options(p, evaluate.EvalOptions(), skip=("allow_code_execution",))
     _generation_options(p)
-    p.set_defaults(run=cmd_eval)
 
 
 def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="Explain in a few sentences why the sky is blue.")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--block-size", type=int, help="default: per device and mode")
-    p.set_defaults(run=cmd_demo)
 
 
 def _convert_parser(p: argparse.ArgumentParser) -> None:
@@ -113,7 +101,7 @@ def _convert_parser(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an existing, non-empty output (only once the new one is written whole)",
     )
-    p.set_defaults(run=cmd_convert, no_model_args=True)
+    p.set_defaults(no_model_args=True)
 
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -154,7 +142,6 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
     from tridlm import harness
 
     _options(p, harness.Options(), {"thresholds": _threshold}, {"sweep": "skip the forward-latency sweep"})
-    p.set_defaults(run=cmd_bench)
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -166,7 +153,6 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", type=int, help="stop (with a checkpoint) at this step of the schedule")
     p.add_argument("--seq-len", type=int, default=DataConfig(()).seq_len)
     _options(p, TrainConfig(), {"regime": REGIMES, "autocast": ("auto", "bf16", "off"), "draft_layout": DRAFT_LAYOUTS})
-    p.set_defaults(run=cmd_train)
 
 
 def _distill_parser(p: argparse.ArgumentParser) -> None:
@@ -183,7 +169,6 @@ def _distill_parser(p: argparse.ArgumentParser) -> None:
         default="mixed",
         help="mixed: stdlib questions and templated requests; magpie: requests the model writes itself",
     )
-    p.set_defaults(run=cmd_distill)
 
 
 def _export_adapter_parser(p: argparse.ArgumentParser) -> None:
@@ -191,14 +176,12 @@ def _export_adapter_parser(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("out", help="folder to write")
     p.add_argument("--adapter-dtype", choices=loading.DTYPES, default="bfloat16", help="dtype of the written weights")
-    p.set_defaults(run=cmd_export_adapter)
 
 
 def _eval_draft_parser(p: argparse.ArgumentParser) -> None:
     from tridlm.train import draft_eval
 
     _options(p, draft_eval.DraftOptions(), {"threshold": _threshold})
-    p.set_defaults(run=cmd_eval_draft)
 
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:
@@ -218,7 +201,7 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
         "--block-size", type=int, help="block size of requests that name none (default: per device and mode)"
     )
     _options(p, ServerConfig(), {"default_mode": MODES, "api_key": "append"}, skip=("defaults",))
-    p.set_defaults(run=cmd_serve, served_model_name=None)
+    p.set_defaults(served_model_name=None)
 
 
 COMMANDS = {  # name: (help, the function that adds its flags)
@@ -248,166 +231,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _open(args, **override):
-    from tridlm import loading
-
-    return _fill(loading.Source, args, **override).open()
-
-
-def _open_float(args, **override):
-    """For commands that train or measure the draft adapter: float weights (float32 unless --dtype says)."""
-    return _open(args, dtype=args.dtype or "float32", **override)
-
-
-def cmd_generate(args) -> None:
-    from tridlm.decode import GenerationConfig, generate
-    from tridlm.tokenizer import TextStream
-
-    cfg = _fill(GenerationConfig, args)
-    model, tok = _open(args)
-    ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
-    text = TextStream(tok, cfg.stop)
-    on_tokens = (lambda _, t: print(text.push(t), end="", flush=True)) if args.stream else None
-    state = generate(model, [ids], cfg, detokenize=tok.decode, on_tokens=on_tokens)
-    if args.stream:
-        print(text.push([], final=True))
-    elif args.json:
-        row = state.rows[0]
-        print(
-            json.dumps(
-                {
-                    "text": state.text(0),
-                    "tokens": row.tokens,
-                    "finish_reason": row.finish_reason,
-                    "prompt_tokens": len(ids),
-                    "accepted_lengths": row.accepted_lengths,
-                    "block_size": state.cfg.block_size,
-                    **state.stats(),
-                }
-            )
-        )
-    else:
-        print(state.text(0))
-
-
-def cmd_eval(args) -> None:
-    from tridlm import evaluate, loading
-    from tridlm.decode import GenerationConfig
-
-    gen, opts = _fill(GenerationConfig, args), _fill(evaluate.EvalOptions, args)
-    source = _fill(loading.Source, args)
-    model, tok = source.open()
-    precision = str(model.dtype).removeprefix("torch.") if source.dtype == "auto" else source.dtype
-    settings = evaluate.run_settings(
-        args.task, model, loading.model_name(args.model), precision, args.adapter, gen, opts.batch_size
-    )
-    result = evaluate.evaluate(model, tok, args.task, gen, opts, settings)
-    print(json.dumps(result) if args.json else evaluate.describe(result))
-
-
-def cmd_demo(args) -> None:
-    from tridlm import demo
-
-    demo.run(*_open(args), args.prompt, args.max_tokens, args.block_size)
-
-
-def cmd_convert(args) -> None:
-    from tridlm import loading
-
-    print(
-        loading.convert(
-            args.source,
-            args.output,
-            args.dtype,
-            args.mask_token,
-            args.add_mask_token,
-            args.block_size,
-            args.shard_gb,
-            args.force,
-        )
-    )
-
-
-def cmd_bench(args) -> None:
-    from tridlm import harness
-
-    opts = _fill(harness.Options, args)
-    harness.run_suite(*_open(args), opts, args.model, "tridlm " + " ".join(sys.argv[1:]))
-
-
-def cmd_train(args) -> None:
-    import torch
-
-    from tridlm.train.data import DataConfig
-    from tridlm.train.loop import TrainConfig, Trainer, distributed
-
-    cfg = _fill(TrainConfig, args)
-    with distributed(args.device):
-        torch.manual_seed(cfg.seed)
-        model, tok = _open_float(args)
-        trainer = Trainer(model, tok, DataConfig(tuple(args.data), seq_len=args.seq_len), cfg, Path(args.out))
-        result = trainer.train(until=args.until)
-        if trainer.rank == 0:
-            print(json.dumps({"step": trainer.step, **result}))
-
-
-def cmd_distill(args) -> None:
-    from tridlm.train import distill
-
-    model, tok = _open_float(args)
-    prompts = distill.prompts_from(args.source, model, tok, args.prompts, args.batch, args.seed)
-    count = distill.distill(model, tok, prompts, Path(args.out), args.batch, args.max_tokens)
-    print(json.dumps({"out": args.out, "records": count}))
-
-
-def cmd_export_adapter(args) -> None:
-    from tridlm import checkpoint, loading
-
-    checkpoint.save_adapter(_open_float(args)[0], Path(args.out), loading.DTYPES[args.adapter_dtype])
-    print(json.dumps({"out": args.out, "dtype": args.adapter_dtype}))
-
-
-def cmd_eval_draft(args) -> None:
-    from tridlm.train import draft_eval
-
-    opts = _fill(draft_eval.DraftOptions, args)
-    if opts.snapshots and args.adapter:
-        raise ValueError("--snapshots evaluates the bare model and each snapshot; leave out --adapter")
-    draft_eval.run_draft_eval(*_open_float(args, adapter="none" if opts.snapshots else args.adapter), opts)
-
-
-def cmd_serve(args) -> None:
-    import uvicorn
-
-    from tridlm import loading
-    from tridlm.decode import CostCurve, GenerationConfig
-    from tridlm.serve.app import create_app
-    from tridlm.serve.config import ServerConfig
-
-    keys = tuple(args.api_key) + (_key_file(args.api_key_file) if args.api_key_file else ())
-    config = _fill(
-        ServerConfig,
-        args,
-        served_model_name=args.served_model_name or loading.model_name(args.model),
-        defaults=GenerationConfig(block_size=args.block_size).validate(),
-        api_key=keys,
-    )
-    costs = CostCurve.load(args.cost_curve) if args.cost_curve else None
-    uvicorn.run(create_app(*_open(args), config, costs), host=config.host, port=config.port, log_level="info")
-
-
-def _key_file(path: str) -> tuple[str, ...]:
-    keys = tuple(k for line in Path(path).read_text().splitlines() if (k := line.split("#", 1)[0].strip()))
-    if not keys:
-        raise ValueError(f"{path}: no API key in it (one per line)")
-    return keys
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    from tridlm import commands
+
     try:
-        args.run(args)
+        commands.RUN[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tridlm: error: {e}", file=sys.stderr)
         sys.exit(2)

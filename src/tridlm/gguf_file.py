@@ -40,6 +40,33 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _config(reader, path: Path, arch: str, tokenizer: Tokenizer) -> ModelConfig:
+    """The model config a GGUF file's metadata describes."""
+
+    def meta(key):
+        if f"{arch}.{key}" not in reader.fields:
+            raise checkpoint.CheckpointError(f"{path}: missing GGUF field {arch}.{key}")
+        return reader.fields[f"{arch}.{key}"].contents()
+
+    n_heads, dim = meta("attention.head_count"), meta("embedding_length")
+    return ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        dim=dim,
+        n_layers=meta("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=meta("attention.head_count_kv"),
+        head_dim=dim // n_heads,
+        ffn_dim=meta("feed_forward_length"),
+        norm_eps=float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
+        rope=RopeConfig(theta=float(meta("rope.freq_base"))),
+        max_seq_len=meta("context_length"),
+        tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        bos_id=tokenizer.bos_id,
+        eos_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
+        mask_id=checkpoint.find_mask_token(tokenizer),
+    )
+
+
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native_int4: bool = False) -> tuple[TriModel, Tokenizer]:
     """A llama-architecture GGUF file as a model of our layout, with its tokenizer: every tensor
     dequantized to ``dtype``, or with ``native_int4`` the Q4_1 projections kept as their 4-bit codes
@@ -54,31 +81,9 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native_int4: bool 
     arch = reader.fields["general.architecture"].contents()
     if arch != "llama":
         raise checkpoint.CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
-
-    def meta(key):
-        if f"{arch}.{key}" not in reader.fields:
-            raise checkpoint.CheckpointError(f"{path}: missing GGUF field {arch}.{key}")
-        return reader.fields[f"{arch}.{key}"].contents()
-
     tokenizer = Tokenizer.from_gguf(reader)
-    n_heads, n_kv, dim = meta("attention.head_count"), meta("attention.head_count_kv"), meta("embedding_length")
-    names = {t.name for t in reader.tensors}
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        dim=dim,
-        n_layers=meta("block_count"),
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        head_dim=dim // n_heads,
-        ffn_dim=meta("feed_forward_length"),
-        norm_eps=float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
-        rope=RopeConfig(theta=float(meta("rope.freq_base"))),
-        max_seq_len=meta("context_length"),
-        tie_embeddings="output.weight" not in names,
-        bos_id=tokenizer.bos_id,
-        eos_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
-        mask_id=checkpoint.find_mask_token(tokenizer),
-    )
+    cfg = _config(reader, path, arch, tokenizer)
+    n_heads, n_kv = cfg.n_heads, cfg.n_kv_heads
     with torch.device("meta"):
         model = TriModel(cfg)
     if native_int4 and dtype != quant.ACTIVATIONS:

@@ -14,8 +14,6 @@ import dataclasses
 import datetime
 import itertools
 import json
-import platform
-import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from tridlm.decode.costs import latency_sweep, sync
 from tridlm.evaluate import HumanEval
 from tridlm.model import TriModel
 from tridlm.options import option
+from tridlm.reporting import fmt, machine, peak_mb, table
 from tridlm.tokenizer import Tokenizer
 
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
@@ -82,7 +81,7 @@ def grid(
                 spec_variant=v,
                 seed=0 if temp else None,
                 max_tokens=max_tokens,
-            ).validate()
+            )
             out.append(Setting("tridlm", gen, bs))
     return out
 
@@ -165,7 +164,7 @@ class Bench:
                 outs = self._run(s, self.prompts)
                 wall = time.perf_counter() - t
                 results[s.name]["walls"].append(wall)
-                results[s.name]["peak_mem_mb"] = _peak_mb(self.model.device)
+                results[s.name]["peak_mem_mb"] = peak_mb(self.model.device)
                 outputs[s.name] = outs
                 tokens = sum(len(o.tokens) for o in outs)
                 self.log(f"  repeat {rep + 1}/{self.repeats}  {s.name:<24} {tokens / wall:7.1f} tok/s")
@@ -206,7 +205,7 @@ class Bench:
             outs = self._run(s, prompts)
             passed = sum(task.score(p, self.tokenizer.decode(o.tokens)) for p, o in zip(problems, outs))
             out[s.name] = {"pass@1": passed / len(problems), "passed": passed, "tpf": decode_summary(outs)["tpf"]}
-            self.log(f"  humaneval {s.name:<24} {passed}/{len(problems)} passed, TPF {_fmt(out[s.name]['tpf'], '.2f')}")
+            self.log(f"  humaneval {s.name:<24} {passed}/{len(problems)} passed, TPF {fmt(out[s.name]['tpf'], '.2f')}")
         return out
 
 
@@ -260,67 +259,8 @@ def _describe(s: Setting) -> dict:
     }
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
-
-
-def _peak_mb(device) -> float:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS so far (Linux: KiB)
-
-
-def machine(model: TriModel) -> dict:
-    dev = torch.device(model.device)
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(dev)
-        if dev.type == "cuda"
-        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{torch.backends.cpu.get_cpu_capability()})",
-        "dtype": str(model.dtype).removeprefix("torch."),
-    }
-
-
-# ------------------------------------------------------------------------------------------- output
-
-
-def table(report: dict) -> str:
-    lines = [
-        f"{'setting':<24} {'tok/s':>7} {'(min-max)':>13} {'xAR':>5} {'xl.cpp':>6} {'TPF':>5} {'NFE':>5} "
-        f"{'TTFT ms':>8} {'ITL ms':>7} {'acc':>5} {'=AR':>5} {'gen ppl':>8}"
-    ]
-    f = _fmt
-    for name, r in report["results"].items():
-        spread = f"{r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}"
-        lines.append(
-            f"{name:<24} {r['tok_s']:>7.1f} {spread:>13} {f(r.get('speedup_vs_ar'), '.2f'):>5} "
-            f"{f(r.get('speedup_vs_llama.cpp'), '.2f'):>6} {f(r['tpf'], '.2f'):>5} {r['nfe']:>5} "
-            f"{f(r['ttft_ms'], '.0f'):>8} "
-            f"{f(r['itl_ms'], '.1f'):>7} {f(r['accepted_mean'], '.2f'):>5} "
-            f"{f(r.get('exact_match_vs_ar'), '.0%'):>5} {f(r['gen_ppl'], '.2f'):>8}"
-        )
-    if "humaneval" in report:
-        h = report["humaneval"]
-        lines.append(f"\nHumanEval pass@1 on the first {h['problems']} problems:")
-        lines += [
-            f"  {k:<24} {v['passed']}/{h['problems']} ({v['pass@1']:.0%}), TPF {f(v['tpf'], '.2f')}"
-            for k, v in h.items()
-            if isinstance(v, dict)
-        ]
-    if "sweep_ms" in report:
-        sw = report["sweep_ms"]
-        lines.append(
-            "\nforward of n new tokens over a 200-token cached prompt, ms (x n=1): "
-            + ", ".join(f"{n}: {ms:.1f} ({ms / sw[1]:.2f}x)" for n, ms in sw.items())
-        )
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ commands

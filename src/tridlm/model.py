@@ -41,54 +41,6 @@ class ModelConfig:
     mask_id: int | None = None
     block_size: int | None = None  # the block size the diffusion objective was trained with, when known
 
-    @staticmethod
-    def preset(name: str) -> ModelConfig:
-        """A named architecture (weights come separately)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-        return PRESETS[name]
-
-
-PRESETS = {
-    # Random-weight model for tests: small enough for thousands of forwards per second.
-    "tiny": ModelConfig(
-        vocab_size=64,
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        ffn_dim=128,
-        max_seq_len=512,
-        bos_id=1,
-        eos_ids=(2,),
-        mask_id=3,
-    ),
-    # Nemotron-Labs-Diffusion 3B shapes (yarn + Llama-4 query scaling), for timing without weights.
-    "nld-3b": ModelConfig(
-        vocab_size=131072,
-        dim=3072,
-        n_layers=26,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=128,
-        ffn_dim=9216,
-        rope=RopeConfig(
-            theta=1e6,
-            type="yarn",
-            factor=16.0,
-            original_max_position_embeddings=16384,
-            mscale=1.0,
-            mscale_all_dim=1.0,
-            llama_4_scaling_beta=0.1,
-        ),
-        max_seq_len=262144,
-        bos_id=1,
-        eos_ids=(11,),
-        mask_id=100,
-    ),
-}
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -328,15 +280,3 @@ class TriModel(nn.Module):
         the next inference forward that uses them rebuilds their grouped kernel form (``LoraGroup``) from them.
         Training forwards read each projection's own adapter and need no call."""
         self._adapters_stale = True
-
-
-def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> TriModel:
-    """A model with seeded random weights (tests and timing)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = TriModel(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                continue
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model.eval()

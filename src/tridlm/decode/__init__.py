@@ -58,7 +58,7 @@ def stream(
     (``state.rows``, ``state.stats()``). ``history``: earlier answers that ``auto`` and pipelined spec draft
     from (with lookup on); every finished decode adds its answers to it, in any mode.
     """
-    cfg = cfg.validate().resolve(model)
+    cfg = cfg.resolve(model)
     state = state or DecodeState(len(prompts), cfg, _eos(model, eos_ids), detokenize)
     state.cfg = cfg
     generator = None
@@ -101,7 +101,7 @@ def generate(
     """Decode to the end; the returned state holds each row's tokens and the call's stats.
     ``on_tokens(row, tokens)`` sees each row's tokens as they are committed; ``history`` and ``costs`` as in
     ``stream``."""
-    state = DecodeState(len(prompts), cfg.validate(), _eos(model, eos_ids), detokenize)
+    state = DecodeState(len(prompts), cfg, _eos(model, eos_ids), detokenize)
     for chunk in stream(model, prompts, cfg, state=state, history=history, costs=costs):
         for row, tokens in chunk if on_tokens else ():
             on_tokens(row, tokens)

@@ -15,7 +15,8 @@ SPEC_VARIANTS = ("linear", "quadratic", "pipelined")
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding knobs of one request (SPEC 3.5). ``validate`` rejects anything out of range."""
+    """Decoding knobs of one request (SPEC 3.5), immutable and valid from construction: anything out of range
+    raises ValueError naming the field. ``resolve`` fills in a model's defaults."""
 
     mode: str = option(
         "ar",
@@ -39,6 +40,9 @@ class GenerationConfig:
     seed: int | None = option(None, "seeds the sampling generator")
     max_tokens: int = option(256, "generated tokens at most (exactly, even when a block commits more)")
     stop: tuple[str, ...] = option((), "stop string (repeatable)")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> GenerationConfig:
         def bad(name, why):
@@ -102,4 +106,4 @@ class GenerationConfig:
         return Sampler(self.temperature, self.top_k, self.top_p)
 
     def replace(self, **changes) -> GenerationConfig:
-        return dataclasses.replace(self, **changes).validate()
+        return dataclasses.replace(self, **changes)

@@ -5,13 +5,20 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tridlm.decode.state import Row
+from typing import Protocol
 
 
-def summarize(rows: Sequence[Row], wall_s: float | None = None) -> dict:
+class Counted(Protocol):
+    """What the counts read of a row (``state.Row``)."""
+
+    tokens: list[int]
+    nfe: int
+    accepted_lengths: list[int]
+    first_token_s: float | None
+    last_token_s: float | None
+
+
+def summarize(rows: Sequence[Counted], wall_s: float | None = None) -> dict:
     """The counts of SPEC 2 over finished rows, computed here only (API, CLI, bench, HTTP usage, metrics).
 
     NFE counts, per row, the forwards after the prefill while that row was unfinished, summed over rows

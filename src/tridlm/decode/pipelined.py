@@ -129,6 +129,25 @@ def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) ->
     return Planner(cfg.block_size)
 
 
+def _candidates(
+    lookups: list[NGramIndex] | None, history: AnswerHistory | None, state: DecodeState, live: list[int], room: int
+) -> dict[str, list[list[int]]]:
+    """Each row's continuation found in its own text (or in earlier answers, where those match the tail for
+    longer), keyed by source and match length (the first live row's: a batch shares one plan); empty when
+    lookup is off or nothing matches."""
+    if not lookups:
+        return {}
+    for lk, row in zip(lookups, state.rows):  # the tokens the last cycle committed
+        lk.extend(row.tokens[len(lk.tokens) - len(row.prompt) :])
+    found, source = [lk.propose(room) for lk in lookups], "lookup"
+    if history is not None:
+        earlier = [history.follow(lk.tokens, room) for lk in lookups]
+        if _match_length(earlier, live) > _match_length(found, live):
+            found, source = earlier, "history"
+    n = _match_length(found, live)
+    return {f"{source}{n}": [c for _, c in found]} if n else {}
+
+
 def pipelined(
     model: TriModel,
     cache: KVCache,
@@ -150,18 +169,7 @@ def pipelined(
     carried_q: list[torch.Tensor | None] = [None] * rows  # their distributions (sampling only)
     while not state.all_done:
         live = [i for i, r in enumerate(state.rows) if not r.done]
-        proposals = {"draft": carried}
-        if lookups:
-            for lk, row in zip(lookups, state.rows):  # the tokens the last cycle committed
-                lk.extend(row.tokens[len(lk.tokens) - len(row.prompt) :])
-            found, source = [lk.propose(room) for lk in lookups], "lookup"
-            if history is not None:  # earlier answers, where they match the tail for longer than the text does
-                earlier = [history.follow(lk.tokens, room) for lk in lookups]
-                if _match_length(earlier, live) > _match_length(found, live):
-                    found, source = earlier, "history"
-            # Acceptance is kept per source and match length (the first live row's: a batch shares one plan).
-            if n := _match_length(found, live):
-                proposals = {f"{source}{n}": [c for _, c in found], **proposals}
+        proposals = {**_candidates(lookups, history, state, live, room), "draft": carried}
         plan = planner.plan({s: max(len(c[i]) for i in live) for s, c in proposals.items()}, acc, len(live))
         if not plan.verify and not plan.drafts:  # a plain AR step, without verification's bookkeeping
             pending = ar_step(model, cache, pending, state, generator, _no_drafts)

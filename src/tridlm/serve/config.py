@@ -73,7 +73,6 @@ class ServerConfig:
             raise ValueError(f"invalid answer_history={self.answer_history}: expected a token count >= 0")
         if self.default_mode not in MODES:
             raise ValueError(f"invalid default_mode={self.default_mode!r}: expected one of {', '.join(MODES)}")
-        self.defaults.validate()
         return self
 
     @property

@@ -23,230 +23,16 @@ from tridlm.decode import GenerationConfig, generate
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
-MODULES = (
-    "os",
-    "os.path",
-    "re",
-    "json",
-    "math",
-    "random",
-    "string",
-    "itertools",
-    "functools",
-    "collections",
-    "datetime",
-    "pathlib",
-    "shutil",
-    "subprocess",
-    "statistics",
-    "textwrap",
-    "heapq",
-    "bisect",
-    "csv",
-    "hashlib",
-    "time",
-    "urllib.parse",
-    "base64",
-    "copy",
-    "glob",
-    "fnmatch",
-    "difflib",
-    "operator",
-)
-TEMPLATES = (
-    "Explain what the Python function {name} does and give a short example.",
-    "How do I use {name} in Python?",
-    "What does {name} return? Answer briefly.",
-    "Write a small Python snippet that uses {name}.",
-)
 
-
-TOPICS = (
-    "photosynthesis",
-    "black holes",
-    "plate tectonics",
-    "the water cycle",
-    "vaccines",
-    "climate change",
-    "the French Revolution",
-    "the Roman Empire",
-    "the Industrial Revolution",
-    "the printing press",
-    "the Cold War",
-    "ancient Egypt",
-    "the Renaissance",
-    "democracy",
-    "supply and demand",
-    "compound interest",
-    "the stock market",
-    "budgeting",
-    "renewable energy",
-    "electric cars",
-    "recycling",
-    "coral reefs",
-    "honeybees",
-    "volcanoes",
-    "earthquakes",
-    "hurricanes",
-    "the moon",
-    "Mars",
-    "gravity",
-    "electricity",
-    "magnetism",
-    "atoms",
-    "DNA",
-    "evolution",
-    "the immune system",
-    "sleep",
-    "meditation",
-    "running",
-    "healthy breakfasts",
-    "drinking enough water",
-    "learning a new language",
-    "public speaking",
-    "time management",
-    "remote work",
-    "job interviews",
-    "writing a resume",
-    "saving money",
-    "gardening",
-    "houseplants",
-    "baking bread",
-    "making pasta",
-    "brewing coffee",
-    "green tea",
-    "chocolate",
-    "cheese",
-    "vegetarian cooking",
-    "camping",
-    "hiking",
-    "traveling on a budget",
-    "photography",
-    "painting",
-    "playing the guitar",
-    "learning piano",
-    "chess",
-    "soccer",
-    "basketball",
-    "the Olympic Games",
-    "Shakespeare",
-    "poetry",
-    "science fiction",
-    "fairy tales",
-    "libraries",
-    "museums",
-    "friendship",
-    "kindness",
-    "rainy days",
-    "the ocean",
-    "mountains",
-    "deserts",
-    "rivers",
-    "forests",
-    "winter",
-    "spring",
-    "cats",
-    "dogs",
-    "owls",
-    "dolphins",
-    "elephants",
-    "penguins",
-    "the internet",
-    "email etiquette",
-    "passwords",
-    "encryption",
-    "open source software",
-    "version control with git",
-    "unit testing",
-    "recursion",
-    "binary search",
-    "sorting algorithms",
-    "hash tables",
-    "linked lists",
-    "binary trees",
-    "graphs",
-    "dynamic programming",
-    "big O notation",
-    "databases",
-    "SQL joins",
-    "REST APIs",
-    "JSON",
-    "HTML and CSS",
-    "JavaScript promises",
-    "Python decorators",
-    "Python generators",
-    "list comprehensions",
-    "object-oriented programming",
-    "functional programming",
-    "operating systems",
-    "compilers",
-    "computer memory",
-    "cloud computing",
-    "machine learning",
-    "neural networks",
-    "statistics",
-    "probability",
-    "prime numbers",
-    "fractions",
-    "the Pythagorean theorem",
-    "calculus",
-    "maps",
-    "the metric system",
-    "time zones",
-    "calendars",
-    "bicycles",
-    "trains",
-    "airplanes",
-    "bridges",
-)
-TOPIC_TEMPLATES = (
-    "Explain {x} in simple terms.",
-    "Give me three interesting facts about {x}.",
-    "Write a short paragraph about {x}.",
-    "What are the advantages and disadvantages of {x}?",
-    "Write a four-line poem about {x}.",
-    "How would you explain {x} to a ten-year-old?",
-    "What are common misconceptions about {x}?",
-    "Give me a short list of tips related to {x}.",
-)
-TASKS = (
-    "reverses a string",
-    "counts the vowels in a string",
-    "returns the largest number in a list",
-    "removes duplicates from a list while keeping order",
-    "checks whether a number is prime",
-    "computes the factorial of a number",
-    "returns the n-th Fibonacci number",
-    "merges two sorted lists",
-    "flattens a nested list",
-    "counts word frequencies in a text",
-    "converts Celsius to Fahrenheit",
-    "checks whether two strings are anagrams",
-    "finds the second smallest element of a list",
-    "reads a CSV file and prints each row",
-    "computes the average of a list of numbers",
-    "capitalizes the first letter of each word",
-    "rotates a list by k positions",
-    "finds the greatest common divisor of two numbers",
-    "checks whether a year is a leap year",
-    "transposes a matrix",
-    "groups a list of words by their first letter",
-    "validates an email address",
-    "sums the digits of an integer",
-    "returns the intersection of two lists",
-    "sorts a dictionary by value",
-)
-TASK_TEMPLATES = (
-    "Write a Python function that {x}.",
-    "Write a JavaScript function that {x}.",
-    "Describe step by step how to write a program that {x}.",
-)
+def _templates() -> dict:
+    """The lists the ``mixed`` source crosses: stdlib modules, topics and tasks with their templates."""
+    return json.loads((resources.files("tridlm") / "prompts" / "distill.json").read_text())
 
 
 def stdlib_prompts(n: int, seed: int = 0) -> list[str]:
     """n distinct questions about public standard-library functions, in a seeded order."""
-    names = []
-    for mod in MODULES:
+    data, names = _templates(), []
+    for mod in data["stdlib_modules"]:
         module = importlib.import_module(mod)
         names += [
             f"{mod}.{k}"
@@ -254,15 +40,16 @@ def stdlib_prompts(n: int, seed: int = 0) -> list[str]:
             if not k.startswith("_") and (inspect.isfunction(v) or inspect.isbuiltin(v))
         ]
     rng = random.Random(seed)
-    questions = [t.format(name=name) for name in sorted(set(names)) for t in TEMPLATES]
+    questions = [t.format(name=name) for name in sorted(set(names)) for t in data["stdlib_templates"]]
     rng.shuffle(questions)
     return questions[:n]
 
 
 def general_prompts(n: int, seed: int = 0) -> list[str]:
     """n distinct general chat requests (topic and programming-task templates), in a seeded order."""
-    questions = [t.format(x=x) for x in TOPICS for t in TOPIC_TEMPLATES]
-    questions += [t.format(x=x) for x in TASKS for t in TASK_TEMPLATES]
+    data = _templates()
+    questions = [t.format(x=x) for x in data["topics"] for t in data["topic_templates"]]
+    questions += [t.format(x=x) for x in data["tasks"] for t in data["task_templates"]]
     random.Random(seed).shuffle(questions)
     return questions[:n]
 

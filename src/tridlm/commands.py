@@ -1,0 +1,188 @@
+"""What each command does, given its parsed arguments (an ``argparse.Namespace``): one function per command,
+found by name in ``RUN``. The flags are built in ``cli``.
+
+Each function imports what it needs when it runs, so ``tridlm serve`` never loads the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _fill(cls, args, **extra):
+    """A config dataclass from the parsed arguments of the same names (lists become tuples)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**{**values, **extra}).validate()
+
+
+def _open(args, **override):
+    from tridlm import loading
+
+    return _fill(loading.Source, args, **override).open()
+
+
+def _open_float(args, **override):
+    """For commands that train or measure the draft adapter: float weights (float32 unless --dtype says)."""
+    return _open(args, dtype=args.dtype or "float32", **override)
+
+
+def generate(args) -> None:
+    from tridlm.decode import GenerationConfig, generate
+    from tridlm.tokenizer import TextStream
+
+    cfg = _fill(GenerationConfig, args)
+    model, tok = _open(args)
+    ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+    text = TextStream(tok, cfg.stop)
+    on_tokens = (lambda _, t: print(text.push(t), end="", flush=True)) if args.stream else None
+    state = generate(model, [ids], cfg, detokenize=tok.decode, on_tokens=on_tokens)
+    if args.stream:
+        print(text.push([], final=True))
+    elif args.json:
+        row = state.rows[0]
+        print(
+            json.dumps(
+                {
+                    "text": state.text(0),
+                    "tokens": row.tokens,
+                    "finish_reason": row.finish_reason,
+                    "prompt_tokens": len(ids),
+                    "accepted_lengths": row.accepted_lengths,
+                    "block_size": state.cfg.block_size,
+                    **state.stats(),
+                }
+            )
+        )
+    else:
+        print(state.text(0))
+
+
+def eval_task(args) -> None:
+    from tridlm import evaluate, loading
+    from tridlm.decode import GenerationConfig
+
+    gen, opts = _fill(GenerationConfig, args), _fill(evaluate.EvalOptions, args)
+    source = _fill(loading.Source, args)
+    model, tok = source.open()
+    precision = str(model.dtype).removeprefix("torch.") if source.dtype == "auto" else source.dtype
+    settings = evaluate.run_settings(
+        args.task, model, loading.model_name(args.model), precision, args.adapter, gen, opts.batch_size
+    )
+    result = evaluate.evaluate(model, tok, args.task, gen, opts, settings)
+    print(json.dumps(result) if args.json else evaluate.describe(result))
+
+
+def demo(args) -> None:
+    from tridlm import demo
+
+    demo.run(*_open(args), args.prompt, args.max_tokens, args.block_size)
+
+
+def convert(args) -> None:
+    from tridlm import loading
+
+    print(
+        loading.convert(
+            args.source,
+            args.output,
+            args.dtype,
+            args.mask_token,
+            args.add_mask_token,
+            args.block_size,
+            args.shard_gb,
+            args.force,
+        )
+    )
+
+
+def bench(args) -> None:
+    from tridlm import harness
+
+    opts = _fill(harness.Options, args)
+    harness.run_suite(*_open(args), opts, args.model, "tridlm " + " ".join(sys.argv[1:]))
+
+
+def train(args) -> None:
+    import torch
+
+    from tridlm.train.data import DataConfig
+    from tridlm.train.loop import TrainConfig, Trainer, distributed
+
+    cfg = _fill(TrainConfig, args)
+    with distributed(args.device):
+        torch.manual_seed(cfg.seed)
+        model, tok = _open_float(args)
+        trainer = Trainer(model, tok, DataConfig(tuple(args.data), seq_len=args.seq_len), cfg, Path(args.out))
+        result = trainer.train(until=args.until)
+        if trainer.rank == 0:
+            print(json.dumps({"step": trainer.step, **result}))
+
+
+def distill(args) -> None:
+    from tridlm.train import distill
+
+    model, tok = _open_float(args)
+    prompts = distill.prompts_from(args.source, model, tok, args.prompts, args.batch, args.seed)
+    count = distill.distill(model, tok, prompts, Path(args.out), args.batch, args.max_tokens)
+    print(json.dumps({"out": args.out, "records": count}))
+
+
+def export_adapter(args) -> None:
+    from tridlm import checkpoint, loading
+
+    checkpoint.save_adapter(_open_float(args)[0], Path(args.out), loading.DTYPES[args.adapter_dtype])
+    print(json.dumps({"out": args.out, "dtype": args.adapter_dtype}))
+
+
+def eval_draft(args) -> None:
+    from tridlm.train import draft_eval
+
+    opts = _fill(draft_eval.DraftOptions, args)
+    if opts.snapshots and args.adapter:
+        raise ValueError("--snapshots evaluates the bare model and each snapshot; leave out --adapter")
+    draft_eval.run_draft_eval(*_open_float(args, adapter="none" if opts.snapshots else args.adapter), opts)
+
+
+def serve(args) -> None:
+    import uvicorn
+
+    from tridlm import loading
+    from tridlm.decode import CostCurve, GenerationConfig
+    from tridlm.serve.app import create_app
+    from tridlm.serve.config import ServerConfig
+
+    keys = tuple(args.api_key) + (read_key_file(args.api_key_file) if args.api_key_file else ())
+    config = _fill(
+        ServerConfig,
+        args,
+        served_model_name=args.served_model_name or loading.model_name(args.model),
+        defaults=GenerationConfig(block_size=args.block_size),
+        api_key=keys,
+    )
+    costs = CostCurve.load(args.cost_curve) if args.cost_curve else None
+    uvicorn.run(create_app(*_open(args), config, costs), host=config.host, port=config.port, log_level="info")
+
+
+def read_key_file(path: str) -> tuple[str, ...]:
+    keys = tuple(k for line in Path(path).read_text().splitlines() if (k := line.split("#", 1)[0].strip()))
+    if not keys:
+        raise ValueError(f"{path}: no API key in it (one per line)")
+    return keys
+
+
+RUN = {
+    "generate": generate,
+    "eval": eval_task,
+    "demo": demo,
+    "convert": convert,
+    "bench": bench,
+    "train": train,
+    "distill": distill,
+    "export-adapter": export_adapter,
+    "eval-draft": eval_draft,
+    "serve": serve,
+}
