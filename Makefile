@@ -54,15 +54,15 @@ bench: setup $(LLAMACPP)
 	$(BIN)/tridlm bench --dtype float32 --block-sizes 4,8 --repeats 2 --humaneval 6 --out bench/results
 	$(BIN)/python bench/spec_ablation.py --out bench/results
 
-# Task scores of every mode and precision (HumanEval 164, GSM8K 100; README "Quality"; HumanEval runs the
+# Task scores of every mode and precision (HumanEval 164, GSM8K 100; README "Task scores"; HumanEval runs the
 # model's code, in tridlm.sandbox, hence --allow-code-execution): writes
 # bench/results/eval-<task>.json and eval-frontier.png; each run resumes from bench/results/eval-runs/.
 eval: setup
 	$(BIN)/python bench/eval_table.py --allow-code-execution
 
 # The shipped draft adapter (src/tridlm/adapters/): self-distilled chat data, adapter training, export in
-# bfloat16, held-out evaluation and the acceptance curve. Sizes and how the shipped file was made: README,
-# "The default draft adapter"; rerunning resumes where a killed run stopped.
+# bfloat16, held-out evaluation and the acceptance curve. Sizes and how the shipped file was made:
+# docs/draft-adapter.md; rerunning resumes where a killed run stopped.
 draft-adapter: setup
 	bench/draft_adapter.sh
 

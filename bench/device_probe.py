@@ -2,8 +2,8 @@
 shapes, time batched greedy generation (what `tridlm distill` does) and the adapter regime's training step
 (noise + cached-context diffusion loss + backward + AdamW, bf16 autocast where the device has it).
 
-Prints one JSON object (also written to --out). The README's H100 numbers came from the same measurements
-in an earlier, hard-coded form of this script.
+Prints one JSON object (also written to --out). The H100 numbers in docs/draft-adapter.md came from the same
+measurements in an earlier, hard-coded form of this script.
 Usage: python bench/device_probe.py [--device cuda] [--out probe.json]
 """
 

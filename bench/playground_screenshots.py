@@ -1,4 +1,4 @@
-"""Screenshots of the browser playground in every mode, for the README: starts `tridlm serve` on the default
+"""Screenshots of the browser playground in every mode, for docs/serving.md: starts `tridlm serve` on the default
 model, drives the page in headless Chromium (Debian's chromium package, through playwright), and writes
 OUT/<mode>.png after the reply, the replay slider set to the last step that shows the mode at work.
 

@@ -2,16 +2,22 @@
 alternating, on the packaged chat prompts (default model, greedy). With tracing off a decoder only checks
 one flag per step and row.
 
-    .venv/bin/python bench/trace_cost.py [--dtype int4] [--repeats 3]
+    .venv/bin/python bench/trace_cost.py [--dtype int4] [--repeats 3] [--out bench/results]
+
+writes <out>/trace-cost-<date>.json (the tok/s of every repeat, the machine and the command).
 """
 
 import argparse
+import datetime
+import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from tridlm import harness
+from tridlm import harness, reporting
 from tridlm.decode import DecodeState, GenerationConfig, stream
 from tridlm.loading import open_model
 
@@ -36,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="int4")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model, tok = open_model(dtype=args.dtype)
@@ -46,9 +53,15 @@ def main() -> None:
             for name, cfg in SETTINGS.items():
                 speed.setdefault((name, trace), []).append(run(model, prompts, cfg, trace))
     print(f"| mode ({args.dtype}) | trace off tok/s | trace on tok/s | on / off |\n|---|---|---|---|")
+    rows = {}
     for name in SETTINGS:
         off, on = statistics.median(speed[name, False]), statistics.median(speed[name, True])
+        rows[name] = {"off_tok_s": speed[name, False], "on_tok_s": speed[name, True], "on_over_off": on / off}
         print(f"| {name} | {off:.1f} | {on:.1f} | {on / off:.3f} |")
+    out = Path(args.out) / f"trace-cost-{datetime.date.today().isoformat()}.json"
+    report = {"command": " ".join(["python", *sys.argv]), "machine": reporting.machine(model), "results": rows}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
