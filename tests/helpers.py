@@ -40,6 +40,7 @@ def running(model, tokenizer, costs: CostCurve = COSTS, **config):
     while not server.started:
         assert time.time() < deadline, "server did not start"
         time.sleep(0.02)
+    assert app.state.worker.ready.wait(20), "the model worker did not get ready"
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

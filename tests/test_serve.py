@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -12,7 +13,8 @@ import pytest
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-from helpers import TEMPLATE, Wrapped, running  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from helpers import COSTS, TEMPLATE, Wrapped, running  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -345,3 +347,106 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"metric {name} not found")
+
+
+LOCAL = "http://127.0.0.1"  # a Host header the loopback server accepts
+
+
+class Gated(Wrapped):
+    """A model whose forwards wait for ``gate`` (or raise ``error``), recording the thread each runs on."""
+
+    def __init__(self, inner, error: Exception | None = None):
+        super().__init__(inner)
+        self.gate, self.error, self.threads = threading.Event(), error, set()
+
+    def forward(self, *args, **kwargs):
+        self.threads.add(threading.get_ident())
+        if self.error is not None:
+            raise self.error
+        self.gate.wait(20)
+        return super().forward(*args, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the dead worker's thread
+def test_health_is_ok_only_once_the_worker_is_warm_and_error_when_it_died(tiny_model, chat_tokenizer):
+    from tridlm.serve.app import create_app
+
+    model = Gated(tiny_model)
+    app = create_app(model, chat_tokenizer, ServerConfig(served_model_name="tiny"), costs=COSTS)
+    with TestClient(
+        app, base_url=LOCAL
+    ) as http:  # the app's lifespan starts the worker, whose first forward waits for the gate
+        r = http.get("/health")
+        assert (r.status_code, r.json()["status"]) == (503, "loading")
+        model.gate.set()
+        assert app.state.worker.ready.wait(20)
+        assert http.get("/health").json()["status"] == "ok"
+    dead = create_app(Gated(tiny_model, RuntimeError("no memory")), chat_tokenizer, ServerConfig(), costs=COSTS)
+    with TestClient(dead, base_url=LOCAL) as http:
+        dead.state.worker._thread.join(20)
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "error", "error": "RuntimeError: no memory"}
+
+
+def test_a_request_past_the_time_limit_ends_with_length_and_says_why(tiny_model, chat_tokenizer):
+    with running(Wrapped(tiny_model, 0.02), chat_tokenizer, time_limit_s=0.3) as url:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "temperature": 0}
+        out = httpx.post(url + "/v1/completions", json=body, timeout=30).json()
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert out["choices"][0]["tridlm_finish"] == "time_limit"
+        assert 0 < out["usage"]["completion_tokens"] < 200
+        lines = [
+            json.loads(x[6:])
+            for x in httpx.post(url + "/v1/completions", json={**body, "stream": True}, timeout=30).text.splitlines()
+            if x.startswith("data: {")
+        ]
+        assert lines[-1]["choices"][0]["tridlm_finish"] == "time_limit"
+        short = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 3}, timeout=30).json()
+        assert short["choices"][0]["finish_reason"] == "length" and "tridlm_finish" not in short["choices"][0]
+
+
+def test_serve_decodes_on_the_thread_that_calls_it(tiny_model, chat_tokenizer):
+    """``tridlm serve`` runs the model on the thread that loaded it, HTTP on another (libgomp lets a second
+    thread's OpenMP team sleep between parallel regions: half speed on 2 cores; see serve/worker.py)."""
+    import socket
+
+    from tridlm.serve import app as served
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model, seen = Wrapped(tiny_model), {}
+    model.forward = lambda *a, _f=model.forward, **k: (seen.setdefault(threading.get_ident(), 0), _f(*a, **k))[1]
+    config = ServerConfig(served_model_name="tiny", port=port, max_queue=8)
+    captured = {}
+
+    def client():
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        captured["answer"] = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 5}).json()
+        captured["worker"].stop()
+
+    original = served.create_app
+
+    def create_app(*args, **kwargs):  # hands the test the worker, to stop it
+        app = original(*args, **kwargs)
+        captured["worker"] = app.state.worker
+        return app
+
+    served.create_app = create_app
+    try:
+        helper = threading.Thread(target=client)
+        helper.start()
+        served.serve(model, chat_tokenizer, config, COSTS)
+        helper.join(30)
+    finally:
+        served.create_app = original
+    assert captured["answer"]["usage"]["completion_tokens"] == 5
+    assert set(seen) == {threading.get_ident()}

@@ -35,6 +35,15 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows start..stop of this one, sharing its buffers; its committed lengths are a copy
+        (``lengths[start:stop] = view.lengths`` takes them back)."""
+        view = KVCache.__new__(KVCache)
+        view.static, view.max_len = self.static, self.max_len
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.lengths = self.lengths[start:stop].clone()
+        return view
+
     def prefix(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the first ``length`` slots of one layer, (B, KV, length, D) each."""
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]

@@ -148,11 +148,9 @@ def eval_draft(args) -> None:
 
 
 def serve(args) -> None:
-    import uvicorn
-
     from tridlm import loading
     from tridlm.decode import CostCurve, GenerationConfig
-    from tridlm.serve.app import create_app
+    from tridlm.serve import app
     from tridlm.serve.config import ServerConfig
 
     keys = tuple(args.api_key) + (read_key_file(args.api_key_file) if args.api_key_file else ())
@@ -164,7 +162,7 @@ def serve(args) -> None:
         api_key=keys,
     )
     costs = CostCurve.load(args.cost_curve) if args.cost_curve else None
-    uvicorn.run(create_app(*_open(args), config, costs), host=config.host, port=config.port, log_level="info")
+    app.serve(*_open(args), config, costs)
 
 
 def read_key_file(path: str) -> tuple[str, ...]:

@@ -67,17 +67,22 @@ def masked_block(pending: torch.Tensor, n: int, mask_id: int | None) -> torch.Te
 
 def prefill(model: TriModel, prompts: Sequence[Sequence[int]], max_len: int) -> tuple[KVCache, torch.Tensor]:
     """One causal forward of the (right-padded) prompts; returns the cache and last logits (B, V)."""
+    cache = model.new_cache(len(prompts), max_len)
+    return cache, prefill_into(model, cache, prompts)
+
+
+def prefill_into(model: TriModel, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``prefill`` into an empty cache of the prompts' rows; returns the last logits (B, V)."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: at least one token is needed")
     lengths = torch.tensor([len(p) for p in prompts], device=model.device)
     width = int(lengths.max())
-    if width >= max_len:
-        raise ValueError(f"prompt of {width} tokens leaves no room in a context of {max_len}")
+    if width >= cache.max_len:
+        raise ValueError(f"prompt of {width} tokens leaves no room in a context of {cache.max_len}")
     # Padding slots hold arbitrary tokens: no real query attends to them, and crop discards their KV.
     tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=model.device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
-    cache = model.new_cache(len(prompts), max_len)
     logits = forward_block(model, cache, tokens, masks.causal, write=True, logits_index=(lengths - 1)[:, None])
     cache.crop(lengths)
-    return cache, logits[:, 0]
+    return logits[:, 0]

@@ -22,7 +22,7 @@ class Row:
     stop: tuple[str, ...] = ()
     prompt: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | "cancelled" | "time_limit"
     nfe: int = 0  # forwards after prefill while this row was unfinished
     accepted_lengths: list[int] = field(default_factory=list)  # spec: tokens emitted per cycle
     first_token_s: float | None = None
@@ -99,10 +99,11 @@ class DecodeState:
         tail = self.detokenize(row.tokens[-window:])
         return any(s in tail for s in row.stop)
 
-    def cancel(self, i: int) -> None:
-        """Stop row i now (its client went away); the batch goes on without it."""
+    def cancel(self, i: int, reason: str = "cancelled") -> None:
+        """Stop row i now (its client went away: "cancelled"; a server's time limit: "time_limit"); the batch goes
+        on without it."""
         if not self.rows[i].done:
-            self.rows[i].finish_reason = "cancelled"
+            self.rows[i].finish_reason = reason
 
     def note(self, i: int, event: dict) -> None:
         """Record a step's event for row i while it is unfinished (callers check ``trace`` first, so an

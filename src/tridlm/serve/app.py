@@ -9,6 +9,8 @@ which the worker batches across them (best throughput).
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -18,10 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tridlm.decode import CostCurve, GenerationConfig
+from tridlm.decode import CostCurve
 from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig
-from tridlm.serve.guard import Gate, read_json
+from tridlm.serve.guard import Gate, make_config, read_json
 from tridlm.serve.metrics import Finisher, Metrics
 from tridlm.serve.protocol import (
     APIError,
@@ -29,10 +31,10 @@ from tridlm.serve.protocol import (
     CompletionRequest,
     choice,
     delta_choice,
+    ending,
     envelope,
     event,
     new_id,
-    reason,
     usage_of,
 )
 from tridlm.serve.worker import Job, QueueFull, Worker
@@ -118,7 +120,15 @@ class Server:
         cfg = make_config(body, ids, mode, self.model, self.config, fallback=mode != requested)
         if body.tridlm_trace and not body.stream:
             raise APIError(400, "tridlm_trace needs stream: true", "tridlm_trace")
-        job = Job([ids] * body.n, cfg, asyncio.get_running_loop(), trace=body.tridlm_trace, tenant=request.state.tenant)
+        job = Job(
+            [ids] * body.n,
+            cfg,
+            asyncio.get_running_loop(),
+            stream=body.stream,
+            trace=body.tridlm_trace,
+            tenant=request.state.tenant,
+            time_limit_s=self.config.time_limit_s,
+        )
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -142,7 +152,7 @@ class Server:
             job.cancelled.set()  # no-op when finished; frees the rows if the client went away
         finish(rows)
         texts = await asyncio.to_thread(lambda: [cut(self.tokenizer, r.tokens, cfg.stop) for r in rows])
-        choices = [choice(kind, i, text, reason(r)) for i, (text, r) in enumerate(zip(texts, rows))]
+        choices = [choice(kind, i, text, ending(r)) for i, (text, r) in enumerate(zip(texts, rows))]
         return envelope(kind, rid, self.config.served_model_name, choices, usage_of(len(ids), rows, mode))
 
     async def sse(self, job: Job, ids, kind, rid, include_usage, finish) -> AsyncIterator[str]:
@@ -164,15 +174,15 @@ class Server:
                 if item[0] == "trace":
                     yield event({**envelope(chunk_kind, rid, name, []), "tridlm_trace": self.trace(*item[1:])})
                     continue
-                if item[0] == "tokens":  # detokenized and checked for stop strings off the event loop
-                    if delta := await asyncio.to_thread(texts[item[1]].push, item[2]):
-                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, item[1], delta, None)]))
+                if item[0] == "tokens":
+                    if delta := await detokenize(texts[item[1]], item[2]):
+                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, item[1], delta)]))
                     continue
                 if item[0] == "done":
                     rows = item[1]
                     for i, r in enumerate(rows):
-                        tail = await asyncio.to_thread(texts[i].push, [], final=True)
-                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, tail, reason(r))]))
+                        tail = await detokenize(texts[i], [], final=True)
+                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, tail, ending(r))]))
                     if include_usage:
                         yield event(envelope(chunk_kind, rid, name, [], usage_of(len(ids), rows, job.cfg.mode)))
                     finish(rows)
@@ -194,16 +204,50 @@ class Server:
         return {"index": index, "events": events, "pieces": {str(t): self.tokenizer.decode([t]) for t in sorted(ids)}}
 
 
+def serve(model: TriModel, tokenizer: Tokenizer, config: ServerConfig, costs: CostCurve | None = None) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM): HTTP on a thread of its own, the model's worker on this one,
+    the thread that loaded the model (``tridlm.serve.worker`` says why that matters)."""
+    import uvicorn
+
+    app = create_app(model, tokenizer, config, costs, worker_thread=False)
+    http = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info"))
+
+    def run_http():
+        try:
+            http.run()
+        finally:  # the server stopped, or could not start (a port in use): the worker ends too
+            app.state.worker.stop()
+
+    thread = threading.Thread(target=run_http, name="tridlm-http", daemon=True)
+    # uvicorn installs its signal handlers on the main thread only: SIGTERM ends the worker as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    thread.start()
+    try:
+        app.state.worker.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        http.should_exit = True
+        thread.join(timeout=30)
+
+
 def create_app(
-    model: TriModel, tokenizer: Tokenizer, config: ServerConfig = ServerConfig(), costs: CostCurve | None = None
+    model: TriModel,
+    tokenizer: Tokenizer,
+    config: ServerConfig = ServerConfig(),
+    costs: CostCurve | None = None,
+    worker_thread: bool = True,
 ) -> FastAPI:
     """The app over one model. ``costs``: the cost curve ``auto`` plans with, covering the server's auto block
-    (default: measured before it serves)."""
+    (default: measured before it serves). ``worker_thread``: the app starts the model's worker on a thread of its
+    own; otherwise the caller runs ``app.state.worker.run()`` (``serve``)."""
     server = Server(model, tokenizer, config, costs)
 
     @asynccontextmanager
     async def lifespan(app):
-        server.worker.start()
+        if worker_thread:
+            server.worker.start()
         yield
         server.worker.stop()
 
@@ -229,7 +273,14 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queue_depth": server.worker.load}
+        """ok (200) once the worker answers at full speed (kernels loaded, cost curve measured); loading or
+        error (503) before that or after the worker stopped."""
+        worker = server.worker
+        if not worker.alive:
+            body = {"status": "error", "error": worker.failed or "the model worker has stopped"}
+        else:
+            body = {"status": "ok" if worker.ready.is_set() else "loading", "queue_depth": worker.load}
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus():
@@ -269,53 +320,15 @@ async def parse(request: Request, schema, config: ServerConfig):
     return body
 
 
-def make_config(
-    body, ids: list[int], mode: str, model: TriModel, config: ServerConfig, fallback: bool = False
-) -> GenerationConfig:
-    """The request's decoding config over the server's defaults, resolved for the model, with max_tokens
-    checked against the room the prompt leaves in the context."""
-    if not ids:
-        raise APIError(400, "the prompt is empty", "prompt")
-    try:
-        cfg = body.generation_config(config.defaults, mode, max_tokens=1, fallback=fallback).resolve(model)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
-    room = cfg.room(model, len(ids))
-    if room < 1:
-        raise APIError(
-            400,
-            f"prompt of {len(ids)} tokens is too long for the context of {model.cfg.max_seq_len}",
-            "prompt",
-            code="context_length_exceeded",
-        )
-    asked = body.requested_max_tokens
-    max_tokens = asked if asked is not None else min(config.default_max_tokens, room)
-    if max_tokens > room:
-        raise APIError(
-            400,
-            f"max_tokens={max_tokens} exceeds the {room} tokens left in the context after the {len(ids)}-token prompt",
-            "max_tokens",
-            code="context_length_exceeded",
-        )
-    if body.n * max_tokens > config.max_total_tokens:
-        raise APIError(
-            400,
-            f"n x max_tokens = {body.n} x {max_tokens} exceeds this server's limit of "
-            f"{config.max_total_tokens} tokens per request",
-            "max_tokens",
-        )
-    if cfg.forward_tokens > config.max_forward_tokens:
-        raise APIError(
-            400,
-            f"block_size={cfg.block_size} puts {cfg.forward_tokens} tokens through one forward "
-            f"({cfg.mode}{' ' + cfg.spec_variant if cfg.mode == 'spec' else ''}); this server allows "
-            f"{config.max_forward_tokens} (--max-forward-tokens)",
-            "block_size",
-        )
-    try:
-        return cfg.replace(max_tokens=max_tokens)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
+INLINE_TOKENS = 16  # a stream chunk this short is detokenized on the event loop (a thread hop costs more)
+
+
+async def detokenize(text: TextStream, tokens: list[int], final: bool = False) -> str:
+    """The text a stream's new tokens add (``TextStream.push``: linear in them): inline for a few tokens, off
+    the event loop for more."""
+    if len(tokens) <= INLINE_TOKENS:
+        return text.push(tokens, final)
+    return await asyncio.to_thread(text.push, tokens, final)
 
 
 async def collect(job: Job, request: Request):

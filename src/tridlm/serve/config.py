@@ -41,6 +41,10 @@ class ServerConfig:
     max_total_tokens: int = option(4096, "n x max_tokens at most")
     max_prompt_tokens: int | None = option(None, "prompt tokens at most (default: what the context leaves)")
     default_max_tokens: int = option(256, "for requests that name none (at most what the context leaves)")
+    time_limit_s: float = option(
+        600.0,
+        "seconds of decoding a request may take; then its choices end (finish_reason length, tridlm_finish time_limit)",
+    )
     default_mode: str = option(
         "ar",
         "mode of requests that name none; auto: the fastest exact plan when idle, batched ar under load",
@@ -62,6 +66,7 @@ class ServerConfig:
             "max_forward_tokens",
             "max_total_tokens",
             "default_max_tokens",
+            "time_limit_s",
         )
         if any(getattr(self, name) <= 0 for name in positive) or (self.max_prompt_tokens or 1) < 1:
             raise ValueError(f"{', '.join(positive)} and max_prompt_tokens must be positive")

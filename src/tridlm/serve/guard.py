@@ -1,5 +1,6 @@
 """What a request must pass before the server does any work for it: the Host it names, its API key (which
-also says its tenant), its content type, and its body's size, read time and nesting."""
+also says its tenant), its content type, its body's size, read time and nesting, and (``make_config``) the
+decoding work it asks for."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from fastapi import Request
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
+from tridlm.decode import GenerationConfig
+from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig, is_loopback
 from tridlm.serve.protocol import APIError
 
@@ -129,3 +132,52 @@ def json_depth(raw: bytes) -> int:
     opens, closes = np.isin(text, (ord("["), ord("{"))) & outside, np.isin(text, (ord("]"), ord("}"))) & outside
     steps = opens.astype(np.int32) - closes
     return int(np.cumsum(steps).max(initial=0))
+
+
+def make_config(
+    body, ids: list[int], mode: str, model: TriModel, config: ServerConfig, fallback: bool = False
+) -> GenerationConfig:
+    """The request's decoding config over the server's defaults, resolved for the model, with max_tokens
+    checked against the room the prompt leaves in the context."""
+    if not ids:
+        raise APIError(400, "the prompt is empty", "prompt")
+    try:
+        cfg = body.generation_config(config.defaults, mode, max_tokens=1, fallback=fallback).resolve(model)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    room = cfg.room(model, len(ids))
+    if room < 1:
+        raise APIError(
+            400,
+            f"prompt of {len(ids)} tokens is too long for the context of {model.cfg.max_seq_len}",
+            "prompt",
+            code="context_length_exceeded",
+        )
+    asked = body.requested_max_tokens
+    max_tokens = asked if asked is not None else min(config.default_max_tokens, room)
+    if max_tokens > room:
+        raise APIError(
+            400,
+            f"max_tokens={max_tokens} exceeds the {room} tokens left in the context after the {len(ids)}-token prompt",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
+    if body.n * max_tokens > config.max_total_tokens:
+        raise APIError(
+            400,
+            f"n x max_tokens = {body.n} x {max_tokens} exceeds this server's limit of "
+            f"{config.max_total_tokens} tokens per request",
+            "max_tokens",
+        )
+    if cfg.forward_tokens > config.max_forward_tokens:
+        raise APIError(
+            400,
+            f"block_size={cfg.block_size} puts {cfg.forward_tokens} tokens through one forward "
+            f"({cfg.mode}{' ' + cfg.spec_variant if cfg.mode == 'spec' else ''}); this server allows "
+            f"{config.max_forward_tokens} (--max-forward-tokens)",
+            "block_size",
+        )
+    try:
+        return cfg.replace(max_tokens=max_tokens)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None

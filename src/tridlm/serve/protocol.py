@@ -152,20 +152,26 @@ def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict 
     return body
 
 
-def reason(r) -> str:
-    return "length" if r.finish_reason == "length" else "stop"
+def ending(r) -> dict:
+    """A finished row's ``finish_reason`` as OpenAI names it; a row the server's time limit ended is cut short
+    like one that ran out of tokens ("length") and also says so: ``"tridlm_finish": "time_limit"``."""
+    if r.finish_reason == "time_limit":
+        return {"finish_reason": "length", "tridlm_finish": "time_limit"}
+    return {"finish_reason": "length" if r.finish_reason == "length" else "stop"}
 
 
-def choice(kind: str, i: int, text: str, finish: str) -> dict:
+def choice(kind: str, i: int, text: str, end: dict) -> dict:
     if kind == "chat.completion":
-        return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"index": i, "message": {"role": "assistant", "content": text}, **end}
+    return {"index": i, "text": text, **end, "logprobs": None}
 
 
-def delta_choice(kind: str, i: int, text: str, finish: str | None) -> dict:
+def delta_choice(kind: str, i: int, text: str, end: dict | None = None) -> dict:
+    """A stream chunk's choice; ``end`` (``ending``) on the last one."""
+    end = end or {"finish_reason": None}
     if kind == "chat.completion":
-        return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}
-    return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"index": i, "delta": {"content": text} if text else {}, **end}
+    return {"index": i, "text": text, **end, "logprobs": None}
 
 
 def usage_of(prompt_tokens: int, rows: list[Row], mode: str) -> dict:

@@ -7,6 +7,15 @@ draft/verify cycles all run batched across requests. Jobs with a seed run alone 
 do not depend on their neighbours. Committed tokens go back to each request's asyncio queue as they
 are produced; a cancelled job's rows stop at the next cycle.
 
+**One thread runs the model.** The worker runs on the thread that loaded the model (``run``: what ``tridlm
+serve`` does) or on a thread of its own (``start``: for embedding the app). The CPU kernels and torch's ops split
+work over an OpenMP team per calling thread, and libgomp stops spin-waiting (its workers sleep between the
+hundreds of small parallel regions of a decode step) once the threads of all teams outnumber the cores: a model
+loaded on one thread and decoded on another ran at 0.43x on 2 cores. ``bench/serve_single.py`` measures it.
+
+``ready`` is set once the worker can answer at full speed: the kernels loaded (one forward run) and the cost
+curve ``auto`` plans with measured; ``failed`` holds why the worker stopped, if it did.
+
 Every answer joins its tenant's ``AnswerHistory`` (one per API key; none when ``history`` is 0), which that
 tenant's later ``auto`` and pipelined-spec requests draft from: one tenant's answers never reach another's
 drafts, trace or counts. Those modes share one plan across a batch, so their batches hold one tenant only;
@@ -22,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig, stream
+from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig, generate, stream
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
@@ -36,11 +45,13 @@ class Job:
     prompts: list[list[int]]  # one per choice (n)
     cfg: GenerationConfig
     loop: asyncio.AbstractEventLoop
+    stream: bool = True  # send the tokens of each cycle (otherwise only the end: no wake-up per token)
     trace: bool = False  # send each step's events (``DecodeState.note``) beside the tokens
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     tenant: int = 0  # whose answer history it reads and joins
+    time_limit_s: float | None = None  # decoding time after which the rows end ("time_limit")
 
     def batch_key(self):
         c = self.cfg
@@ -88,7 +99,9 @@ class Worker:
         self._running = 0
         self._cond = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="tridlm-model", daemon=True)
+        self._thread: threading.Thread | None = None
+        self.ready = threading.Event()
+        self.failed: str | None = None
 
     @property
     def load(self) -> int:
@@ -97,13 +110,21 @@ class Worker:
             return len(self._waiting) + self._running
 
     def start(self) -> None:
+        """Run the worker on a thread of its own (see the module's docstring for what that costs on a CPU)."""
+        self._thread = threading.Thread(target=self.run, name="tridlm-model", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        """Whether requests will be served: the worker has not stopped or failed."""
+        return self.failed is None and not self._stop
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -128,9 +149,23 @@ class Worker:
             self._running = len(batch)
             return batch
 
-    def _run(self) -> None:
-        with torch.inference_mode():  # auto's cost curve, measured before the first request needs it
-            self.costs = self.costs or CostCurve.measure(self.model, self.auto_block)
+    def run(self) -> None:
+        """Decode requests on this thread until ``stop``."""
+        try:
+            self._warm()
+            self._serve()
+        except BaseException as e:  # the worker is gone: /health says so
+            self.failed = f"{type(e).__name__}: {e}"
+            raise
+
+    @torch.inference_mode()
+    def _warm(self) -> None:
+        """Load the kernels (one forward) and measure auto's cost curve, before ``ready``."""
+        generate(self.model, [[self.model.cfg.bos_id or 0]], GenerationConfig(max_tokens=1))
+        self.costs = self.costs or CostCurve.measure(self.model, self.auto_block)
+        self.ready.set()
+
+    def _serve(self) -> None:
         while (batch := self._take_batch()) is not None:
             live = [j for j in batch if not j.cancelled.is_set()]
             start = time.perf_counter()
@@ -158,16 +193,21 @@ class Worker:
         # A batch of one tenant reads and joins its history in ``stream``; a mixed one (never auto or pipelined
         # spec, by ``batch_key``) reads none, and each answer joins its own tenant's below.
         history = self.history(tenants.pop()) if len(tenants) == 1 else None
+        started = time.perf_counter()
         for chunk in stream(self.model, prompts, jobs[0].cfg, state=state, history=history, costs=self.costs):
             for row, events in state.take_trace() if state.trace else ():
                 job, choice = owner[row]
                 job.send("trace", choice, events)
             for row, tokens in chunk:
                 job, choice = owner[row]
-                job.send("tokens", choice, tokens)
+                if job.stream:
+                    job.send("tokens", choice, tokens)
+            now = time.perf_counter()
             for row, (job, _) in enumerate(owner):
                 if job.cancelled.is_set():
                     state.cancel(row)
+                elif job.time_limit_s is not None and now - started > job.time_limit_s:
+                    state.cancel(row, "time_limit")
         if history is None and self.history_capacity:
             for row, (job, _) in zip(state.rows, owner):
                 self.history(job.tenant).add(row.tokens)
