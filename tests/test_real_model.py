@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tridlm import masks
-from tridlm.decode import GenerationConfig, generate
+from tridlm.decode import DecodeState, GenerationConfig, generate
+from tridlm.decode.batcher import Batcher
 from tridlm.decode.forward import forward_block, prefill
 
 pytestmark = pytest.mark.slow
@@ -88,7 +89,7 @@ def test_verify_rows_are_ar_steps_bit_for_bit(precision):
     """With int8/int4 weights a causal block's logits equal, row by row and bit for bit, those of one-token AR
     steps (row-independent matmuls at these shapes, and ``kernels.attend``), so spec's greedy text is AR's by
     construction, not by argmax margins; checked on real prompts in every spec variant and auto too. The same holds
-    between a row decoded in a ragged batch and alone."""
+    between a row decoded in a ragged batch (static or continuous) and alone."""
     from helpers import unfused_logits_equal
 
     from tridlm.loading import open_model
@@ -125,6 +126,15 @@ def test_verify_rows_are_ar_steps_bit_for_bit(precision):
         sp = generate(model, prompts, cfg.replace(mode="spec", spec_variant=variant, block_size=block))
         assert [r.tokens for r in sp.rows] == ar
     assert [generate(model, [p], cfg.replace(mode="auto")).rows[0].tokens for p in prompts] == ar
+    batcher, states = Batcher(model, len(prompts), 256), []
+    for p in prompts:  # continuous batching: a row joins every 3 steps while the others run
+        states.append(DecodeState(1, cfg.resolve(model), model.cfg.eos_ids, None))
+        batcher.admit(states[-1], 0, p, None)
+        for _ in range(3):
+            batcher.step()
+    while batcher.slots:
+        batcher.step()
+    assert [s.rows[0].tokens for s in states] == ar
     drafts_only = generate(
         model, prompts, cfg.replace(mode="spec", spec_variant="pipelined", block_size=4, lookup=False)
     )

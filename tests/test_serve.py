@@ -450,3 +450,19 @@ def test_serve_decodes_on_the_thread_that_calls_it(tiny_model, chat_tokenizer):
         served.create_app = original
     assert captured["answer"]["usage"]["completion_tokens"] == 5
     assert set(seen) == {threading.get_ident()}
+
+
+def test_a_short_request_joins_a_running_long_one_and_leaves_first(tiny_model, chat_tokenizer):
+    """Continuous batching: the short request is admitted at the next step, not after the long one, and both
+    get their single-request tokens."""
+    with running(Wrapped(tiny_model, 0.01), chat_tokenizer) as url, httpx.Client(timeout=60) as http:
+        long_body = {"prompt": "tell me more", "max_tokens": 150, "temperature": 0, "stream": True}
+        with http.stream("POST", url + "/v1/completions", json=long_body) as long_run:
+            lines = long_run.iter_lines()
+            next(lines)  # the long request is decoding
+            short = http.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 5, "temperature": 0})
+            assert http.get(url + "/health").json()["queue_depth"] == 1  # the long one still runs
+            chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert short.json()["choices"][0]["text"] == expected(tiny_model, chat_tokenizer, "x", max_tokens=5)[0]
+        long_text = "".join(c["choices"][0]["text"] for c in chunks)
+        assert long_text == expected(tiny_model, chat_tokenizer, "tell me more", max_tokens=150)[0][1:]

@@ -69,21 +69,19 @@ def plan(
 def _in_place(
     cache: KVCache | None, positions: torch.Tensor, prefix: int, write: int, key_slots: torch.Tensor | None
 ) -> bool:
-    """Whether a forward can attend over the cache itself, its current keys at slots P + i (on a CPU this
-    saves a copy of every layer's cached keys per forward): one row, not a static cache, past its committed
-    length, with room, and the tokens it writes at exactly those slots; and no autograd (a graph through the
-    cache's own buffers would outlive the forward)."""
-    if (
-        cache is None
-        or key_slots is not None
-        or cache.static
-        or cache.batch != 1
-        or cache.k.device.type != "cpu"
-        or torch.is_grad_enabled()
-    ):
+    """Whether a forward can attend over the cache itself (on a CPU this saves a copy of every layer's cached
+    keys per forward), in a cache that is not static, with room, and without autograd (a graph through the
+    cache's own buffers would outlive the forward): one row past its committed length, its current keys at
+    slots P + i and the tokens it writes at exactly those slots; or a ragged batch that commits all its current
+    keys (AR steps), right after each row's own committed ones (``masks.after_own_cache``) at their positions."""
+    if cache is None or cache.static or cache.k.device.type != "cpu" or torch.is_grad_enabled():
         return False
     n = positions.shape[1]
-    if prefix < int(cache.lengths[0]) or prefix + n > cache.max_len:
+    if prefix + n > cache.max_len:
+        return False
+    if key_slots is not None:
+        return write == n and torch.equal(key_slots, positions)
+    if cache.batch != 1 or prefix < int(cache.lengths[0]):
         return False
     return not write or torch.equal(positions[0, :write], torch.arange(prefix, prefix + write))
 

@@ -119,7 +119,10 @@ class Attention(nn.Module):
         """Keys and values over [cache[:P] | current tokens], (B, KV, P + n, D) each, from the current ones
         (B, KV, n, D); the leading ``p.write`` of these are stored in the cache."""
         P, n = p.prefix, k.shape[2]
-        if p.plan.in_place:  # no copy of the prefix: slots P.. past the committed length are scratch
+        if p.plan.in_place:  # no copy of the prefix: slots past the committed lengths are scratch
+            if p.slots is not None:  # a ragged batch: each row's current keys at its own positions
+                p.cache.write(self.index, p.slots, k, v)
+                return p.cache.prefix(self.index, P + n)
             keys, values = p.cache.prefix(self.index, P + n)
             keys[:, :, P:].copy_(k)
             values[:, :, P:].copy_(v)

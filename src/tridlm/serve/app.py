@@ -59,6 +59,7 @@ class Server:
             history=config.answer_history,
             auto_block=self.auto_block,
             costs=costs,
+            slot_tokens=config.slot_tokens,
             on_batch=lambda jobs, s: rows.observe(sum(len(j.prompts) for j in jobs)),
         )
         # A prompt longer than this in characters has more tokens than the limit, whatever they are: refused

@@ -31,6 +31,10 @@ class ServerConfig:
     )
     max_queue: int = option(64, "requests waiting or running before 429")
     max_batch: int = option(16, "rows decoded together")
+    slot_tokens: int = option(
+        2048,
+        "KV cache tokens per continuously batched AR row (prompt + answer; longer requests run as static batches)",
+    )
     max_body_bytes: int = option(1 << 20, "larger request bodies get 413 (counted while reading)")
     read_timeout_s: float = option(30.0, "a request body not received whole within this gets 408")
     max_json_depth: int = option(16, "request bodies nested deeper get 400")
@@ -67,6 +71,7 @@ class ServerConfig:
             "max_total_tokens",
             "default_max_tokens",
             "time_limit_s",
+            "slot_tokens",
         )
         if any(getattr(self, name) <= 0 for name in positive) or (self.max_prompt_tokens or 1) < 1:
             raise ValueError(f"{', '.join(positive)} and max_prompt_tokens must be positive")

@@ -1,11 +1,13 @@
-"""The model owner: one thread that runs every generation, batching compatible requests.
+"""The model owner: one thread that runs every generation, batching requests.
 
-Requests wait in a bounded queue. When the model is free, the worker takes the oldest job and every
-waiting job with the same decoding settings (mode, block size, threshold, sampling, tracing), up to ``max_batch``
-rows, and decodes them as one batch: prefill, AR decode steps, diffusion denoising steps and spec
-draft/verify cycles all run batched across requests. Jobs with a seed run alone so their samples
-do not depend on their neighbours. Committed tokens go back to each request's asyncio queue as they
-are produced; a cancelled job's rows stop at the next cycle.
+Requests wait in a bounded queue and are taken in order. **AR requests are batched continuously**
+(``decode.batcher``): each joins the running rows at the next step, its prompt prefilled alone between two steps,
+and each row leaves as soon as it finishes, is cancelled or runs out of time, so a short request never waits for a
+long one and rows of any length share one forward. Seeded AR requests of several choices, traced ones and the
+other modes (diffusion, spec, auto when idle) run as a **static batch**: the oldest job with every waiting job of
+the same decoding settings, up to ``max_batch`` rows, decoded together to the end while the running AR rows wait.
+Jobs with a seed run alone so their samples do not depend on their neighbours. Committed tokens go back to each
+request's asyncio queue as they are produced; a cancelled job's rows stop at the next step.
 
 **One thread runs the model.** The worker runs on the thread that loaded the model (``run``: what ``tridlm
 serve`` does) or on a thread of its own (``start``: for embedding the app). The CPU kernels and torch's ops split
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig, generate, stream
+from tridlm.decode.batcher import Batcher
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
@@ -86,17 +89,21 @@ class Worker:
         history: int = 0,
         auto_block: int = 1,
         costs: CostCurve | None = None,
+        slot_tokens: int = 2048,
         on_batch=None,
     ):
         """``history``: tokens of earlier answers kept per tenant (0: none); ``auto_block``: the largest block
         auto is served with; ``costs``: the cost curve auto plans with, up to that block (default: measured on
-        the worker's thread before the first request)."""
+        the worker's thread before the first request); ``slot_tokens``: KV cache per continuously batched row
+        (prompt + answer; longer AR requests run as static batches)."""
         self.model, self.tokenizer = model, tokenizer
         self.history_capacity, self.histories = history, {}
         self.max_batch, self.max_queue, self.auto_block, self.costs = max_batch, max_queue, auto_block, costs
         self.on_batch = on_batch  # callback(jobs, seconds) for metrics
         self._waiting: list[Job] = []
-        self._running = 0
+        self._running = 0  # jobs taken and not yet ended
+        self.batcher = Batcher(model, max_batch, slot_tokens)
+        self._live: dict[int, tuple[Job, DecodeState]] = {}  # the jobs whose rows run in the batcher
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -133,21 +140,46 @@ class Worker:
             self._waiting.append(job)
             self._cond.notify()
 
-    def _take_batch(self) -> list[Job] | None:
+    def continuous(self, job: Job) -> bool:
+        """Whether a job's rows join the running batch: AR, untraced, each row fitting a slot, and unseeded or of
+        one choice (a seeded request's choices draw from one generator, as a static batch does)."""
+        c = job.cfg
+        return (
+            c.mode == "ar"
+            and not job.trace
+            and (c.seed is None or len(job.prompts) == 1)
+            and len(job.prompts) <= self.batcher.max_rows
+            and all(self.batcher.fits(len(p), c.max_tokens) for p in job.prompts)
+        )
+
+    def _take(self) -> tuple[str, list[Job]] | None:
+        """The next work, in arrival order: ("admit", [job]) to join the running rows, ("batch", jobs) for a
+        static batch, ("step", []) when only the running rows go on; None once stopped."""
         with self._cond:
-            while not self._waiting and not self._stop:
+            while not self._waiting and not self._stop and not self.batcher.slots:
                 self._cond.wait()
             if self._stop:
                 return None
-            key = self._waiting[0].batch_key()
-            batch, rows = [], 0
+            if not self._waiting:
+                return "step", []
+            head = self._waiting[0]
+            if self.continuous(head):
+                if self.batcher.free < len(head.prompts):
+                    return "step", []
+                self._running += 1
+                return "admit", [self._waiting.pop(0)]
+            key, batch, rows = head.batch_key(), [], 0
             for job in list(self._waiting):
-                if job.batch_key() == key and (not batch or rows + len(job.prompts) <= self.max_batch):
+                if (
+                    job.batch_key() == key
+                    and not self.continuous(job)
+                    and (not batch or rows + len(job.prompts) <= self.max_batch)
+                ):
                     batch.append(job)
                     rows += len(job.prompts)
                     self._waiting.remove(job)
-            self._running = len(batch)
-            return batch
+            self._running += len(batch)
+            return "batch", batch
 
     def run(self) -> None:
         """Decode requests on this thread until ``stop``."""
@@ -166,19 +198,86 @@ class Worker:
         self.ready.set()
 
     def _serve(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            live = [j for j in batch if not j.cancelled.is_set()]
-            start = time.perf_counter()
-            try:
-                ends = self._decode(live) if live else []
-            except Exception as e:  # report to the requests, keep serving
-                ends = [(job, ("error", f"generation failed: {e}")) for job in live]
-            with self._cond:
-                self._running = 0
-            for job, event in ends:  # once the model is free: a client's next request finds it idle
-                job.send(*event)
-            if self.on_batch and live:
-                self.on_batch(live, time.perf_counter() - start)
+        while (work := self._take()) is not None:
+            kind, jobs = work
+            if kind == "batch":
+                self._static(jobs)
+            elif kind == "admit":
+                self._admit(jobs[0])
+            if self.batcher.slots:
+                self._step()
+
+    def _end(self, ends: list[tuple[Job, tuple]], taken: int | None = None) -> None:
+        """Send each ended job its last event, once the ``taken`` jobs (default: those) no longer count as
+        running: a client's next request finds the server idle."""
+        with self._cond:
+            self._running -= len(ends) if taken is None else taken
+        for job, event in ends:
+            job.send(*event)
+
+    def _static(self, batch: list[Job]) -> None:
+        live = [j for j in batch if not j.cancelled.is_set()]
+        start = time.perf_counter()
+        try:
+            ends = self._decode(live) if live else []
+        except Exception as e:  # report to the requests, keep serving
+            ends = [(job, ("error", f"generation failed: {e}")) for job in live]
+        self._end(ends, taken=len(batch))  # a job cancelled before its batch began gets no event
+        if self.on_batch and live:
+            self.on_batch(live, time.perf_counter() - start)
+
+    def _admit(self, job: Job) -> None:
+        """Prefill the job's rows into the running batch; their first tokens go out at once."""
+        state = DecodeState(len(job.prompts), job.cfg, self.model.cfg.eos_ids, self.tokenizer.decode)
+        generator = None if job.cfg.seed is None else torch.Generator(self.model.device).manual_seed(job.cfg.seed)
+        try:
+            for k, prompt in enumerate(job.prompts):
+                self.batcher.admit(state, k, prompt, generator)
+        except Exception as e:  # the rows admitted so far leave at the next step
+            for k in range(len(job.prompts)):
+                state.cancel(k)
+            self._end([(job, ("error", f"generation failed: {e}"))])
+            return
+        state.prefill_s = time.perf_counter() - state.start
+        self._live[id(job)] = (job, state)
+        self._settle()
+
+    def _step(self) -> None:
+        """One step of the running rows, after ending those cancelled or past their time limit."""
+        now = time.perf_counter()
+        for job, state in self._live.values():
+            for k in range(len(state.rows)):
+                if job.cancelled.is_set():
+                    state.cancel(k)
+                elif job.time_limit_s is not None and now - state.start > job.time_limit_s:
+                    state.cancel(k, "time_limit")
+        jobs = [job for job, _ in self._live.values()]
+        try:
+            self.batcher.step()
+        except Exception as e:  # every running request gets the error; the worker keeps serving
+            self.batcher.slots.clear()
+            self._live.clear()
+            self._end([(job, ("error", f"generation failed: {e}")) for job in jobs])
+            return
+        if self.on_batch:
+            self.on_batch(jobs, time.perf_counter() - now)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Send the running jobs' new tokens; end the jobs whose rows have all finished."""
+        ended = []
+        for key, (job, state) in list(self._live.items()):
+            for row, tokens in state.flush():
+                if job.stream:
+                    job.send("tokens", row, tokens)
+            if state.all_done:
+                del self._live[key]
+                if self.history_capacity:
+                    for row in state.rows:
+                        self.history(job.tenant).add(row.tokens)
+                ended.append((job, ("done", state.rows)))
+        if ended:
+            self._end(ended)
 
     @torch.inference_mode()
     def _decode(self, jobs: list[Job]) -> list[tuple[Job, tuple]]:
