@@ -60,9 +60,10 @@ class KVCache:
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, KV, n, D) at absolute positions (B, n) of each row (``check_room`` first), in
         the cache's dtype (under autocast a forward may produce them in another)."""
-        index = positions[:, None, :, None].expand_as(k)  # (B, KV, n, D)
-        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
-        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # with positions: (B, n)
+        # indexing, not scatter_: scatter_ costs time in proportion to the whole buffer, this the tokens written
+        self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)  # (B, n, KV, D)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
 
     def commit(self, lengths: torch.Tensor) -> None:
         """Declare the first ``lengths[b]`` slots of row b committed (done by a cache-writing forward)."""

@@ -132,9 +132,9 @@ class Attention(nn.Module):
             pk, pv = p.cache.prefix(self.index, P)  # (B, KV, P, D)
             keys, values = torch.cat([pk, k.to(pk.dtype)], dim=2), torch.cat([pv, v.to(pv.dtype)], dim=2)
             if p.slots is not None:  # each row's current keys right after its own committed ones
-                index = p.slots[:, None, :, None].expand_as(k)
-                keys.scatter_(2, index, k.to(keys.dtype))
-                values.scatter_(2, index, v.to(values.dtype))
+                rows = torch.arange(len(k), device=k.device)[:, None]
+                keys[rows, :, p.slots] = k.transpose(1, 2).to(keys.dtype)  # (B, n, KV, D) at (row, slot)
+                values[rows, :, p.slots] = v.transpose(1, 2).to(values.dtype)
         if p.write:
             p.cache.write(self.index, p.positions[:, : p.write], k[:, :, : p.write], v[:, :, : p.write])
         return keys, values

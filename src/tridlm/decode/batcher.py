@@ -34,11 +34,15 @@ class Slot:
 
 class Batcher:
     def __init__(self, model: TriModel, max_rows: int, slot_tokens: int):
-        """``max_rows``: rows running at once; ``slot_tokens``: cache per row (prompt + answer + 1 at most). The
-        pool grows with the rows that run, up to ``max_rows`` x ``slot_tokens``."""
+        """``max_rows``: rows running at once; ``slot_tokens``: cache per row (prompt + answer at most). The pool
+        grows with the rows that run, up to ``max_rows`` x ``slot_tokens``, or all at once with ``reserve``."""
         self.model, self.max_rows, self.slot_tokens = model, max_rows, slot_tokens
         self.cache: KVCache | None = None
         self.slots: list[Slot] = []
+
+    def reserve(self) -> None:
+        """Allocate the whole pool now (a server: its memory known from the start, no growth while serving)."""
+        self._grow(self.max_rows)
 
     @property
     def free(self) -> int:

@@ -192,8 +192,10 @@ class Worker:
 
     @torch.inference_mode()
     def _warm(self) -> None:
-        """Load the kernels (one forward) and measure auto's cost curve, before ``ready``."""
+        """Load the kernels (one forward), allocate the continuous batch's cache and measure auto's cost curve,
+        before ``ready``."""
         generate(self.model, [[self.model.cfg.bos_id or 0]], GenerationConfig(max_tokens=1))
+        self.batcher.reserve()
         self.costs = self.costs or CostCurve.measure(self.model, self.auto_block)
         self.ready.set()
 
