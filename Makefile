@@ -50,11 +50,13 @@ $(LLAMACPP): $(STAMP)
 # The standard suite on 2 CPU cores (float32, where spec == AR exactly), beside transformers and llama.cpp;
 # writes bench/results/bench-<date>.{json,png}. Then what pays in self-speculation: each lever on and off,
 # auto beside AR, on chat and code prompts (bench/results/spec-ablation-<date>.{json,png}). Then one request at a
-# time through `tridlm serve` against the same decode in-process (bench/results/serve-single-<date>.json).
+# time through `tridlm serve` against the same decode in-process (bench/results/serve-single-<date>.json), and
+# serving under load beside llama-server (built from the llama-cpp-python sdist; bench/results/serve-load-<date>.*).
 bench: setup $(LLAMACPP)
 	$(BIN)/tridlm bench --dtype float32 --block-sizes 4,8 --repeats 2 --humaneval 6 --out bench/results
 	$(BIN)/python bench/spec_ablation.py --out bench/results
 	$(BIN)/python bench/serve_single.py --repeats 3 --out bench/results
+	$(BIN)/python bench/serve_load.py --clients 1,4,8,16 --seconds 60 --out bench/results
 
 # Task scores of every mode and precision (HumanEval 164, GSM8K 100; README "Task scores"; HumanEval runs the
 # model's code, in tridlm.sandbox, hence --allow-code-execution): writes

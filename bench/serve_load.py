@@ -8,6 +8,7 @@ goes first. `llama-server` is built once from the llama.cpp source inside the ll
 `--llama-server PATH` takes a built one); it is reported as missing when it cannot be built.
 
     .venv/bin/python bench/serve_load.py [--clients 1,4,8,16] [--seconds 60] [--mode ar] [--out bench/results]
+    .venv/bin/python bench/serve_load.py --clients 8 --seconds 600 --servers tridlm --out DIR   # a soak
 
 writes OUT/serve-load-<date>.json and -load.png (tok/s and TTFT p99 against clients) and prints a table.
 """
@@ -157,6 +158,7 @@ def main() -> None:
     ap.add_argument("--mode", default="ar", help="tridlm's --default-mode")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-server", help="a built llama-server (default: build one)")
+    ap.add_argument("--servers", default="tridlm,llama-server", help="which to run (a soak: tridlm alone)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
@@ -166,14 +168,17 @@ def main() -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "tridlm", "serve", "--port", str(port), "--threads", str(args.threads)]
     servers["tridlm"] = (start([*cmd, "--default-mode", args.mode], port), f"http://127.0.0.1:{port}")
-    binary = Path(args.llama_server) if args.llama_server else build_llama_server()
+    binary = None
+    if "llama-server" in args.servers.split(","):
+        binary = Path(args.llama_server) if args.llama_server else build_llama_server()
     if binary is not None:
         port = free_port()
         np_ = str(max(counts))
         cmd = [str(binary), "-m", str(gguf), "--port", str(port), "-t", str(args.threads), "-np", np_, "-c", "0"]
         servers["llama-server"] = (start(cmd, port), f"http://127.0.0.1:{port}")
     report = {"command": " ".join(["python", *sys.argv]), "gguf": str(gguf), "results": {}}
-    report["llama_server"] = str(binary) if binary else "missing: could not be built"
+    if "llama-server" in args.servers.split(","):
+        report["llama_server"] = str(binary) if binary else "missing: could not be built"
     try:
         for i, clients in enumerate(counts):
             for name in list(servers)[:: 1 if i % 2 == 0 else -1]:
