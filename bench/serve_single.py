@@ -14,7 +14,6 @@ writes OUT/serve-single-<date>.json and prints a table: tok/s per path and the s
 """
 
 import argparse
-import datetime
 import json
 import socket
 import statistics
@@ -22,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import torch
@@ -127,10 +125,7 @@ def main() -> None:
             ratio = statistics.median(rates) / base
             results[f"{mode} {path}"] = {"tok_s": rates, "tokens": tokens[mode, path], "x_in_process": ratio}
             print(f"| {mode} | {path} | {' / '.join(f'{r:.1f}' for r in rates)} | {ratio:.3f} |")
-    out = Path(args.out) / f"serve-single-{datetime.date.today().isoformat()}.json"
-    report = {"command": " ".join(["python", *sys.argv]), "machine": reporting.machine(model), "results": results}
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    reporting.write_report(args.out, "serve-single", model, results)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,8 @@ writes <out>/trace-cost-<date>.json (the tok/s of every repeat, the machine and 
 """
 
 import argparse
-import datetime
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -58,10 +54,7 @@ def main() -> None:
         off, on = statistics.median(speed[name, False]), statistics.median(speed[name, True])
         rows[name] = {"off_tok_s": speed[name, False], "on_tok_s": speed[name, True], "on_over_off": on / off}
         print(f"| {name} | {off:.1f} | {on:.1f} | {on / off:.3f} |")
-    out = Path(args.out) / f"trace-cost-{datetime.date.today().isoformat()}.json"
-    report = {"command": " ".join(["python", *sys.argv]), "machine": reporting.machine(model), "results": rows}
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    reporting.write_report(args.out, "trace-cost", model, rows)
 
 
 if __name__ == "__main__":

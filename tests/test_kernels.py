@@ -201,3 +201,38 @@ def test_silu_mul_matches_its_torch_form(dtype):
     want = torch.nn.functional.silu(gate.float()) * up.float()
     tol = 1e-6 if dtype == torch.float32 else 2**-8
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process():
+    """A build killed midway leaves torch's lock file behind; the next process clears it under its own OS lock
+    (released whenever a process ends) instead of waiting on it forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = kernels.build_directory(f"tridlm_cpu_{kernels._cpu_tag()}", Path(kernels.__file__).with_name("cpu.cpp"))
+    (folder / "lock").touch()
+    load = "from tridlm import kernels; print(kernels._module() is not None)"
+    out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=600)
+    assert out.stdout.strip() == "True" and not (folder / "lock").exists()
+
+
+def test_one_thread_keeps_the_kernels_on_one_core():
+    """``--threads 1`` (``torch.set_num_threads``) bounds the kernels' parallel regions: a process busy in int4
+    matmuls uses one core (CPU time / wall time; with 2 threads on an idle 2-core machine the same code used 1.97)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, time, torch
+torch.set_num_threads(1)
+from tridlm import quant
+w, x = quant.Int4Weight.from_float(torch.randn(4096, 2048)), torch.randn(8, 2048)
+w(x)
+cpu, wall = sum(os.times()[:2]), time.perf_counter()
+while time.perf_counter() - wall < 2:
+    w(x)
+print((sum(os.times()[:2]) - cpu) / (time.perf_counter() - wall))
+"""
+    cores = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout)
+    assert cores < 1.15

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import resource
+import sys
+from pathlib import Path
 
 import torch
 
@@ -66,3 +69,12 @@ def table(report: dict) -> str:
             + ", ".join(f"{n}: {ms:.1f} ({ms / sw[1]:.2f}x)" for n, ms in sw.items())
         )
     return "\n".join(lines)
+
+
+def write_report(folder: str | Path, name: str, model: TriModel, results: dict) -> Path:
+    """``folder/<name>-<date>.json``: the command that ran, the machine and the results; prints its path."""
+    path = Path(folder) / f"{name}-{datetime.date.today().isoformat()}.json"
+    report = {"command": " ".join(["python", *sys.argv]), "machine": machine(model), "results": results}
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path

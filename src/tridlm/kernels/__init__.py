@@ -1,5 +1,10 @@
 """Small compiled CPU kernels (``cpu.cpp``), built on first use with torch's extension builder (g++ and ninja)
-and cached (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+and cached (under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), in a folder per kind of CPU,
+Python environment and source file, so that two environments never rebuild each other's.
+
+A build holds an OS file lock (``fcntl.flock``, released with its process however that ends) and clears torch's
+own lock file before it starts: a build killed midway once left that file behind and every later process waited
+on it forever.
 
 On a CPU a decode step of a small model spends as long in the dispatch of many tiny tensor ops as in its
 matmuls; each kernel here does in one call what takes torch several: attention for query blocks (row by row in
@@ -11,8 +16,10 @@ the caller then runs the same computation in torch ops.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -35,15 +42,32 @@ def _cpu_tag() -> str:
     return hashlib.sha1(info.encode()).hexdigest()[:8]
 
 
-@functools.cache
-def _module():
+def build_directory(name: str, source: Path) -> Path:
+    """Where this environment builds ``name`` from ``source``."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    digest = hashlib.sha1(f"{sys.prefix}\n{source.resolve()}".encode()).hexdigest()[:8]
+    return root / f"{name}-{digest}"
+
+
+def _load(name: str, source: Path, **flags):
+    """``cpp_extension.load`` under an OS lock, with torch's lock file from a killed build cleared."""
     from torch.utils import cpp_extension
 
+    folder = build_directory(name, source)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "tridlm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # no other process of ours builds here until this one ends
+        (folder / "lock").unlink(missing_ok=True)  # torch's baton: only a dead build can have left it
+        return cpp_extension.load(name, [str(source)], build_directory=str(folder), **flags)
+
+
+@functools.cache
+def _module():
     start = time.perf_counter()
     try:
-        module = cpp_extension.load(
+        module = _load(
             f"tridlm_cpu_{_cpu_tag()}",
-            [str(Path(__file__).with_name("cpu.cpp"))],
+            Path(__file__).with_name("cpu.cpp"),
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
         )
