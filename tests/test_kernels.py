@@ -208,9 +208,8 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process():
     (released whenever a process ends) instead of waiting on it forever."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    folder = kernels.build_directory(f"tridlm_cpu_{kernels._cpu_tag()}", Path(kernels.__file__).with_name("cpu.cpp"))
+    folder = kernels.build_directory(kernels.module_name(kernels.isa()))
     (folder / "lock").touch()
     load = "from tridlm import kernels; print(kernels._module() is not None)"
     out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=600)
@@ -236,3 +235,35 @@ print((sum(os.times()[:2]) - cpu) / (time.perf_counter() - wall))
 """
     cores = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout)
     assert cores < 1.15
+
+
+def test_every_variant_this_cpu_runs_passes_the_kernel_and_low_bit_tests():
+    """Each instruction-set variant this CPU can run, not only the best one the rest of the suite loads, is built
+    and passes this file and tests/test_quant.py (int4/int8 spec == AR bit for bit among them)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    others = [v for v in kernels.runnable() if v != kernels.isa()]
+    if not others:
+        pytest.skip("this CPU runs one variant only")
+    for variant in others:
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"]
+            + ["tests/test_quant.py", "-k", "not variant and not lock and not core"],
+            env={**os.environ, "TRIDLM_CPU_ISA": variant},
+            cwd=Path(__file__).parents[1],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert run.returncode == 0 and " passed" in run.stdout, (variant, run.stdout[-3000:], run.stderr[-2000:])
+
+
+def test_a_forced_variant_must_be_known_and_runnable(monkeypatch):
+    monkeypatch.setenv("TRIDLM_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="expected one of avx512, avx2, portable"):
+        kernels.isa()
+    monkeypatch.setenv("TRIDLM_CPU_ISA", "portable")
+    assert kernels.isa() == "portable"

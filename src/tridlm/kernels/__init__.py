@@ -2,6 +2,10 @@
 and cached (under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), in a folder per kind of CPU,
 Python environment and source file, so that two environments never rebuild each other's.
 
+Instruction-set variants (``VARIANTS``): ``avx512`` (AVX-512 with VNNI integer dot products), ``avx2`` and
+``portable`` (the compiler's baseline), each built on demand; the best this CPU runs is loaded, or the one
+``TRIDLM_CPU_ISA`` names (for tests and benches).
+
 A build holds an OS file lock (``fcntl.flock``, released with its process however that ends) and clears torch's
 own lock file before it starts: a build killed midway once left that file behind and every later process waited
 on it forever.
@@ -20,6 +24,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -31,18 +36,60 @@ import torch
 HEAD_SIZES = (64, 128, 256)  # what ``attend`` is compiled for
 
 
-def _cpu_tag() -> str:
-    """A short digest of this CPU's model and flags: the kernel is compiled for the machine (-march=native),
-    so a cache shared between machines keeps one build per kind of CPU."""
+# name: (the CPU flags it needs, as /proc/cpuinfo names them; its compiler flags), best first. The kernels are
+# built on the machine they run on: avx512 takes everything that CPU has (-march=native measured faster than
+# x86-64-v4 + VNNI, 5.5-6.0 against 6.1-8.9 ms per AR step in alternating runs), the others are tuned for it.
+# x86-64 only; other machines get the portable build.
+VARIANTS = {
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, ["-march=native"]),
+    "avx2": ({"avx2", "fma", "f16c", "bmi2"}, ["-march=x86-64-v3", "-mtune=native"]),
+    "portable": (set(), []),
+}
+
+
+def _cpuinfo() -> list[str]:
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        info = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+        return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        info = "unknown"
+        return []
+
+
+def _cpu_tag() -> str:
+    """A short digest of this CPU's model and flags: a cache shared between machines keeps one build per kind of
+    CPU."""
+    info = "\n".join(sorted({ln for ln in _cpuinfo() if ln.startswith(("model name", "flags"))}))
     return hashlib.sha1(info.encode()).hexdigest()[:8]
 
 
-def build_directory(name: str, source: Path) -> Path:
+def runnable() -> list[str]:
+    """The variants this CPU can run, best first."""
+    flags = {f for ln in _cpuinfo() if ln.startswith("flags") for f in ln.split(":", 1)[1].split()}
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["portable"]
+    return [name for name, (needs, _) in VARIANTS.items() if needs <= flags]
+
+
+def isa() -> str:
+    """The variant to load: ``TRIDLM_CPU_ISA`` where set (it must be one this CPU runs), else the best."""
+    can = runnable()
+    forced = os.environ.get("TRIDLM_CPU_ISA")
+    if forced is None:
+        return can[0]
+    if forced not in VARIANTS:
+        raise ValueError(f"TRIDLM_CPU_ISA={forced!r}: expected one of {', '.join(VARIANTS)}")
+    if forced not in can:
+        raise ValueError(f"TRIDLM_CPU_ISA={forced!r}: this CPU runs {', '.join(can)}")
+    return forced
+
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+
+
+def module_name(variant: str) -> str:
+    return f"tridlm_cpu_{variant}_{_cpu_tag()}"
+
+
+def build_directory(name: str, source: Path = SOURCE) -> Path:
     """Where this environment builds ``name`` from ``source``."""
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     digest = hashlib.sha1(f"{sys.prefix}\n{source.resolve()}".encode()).hexdigest()[:8]
@@ -63,12 +110,13 @@ def _load(name: str, source: Path, **flags):
 
 @functools.cache
 def _module():
+    variant = isa()
     start = time.perf_counter()
     try:
         module = _load(
-            f"tridlm_cpu_{_cpu_tag()}",
-            Path(__file__).with_name("cpu.cpp"),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            module_name(variant),
+            SOURCE,
+            extra_cflags=["-O3", *VARIANTS[variant][1], "-fopenmp"],
             extra_ldflags=["-fopenmp"],
         )
     except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:  # no compiler, no ninja ...
@@ -79,7 +127,7 @@ def _module():
         return None
     took = time.perf_counter() - start
     if took > 2:  # a build rather than a load from the cache
-        print(f"tridlm: built the CPU kernels in {took:.0f} s (cached for later runs)", file=sys.stderr)
+        print(f"tridlm: built the CPU kernels ({variant}) in {took:.0f} s (cached for later runs)", file=sys.stderr)
     return module
 
 
