@@ -42,7 +42,7 @@ from tridlm.tokenizer import TextStream, Tokenizer
 
 
 class Server:
-    """The endpoints' logic over one worker thread that owns the model."""
+    """The endpoints' logic over the worker that owns the model."""
 
     def __init__(self, model: TriModel, tokenizer: Tokenizer, config: ServerConfig, costs: CostCurve | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config.validate()
