@@ -27,6 +27,7 @@ the other modes decode each row as if alone and batch across tenants.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -196,6 +197,13 @@ class Worker:
         before ``ready``."""
         generate(self.model, [[self.model.cfg.bos_id or 0]], GenerationConfig(max_tokens=1))
         self.batcher.reserve()
+        cache = self.batcher.cache
+        size = 2 * cache.k.numel() * cache.k.element_size() / 2**20
+        print(
+            f"tridlm: continuous batching cache: {cache.batch} rows x {cache.max_len} tokens, {size:.0f} MiB "
+            "(--max-batch, --slot-tokens)",
+            file=sys.stderr,
+        )
         self.costs = self.costs or CostCurve.measure(self.model, self.auto_block)
         self.ready.set()
 
