@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 
-import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tridlm.decode import CostCurve
 from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig
-from tridlm.serve.guard import Gate, make_config, read_json
+from tridlm.serve.guard import Gate, make_config, parse
 from tridlm.serve.metrics import Finisher, Metrics
 from tridlm.serve.protocol import (
     APIError,
@@ -66,6 +65,16 @@ class Server:
         # before it is tokenized.
         self.max_prompt_tokens = min(config.max_prompt_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.max_prompt_chars = self.max_prompt_tokens * tokenizer.longest_token_chars
+
+    async def health(self):
+        """ok (200) once the worker answers at full speed (kernels loaded, cost curve measured); loading or
+        error (503) before that or after the worker stopped."""
+        worker = self.worker
+        if not worker.alive:
+            body = {"status": "error", "error": worker.failed or "the model worker has stopped"}
+        else:
+            body = {"status": "ok" if worker.ready.is_set() else "loading", "queue_depth": worker.load}
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     async def completions(self, request: Request):
         body = await parse(request, CompletionRequest, self.config)
@@ -272,17 +281,6 @@ def create_app(
     async def playground():  # the browser playground: a self-contained page over the streaming API
         return HTMLResponse(page)
 
-    @app.get("/health")
-    async def health():
-        """ok (200) once the worker answers at full speed (kernels loaded, cost curve measured); loading or
-        error (503) before that or after the worker stopped."""
-        worker = server.worker
-        if not worker.alive:
-            body = {"status": "error", "error": worker.failed or "the model worker has stopped"}
-        else:
-            body = {"status": "ok" if worker.ready.is_set() else "loading", "queue_depth": worker.load}
-        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
-
     @app.get("/metrics")
     async def prometheus():
         server.metrics.queue.set(server.worker.load)
@@ -295,30 +293,10 @@ def create_app(
             "data": [{"id": config.served_model_name, "object": "model", "created": 0, "owned_by": "tridlm"}],
         }
 
+    app.get("/health")(server.health)
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat)
     return app
-
-
-async def parse(request: Request, schema, config: ServerConfig):
-    """The request body as ``schema``, after ``guard.read_json``'s checks; 4xx naming the field otherwise."""
-    data = await read_json(request, config)
-    try:
-        body = schema.model_validate(data)
-    except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"])
-        raise APIError(400, f"invalid field '{param}': {err['msg']}", param) from None
-    if body.model not in (None, config.served_model_name):
-        raise APIError(
-            404,
-            f"model '{body.model}' does not exist; this server serves '{config.served_model_name}'",
-            "model",
-            code="model_not_found",
-        )
-    if (field := body.unsupported()) is not None:
-        raise APIError(400, f"'{field}' is not supported by this server", field)
-    return body
 
 
 INLINE_TOKENS = 16  # a stream chunk this short is detokenized on the event loop (a thread hop costs more)

@@ -1,6 +1,6 @@
 """What a request must pass before the server does any work for it: the Host it names, its API key (which
-also says its tenant), its content type, its body's size, read time and nesting, and (``make_config``) the
-decoding work it asks for."""
+also says its tenant), its content type, its body's size, read time, nesting and schema (``parse``), and
+(``make_config``) the decoding work it asks for."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hmac
 import json
 
 import numpy as np
+import pydantic
 from fastapi import Request
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -181,3 +182,24 @@ def make_config(
         return cfg.replace(max_tokens=max_tokens)
     except ValueError as e:
         raise APIError(400, str(e)) from None
+
+
+async def parse(request: Request, schema, config: ServerConfig):
+    """The request body as ``schema``, after ``read_json``'s checks; 4xx naming the field otherwise."""
+    data = await read_json(request, config)
+    try:
+        body = schema.model_validate(data)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"])
+        raise APIError(400, f"invalid field '{param}': {err['msg']}", param) from None
+    if body.model not in (None, config.served_model_name):
+        raise APIError(
+            404,
+            f"model '{body.model}' does not exist; this server serves '{config.served_model_name}'",
+            "model",
+            code="model_not_found",
+        )
+    if (field := body.unsupported()) is not None:
+        raise APIError(400, f"'{field}' is not supported by this server", field)
+    return body
