@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tridlm.model import ModelConfig, TriModel
+from tridlm.model import ModelConfig, TriModel, empty_model
 from tridlm.nld_config import CheckpointError, config_from_json, config_to_nld_json
 from tridlm.projection import Linear
 from tridlm.tokenizer import Tokenizer
@@ -80,8 +80,7 @@ def load_model(
         raise FileNotFoundError(f"{directory}: not a checkpoint directory (missing config.json)")
     parsed, fmt = config_from_json(directory / "config.json")
     cfg = cfg or parsed
-    with torch.device("meta"):
-        model = TriModel(cfg)
+    model = empty_model(cfg)
     wanted = dict(model.state_dict())
     if cfg.tie_embeddings:
         wanted.pop("diffusion_head.weight")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tridlm import kernels
-from tridlm.quant import ACTIVATIONS, WEIGHT_PRECISIONS, Int4Weight, Int8Weight, concat
+from tridlm.quant import ACTIVATIONS, WEIGHT_PRECISIONS, Int4Weight, Int8Weight, concat, release_free_memory
 
 
 class Linear(nn.Linear):
@@ -126,6 +126,7 @@ def fuse_packed(model) -> None:
             kinds = {type(pr.packed) for pr in projs}
             if len(kinds) == 1 and None not in (pr.packed for pr in projs) and all(pr.bias is None for pr in projs):
                 setattr(owner, name, concat([pr.packed for pr in projs]))
+                release_free_memory()  # the parts' storage, copied: peak memory stays at one group over the model
 
 
 def quantize(model, precision: str) -> None:

@@ -30,12 +30,12 @@ class Tokenizer:
     eos_id: int | None
 
     @classmethod
-    def from_gguf(cls, reader) -> Tokenizer:
-        """Rebuild the byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` metadata."""
+    def from_gguf(cls, fields: dict) -> Tokenizer:
+        """Rebuild the byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` metadata (``fields``: key ->
+        value, as ``tridlm.gguf_file.GGUFFile`` reads them)."""
 
         def field(name, default=None):
-            f = reader.fields.get(name)
-            return f.contents() if f is not None else default
+            return fields.get(name, default)
 
         kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")
         if kind != "gpt2" or pre not in _GPT2_PRE:

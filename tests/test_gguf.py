@@ -1,0 +1,89 @@
+"""GGUF files read lean: our metadata reader against the gguf package's, bad files named, the Q8_0 embedding's rows
+equal to the dequantized table, and a 360M-shape file loaded in int4 without holding a copy of the model."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tridlm import checkpoint, default_model, quant
+from tridlm.gguf_file import GGUFFile
+
+gguf = pytest.importorskip("gguf")
+
+
+def test_metadata_and_tensors_match_the_gguf_package():
+    path = default_model.gguf_path()
+    ours, reference = GGUFFile(path), gguf.GGUFReader(str(path))
+    want = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields == want
+    assert [(t.name, t.shape, t.kind) for t in ours.tensors] == [
+        (t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type) for t in reference.tensors
+    ]
+    for t, r in zip(ours.tensors[:3], reference.tensors[:3]):
+        assert t.offset == r.data_offset and t.nbytes == r.n_bytes
+        assert np.array_equal(ours.read(t).reshape(-1), np.asarray(r.data).reshape(-1).view(np.uint8))
+
+
+def test_foreign_and_truncated_files_are_named(tmp_path):
+    foreign = tmp_path / "model.gguf"
+    foreign.write_bytes(b"PK\x03\x04 not a gguf file")
+    with pytest.raises(checkpoint.CheckpointError, match="model.gguf: not a readable GGUF file"):
+        GGUFFile(foreign)
+    data = default_model.gguf_path().read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="cut.gguf: not a readable GGUF file .*truncated"):
+        GGUFFile(cut)
+    cut.write_bytes(data[:3000])  # inside the tokenizer's metadata
+    with pytest.raises(checkpoint.CheckpointError, match="cut.gguf: not a readable GGUF file"):
+        GGUFFile(cut)
+
+
+def test_q8_0_embedding_rows_are_the_dequantized_table():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((300, 4096)).astype(np.float32)  # past one chunk of the head's packing
+    blocks = gguf.quants.quantize(table, gguf.GGMLQuantizationType.Q8_0)
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)).bfloat16()
+    emb = quant.Q8Embedding(blocks, 300, 4096, torch.bfloat16)
+    ids = torch.tensor([[0, 299, 7], [150, 150, 3]])
+    assert torch.equal(emb(ids), want[ids])
+    head = quant.Int8Weight.from_float(emb)
+    reference = quant.Int8Weight.from_float(want)
+    assert torch.equal(head.codes, reference.codes) and torch.equal(head.scale, reference.scale)
+
+
+def test_fused_projections_hold_no_second_copy(tiny_cfg):
+    from tridlm import projection
+    from tridlm.presets import random_model
+
+    for precision in quant.WEIGHT_PRECISIONS:
+        model = random_model(tiny_cfg, seed=1).to(torch.bfloat16)
+        projection.quantize(model, precision)
+        mlp = model.encoder.layers[0].mlp
+        fused = mlp.gate_up.codes.untyped_storage().data_ptr()
+        assert {p.packed.codes.untyped_storage().data_ptr() for p in (mlp.gate_proj, mlp.up_proj)} == {fused}
+
+
+LOAD = """
+import resource, sys
+import torch
+from tridlm.loading import open_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model, _ = open_model(sys.argv[1])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_a_larger_gguf_loads_in_int4_near_its_file_size(tmp_path):
+    """Loading grows the process by about the file (the 4-bit codes and the Q8_0 table as they are, plus the int8
+    head); before the lean loader it grew by 4.2x the file (dequantized table, whole file mapped, fused copies)."""
+    from tridlm import random_gguf
+
+    path = random_gguf.write(tmp_path / "random-360m.gguf", "360m")
+    run = subprocess.run([sys.executable, "-c", LOAD, str(path)], capture_output=True, text=True, check=True)
+    grown = int(run.stdout)
+    assert grown < 1.5 * path.stat().st_size, f"loading grew the process by {grown / path.stat().st_size:.2f}x the file"
