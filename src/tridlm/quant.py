@@ -11,8 +11,6 @@ float16 values). Any other weight is quantized here from its float values (round
 from __future__ import annotations
 
 import ctypes
-import math
-import mmap
 
 import numpy as np
 import torch
@@ -43,7 +41,7 @@ class Int8Weight:
         if k % GROUP == 0:  # tiles of 16 channels x blocks of 32 inputs; part c, lane l: inputs 4c .. 4c + 3
             pad = -n % LANES
             tiles = (n + pad) // LANES
-            self.codes = lasting((tiles, k // GROUP, 512), torch.uint8)
+            self.codes = torch.empty(tiles, k // GROUP, 512, dtype=torch.uint8)
             step = max(1, 2**20 // (LANES * k))  # tiles at a time: no whole-matrix temporaries
             for t in range(0, tiles, step):
                 biased = q[t * LANES : (t + step) * LANES].view(torch.uint8) ^ 0x80  # q + 128
@@ -107,7 +105,7 @@ class Int4Weight:
         tiles, blocks = (n + pad) // LANES, k // GROUP
         # tile t, block b, chunk c, lane l, byte j: inputs 8c + j (low nibble) and 8c + 4 + j (high nibble)
         nibbles = q.view(tiles, LANES, blocks, 4, 2, 4).permute(0, 2, 3, 1, 4, 5)
-        self.codes = lasting(like=(nibbles[..., 0, :] | nibbles[..., 1, :] << 4).reshape(tiles, blocks, 256))
+        self.codes = (nibbles[..., 0, :] | nibbles[..., 1, :] << 4).reshape(tiles, blocks, 256).contiguous()
         self.scales = torch.stack([t.view(tiles, LANES, blocks).transpose(1, 2) for t in (d, m)], 2).half().contiguous()
 
     @classmethod
@@ -171,7 +169,7 @@ class Q8Embedding(nn.Module):
         """blocks: (n, k / 32 * 34) bytes, one row of Q8_0 blocks per token; rows come out in ``dtype``."""
         super().__init__()
         blocks = torch.from_numpy(np.ascontiguousarray(blocks)).view(n, k // GROUP, 34)
-        self.codes = lasting(like=blocks[..., 2:]).view(torch.int8).view(n, k)
+        self.codes = blocks[..., 2:].contiguous().view(torch.int8).view(n, k)
         self.scales = blocks[..., :2].contiguous().view(torch.float16).view(n, k // GROUP)
         self.shape, self.dtype = (n, k), dtype
 
@@ -206,7 +204,7 @@ def concat(weights: list) -> Int8Weight | Int4Weight | None:
         names = ("codes", "scales")
     for name in names:
         parts = [getattr(w, name) for w in weights]
-        whole = lasting((sum(t.shape[0] for t in parts), *parts[0].shape[1:]), parts[0].dtype)
+        whole = torch.empty((sum(t.shape[0] for t in parts), *parts[0].shape[1:]), dtype=parts[0].dtype)
         del parts
         start = 0
         for w in weights:
@@ -216,19 +214,6 @@ def concat(weights: list) -> Int8Weight | Int4Weight | None:
             start += n
         setattr(fused, name, whole)
     return fused
-
-
-def lasting(shape: tuple[int, ...] = (), dtype: torch.dtype | None = None, like: torch.Tensor | None = None):
-    """A tensor for weights that live as long as the model (empty, or a copy of ``like``), big ones in memory
-    mapped for them alone: apart from the heap, where each would sit above the freed temporaries of its packing
-    and keep their pages from going back to the system."""
-    shape, dtype = (like.shape, like.dtype) if like is not None else (shape, dtype)
-    count = math.prod(shape)
-    if count * dtype.itemsize < 1 << 20:
-        out = torch.empty(shape, dtype=dtype)
-    else:
-        out = torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)
-    return out if like is None else out.copy_(like)
 
 
 def release_free_memory() -> None:
