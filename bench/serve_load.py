@@ -4,7 +4,7 @@ Closed-loop clients, each sending streamed chat requests one after another (the 
 `max_tokens` cycling 32/64/128, greedy) for `--seconds` per client count; per server and count: aggregate
 tok/s (completion tokens / wall time until the last request ends), TTFT and latency p50/p99, errors, and the
 server's RSS (sampled every 0.5 s). Both servers run in the same script, the client counts alternating which
-goes first. `llama-server` is built once from the llama.cpp source inside the llama-cpp-python sdist (cmake, g++;
+goes first. `llama-server` is built once from the llama.cpp source inside the llama-cpp-python sdist (bench/llamacpp.py;
 `--llama-server PATH` takes a built one); it is reported as missing when it cannot be built.
 
     .venv/bin/python bench/serve_load.py [--clients 1,4,8,16] [--seconds 60] [--mode ar] [--out bench/results]
@@ -21,7 +21,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,34 +28,11 @@ from importlib import resources
 from pathlib import Path
 
 import httpx
+import llamacpp
 
 from tridlm import default_model
 
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # whose sdist carries the llama.cpp source we build
-BUILD = Path(".venv/llama-server")
 MAX_TOKENS = (32, 64, 128)
-
-
-def build_llama_server() -> Path | None:
-    """llama-server built from the llama.cpp source in the llama-cpp-python sdist (cached), or None."""
-    binary = BUILD / "build" / "bin" / "llama-server"
-    if binary.exists():
-        return binary
-    try:
-        BUILD.mkdir(parents=True, exist_ok=True)
-        pip = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", str(BUILD)]
-        subprocess.run([*pip, LLAMA_CPP_PYTHON], check=True, capture_output=True)
-        with tarfile.open(next(BUILD.glob("llama_cpp_python-*.tar.gz"))) as tar:
-            tar.extractall(BUILD, filter="data")
-        source = next(BUILD.glob("llama_cpp_python-*/vendor/llama.cpp"))
-        flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=ON"]
-        subprocess.run(["cmake", "-S", source, "-B", BUILD / "build", *flags], check=True, capture_output=True)
-        build = ["cmake", "--build", BUILD / "build", "--target", "llama-server", "-j2"]
-        subprocess.run(build, check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError, StopIteration) as e:
-        print(f"llama-server could not be built ({e}): reported as missing", file=sys.stderr)
-        return None
-    return binary if binary.exists() else None
 
 
 def free_port() -> int:
@@ -170,7 +146,7 @@ def main() -> None:
     servers["tridlm"] = (start([*cmd, "--default-mode", args.mode], port), f"http://127.0.0.1:{port}")
     binary = None
     if "llama-server" in args.servers.split(","):
-        binary = Path(args.llama_server) if args.llama_server else build_llama_server()
+        binary = Path(args.llama_server) if args.llama_server else llamacpp.build("llama-server")
     if binary is not None:
         port = free_port()
         np_ = str(max(counts))
