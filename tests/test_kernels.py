@@ -267,3 +267,45 @@ def test_a_forced_variant_must_be_known_and_runnable(monkeypatch):
         kernels.isa()
     monkeypatch.setenv("TRIDLM_CPU_ISA", "portable")
     assert kernels.isa() == "portable"
+
+
+def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
+    """An int4 model's decode forwards (prefill, AR steps, spec verification, a ragged continuous batch) through
+    ``kernels.decode_layers`` in one call give the same logits as its modules' forwards, to the last bit."""
+    from tridlm import projection
+    from tridlm.decode import DecodeState, GenerationConfig, generate
+    from tridlm.decode.batcher import Batcher
+    from tridlm.model import ModelConfig
+    from tridlm.presets import random_model
+
+    cfg = ModelConfig(64, 128, 2, 4, 2, 64, 256, max_seq_len=512, bos_id=1, eos_ids=(2,), mask_id=3)
+    model = random_model(cfg, seed=5, std=0.3).to(torch.bfloat16)
+    projection.quantize(model, "int4")
+    native = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: native.append(a[0].shape) or real(*a))
+    prompts = [[1, 5, 9, 11, 7], [1, 4, 4, 6, 8, 10, 12, 14, 9, 30]]
+    greedy = GenerationConfig(max_tokens=24)
+
+    def decode() -> tuple[list, list[torch.Tensor]]:
+        logits, forward = [], model.forward
+        model.forward = lambda *a, **k: logits.append(out := forward(*a, **k)) or out
+        try:
+            out = [generate(model, [p], greedy.replace(mode=m)).rows[0].tokens for p in prompts for m in ("ar", "spec")]
+            batcher, state = Batcher(model, 2, 64), DecodeState(2, greedy.resolve(model), cfg.eos_ids, None)
+            for row, p in enumerate(prompts):
+                batcher.admit(state, row, p, None)
+                batcher.step()
+            while batcher.slots:
+                batcher.step()
+            return [*out, *(r.tokens for r in state.rows)], logits
+        finally:
+            del model.forward
+
+    fast = decode()
+    sizes = {n for _, n, _ in native}  # prefills, AR steps, verification blocks; and a batch of two rows
+    assert 1 in sizes and sizes - {1, *map(len, prompts)} and any(b == 2 for b, _, _ in native)
+    model.native_layers, calls = False, len(native)
+    slow = decode()
+    assert len(native) == calls and fast[0] == slow[0] and len(fast[1]) == len(slow[1])
+    assert all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))

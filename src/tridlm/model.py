@@ -18,7 +18,10 @@ from torch import nn
 from tridlm import attention, kernels, rope
 from tridlm.cache import KVCache
 from tridlm.projection import Linear, LoraGroup, project
+from tridlm.quant import Int4Weight
 from tridlm.rope import RopeConfig
+
+_NO_SLOTS = torch.empty(0, dtype=torch.long)  # kernels.decode_layers: current tokens at slots P + i
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,8 @@ class TriModel(nn.Module):
             for g in (layer.self_attn.qkv_lora, layer.self_attn.o_lora, layer.mlp.gate_up_lora, layer.mlp.down_lora)
         ]
         self._adapters_stale = True
+        self.native_layers = True  # decode forwards through kernels.decode_layers where they can (tests compare)
+        self._native: list[torch.Tensor] | bool | None = None  # its weights (``_native_weights``)
 
     @property
     def device(self) -> torch.device:
@@ -260,13 +265,57 @@ class TriModel(nn.Module):
             attention.plan(cache, positions, prefix, write, key_slots),
             (self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads),
         )
-        for layer in self.encoder.layers:
-            x = layer(x, p)
+        native = self._native_layers(x, p)
+        if native is not None:
+            x = native
+        else:
+            for layer in self.encoder.layers:
+                x = layer(x, p)
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, k, dim)
             if isinstance(adapter, torch.Tensor):
                 adapter = adapter.gather(1, logits_index)
         return self.diffusion_head(self.encoder.norm(x), adapter).float()
+
+    def _native_layers(self, x: torch.Tensor, p: Pass) -> torch.Tensor | None:
+        """The decoder layers by ``kernels.decode_layers`` in one call, the same values as the modules' forwards bit
+        for bit, where that applies (int4 weights, no adapter, row-exact attention in place over a CPU cache: AR steps
+        and spec verification), else None."""
+        if not (self.native_layers and p.plan.in_place and p.plan.row_exact and p.adapter is False):
+            return None
+        if p.q_scale is not None or x.shape[-1] % 16:
+            return None
+        weights = self._native_weights()
+        if weights is None:
+            return None
+        slots = _NO_SLOTS if p.slots is None else p.slots.contiguous()
+        args = (p.cos, p.sin, p.mask[:, 0].contiguous(), slots, p.prefix, self.cfg.n_heads, self.cfg.norm_eps)
+        return kernels.decode_layers(x, weights, p.cache.k, p.cache.v, *args, self.cfg.head_dim**-0.5)
+
+    def _native_weights(self) -> list[torch.Tensor] | None:
+        """Per layer the ten tensors ``kernels.decode_layers`` takes, or None where a layer has other than fused int4
+        projections without biases (built once; ``packing_changed`` drops it)."""
+        if self._native is None:
+            self._native = []
+            for layer in self.encoder.layers:
+                a, m = layer.self_attn, layer.mlp
+                projections = (a.qkv, a.o_proj.packed, m.gate_up, m.down_proj.packed)
+                norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+                if (
+                    self.cfg.qk_norm
+                    or not all(isinstance(w, Int4Weight) for w in projections)
+                    or any(pr.bias is not None for pr in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.down_proj))
+                    or any(w.dtype != self.dtype for w in norms)
+                ):
+                    self._native = False
+                    break
+                qkv, o, gate_up, down = ((w.codes, w.scales) for w in projections)
+                self._native += [norms[0], *qkv, *o, norms[1], *gate_up, *down]
+        return self._native or None
+
+    def packing_changed(self) -> None:
+        """Say that projections were given low-bit weights or fused (``tridlm.projection``)."""
+        self._native = None
 
     def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...] = ("o_proj",)) -> None:
         """Attach LoRA adapters to every projection whose name is in ``targets``. They are float32 whatever

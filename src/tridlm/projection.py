@@ -127,6 +127,7 @@ def fuse_packed(model) -> None:
             if len(kinds) == 1 and None not in (pr.packed for pr in projs) and all(pr.bias is None for pr in projs):
                 setattr(owner, name, concat([pr.packed for pr in projs]))
                 release_free_memory()  # the parts' storage, copied: peak memory stays at one group over the model
+    model.packing_changed()
 
 
 def quantize(model, precision: str) -> None:

@@ -229,6 +229,18 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, adapter: Adapter) -> torch.Tensor
     return module.lora_add(y, x.contiguous(), *adapter.args())
 
 
+def decode_layers(
+    x: torch.Tensor, weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, *args
+) -> torch.Tensor | None:
+    """A forward's decoder layers in one call (int4 weights, no adapter, attention in place over the cache): see
+    ``decode_layers`` in cpu.cpp and ``tridlm.model.TriModel``, which gives the arguments; None where the kernels do
+    not apply (not in inference mode, not built, a head size they are not compiled for)."""
+    module = _usable(x, k)
+    if module is None or k.shape[-1] not in HEAD_SIZES or k.shape[-1] % 32:
+        return None
+    return module.decode_layers(x, weights, k, v, *args)
+
+
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """x (M, K) times int8 weights in ``tridlm.quant.Int8Weight``'s layout -> (M, N padded to 16), or None
     where the kernels were not built; in and out of inference mode, no gradient (as ``int4_linear``)."""

@@ -706,6 +706,60 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
   return out;
 }
 
+// Copy the current tokens' keys or values, x (B, n, KV, D) with the last dimension contiguous, into one layer's cache
+// buffer (B, KV, S, D): token i of row b to slot slots[b, i], or prefix + i where slots is empty.
+void store_slots(const torch::Tensor& x, torch::Tensor cache, const torch::Tensor& slots, int64_t prefix) {
+  const int64_t B = x.size(0), n = x.size(1), KV = x.size(2), D = x.size(3), bytes = D * x.element_size();
+  TORCH_CHECK(x.scalar_type() == cache.scalar_type() && x.stride(3) == 1 && cache.stride(3) == 1,
+              "decode_layers: the cache's dtype or layout disagrees");
+  const auto* src = static_cast<const char*>(x.data_ptr());
+  auto* dst = static_cast<char*>(cache.data_ptr());
+  const int64_t e = x.element_size();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t slot = slots.numel() ? slots.data_ptr<int64_t>()[b * n + i] : prefix + i;
+      TORCH_CHECK(0 <= slot && slot < cache.size(2), "decode_layers: cache slot out of range");
+      for (int64_t h = 0; h < KV; ++h)
+        std::memcpy(dst + (b * cache.stride(0) + h * cache.stride(1) + slot * cache.stride(2)) * e,
+                    src + (b * x.stride(0) + i * x.stride(1) + h * x.stride(2)) * e, bytes);
+    }
+}
+
+// A forward's decoder layers in one call, for decoding with int4 weights and no adapter (tridlm.model's native path):
+// what each layer's modules do in Python, by the same kernels in the same order, so the values are the same bit for
+// bit, without the interpreter's time between them. x (B, n, dim); weights: per layer the input norm, the fused
+// q/k/v codes and scales, the o codes and scales, the post-attention norm, the fused gate/up codes and scales, the
+// down codes and scales (10 tensors); kc, vc (layers, B, KV, S, D) the cache buffers, the current keys and values
+// stored at slots (B, n) int64, or at prefix + i where slots is empty, then attended in place over the first
+// prefix + n slots; cos, sin (B, n, 1, D); mask (B, n, prefix + n) bool.
+torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights, torch::Tensor kc, torch::Tensor vc,
+                            torch::Tensor cos, torch::Tensor sin, torch::Tensor mask, torch::Tensor slots,
+                            int64_t prefix, int64_t heads, double eps, double scale) {
+  TORCH_CHECK(x.dim() == 3 && weights.size() % 10 == 0 && kc.dim() == 5 && vc.sizes() == kc.sizes() &&
+              static_cast<int64_t>(weights.size()) / 10 == kc.size(0), "decode_layers: bad arguments");
+  const int64_t B = x.size(0), n = x.size(1), dim = x.size(2), KV = kc.size(2), D = kc.size(4);
+  const int64_t F = weights[8].size(1) * BLOCK;  // the down projection's input size
+  const auto none = torch::empty({0}), no_spans = torch::empty({0}, torch::kInt), no_rows = torch::empty({0}, torch::kBool);
+  auto linear = [&](const torch::Tensor& in, int64_t k, const torch::Tensor& codes, const torch::Tensor& scales) {
+    return int4_linear(in.reshape({-1, k}).contiguous(), codes, scales, none, none, no_spans, no_rows);
+  };
+  for (int64_t l = 0; l < kc.size(0); ++l) {
+    const torch::Tensor* w = weights.data() + 10 * l;
+    auto qkv = linear(rms_norm(x, w[0], eps), dim, w[1], w[2]).view({B, n, -1});
+    auto q = rope(qkv.narrow(2, 0, heads * D).view({B, n, heads, D}), cos, sin);
+    auto k = rope(qkv.narrow(2, heads * D, KV * D).view({B, n, KV, D}), cos, sin);
+    auto v = qkv.narrow(2, (heads + KV) * D, KV * D).view({B, n, KV, D});
+    store_slots(k, kc[l], slots, prefix);
+    store_slots(v, vc[l], slots, prefix);
+    auto o = attend(q, kc[l].narrow(2, 0, prefix + n), vc[l].narrow(2, 0, prefix + n), mask, scale);
+    x = x + linear(o, heads * D, w[3], w[4]).narrow(1, 0, dim).view({B, n, dim});
+    auto gate_up = linear(rms_norm(x, w[5], eps), dim, w[6], w[7]).view({B, n, -1});
+    auto hidden = silu_mul(gate_up.narrow(2, 0, F), gate_up.narrow(2, F, F));
+    x = x + linear(hidden, F, w[8], w[9]).narrow(1, 0, dim).view({B, n, dim});
+  }
+  return x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "attention for a CPU query block, row by row");
   m.def("rms_norm", &rms_norm, "RMSNorm, row by row");
@@ -714,4 +768,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_add", &lora_add, "a low-rank adapter's contribution added to chosen rows, in place");
   m.def("int8_linear", &int8_linear, "int8 weights times int8-quantized activations");
   m.def("int4_linear", &int4_linear, "int4 (Q4_1) weights times int8-quantized activations");
+  m.def("decode_layers", &decode_layers, "a forward's decoder layers with int4 weights, in one call");
 }
