@@ -299,7 +299,8 @@ struct Parts {  // portable form of the same integer sums: codes as 16 lanes of 
 };
 #if defined(__AVX2__)
 // AVX2: unsigned codes times signed activation bytes summed in pairs to 16 bits (maddubs: at most 2 x 15 x 128, no
-// saturation for 4-bit codes), then in pairs to 32 bits (madd with ones): the same integer sums as dpbusd.
+// saturation for 4-bit codes), added up over the 8 parts in 16 bits (at most 8 x 3840 < 32768), then in pairs to 32
+// bits (madd with ones) once per block: the same integer sums as dpbusd.
 struct Q4 {
   static constexpr int64_t bytes = 256;
   __m256i part[8][2];  // part c, lanes 0-7 and 8-15
@@ -321,9 +322,9 @@ struct Q4 {
         int32_t word;
         std::memcpy(&word, xq + r * stride + 4 * c, sizeof word);
         const __m256i x = _mm256_set1_epi32(word);
-        for (int h = 0; h < 2; ++h)
-          acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(_mm256_maddubs_epi16(part[c][h], x), ones));
+        for (int h = 0; h < 2; ++h) acc[h] = _mm256_add_epi16(acc[h], _mm256_maddubs_epi16(part[c][h], x));
       }
+      for (int h = 0; h < 2; ++h) acc[h] = _mm256_madd_epi16(acc[h], ones);
       std::memcpy(&dot[r], acc, sizeof acc);
     }
   }
