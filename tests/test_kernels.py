@@ -270,8 +270,9 @@ def test_a_forced_variant_must_be_known_and_runnable(monkeypatch):
 
 
 def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
-    """An int4 model's decode forwards (prefill, AR steps, spec verification, a ragged continuous batch) through
-    ``kernels.decode_layers`` in one call give the same logits as its modules' forwards, to the last bit."""
+    """An int4 model's decode forwards (prefill, AR steps, pipelined spec's verify-and-draft forwards with the draft
+    adapter on some rows, a ragged continuous batch) through ``kernels.decode_layers`` in one call give the same
+    logits as its modules' forwards, to the last bit."""
     from tridlm import projection
     from tridlm.decode import DecodeState, GenerationConfig, generate
     from tridlm.decode.batcher import Batcher
@@ -281,9 +282,14 @@ def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
     cfg = ModelConfig(64, 128, 2, 4, 2, 64, 256, max_seq_len=512, bos_id=1, eos_ids=(2,), mask_id=3)
     model = random_model(cfg, seed=5, std=0.3).to(torch.bfloat16)
     projection.quantize(model, "int4")
+    model.add_lora(4, 8.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith("lora_b"):
+                weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     native = []
     real = kernels.decode_layers
-    monkeypatch.setattr(kernels, "decode_layers", lambda *a: native.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: native.append((*a[0].shape, len(a[2]))) or real(*a))
     prompts = [[1, 5, 9, 11, 7], [1, 4, 4, 6, 8, 10, 12, 14, 9, 30]]
     greedy = GenerationConfig(max_tokens=24)
 
@@ -291,7 +297,8 @@ def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
         logits, forward = [], model.forward
         model.forward = lambda *a, **k: logits.append(out := forward(*a, **k)) or out
         try:
-            out = [generate(model, [p], greedy.replace(mode=m)).rows[0].tokens for p in prompts for m in ("ar", "spec")]
+            modes = [greedy.replace(mode="ar"), greedy.replace(mode="spec", spec_variant="pipelined", block_size=4)]
+            out = [generate(model, [p], c).rows[0].tokens for p in prompts for c in modes]
             batcher, state = Batcher(model, 2, 64), DecodeState(2, greedy.resolve(model), cfg.eos_ids, None)
             for row, p in enumerate(prompts):
                 batcher.admit(state, row, p, None)
@@ -303,8 +310,9 @@ def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
             del model.forward
 
     fast = decode()
-    sizes = {n for _, n, _ in native}  # prefills, AR steps, verification blocks; and a batch of two rows
-    assert 1 in sizes and sizes - {1, *map(len, prompts)} and any(b == 2 for b, _, _ in native)
+    sizes = {n for _, n, _, _ in native}  # prefills, AR steps, verify blocks, drafting; a batch of two rows
+    assert 1 in sizes and sizes - {1, *map(len, prompts)} and any(b == 2 for b, *_ in native)
+    assert any(adapters for *_, adapters in native)
     model.native_layers, calls = False, len(native)
     slow = decode()
     assert len(native) == calls and fast[0] == slow[0] and len(fast[1]) == len(slow[1])

@@ -22,6 +22,7 @@ from tridlm.quant import Int4Weight
 from tridlm.rope import RopeConfig
 
 _NO_SLOTS = torch.empty(0, dtype=torch.long)  # kernels.decode_layers: current tokens at slots P + i
+_ALL_ROWS = torch.empty(0, dtype=torch.bool)  # kernels.decode_layers: the adapter on every token
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class TriModel(nn.Module):
         self._adapters_stale = True
         self.native_layers = True  # decode forwards through kernels.decode_layers where they can (tests compare)
         self._native: list[torch.Tensor] | bool | None = None  # its weights (``_native_weights``)
+        self.cost_curve = None  # auto's measured forward costs, kept once measured (``decode.costs.CostCurve.of``)
 
     @property
     def device(self) -> torch.device:
@@ -279,18 +281,24 @@ class TriModel(nn.Module):
 
     def _native_layers(self, x: torch.Tensor, p: Pass) -> torch.Tensor | None:
         """The decoder layers by ``kernels.decode_layers`` in one call, the same values as the modules' forwards bit
-        for bit, where that applies (int4 weights, no adapter, row-exact attention in place over a CPU cache: AR steps
-        and spec verification), else None."""
-        if not (self.native_layers and p.plan.in_place and p.plan.row_exact and p.adapter is False):
+        for bit, where that applies (int4 weights, row-exact attention in place over a CPU cache: AR steps, spec
+        verification and drafting), else None."""
+        if not (self.native_layers and p.plan.in_place and p.plan.row_exact):
             return None
         if p.q_scale is not None or x.shape[-1] % 16:
             return None
         weights = self._native_weights()
         if weights is None:
             return None
+        adapters, rows = [], _ALL_ROWS
+        if p.adapter is not False:
+            if any(g.form is None for g in self._lora_groups):  # a projection without an adapter: the modules' path
+                return None
+            adapters = [t for g in self._lora_groups for t in g.form]
+            rows = rows if p.adapter is True else p.adapter.reshape(-1).contiguous()
         slots = _NO_SLOTS if p.slots is None else p.slots.contiguous()
         args = (p.cos, p.sin, p.mask[:, 0].contiguous(), slots, p.prefix, self.cfg.n_heads, self.cfg.norm_eps)
-        return kernels.decode_layers(x, weights, p.cache.k, p.cache.v, *args, self.cfg.head_dim**-0.5)
+        return kernels.decode_layers(x, weights, adapters, rows, p.cache.k, p.cache.v, *args, self.cfg.head_dim**-0.5)
 
     def _native_weights(self) -> list[torch.Tensor] | None:
         """Per layer the ten tensors ``kernels.decode_layers`` takes, or None where a layer has other than fused int4
@@ -314,8 +322,9 @@ class TriModel(nn.Module):
         return self._native or None
 
     def packing_changed(self) -> None:
-        """Say that projections were given low-bit weights or fused (``tridlm.projection``)."""
-        self._native = None
+        """Say that projections were given low-bit weights or fused (``tridlm.projection``): what depended on them
+        is built or measured again."""
+        self._native = self.cost_curve = None
 
     def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...] = ("o_proj",)) -> None:
         """Attach LoRA adapters to every projection whose name is in ``targets``. They are float32 whatever

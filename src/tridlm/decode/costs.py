@@ -69,8 +69,8 @@ def _median_ms(model: TriModel, context: list[int], reps: int, shapes: list[tupl
 class CostCurve:
     """cost(n) / cost(1) for n = 1..largest on one model, device and precision: of plain causal forwards
     ("verify") and of forwards whose rows after the first draft with the adapter ("draft"). Whoever decodes
-    ``auto`` holds one (the server measures its own before it serves) and passes it to ``stream``; it can be
-    saved and loaded so that a run plans with a known curve."""
+    ``auto`` may hold one (the server measures its own before it serves) and pass it to ``stream``, else the one kept
+    with the model is used (``of``); it can be saved and loaded so that a run plans with a known curve."""
 
     verify: dict[int, float]
     draft: dict[int, float]
@@ -88,6 +88,14 @@ class CostCurve:
         sizes = range(1, largest + 1)
         times = _median_ms(model, tokens, reps, [(n, drafting) for drafting in (False, True) for n in sizes])
         return cls(*({n: times[n, drafting] / times[1, False] for n in sizes} for drafting in (False, True)))
+
+    @classmethod
+    def of(cls, model: TriModel, largest: int) -> CostCurve:
+        """The curve kept with the model (``TriModel.cost_curve``), measured on first use or when it covers fewer
+        than ``largest`` tokens: what ``auto`` plans with when its caller passes none."""
+        if model.cost_curve is None or model.cost_curve.largest < largest:
+            model.cost_curve = cls.measure(model, largest)
+        return model.cost_curve
 
     def upto(self, block: int) -> dict[str, dict[int, float]]:
         """The curve's sizes up to ``block``, as the planner reads them."""

@@ -230,15 +230,15 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, adapter: Adapter) -> torch.Tensor
 
 
 def decode_layers(
-    x: torch.Tensor, weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, *args
+    x: torch.Tensor, weights: list, adapters: list, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args
 ) -> torch.Tensor | None:
-    """A forward's decoder layers in one call (int4 weights, no adapter, attention in place over the cache): see
+    """A forward's decoder layers in one call (int4 weights, attention in place over the cache): see
     ``decode_layers`` in cpu.cpp and ``tridlm.model.TriModel``, which gives the arguments; None where the kernels do
     not apply (not in inference mode, not built, a head size they are not compiled for)."""
     module = _usable(x, k)
     if module is None or k.shape[-1] not in HEAD_SIZES or k.shape[-1] % 32:
         return None
-    return module.decode_layers(x, weights, k, v, *args)
+    return module.decode_layers(x, weights, adapters, rows, k, v, *args)
 
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:

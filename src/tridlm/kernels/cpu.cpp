@@ -726,37 +726,47 @@ void store_slots(const torch::Tensor& x, torch::Tensor cache, const torch::Tenso
     }
 }
 
-// A forward's decoder layers in one call, for decoding with int4 weights and no adapter (tridlm.model's native path):
+// A forward's decoder layers in one call, for decoding with int4 weights (tridlm.model's native path):
 // what each layer's modules do in Python, by the same kernels in the same order, so the values are the same bit for
 // bit, without the interpreter's time between them. x (B, n, dim); weights: per layer the input norm, the fused
 // q/k/v codes and scales, the o codes and scales, the post-attention norm, the fused gate/up codes and scales, the
-// down codes and scales (10 tensors); kc, vc (layers, B, KV, S, D) the cache buffers, the current keys and values
+// down codes and scales (10 tensors); adapters: none, or per layer the kernel form (a, bt, spans) of the q/k/v, o,
+// gate/up and down adapters (12 tensors, an empty a where a projection has none), applied to the token rows ``rows``
+// (B * n bools, or empty for all); kc, vc (layers, B, KV, S, D) the cache buffers, the current keys and values
 // stored at slots (B, n) int64, or at prefix + i where slots is empty, then attended in place over the first
 // prefix + n slots; cos, sin (B, n, 1, D); mask (B, n, prefix + n) bool.
-torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights, torch::Tensor kc, torch::Tensor vc,
-                            torch::Tensor cos, torch::Tensor sin, torch::Tensor mask, torch::Tensor slots,
-                            int64_t prefix, int64_t heads, double eps, double scale) {
-  TORCH_CHECK(x.dim() == 3 && weights.size() % 10 == 0 && kc.dim() == 5 && vc.sizes() == kc.sizes() &&
-              static_cast<int64_t>(weights.size()) / 10 == kc.size(0), "decode_layers: bad arguments");
+torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> adapters,
+                            torch::Tensor rows, torch::Tensor kc, torch::Tensor vc, torch::Tensor cos, torch::Tensor sin,
+                            torch::Tensor mask, torch::Tensor slots, int64_t prefix, int64_t heads, double eps,
+                            double scale) {
+  const int64_t L = kc.size(0);
+  TORCH_CHECK(x.dim() == 3 && kc.dim() == 5 && vc.sizes() == kc.sizes() &&
+              static_cast<int64_t>(weights.size()) == 10 * L &&
+              (adapters.empty() || static_cast<int64_t>(adapters.size()) == 12 * L), "decode_layers: bad arguments");
   const int64_t B = x.size(0), n = x.size(1), dim = x.size(2), KV = kc.size(2), D = kc.size(4);
   const int64_t F = weights[8].size(1) * BLOCK;  // the down projection's input size
-  const auto none = torch::empty({0}), no_spans = torch::empty({0}, torch::kInt), no_rows = torch::empty({0}, torch::kBool);
-  auto linear = [&](const torch::Tensor& in, int64_t k, const torch::Tensor& codes, const torch::Tensor& scales) {
-    return int4_linear(in.reshape({-1, k}).contiguous(), codes, scales, none, none, no_spans, no_rows);
+  const auto none = torch::empty({0}), no_spans = torch::empty({0}, torch::kInt);
+  // projection j (q/k/v, o, gate/up, down) of layer l, with its adapter on ``rows`` where one is given
+  auto linear = [&](const torch::Tensor& in, int64_t k, int64_t l, int j) {
+    const torch::Tensor* w = weights.data() + 10 * l + (j == 0 ? 1 : j == 1 ? 3 : j == 2 ? 6 : 8);
+    const auto in2 = in.reshape({-1, k}).contiguous();
+    if (adapters.empty()) return int4_linear(in2, w[0], w[1], none, none, no_spans, rows);
+    const torch::Tensor* a = adapters.data() + 12 * l + 3 * j;
+    return int4_linear(in2, w[0], w[1], a[0], a[1], a[2], rows);
   };
-  for (int64_t l = 0; l < kc.size(0); ++l) {
+  for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* w = weights.data() + 10 * l;
-    auto qkv = linear(rms_norm(x, w[0], eps), dim, w[1], w[2]).view({B, n, -1});
+    auto qkv = linear(rms_norm(x, w[0], eps), dim, l, 0).view({B, n, -1});
     auto q = rope(qkv.narrow(2, 0, heads * D).view({B, n, heads, D}), cos, sin);
     auto k = rope(qkv.narrow(2, heads * D, KV * D).view({B, n, KV, D}), cos, sin);
     auto v = qkv.narrow(2, (heads + KV) * D, KV * D).view({B, n, KV, D});
     store_slots(k, kc[l], slots, prefix);
     store_slots(v, vc[l], slots, prefix);
     auto o = attend(q, kc[l].narrow(2, 0, prefix + n), vc[l].narrow(2, 0, prefix + n), mask, scale);
-    x = x + linear(o, heads * D, w[3], w[4]).narrow(1, 0, dim).view({B, n, dim});
-    auto gate_up = linear(rms_norm(x, w[5], eps), dim, w[6], w[7]).view({B, n, -1});
+    x = x + linear(o, heads * D, l, 1).narrow(1, 0, dim).view({B, n, dim});
+    auto gate_up = linear(rms_norm(x, w[5], eps), dim, l, 2).view({B, n, -1});
     auto hidden = silu_mul(gate_up.narrow(2, 0, F), gate_up.narrow(2, F, F));
-    x = x + linear(hidden, F, w[8], w[9]).narrow(1, 0, dim).view({B, n, dim});
+    x = x + linear(hidden, F, l, 3).narrow(1, 0, dim).view({B, n, dim});
   }
   return x;
 }

@@ -204,7 +204,7 @@ class Worker:
             "(--max-batch, --slot-tokens)",
             file=sys.stderr,
         )
-        self.costs = self.costs or CostCurve.measure(self.model, self.auto_block)
+        self.costs = self.costs or CostCurve.of(self.model, self.auto_block)
         self.ready.set()
 
     def _serve(self) -> None:
