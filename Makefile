@@ -54,11 +54,14 @@ $(LLAMACPP): $(STAMP)
 # auto beside AR, on chat and code prompts (bench/results/spec-ablation-<date>.{json,png}). Then one request at a
 # time through `tridlm serve` against the same decode in-process (bench/results/serve-single-<date>.json), and
 # serving under load beside llama-server (built from the llama-cpp-python sdist; bench/results/serve-load-<date>.*).
+# Then int4 AR at 135M-3B shapes beside llama-bench, per ISA variant (bench/results/scale-<date>.json; writes about
+# 3 GB of random-weight GGUF files into the tridlm cache once).
 bench: setup $(LLAMACPP)
 	$(BIN)/tridlm bench --dtype float32 --block-sizes 4,8 --repeats 2 --humaneval 6 --out bench/results
 	$(BIN)/python bench/spec_ablation.py --out bench/results
 	$(BIN)/python bench/serve_single.py --repeats 3 --out bench/results
-	$(BIN)/python bench/serve_load.py --clients 1,4,8,16 --seconds 60 --out bench/results
+	$(BIN)/python bench/serve_load.py --clients 1,4,8,16 --seconds 30 --out bench/results
+	$(BIN)/python bench/scale.py --repeats 3 --out bench/results
 
 # Task scores of every mode and precision (HumanEval 164, GSM8K 100; README "Task scores"; HumanEval runs the
 # model's code, in tridlm.sandbox, hence --allow-code-execution): writes

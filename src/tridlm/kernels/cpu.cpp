@@ -779,5 +779,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_add", &lora_add, "a low-rank adapter's contribution added to chosen rows, in place");
   m.def("int8_linear", &int8_linear, "int8 weights times int8-quantized activations");
   m.def("int4_linear", &int4_linear, "int4 (Q4_1) weights times int8-quantized activations");
-  m.def("decode_layers", &decode_layers, "a forward's decoder layers with int4 weights, in one call");
+  m.def("decode_layers", &decode_layers, "a forward's decoder layers with int4 weights, in one call",
+        py::call_guard<py::gil_scoped_release>());
 }
