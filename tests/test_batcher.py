@@ -76,3 +76,38 @@ def test_a_request_of_several_choices_counts_one_forward_per_step(tiny_model):
         batcher.step()
     assert state.forwards == 9 and [r.nfe for r in state.rows] == [9, 9]
     assert [r.tokens for r in state.rows] == [alone(tiny_model, p, GREEDY.replace(max_tokens=10)) for p in PROMPTS[:2]]
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_the_running_rows_go_on(tiny_model):
+    """A prompt longer than ``prefill_chunk`` takes one chunk per step; the running rows commit a token at each of
+    those steps, another request's long prompt waits (``can_admit``), a short one joins at once, and every row gets
+    the tokens it gets decoded alone."""
+    cfg = GREEDY.replace(max_tokens=30)
+    long_prompt = [(7 * i) % 50 + 4 for i in range(23)]
+    batcher = Batcher(tiny_model, 4, 128, prefill_chunk=5)
+    running, filling, short = (state_for(tiny_model, cfg) for _ in range(3))
+    batcher.admit(running, 0, PROMPTS[0], None)
+    batcher.step()
+    batcher.admit(filling, 0, long_prompt, None)
+    assert batcher.filling and not batcher.can_admit([long_prompt]) and batcher.can_admit([PROMPTS[4]])
+    before = len(running.rows[0].tokens)
+    for _ in range(4):  # 23 tokens in chunks of 5: in after the 5th step
+        batcher.step()
+    assert len(running.rows[0].tokens) == before + 4 and filling.rows[0].tokens == [] and batcher.filling
+    batcher.admit(short, 0, PROMPTS[4], None)  # joins ahead of the prompt still being filled
+    batcher.step()
+    assert not batcher.filling and len(filling.rows[0].tokens) == 2  # its first token, then the step's
+    while batcher.slots:
+        batcher.step()
+    for state, prompt in ((running, PROMPTS[0]), (filling, long_prompt), (short, PROMPTS[4])):
+        assert state.rows[0].tokens == alone(tiny_model, prompt, cfg)
+
+
+def test_a_request_cancelled_while_its_prompt_is_prefilled_frees_its_slot(tiny_model):
+    batcher = Batcher(tiny_model, 2, 128, prefill_chunk=4)
+    state = state_for(tiny_model, GREEDY)
+    batcher.admit(state, 0, list(range(4, 30)), None)
+    batcher.step()
+    state.cancel(0)
+    batcher.step()
+    assert not batcher.busy and batcher.free == 2

@@ -22,8 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tridlm.model import ModelConfig, TriModel, empty_model
+from tridlm.model import ModelConfig, TriModel
 from tridlm.nld_config import CheckpointError, config_from_json, config_to_nld_json
+from tridlm.presets import empty_model
 from tridlm.projection import Linear
 from tridlm.tokenizer import Tokenizer
 

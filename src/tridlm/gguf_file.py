@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from tridlm import checkpoint, quant
-from tridlm.model import ModelConfig, TriModel, empty_model
+from tridlm.model import ModelConfig, TriModel
+from tridlm.presets import empty_model
 from tridlm.rope import RopeConfig
 from tridlm.tokenizer import Tokenizer
 

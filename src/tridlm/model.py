@@ -341,18 +341,3 @@ class TriModel(nn.Module):
         the next inference forward that uses them rebuilds their grouped kernel form (``LoraGroup``) from them.
         Training forwards read each projection's own adapter and need no call."""
         self._adapters_stale = True
-
-
-def empty_model(cfg: ModelConfig) -> TriModel:
-    """A model whose weights are placeholders on the meta device, to be replaced from a file: built without
-    torch's random initialisers, which on meta tensors import about 800 modules (70 MB, a second)."""
-    initialised = (nn.Linear, nn.Embedding)
-    saved = [cls.reset_parameters for cls in initialised]
-    try:
-        for cls in initialised:
-            cls.reset_parameters = lambda self: None
-        with torch.device("meta"):
-            return TriModel(cfg)
-    finally:
-        for cls, reset in zip(initialised, saved):
-            cls.reset_parameters = reset

@@ -2,10 +2,12 @@
 
 A row joins the running batch whenever its caller admits it (its prompt prefilled alone into a free slot, its
 first token sampled) and leaves as soon as it finishes or is cancelled; every ``step`` is one causal forward of
-all running rows' pending tokens. The running rows stay packed in slots 0..n-1, so a step runs over a view of
-the pool and no row pays for an empty slot; a leaving row's slot takes the last row's cache (its committed
-length only). Rows of different lengths share a forward the way a ragged batch does (``masks.after_own_cache``):
-with int8/int4 weights a row's tokens are bit for bit those it gets decoded alone.
+all running rows' pending tokens. A prompt longer than ``prefill_chunk`` tokens is prefilled a chunk per step,
+before that step's forward, so that the running rows wait for one chunk at a time rather than the whole prompt;
+its rows join once it is in. The running rows stay packed in slots 0..n-1, so a step runs over a view of the pool
+and no row pays for an empty slot; a leaving row's slot takes the last row's cache (its committed length only).
+Rows of different lengths share a forward the way a ragged batch does (``masks.after_own_cache``): with int8/int4
+weights a row's tokens are bit for bit those it gets decoded alone, chunked prefill or not.
 
 Each row belongs to a ``DecodeState`` (one per request, a row per choice), which keeps its tokens, stopping and
 counts as in ``stream``; a row samples with its own request's sampler and generator.
@@ -13,6 +15,7 @@ counts as in ``stream``; a row samples with its own request's sampler and genera
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +35,23 @@ class Slot:
     generator: torch.Generator | None
 
 
+@dataclass
+class Filling(Slot):
+    prompt: list[int]
+    index: int  # its slot in the pool, past the running rows' (slots 0..n-1)
+    done: int = 0  # prompt tokens in the cache so far
+
+
 class Batcher:
-    def __init__(self, model: TriModel, max_rows: int, slot_tokens: int):
-        """``max_rows``: rows running at once; ``slot_tokens``: cache per row (prompt + answer at most). The pool
-        grows with the rows that run, up to ``max_rows`` x ``slot_tokens``, or all at once with ``reserve``."""
+    def __init__(self, model: TriModel, max_rows: int, slot_tokens: int, prefill_chunk: int = 256):
+        """``max_rows``: rows running at once; ``slot_tokens``: cache per row (prompt + answer at most);
+        ``prefill_chunk``: prompt tokens prefilled per step for a prompt that is longer. The pool grows with the
+        rows that run, up to ``max_rows`` x ``slot_tokens``, or all at once with ``reserve``."""
         self.model, self.max_rows, self.slot_tokens = model, max_rows, slot_tokens
+        self.prefill_chunk = prefill_chunk
         self.cache: KVCache | None = None
         self.slots: list[Slot] = []
+        self.filling: list[Filling] = []  # one request's long prompts, a chunk per step (``admit``)
 
     def reserve(self) -> None:
         """Allocate the whole pool now (a server: its memory known from the start, no growth while serving)."""
@@ -46,7 +59,18 @@ class Batcher:
 
     @property
     def free(self) -> int:
-        return self.max_rows - len(self.slots)
+        return self.max_rows - len(self.slots) - len(self.filling)
+
+    def can_admit(self, prompts: list[list[int]]) -> bool:
+        """Whether ``admit`` takes these prompts (one request's) now: slots for all, and no other request's long
+        prompt being prefilled where one of these is long."""
+        long = any(len(p) > self.prefill_chunk for p in prompts)
+        return self.free >= len(prompts) and not (long and self.filling)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a ``step`` has work: running rows, or a prompt being prefilled."""
+        return bool(self.slots or self.filling)
 
     def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
         """Whether a row of this prompt and answer length fits a slot (the last pending token is never cached)."""
@@ -54,29 +78,80 @@ class Batcher:
 
     @torch.inference_mode()
     def admit(self, state: DecodeState, row: int, prompt: list[int], generator: torch.Generator | None) -> None:
-        """Prefill ``prompt`` into a free slot and commit its first token to the state's row; the row runs from
-        the next ``step`` unless that token already finished it."""
+        """Take the state's row: a prompt of up to ``prefill_chunk`` tokens is prefilled now into a free slot and
+        its first token committed, so that the row runs from the next ``step`` (unless that token finished it); a
+        longer one is prefilled a chunk per ``step`` and joins when it is in. While a request's long prompts are
+        being prefilled no other request's can start (``filling``)."""
         if not self.free:
             raise ValueError(f"no free slot: {self.max_rows} rows are running")
         if not self.fits(len(prompt), state.rows[row].max_tokens):
             raise ValueError(f"prompt + max_tokens exceed a slot of {self.slot_tokens} tokens")
-        i = len(self.slots)
+        if self.filling and self.filling[0].state is not state and len(prompt) > self.prefill_chunk:
+            raise ValueError("another request's prompt is being prefilled")
+        taken = {f.index for f in self.filling}
+        i = next(i for i in range(len(self.slots), self.max_rows) if i not in taken)  # past the running rows
         self._grow(i + 1)
-        view = self.cache.rows(i, i + 1)
-        view.lengths.zero_()
-        logits = prefill_into(self.model, view, [prompt])
-        self.cache.lengths[i] = view.lengths[0]
-        token = int(state.cfg.sampler.next_token(logits, generator)[0])
+        self.cache.lengths[i] = 0
         state.rows[row].prompt = list(prompt)
-        state.emit(row, [token])
-        if not state.rows[row].done:
-            self.slots.append(Slot(state, row, token, generator))
+        if len(prompt) > self.prefill_chunk:
+            self.filling.append(Filling(state, row, -1, generator, list(prompt), i))
+            return
+        self._move(i, len(self.slots))  # right after the running rows (a slot being filled there moves to i)
+        view = self.cache.rows(len(self.slots), len(self.slots) + 1)
+        self._first_token(Slot(state, row, -1, generator), prefill_into(self.model, view, [prompt]), view)
+
+    def _first_token(self, slot: Slot, logits: torch.Tensor, view: KVCache) -> None:
+        """Commit a prefilled row's first token (its cache in ``view``, at the end of the running rows) and let it
+        run unless that token finished it."""
+        i = len(self.slots)
+        self.cache.lengths[i] = view.lengths[0]
+        slot.state.prefill_s = time.perf_counter() - slot.state.start  # its last row's, for a request of several
+        slot.pending = int(slot.state.cfg.sampler.next_token(logits, slot.generator)[0])
+        slot.state.emit(slot.row, [slot.pending])
+        if not slot.state.rows[slot.row].done:
+            self.slots.append(Slot(slot.state, slot.row, slot.pending, slot.generator))
+
+    def _fill(self) -> None:
+        """Prefill the next chunk of the first prompt being filled (dropped if its request was cancelled); a prompt
+        that is in joins the running rows."""
+        f = self.filling[0]
+        if f.state.rows[f.row].done:
+            self.filling.pop(0)
+            return
+        end = min(f.done + self.prefill_chunk, len(f.prompt))
+        view = self.cache.rows(f.index, f.index + 1)
+        tokens = torch.tensor([f.prompt[f.done : end]], device=self.model.device)
+        index = torch.tensor([[end - f.done - 1]], device=self.model.device)
+        logits = forward_block(self.model, view, tokens, masks.causal, write=True, logits_index=index)[:, 0]
+        self.cache.lengths[f.index] = view.lengths[0]
+        f.done = end
+        if end < len(f.prompt):
+            return
+        self.filling.pop(0)
+        self._move(f.index, len(self.slots))
+        self._first_token(f, logits, self.cache.rows(len(self.slots), len(self.slots) + 1))
+
+    def _move(self, source: int, target: int) -> None:
+        """Swap two slots of the pool past the running rows (their caches up to the longer committed length), so
+        that the row about to run sits at ``target``; a prompt being filled at ``target`` goes on at ``source``."""
+        if source == target:
+            return
+        length = int(self.cache.lengths[[source, target]].max())
+        for buffer in (self.cache.k, self.cache.v):
+            buffer[:, [source, target], :, :length] = buffer[:, [target, source], :, :length]
+        self.cache.lengths[[source, target]] = self.cache.lengths[[target, source]]
+        for f in self.filling:
+            if f.index == target:
+                f.index = source
 
     @torch.inference_mode()
     def step(self) -> None:
         """One causal forward of every running row's pending token: commits the next token of each; the rows
-        that finished (or were cancelled, ``DecodeState.cancel``) leave their slots."""
+        that finished (or were cancelled, ``DecodeState.cancel``) leave their slots. A prompt being prefilled gets
+        its next chunk first."""
         self._leave()
+        if self.filling:
+            self._fill()
         n = len(self.slots)
         if not n:
             return

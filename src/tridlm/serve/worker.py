@@ -1,13 +1,13 @@
 """The model owner: one thread that runs every generation, batching requests.
 
 Requests wait in a bounded queue and are taken in order. **AR requests are batched continuously**
-(``decode.batcher``): each joins the running rows at the next step, its prompt prefilled alone between two steps,
-and each row leaves as soon as it finishes, is cancelled or runs out of time, so a short request never waits for a
-long one and rows of any length share one forward. Seeded AR requests of several choices, traced ones and the
-other modes (diffusion, spec, auto when idle) run as a **static batch**: the oldest job with every waiting job of
-the same decoding settings, up to ``max_batch`` rows, decoded together to the end while the running AR rows wait.
-Jobs with a seed run alone so their samples do not depend on their neighbours. Committed tokens go back to each
-request's asyncio queue as they are produced; a cancelled job's rows stop at the next step.
+(``decode.batcher``): each joins the running rows at the next step, its prompt prefilled alone between two steps (a
+long one a chunk per step), and each row leaves as soon as it finishes, is cancelled or runs out of time, so a short
+request never waits for a long one and rows of any length share one forward. Seeded AR requests of several choices,
+traced ones and the other modes (diffusion, spec, auto when idle) run as a **static batch**: the oldest job with
+every waiting job of the same decoding settings, up to ``max_batch`` rows, decoded together to the end while the
+running AR rows wait. Jobs with a seed run alone so their samples do not depend on their neighbours. Committed
+tokens go back to each request's asyncio queue as they are produced; a cancelled job's rows stop at the next step.
 
 **One thread runs the model.** The worker runs on the thread that loaded the model (``run``: what ``tridlm
 serve`` does) or on a thread of its own (``start``: for embedding the app). The CPU kernels and torch's ops split
@@ -157,7 +157,7 @@ class Worker:
         """The next work, in arrival order: ("admit", [job]) to join the running rows, ("batch", jobs) for a
         static batch, ("step", []) when only the running rows go on; None once stopped."""
         with self._cond:
-            while not self._waiting and not self._stop and not self.batcher.slots:
+            while not self._waiting and not self._stop and not self.batcher.busy:
                 self._cond.wait()
             if self._stop:
                 return None
@@ -165,7 +165,7 @@ class Worker:
                 return "step", []
             head = self._waiting[0]
             if self.continuous(head):
-                if self.batcher.free < len(head.prompts):
+                if not self.batcher.can_admit(head.prompts):
                     return "step", []
                 self._running += 1
                 return "admit", [self._waiting.pop(0)]
@@ -214,7 +214,7 @@ class Worker:
                 self._static(jobs)
             elif kind == "admit":
                 self._admit(jobs[0])
-            if self.batcher.slots:
+            if self.batcher.busy:
                 self._step()
 
     def _end(self, ends: list[tuple[Job, tuple]], taken: int | None = None) -> None:
@@ -248,7 +248,6 @@ class Worker:
                 state.cancel(k)
             self._end([(job, ("error", f"generation failed: {e}"))])
             return
-        state.prefill_s = time.perf_counter() - state.start
         self._live[id(job)] = (job, state)
         self._settle()
 
@@ -266,6 +265,7 @@ class Worker:
             self.batcher.step()
         except Exception as e:  # every running request gets the error; the worker keeps serving
             self.batcher.slots.clear()
+            self.batcher.filling.clear()
             self._live.clear()
             self._end([(job, ("error", f"generation failed: {e}")) for job in jobs])
             return
