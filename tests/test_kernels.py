@@ -269,17 +269,14 @@ def test_a_forced_variant_must_be_known_and_runnable(monkeypatch):
     assert kernels.isa() == "portable"
 
 
-def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
-    """An int4 model's decode forwards (prefill, AR steps, pipelined spec's verify-and-draft forwards with the draft
-    adapter on some rows, a ragged continuous batch) through ``kernels.decode_layers`` in one call give the same
-    logits as its modules' forwards, to the last bit."""
+def _int4_model():
+    """A small int4 model the native layer call applies to (64-wide heads), with a draft adapter on every
+    projection (random, so that it changes the drafts)."""
     from tridlm import projection
-    from tridlm.decode import DecodeState, GenerationConfig, generate
-    from tridlm.decode.batcher import Batcher
     from tridlm.model import ModelConfig
     from tridlm.presets import random_model
 
-    cfg = ModelConfig(64, 128, 2, 4, 2, 64, 256, max_seq_len=512, bos_id=1, eos_ids=(2,), mask_id=3)
+    cfg = ModelConfig(64, 128, 2, 4, 2, 64, 256, max_seq_len=1024, bos_id=1, eos_ids=(2,), mask_id=3)
     model = random_model(cfg, seed=5, std=0.3).to(torch.bfloat16)
     projection.quantize(model, "int4")
     model.add_lora(4, 8.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
@@ -287,6 +284,18 @@ def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
         for name, weight in model.named_parameters():
             if name.endswith("lora_b"):
                 weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    return model
+
+
+def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
+    """An int4 model's decode forwards (prefill, AR steps, pipelined spec's verify-and-draft forwards with the draft
+    adapter on some rows, a ragged continuous batch) through ``kernels.decode_layers`` in one call give the same
+    logits as its modules' forwards, to the last bit."""
+    from tridlm.decode import DecodeState, GenerationConfig, generate
+    from tridlm.decode.batcher import Batcher
+
+    model = _int4_model()
+    cfg = model.cfg
     native = []
     real = kernels.decode_layers
     monkeypatch.setattr(kernels, "decode_layers", lambda *a: native.append((*a[0].shape, len(a[2]))) or real(*a))
@@ -317,3 +326,19 @@ def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
     slow = decode()
     assert len(native) == calls and fast[0] == slow[0] and len(fast[1]) == len(slow[1])
     assert all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))
+
+
+def test_a_prompt_prefilled_in_any_chunks_gets_the_same_tokens():
+    """A 700-token prompt: ``generate`` prefills it in chunks of 512 (row-exact blocks), the continuous batch in
+    chunks of 100 between steps; both decode the same tokens."""
+    from tridlm.decode import DecodeState, GenerationConfig, generate
+    from tridlm.decode.batcher import Batcher
+
+    model = _int4_model()
+    prompt = [(13 * i) % 60 + 4 for i in range(700)]
+    cfg = GenerationConfig(max_tokens=16)
+    batcher, state = Batcher(model, 1, 1024, prefill_chunk=100), DecodeState(1, cfg.resolve(model), (), None)
+    batcher.admit(state, 0, prompt, None)
+    while batcher.busy:
+        batcher.step()
+    assert state.rows[0].tokens == generate(model, [prompt], cfg, eos_ids=()).rows[0].tokens

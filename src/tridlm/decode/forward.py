@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tridlm import masks
+from tridlm import attention, masks
 from tridlm.cache import KVCache
 from tridlm.model import TriModel
 from tridlm.sampling import Sampler
@@ -72,7 +72,9 @@ def prefill(model: TriModel, prompts: Sequence[Sequence[int]], max_len: int) -> 
 
 
 def prefill_into(model: TriModel, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``prefill`` into an empty cache of the prompts' rows; returns the last logits (B, V)."""
+    """``prefill`` into an empty cache of the prompts' rows; returns the last logits (B, V). On a CPU, prompts over
+    ``attention.ROW_EXACT_MAX_QUERIES`` tokens go in chunks of that many, so that every query block is row-exact:
+    the same values as any other chunking (``decode.batcher``'s) and faster than one block of them all."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: at least one token is needed")
     lengths = torch.tensor([len(p) for p in prompts], device=model.device)
@@ -83,6 +85,12 @@ def prefill_into(model: TriModel, cache: KVCache, prompts: Sequence[Sequence[int
     tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=model.device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
-    logits = forward_block(model, cache, tokens, masks.causal, write=True, logits_index=(lengths - 1)[:, None])
+    chunk = attention.ROW_EXACT_MAX_QUERIES if torch.device(model.device).type == "cpu" else width
+    last, logits = lengths - 1, None
+    for start in range(0, width, chunk):
+        end = min(start + chunk, width)
+        index = (last - start).clamp(0, end - start - 1)[:, None]
+        part = forward_block(model, cache, tokens[:, start:end], masks.causal, write=True, logits_index=index)[:, 0]
+        logits = part if logits is None else torch.where(((last >= start) & (last < end))[:, None], part, logits)
     cache.crop(lengths)
-    return logits[:, 0]
+    return logits
