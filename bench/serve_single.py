@@ -7,7 +7,7 @@ the server unstreamed and streamed (request sent to last byte), and in-process o
 main thread has run the model (what a server whose worker thread did not load the model would pay; see
 `tridlm/serve/worker.py`). Settings alternate per prompt so that machine drift hits all alike.
 
-    .venv/bin/python bench/serve_single.py [--modes ar,auto] [--repeats 2] [--out bench/results]
+    .venv/bin/python bench/serve_single.py [--modes ar,auto] [--repeats 2] [--server-args ARGS] [--out bench/results]
 
 writes OUT/serve-single-<date>.json and prints a table: tok/s per path and the server's ratio to in-process
 (the goal: >= 0.95); tokens must be the same on every path.
@@ -32,12 +32,12 @@ from tridlm.loading import open_model
 MAX_TOKENS = 64
 
 
-def start_server(threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "tridlm", "serve", "--port", str(port), "--threads", str(threads)]
-    proc = subprocess.Popen([*cmd, "--answer-history", "0"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*cmd, "--answer-history", "0", *extra], stderr=subprocess.DEVNULL)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 600
     while time.time() < deadline:
         try:
@@ -83,8 +83,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--server-args", default="", help="more `tridlm serve` arguments, e.g. '--stream-interval-ms 10'")
     args = ap.parse_args()
-    proc, url = start_server(args.threads)
+    proc, url = start_server(args.threads, args.server_args.split())
     try:
         torch.set_num_threads(args.threads)
         model, tok = open_model()

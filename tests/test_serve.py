@@ -466,3 +466,28 @@ def test_a_short_request_joins_a_running_long_one_and_leaves_first(tiny_model, c
         assert short.json()["choices"][0]["text"] == expected(tiny_model, chat_tokenizer, "x", max_tokens=5)[0]
         long_text = "".join(c["choices"][0]["text"] for c in chunks)
         assert long_text == expected(tiny_model, chat_tokenizer, "tell me more", max_tokens=150)[0][1:]
+
+
+def test_streamed_tokens_within_the_interval_go_out_together_and_before_the_end():
+    """``Job.send_tokens``: the first tokens go out at once; tokens committed within ``stream_interval_s`` of the last
+    event are held, merged per row, and sent with the next event (never after the end); with 0 each goes at once."""
+    import asyncio
+
+    from tridlm.decode import GenerationConfig
+    from tridlm.serve.worker import Job
+
+    loop = asyncio.new_event_loop()
+    try:
+        for interval, want in (
+            (60.0, [("tokens", 0, [1]), ("tokens", 0, [2, 3]), ("tokens", 1, [4]), ("done", None)]),
+            (0.0, [("tokens", 0, [1]), ("tokens", 0, [2]), ("tokens", 0, [3]), ("tokens", 1, [4]), ("done", None)]),
+        ):
+            job = Job([[5], [5]], GenerationConfig(), loop, stream_interval_s=interval)
+            for row, token in ((0, 1), (0, 2), (0, 3), (1, 4)):
+                job.send_tokens(row, [token])
+            job.send("done", None)
+            loop.run_until_complete(asyncio.sleep(0))
+            got = [job.events.get_nowait() for _ in range(job.events.qsize())]
+            assert got == want
+    finally:
+        loop.close()

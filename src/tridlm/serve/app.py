@@ -138,6 +138,7 @@ class Server:
             trace=body.tridlm_trace,
             tenant=request.state.tenant,
             time_limit_s=self.config.time_limit_s,
+            stream_interval_s=self.config.stream_interval_ms / 1000,
         )
         try:
             self.worker.submit(job)

@@ -49,6 +49,10 @@ class ServerConfig:
         600.0,
         "seconds of decoding a request may take; then its choices end (finish_reason length, tridlm_finish time_limit)",
     )
+    stream_interval_ms: float = option(
+        10.0,
+        "streamed tokens committed within this many ms of the last chunk go out together in the next (0: each step's)",
+    )
     default_mode: str = option(
         "ar",
         "mode of requests that name none; auto: the fastest exact plan when idle, batched ar under load",
@@ -75,6 +79,8 @@ class ServerConfig:
         )
         if any(getattr(self, name) <= 0 for name in positive) or (self.max_prompt_tokens or 1) < 1:
             raise ValueError(f"{', '.join(positive)} and max_prompt_tokens must be positive")
+        if self.stream_interval_ms < 0:
+            raise ValueError("stream_interval_ms must be 0 or more")
         if any(not key.strip() for key in self.api_key):
             raise ValueError(
                 "an empty API key would let anyone in: give a non-empty --api-key, or none to serve without keys"

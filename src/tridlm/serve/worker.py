@@ -56,6 +56,9 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     tenant: int = 0  # whose answer history it reads and joins
     time_limit_s: float | None = None  # decoding time after which the rows end ("time_limit")
+    stream_interval_s: float = 0.0  # streamed tokens committed sooner after the last event go out with the next
+    _held: dict[int, list[int]] = field(default_factory=dict)  # row -> tokens not sent yet
+    _sent: float = 0.0  # when the last event went out
 
     def batch_key(self):
         c = self.cfg
@@ -76,7 +79,25 @@ class Job:
         )
 
     def send(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """An event for the request's response (after any tokens held back)."""
+        self._emit([event])
+
+    def send_tokens(self, row: int, tokens: list[int]) -> None:
+        """A row's new tokens: sent at once, or, within ``stream_interval_s`` of the last event, held and sent with
+        the next one (one wake-up of the event loop and one chunk for several tokens, where each costs the decode a
+        slice of a core)."""
+        self._held.setdefault(row, []).extend(tokens)
+        if time.perf_counter() - self._sent >= self.stream_interval_s:
+            self._emit([])
+
+    def _emit(self, events: list[tuple]) -> None:
+        events = [("tokens", row, tokens) for row, tokens in self._held.items()] + events
+        self._held, self._sent = {}, time.perf_counter()
+        self.loop.call_soon_threadsafe(self._put, events)
+
+    def _put(self, events: list[tuple]) -> None:
+        for event in events:
+            self.events.put_nowait(event)
 
 
 class Worker:
@@ -279,7 +300,7 @@ class Worker:
         for key, (job, state) in list(self._live.items()):
             for row, tokens in state.flush():
                 if job.stream:
-                    job.send("tokens", row, tokens)
+                    job.send_tokens(row, tokens)
             if state.all_done:
                 del self._live[key]
                 if self.history_capacity:
@@ -310,7 +331,7 @@ class Worker:
             for row, tokens in chunk:
                 job, choice = owner[row]
                 if job.stream:
-                    job.send("tokens", choice, tokens)
+                    job.send_tokens(choice, tokens)
             now = time.perf_counter()
             for row, (job, _) in enumerate(owner):
                 if job.cancelled.is_set():
