@@ -30,6 +30,18 @@ def test_q4_1_blocks_load_as_their_own_codes():
     torch.testing.assert_close(got, torch.from_numpy(want), rtol=2**-7, atol=2**-7 * float(np.abs(want).max()))
 
 
+def test_q4_1_blocks_repack_natively_into_the_constructors_layout(monkeypatch):
+    """``kernels.repack_q4_1`` (loading) gives the bytes ``Int4Weight``'s own constructor gives, padding included."""
+    from tridlm import kernels
+
+    rng = np.random.default_rng(3)
+    blocks = gguf.quants.quantize(rng.standard_normal((50, 96)).astype(np.float32), gguf.GGMLQuantizationType.Q4_1)
+    native = quant.Int4Weight.from_q4_1(blocks, 50, 96)
+    monkeypatch.setattr(kernels, "repack_q4_1", lambda *a: None)
+    reference = quant.Int4Weight.from_q4_1(blocks, 50, 96)
+    assert torch.equal(native.codes, reference.codes) and torch.equal(native.scales, reference.scales)
+
+
 def test_int8_and_int4_quantization_error_is_within_half_a_step():
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
     i8 = quant.Int8Weight.from_float(w)

@@ -123,6 +123,13 @@ class Int4Weight:
     def from_q4_1(cls, blocks: np.ndarray, n: int, k: int) -> Int4Weight:
         """From GGUF Q4_1 bytes, (n, k / 32, 20) per row: float16 d, float16 m, 16 bytes holding element j
         in the low nibble and element j + 16 in the high nibble of byte j."""
+        if k % GROUP:
+            raise ValueError(f"int4 weights need an input size divisible by {GROUP}, not {k}")
+        packed = kernels.repack_q4_1(torch.from_numpy(np.ascontiguousarray(blocks)), n, k)
+        if packed is not None:
+            weight = object.__new__(cls)
+            weight.shape, (weight.codes, weight.scales) = (n, k), packed
+            return weight
         blocks = np.ascontiguousarray(blocks).reshape(n, k // GROUP, 20)
         d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
         m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))

@@ -241,6 +241,13 @@ def decode_layers(
     return module.decode_layers(x, weights, adapters, rows, k, v, *args)
 
 
+def repack_q4_1(blocks: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """GGUF Q4_1 blocks (n, k / 32 * 20) bytes -> ``tridlm.quant.Int4Weight``'s codes and scales, in one native pass
+    (the same bytes as its constructor gives); None where the kernels were not built."""
+    module = _module()
+    return None if module is None else tuple(module.repack_q4_1(blocks.contiguous(), n, k))
+
+
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """x (M, K) times int8 weights in ``tridlm.quant.Int8Weight``'s layout -> (M, N padded to 16), or None
     where the kernels were not built; in and out of inference mode, no gradient (as ``int4_linear``)."""

@@ -707,6 +707,35 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
   return out;
 }
 
+// GGUF Q4_1 blocks (n, K / 32 * 20) bytes: float16 d, float16 m, 16 bytes holding element j in the low nibble and
+// element j + 16 in the high nibble of byte j) -> tridlm.quant.Int4Weight's codes (tiles, K / 32, 256) and scales
+// (tiles, K / 32, 2, 16) float16, rows padded to whole tiles of 16 with zeros: the layout its constructor builds, in
+// one pass (loading a model's projections).
+std::vector<torch::Tensor> repack_q4_1(torch::Tensor blocks, int64_t n, int64_t K) {
+  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && blocks.is_contiguous() && K % BLOCK == 0 &&
+              blocks.numel() == n * (K / BLOCK) * 20, "repack_q4_1: blocks must be (n, K / 32 * 20) contiguous bytes");
+  const int64_t kb = K / BLOCK, tiles = (n + W - 1) / W;
+  auto codes = torch::zeros({tiles, kb, 256}, blocks.options());
+  auto scales = torch::zeros({tiles, kb, 2, W}, torch::TensorOptions().dtype(torch::kHalf));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* dst = codes.data_ptr<uint8_t>();
+  auto* sc = reinterpret_cast<uint16_t*>(scales.data_ptr<c10::Half>());
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t l = 0; l < W && t * W + l < n; ++l)
+        for (int64_t b = 0; b < kb; ++b) {
+          const uint8_t* blk = src + ((t * W + l) * kb + b) * 20;
+          std::memcpy(sc + ((t * kb + b) * 2) * W + l, blk, 2);
+          std::memcpy(sc + ((t * kb + b) * 2 + 1) * W + l, blk + 2, 2);
+          auto q = [&](int e) { return e < 16 ? blk[4 + e] & 0x0F : blk[4 + e - 16] >> 4; };
+          for (int c = 0; c < 4; ++c)
+            for (int j = 0; j < 4; ++j)
+              dst[(t * kb + b) * 256 + (c * W + l) * 4 + j] = static_cast<uint8_t>(q(8 * c + j) | q(8 * c + 4 + j) << 4);
+        }
+  });
+  return {codes, scales};
+}
+
 // Copy the current tokens' keys or values, x (B, n, KV, D) with the last dimension contiguous, into one layer's cache
 // buffer (B, KV, S, D): token i of row b to slot slots[b, i], or prefix + i where slots is empty.
 void store_slots(const torch::Tensor& x, torch::Tensor cache, const torch::Tensor& slots, int64_t prefix) {
@@ -779,6 +808,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_add", &lora_add, "a low-rank adapter's contribution added to chosen rows, in place");
   m.def("int8_linear", &int8_linear, "int8 weights times int8-quantized activations");
   m.def("int4_linear", &int4_linear, "int4 (Q4_1) weights times int8-quantized activations");
+  m.def("repack_q4_1", &repack_q4_1, "GGUF Q4_1 blocks in the int4 kernel's layout");
   m.def("decode_layers", &decode_layers, "a forward's decoder layers with int4 weights, in one call",
         py::call_guard<py::gil_scoped_release>());
 }
