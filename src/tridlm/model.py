@@ -248,36 +248,40 @@ class TriModel(nn.Module):
                 group.refresh(self.dtype)
             self._adapters_stale = False
         x = self.encoder.embed_tokens(tokens)  # (B, n, dim)
-        if positions.device not in self._rope_tables:
-            inv_freq, factor = rope.inv_freq_and_attention_factor(self.cfg.rope, self.cfg.head_dim)
-            self._rope_tables[positions.device] = inv_freq.to(positions.device), factor
-        cos, sin = rope.cos_sin(positions, *self._rope_tables[positions.device], x.dtype)
-        n = tokens.shape[1]
-        prefix = mask.shape[-1] - n
         p = Pass(
             positions,
             mask[:, None],
-            cos,
-            sin,
+            *self._cos_sin(positions, x.dtype),
             rope.query_scale(positions, self.cfg.rope, x.dtype),
             cache,
             write,
             adapter,
             key_slots,
-            attention.plan(cache, positions, prefix, write, key_slots),
+            attention.plan(cache, positions, mask.shape[-1] - tokens.shape[1], write, key_slots),
             (self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads),
         )
-        native = self._native_layers(x, p)
-        if native is not None:
-            x = native
-        else:
-            for layer in self.encoder.layers:
-                x = layer(x, p)
+        x = self._layers(x, p)
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, k, dim)
             if isinstance(adapter, torch.Tensor):
                 adapter = adapter.gather(1, logits_index)
         return self.diffusion_head(self.encoder.norm(x), adapter).float()
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and signed sin at ``positions``, from inverse frequencies kept per device."""
+        if positions.device not in self._rope_tables:
+            inv_freq, factor = rope.inv_freq_and_attention_factor(self.cfg.rope, self.cfg.head_dim)
+            self._rope_tables[positions.device] = inv_freq.to(positions.device), factor
+        return rope.cos_sin(positions, *self._rope_tables[positions.device], dtype)
+
+    def _layers(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        """The decoder layers: in one native call where that applies, else module by module."""
+        native = self._native_layers(x, p)
+        if native is not None:
+            return native
+        for layer in self.encoder.layers:
+            x = layer(x, p)
+        return x
 
     def _native_layers(self, x: torch.Tensor, p: Pass) -> torch.Tensor | None:
         """The decoder layers by ``kernels.decode_layers`` in one call, the same values as the modules' forwards bit

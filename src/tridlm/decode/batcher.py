@@ -22,7 +22,7 @@ import torch
 
 from tridlm import masks
 from tridlm.cache import KVCache
-from tridlm.decode.forward import forward_block, prefill_into
+from tridlm.decode.forward import forward_block
 from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
 
@@ -36,7 +36,12 @@ class Slot:
 
 
 @dataclass
-class Filling(Slot):
+class Filling:
+    """A row whose prompt is going into the cache, a chunk at a time."""
+
+    state: DecodeState
+    row: int
+    generator: torch.Generator | None
     prompt: list[int]
     index: int  # its slot in the pool, past the running rows' (slots 0..n-1)
     done: int = 0  # prompt tokens in the cache so far
@@ -82,6 +87,8 @@ class Batcher:
         its first token committed, so that the row runs from the next ``step`` (unless that token finished it); a
         longer one is prefilled a chunk per ``step`` and joins when it is in. While a request's long prompts are
         being prefilled no other request's can start (``filling``)."""
+        if not prompt:
+            raise ValueError("empty prompt: at least one token is needed")
         if not self.free:
             raise ValueError(f"no free slot: {self.max_rows} rows are running")
         if not self.fits(len(prompt), state.rows[row].max_tokens):
@@ -93,43 +100,39 @@ class Batcher:
         self._grow(i + 1)
         self.cache.lengths[i] = 0
         state.rows[row].prompt = list(prompt)
+        fill = Filling(state, row, generator, list(prompt), i)
         if len(prompt) > self.prefill_chunk:
-            self.filling.append(Filling(state, row, -1, generator, list(prompt), i))
-            return
-        self._move(i, len(self.slots))  # right after the running rows (a slot being filled there moves to i)
-        view = self.cache.rows(len(self.slots), len(self.slots) + 1)
-        self._first_token(Slot(state, row, -1, generator), prefill_into(self.model, view, [prompt]), view)
-
-    def _first_token(self, slot: Slot, logits: torch.Tensor, view: KVCache) -> None:
-        """Commit a prefilled row's first token (its cache in ``view``, at the end of the running rows) and let it
-        run unless that token finished it."""
-        i = len(self.slots)
-        self.cache.lengths[i] = view.lengths[0]
-        slot.state.prefill_s = time.perf_counter() - slot.state.start  # its last row's, for a request of several
-        slot.pending = int(slot.state.cfg.sampler.next_token(logits, slot.generator)[0])
-        slot.state.emit(slot.row, [slot.pending])
-        if not slot.state.rows[slot.row].done:
-            self.slots.append(Slot(slot.state, slot.row, slot.pending, slot.generator))
+            self.filling.append(fill)
+        else:
+            self._advance(fill)
 
     def _fill(self) -> None:
-        """Prefill the next chunk of the first prompt being filled (dropped if its request was cancelled); a prompt
-        that is in joins the running rows."""
-        f = self.filling[0]
-        if f.state.rows[f.row].done:
+        """The next chunk of the first prompt being filled; a prompt that is in, or whose request was cancelled,
+        leaves the list."""
+        fill = self.filling[0]
+        if fill.state.rows[fill.row].done or self._advance(fill):
             self.filling.pop(0)
-            return
-        end = min(f.done + self.prefill_chunk, len(f.prompt))
-        view = self.cache.rows(f.index, f.index + 1)
-        tokens = torch.tensor([f.prompt[f.done : end]], device=self.model.device)
-        index = torch.tensor([[end - f.done - 1]], device=self.model.device)
+
+    def _advance(self, fill: Filling) -> bool:
+        """Prefill the next chunk of ``fill``'s prompt; once all of it is in, commit its first token and let the row
+        run (moved right after the running rows) unless that token finished it. Returns whether it is in."""
+        end = min(fill.done + self.prefill_chunk, len(fill.prompt))
+        view = self.cache.rows(fill.index, fill.index + 1)
+        tokens = torch.tensor([fill.prompt[fill.done : end]], device=self.model.device)
+        index = torch.tensor([[end - fill.done - 1]], device=self.model.device)
         logits = forward_block(self.model, view, tokens, masks.causal, write=True, logits_index=index)[:, 0]
-        self.cache.lengths[f.index] = view.lengths[0]
-        f.done = end
-        if end < len(f.prompt):
-            return
-        self.filling.pop(0)
-        self._move(f.index, len(self.slots))
-        self._first_token(f, logits, self.cache.rows(len(self.slots), len(self.slots) + 1))
+        self.cache.lengths[fill.index] = view.lengths[0]
+        fill.done = end
+        if end < len(fill.prompt):
+            return False
+        self._move(fill.index, len(self.slots))
+        state = fill.state
+        state.prefill_s = time.perf_counter() - state.start  # its last row's, for a request of several
+        token = int(state.cfg.sampler.next_token(logits, fill.generator)[0])
+        state.emit(fill.row, [token])
+        if not state.rows[fill.row].done:
+            self.slots.append(Slot(state, fill.row, token, fill.generator))
+        return True
 
     def _move(self, source: int, target: int) -> None:
         """Swap two slots of the pool past the running rows (their caches up to the longer committed length), so

@@ -236,7 +236,7 @@ def decode_layers(
     ``decode_layers`` in cpu.cpp and ``tridlm.model.TriModel``, which gives the arguments; None where the kernels do
     not apply (not in inference mode, not built, a head size they are not compiled for)."""
     module = _usable(x, k)
-    if module is None or k.shape[-1] not in HEAD_SIZES or k.shape[-1] % 32:
+    if module is None or k.shape[-1] not in HEAD_SIZES:
         return None
     return module.decode_layers(x, weights, adapters, rows, k, v, *args)
 
