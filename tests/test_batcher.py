@@ -111,3 +111,64 @@ def test_a_request_cancelled_while_its_prompt_is_prefilled_frees_its_slot(tiny_m
     state.cancel(0)
     batcher.step()
     assert not batcher.busy and batcher.free == 2
+
+
+SMALL_PROMPTS = [[9, 6, 6, 14, 11, 9, 12, 10, 12], [4, 13, 5, 14, 12, 13, 5, 15, 10, 7], [12, 13, 10, 11, 10, 13]]
+
+
+def test_auto_rows_speculate_in_the_batch_and_keep_ar_tokens(small_vocab_model):
+    """auto rows verify their lookup candidates in the batch's forward, beside AR rows and rows with none: every
+    row gets exactly its AR tokens, in fewer forwards than tokens."""
+    model = small_vocab_model
+    auto = GREEDY.replace(mode="auto", block_size=6, max_tokens=30)
+    cfgs = [auto, GREEDY.replace(max_tokens=25), auto.replace(max_tokens=21)]
+    batcher, states = Batcher(model, 3, 128), []
+    for k, (prompt, cfg) in enumerate(zip(SMALL_PROMPTS, cfgs)):
+        states.append(DecodeState(1, cfg.resolve(model), [], None))
+        batcher.admit(states[-1], 0, prompt, None)
+        batcher.step()
+    while batcher.slots:
+        batcher.step()
+    for prompt, cfg, state in zip(SMALL_PROMPTS, cfgs, states):
+        ar = cfg.replace(mode="ar", block_size=None)
+        assert state.rows[0].tokens == generate(model, [prompt], ar, eos_ids=[]).rows[0].tokens
+    for state in (states[0], states[2]):
+        assert max(state.rows[0].accepted_lengths) > 1 and state.rows[0].nfe < len(state.rows[0].tokens) - 1
+    assert states[1].rows[0].accepted_lengths == []
+
+
+def test_the_batch_plan_takes_candidates_while_they_pay():
+    from tridlm.decode.batcher import plan_rows
+
+    flat = {t: 1.0 for t in range(1, 40)}.get  # a step costs the same whatever its width: take everything
+    assert plan_rows([[0.9, 0.5], [], [0.2]], flat) == [2, 0, 1]
+    linear = lambda t: 1.0 + 0.1 * (t - 1)  # noqa: E731  each token 10% of a one-token step
+    # three rows: a candidate pays where its chance beats the rate it dilutes (tokens per cost)
+    assert plan_rows([[0.9, 0.8, 0.3], [0.05], []], linear) == [2, 0, 0]
+    assert plan_rows([[], [], []], linear) == [0, 0, 0]
+
+
+def test_sampled_auto_rows_in_the_batch_are_distributionally_lossless():
+    """Rows sampled at temperature 1 that verify lookup candidates in the batch draw AR's distribution exactly."""
+    import dataclasses
+
+    from helpers import chi_square, exact_ar_distribution
+
+    from tridlm.presets import preset, random_model
+
+    scipy_stats = pytest.importorskip("scipy.stats")
+    model = random_model(dataclasses.replace(preset("tiny"), vocab_size=6, mask_id=5), seed=4, std=0.5)
+    prompt, n, rows = [3, 3, 3, 3], 4, 4000  # lookup offers 3s, which this model often samples
+    cfg = GenerationConfig(mode="auto", block_size=4, temperature=1.0, max_tokens=n)
+    expected = exact_ar_distribution(model, prompt, n, cfg.sampler)
+    batcher, states = Batcher(model, 64, 16), []
+    torch.manual_seed(3)
+    while len(states) < rows or batcher.slots:
+        while len(states) < rows and batcher.free:
+            states.append(DecodeState(1, cfg.resolve(model), [], None))
+            batcher.admit(states[-1], 0, prompt, None)
+        batcher.step()
+    samples = torch.tensor([s.rows[0].tokens for s in states])
+    stat, dof = chi_square(samples, expected, model.cfg.vocab_size)
+    assert scipy_stats.chi2.sf(stat, dof) > 1e-3
+    assert sum(length - 1 for s in states for length in s.rows[0].accepted_lengths) > rows // 2  # candidates taken

@@ -298,7 +298,9 @@ def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
     cfg = model.cfg
     native = []
     real = kernels.decode_layers
-    monkeypatch.setattr(kernels, "decode_layers", lambda *a: native.append((*a[0].shape, len(a[2]))) or real(*a))
+    monkeypatch.setattr(
+        kernels, "decode_layers", lambda *a: native.append((*a[0].shape, len(a[2]), a[10].numel())) or real(*a)
+    )
     prompts = [[1, 5, 9, 11, 7], [1, 4, 4, 6, 8, 10, 12, 14, 9, 30]]
     greedy = GenerationConfig(max_tokens=24)
 
@@ -308,20 +310,23 @@ def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
         try:
             modes = [greedy.replace(mode="ar"), greedy.replace(mode="spec", spec_variant="pipelined", block_size=4)]
             out = [generate(model, [p], c).rows[0].tokens for p in prompts for c in modes]
-            batcher, state = Batcher(model, 2, 64), DecodeState(2, greedy.resolve(model), cfg.eos_ids, None)
-            for row, p in enumerate(prompts):
-                batcher.admit(state, row, p, None)
-                batcher.step()
-            while batcher.slots:
-                batcher.step()
-            return [*out, *(r.tokens for r in state.rows)], logits
+            for batch_cfg in (greedy, greedy.replace(mode="auto", block_size=4)):  # auto: padded ragged verifies
+                batcher, state = Batcher(model, 2, 64), DecodeState(2, batch_cfg.resolve(model), cfg.eos_ids, None)
+                for row, p in enumerate(prompts):
+                    batcher.admit(state, row, p + p[1:] if batch_cfg.mode == "auto" else p, None)
+                    batcher.step()
+                while batcher.slots:
+                    batcher.step()
+                out += [r.tokens for r in state.rows]
+            return out, logits
         finally:
             del model.forward
 
     fast = decode()
-    sizes = {n for _, n, _, _ in native}  # prefills, AR steps, verify blocks, drafting; a batch of two rows
+    sizes = {n for _, n, _, _, _ in native}  # prefills, AR steps, verify blocks, drafting; a batch of two rows
     assert 1 in sizes and sizes - {1, *map(len, prompts)} and any(b == 2 for b, *_ in native)
-    assert any(adapters for *_, adapters in native)
+    assert any(adapters for *_, adapters, _ in native)
+    assert any(b == 2 and 0 < real < b * n for b, n, _, _, real in native)  # a batch step with padding left out
     model.native_layers, calls = False, len(native)
     slow = decode()
     assert len(native) == calls and fast[0] == slow[0] and len(fast[1]) == len(slow[1])

@@ -23,6 +23,7 @@ from tridlm.rope import RopeConfig
 
 _NO_SLOTS = torch.empty(0, dtype=torch.long)  # kernels.decode_layers: current tokens at slots P + i
 _ALL_ROWS = torch.empty(0, dtype=torch.bool)  # kernels.decode_layers: the adapter on every token
+_ALL_TOKENS = torch.empty(0, dtype=torch.long)  # kernels.decode_layers: no padding
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Pass:
     slots: torch.Tensor | None = None  # (B, n) key index of each current token when it is not P + i
     plan: attention.Plan = attention.Plan()  # how the layers attend (``attention.plan``)
     heads: tuple[int, int] = (1, 1)  # key/value heads, and query heads per key/value head
+    padding: torch.Tensor | None = None  # (B, n) current tokens that only make the rows equally long
 
     @functools.cached_property
     def bias(self) -> torch.Tensor:
@@ -227,6 +229,7 @@ class TriModel(nn.Module):
         adapter: bool | torch.Tensor = False,
         logits_index: torch.Tensor | None = None,
         key_slots: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (float32) for tokens (B, n) at positions (B, n). Pure computation: no host
         synchronisation and no cache bookkeeping (the decoders' ``forward_block`` checks room and
@@ -240,7 +243,12 @@ class TriModel(nn.Module):
         logits_index: (B, k) positions within the n tokens whose logits are wanted (default: all).
         key_slots: (B, n) where each current token's key goes among the P + n (default: P + i, after all
             cached slots; ``masks.after_own_cache`` gives the layout that keeps batch == single).
+        padding: (B, n) bool, current tokens that only make the rows equally long (a ragged verify): the mask must
+            keep every other token from attending to them; their logits are unspecified (zeros here), and the native
+            path leaves them out of every projection, the head included. Not with ``logits_index``.
         """
+        if padding is not None and logits_index is not None:
+            raise ValueError("padding and logits_index together are not supported")
         if mask.shape[-1] > tokens.shape[1] and cache is None:
             raise ValueError("mask covers cached keys but no cache was given")
         if adapter is not False and not torch.is_grad_enabled() and self._adapters_stale:
@@ -259,8 +267,15 @@ class TriModel(nn.Module):
             key_slots,
             attention.plan(cache, positions, mask.shape[-1] - tokens.shape[1], write, key_slots),
             (self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads),
+            padding,
         )
         x = self._layers(x, p)
+        if padding is not None:  # the head over the real tokens only
+            real = ~padding
+            logits = x.new_zeros(*padding.shape, self.cfg.vocab_size, dtype=torch.float32)
+            head_adapter = adapter[real] if isinstance(adapter, torch.Tensor) else adapter
+            logits[real] = self.diffusion_head(self.encoder.norm(x[real]), head_adapter).float()
+            return logits
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, k, dim)
             if isinstance(adapter, torch.Tensor):
@@ -301,7 +316,11 @@ class TriModel(nn.Module):
             adapters = [t for g in self._lora_groups for t in g.form]
             rows = rows if p.adapter is True else p.adapter.reshape(-1).contiguous()
         slots = _NO_SLOTS if p.slots is None else p.slots.contiguous()
-        args = (p.cos, p.sin, p.mask[:, 0].contiguous(), slots, p.prefix, self.cfg.n_heads, self.cfg.norm_eps)
+        mask, tokens = p.mask[:, 0], _ALL_TOKENS
+        if p.padding is not None:  # left out: every projection runs over the real tokens only
+            mask = mask & ~p.padding[..., None]
+            tokens = (~p.padding).reshape(-1).nonzero()[:, 0]
+        args = (p.cos, p.sin, mask.contiguous(), slots, tokens, p.prefix, self.cfg.n_heads, self.cfg.norm_eps)
         return kernels.decode_layers(x, weights, adapters, rows, p.cache.k, p.cache.v, *args, self.cfg.head_dim**-0.5)
 
     def _native_weights(self) -> list[torch.Tensor] | None:

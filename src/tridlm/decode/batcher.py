@@ -1,4 +1,4 @@
-"""Continuous batching of AR rows: iteration-level scheduling over one pool of KV cache slots.
+"""Continuous batching: iteration-level scheduling over one pool of KV cache slots, AR rows and ``auto`` rows.
 
 A row joins the running batch whenever its caller admits it (its prompt prefilled alone into a free slot, its
 first token sampled) and leaves as soon as it finishes or is cancelled; every ``step`` is one causal forward of
@@ -11,6 +11,18 @@ weights a row's tokens are bit for bit those it gets decoded alone, chunked pref
 
 Each row belongs to a ``DecodeState`` (one per request, a row per choice), which keeps its tokens, stopping and
 counts as in ``stream``; a row samples with its own request's sampler and generator.
+
+**Speculation inside the batch.** An ``auto`` row (``Lookahead``) offers candidates for its next tokens from its own
+text (prompt lookup) or its tenant's earlier answers (``AnswerHistory``), as ``decode.pipelined`` does for one
+request; each step verifies the candidates the plan takes in the same causal forward as every row's pending token,
+rows of different widths padded to the widest and the padding left out of every projection (``TriModel.forward``'s
+``padding``), so a row with no candidates costs one token. The plan (``plan_rows``) takes the candidates, likeliest
+first, while the batch's expected tokens per unit of step cost grow: the step's cost by its total tokens comes from
+the measured cost curve (``CostCurve.step``), each candidate's chance from its row's running acceptance, which starts
+from the batch's (acceptance counts per source and match length, no tokens). Tokens stay exactly AR's (greedy), and
+a sampled row accepts each candidate with probability p(x) (a one-hot proposal), so its samples follow AR's
+distribution. No MASK rows: drafting with the adapter costs a forward's width per row, which a batch spends better
+on rows' own tokens (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -22,9 +34,56 @@ import torch
 
 from tridlm import masks
 from tridlm.cache import KVCache
+from tridlm.decode.costs import CostCurve
 from tridlm.decode.forward import forward_block
+from tridlm.decode.lookup import AnswerHistory, NGramIndex
+from tridlm.decode.pipelined import Acceptance
+from tridlm.decode.spec import accept
 from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
+
+ROOM = 15  # the most candidates a row verifies in one step
+
+
+@dataclass
+class Lookahead:
+    """An ``auto`` row's speculation: its text's n-gram index, its tenant's earlier answers, its acceptance."""
+
+    lookup: NGramIndex
+    history: AnswerHistory | None
+    acceptance: Acceptance
+    room: int  # candidates per step at most
+
+    def offer(self, prompt: list[int], tokens: list[int], left: int) -> tuple[str, list[int]]:
+        """(source and match length, candidates) for what follows ``tokens`` (the last one is the pending token),
+        at most ``left`` of them; ("", []) when nothing matches."""
+        self.lookup.extend(tokens[len(self.lookup.tokens) - len(prompt) :])
+        room = min(self.room, left)
+        if room < 1:
+            return "", []
+        (n, found), source = self.lookup.propose(room), "lookup"
+        if self.history is not None:
+            earlier = self.history.follow(self.lookup.tokens, room)
+            if earlier[0] > n:
+                (n, found), source = earlier, "history"
+        return (f"{source}{n}", found) if found else ("", [])
+
+
+def plan_rows(offers: list[list[float]], cost) -> list[int]:
+    """How many of its candidates each row verifies: ``offers[i]`` lists, per candidate of row i, the chance that it
+    and those before it are all accepted (non-increasing); ``cost(t)`` is a step's relative cost for t tokens. The
+    candidates are taken likeliest first, as many as give the most expected tokens per unit of cost."""
+    rows = len(offers)
+    order = sorted(((chance, i) for i, chances in enumerate(offers) for chance in chances), key=lambda c: -c[0])
+    gain, best, best_rate = float(rows), 0, rows / cost(rows)
+    for taken, (chance, _) in enumerate(order, 1):
+        gain += chance
+        if gain / cost(rows + taken) > best_rate + 1e-9:
+            best, best_rate = taken, gain / cost(rows + taken)
+    counts = [0] * rows
+    for _, i in order[:best]:
+        counts[i] += 1
+    return counts
 
 
 @dataclass
@@ -33,6 +92,7 @@ class Slot:
     row: int  # the state's row decoded in this slot
     pending: int  # the last sampled token, not yet cached
     generator: torch.Generator | None
+    ahead: Lookahead | None = None  # an auto row's speculation
 
 
 @dataclass
@@ -44,16 +104,27 @@ class Filling:
     generator: torch.Generator | None
     prompt: list[int]
     index: int  # its slot in the pool, past the running rows' (slots 0..n-1)
+    ahead: Lookahead | None = None
     done: int = 0  # prompt tokens in the cache so far
 
 
 class Batcher:
-    def __init__(self, model: TriModel, max_rows: int, slot_tokens: int, prefill_chunk: int = 256):
+    def __init__(
+        self,
+        model: TriModel,
+        max_rows: int,
+        slot_tokens: int,
+        prefill_chunk: int = 256,
+        costs: CostCurve | None = None,
+    ):
         """``max_rows``: rows running at once; ``slot_tokens``: cache per row (prompt + answer at most);
-        ``prefill_chunk``: prompt tokens prefilled per step for a prompt that is longer. The pool grows with the
-        rows that run, up to ``max_rows`` x ``slot_tokens``, or all at once with ``reserve``."""
+        ``prefill_chunk``: prompt tokens prefilled per step for a prompt that is longer; ``costs``: what auto rows
+        plan with (``CostCurve.step``; without one they verify every candidate they have). The pool grows with the
+        rows that run, up to ``max_rows`` x ``slot_tokens`` (and room for a step's candidates), or all at once with
+        ``reserve``."""
         self.model, self.max_rows, self.slot_tokens = model, max_rows, slot_tokens
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.costs = prefill_chunk, costs
+        self.acceptance = Acceptance(ROOM)  # the batch's, what each auto row's starts from
         self.cache: KVCache | None = None
         self.slots: list[Slot] = []
         self.filling: list[Filling] = []  # one request's long prompts, a chunk per step (``admit``)
@@ -82,11 +153,19 @@ class Batcher:
         return prompt_tokens + max_tokens <= self.slot_tokens
 
     @torch.inference_mode()
-    def admit(self, state: DecodeState, row: int, prompt: list[int], generator: torch.Generator | None) -> None:
+    def admit(
+        self,
+        state: DecodeState,
+        row: int,
+        prompt: list[int],
+        generator: torch.Generator | None,
+        history: AnswerHistory | None = None,
+    ) -> None:
         """Take the state's row: a prompt of up to ``prefill_chunk`` tokens is prefilled now into a free slot and
         its first token committed, so that the row runs from the next ``step`` (unless that token finished it); a
         longer one is prefilled a chunk per ``step`` and joins when it is in. While a request's long prompts are
-        being prefilled no other request's can start (``filling``)."""
+        being prefilled no other request's can start (``filling``). A row of an ``auto`` state with lookup on
+        speculates (``Lookahead``), from ``history`` too where given."""
         if not prompt:
             raise ValueError("empty prompt: at least one token is needed")
         if not self.free:
@@ -100,7 +179,11 @@ class Batcher:
         self._grow(i + 1)
         self.cache.lengths[i] = 0
         state.rows[row].prompt = list(prompt)
-        fill = Filling(state, row, generator, list(prompt), i)
+        cfg, ahead = state.cfg, None
+        if cfg.mode == "auto" and cfg.lookup:
+            room = min(ROOM, cfg.block_size - 1)
+            ahead = Lookahead(NGramIndex(prompt), history, Acceptance(ROOM, self.acceptance), room)
+        fill = Filling(state, row, generator, list(prompt), i, ahead)
         if len(prompt) > self.prefill_chunk:
             self.filling.append(fill)
         else:
@@ -131,7 +214,7 @@ class Batcher:
         token = int(state.cfg.sampler.next_token(logits, fill.generator)[0])
         state.emit(fill.row, [token])
         if not state.rows[fill.row].done:
-            self.slots.append(Slot(state, fill.row, token, fill.generator))
+            self.slots.append(Slot(state, fill.row, token, fill.generator, fill.ahead))
         return True
 
     def _move(self, source: int, target: int) -> None:
@@ -149,27 +232,69 @@ class Batcher:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One causal forward of every running row's pending token: commits the next token of each; the rows
-        that finished (or were cancelled, ``DecodeState.cancel``) leave their slots. A prompt being prefilled gets
-        its next chunk first."""
+        """One causal forward of every running row's pending token and the candidates the plan verifies: commits
+        each row's next token (and its accepted candidates); the rows that finished (or were cancelled,
+        ``DecodeState.cancel``) leave their slots. A prompt being prefilled gets its next chunk first."""
         self._leave()
         if self.filling:
             self._fill()
         n = len(self.slots)
         if not n:
             return
+        sources, chosen = self._candidates()
+        width = 1 + max(map(len, chosen))
+        rows = [[s.pending, *c] + [s.pending] * (width - 1 - len(c)) for s, c in zip(self.slots, chosen)]
+        tokens = torch.tensor(rows, device=self.model.device)
+        padding = None
+        if width > 1:
+            padding = torch.tensor([[j > len(c) for j in range(width)] for c in chosen], device=tokens.device)
         view = self.cache.rows(0, n)
-        pending = torch.tensor([s.pending for s in self.slots], device=self.model.device)
-        logits = forward_block(self.model, view, pending[:, None], masks.causal, write=True)[:, -1]  # (n, V)
-        self.cache.lengths[:n] = view.lengths
+        start = view.lengths.clone()
+        logits = forward_block(self.model, view, tokens, masks.causal, write=True, padding=padding)  # (n, width, V)
         for state in {id(s.state): s.state for s in self.slots}.values():
             state.count_forward()
-        greedy = logits.argmax(-1).tolist()
+        greedy = logits[:, 0].argmax(-1).tolist()
         for i, s in enumerate(self.slots):
             sampler = s.state.cfg.sampler
-            s.pending = greedy[i] if sampler.greedy else int(sampler.next_token(logits[i : i + 1], s.generator)[0])
-            s.state.emit(s.row, [s.pending])
+            if chosen[i]:
+                accepted = self._verify(s, tokens[i : i + 1, : 1 + len(chosen[i])], logits[i : i + 1], sources[i])
+            else:
+                s.pending = greedy[i] if sampler.greedy else int(sampler.next_token(logits[i, :1], s.generator)[0])
+                accepted = []
+            self.cache.lengths[i] = start[i] + 1 + len(accepted)
+            if s.ahead is not None:
+                s.state.rows[s.row].accepted_lengths.append(1 + len(accepted))
+            s.state.emit(s.row, [*accepted, s.pending])
         self._leave()
+
+    def _candidates(self) -> tuple[list[str], list[list[int]]]:
+        """Each running row's source and the candidates the plan verifies this step (none for AR rows)."""
+        offers = [("", [])] * len(self.slots)
+        for i, s in enumerate(self.slots):
+            if s.ahead is not None:
+                row = s.state.rows[s.row]
+                offers[i] = s.ahead.offer(row.prompt, row.tokens, row.max_tokens - len(row.tokens) - 1)
+        if not any(c for _, c in offers):
+            return [""] * len(offers), [[] for _ in offers]
+        chances = [
+            [alive for _, alive in s.ahead.acceptance.expected(source, len(c))[1:]] if c else []
+            for s, (source, c) in zip(self.slots, offers)
+        ]
+        counts = plan_rows(chances, self.costs.step) if self.costs else [len(c) for _, c in offers]
+        return [source for source, _ in offers], [c[:m] for (_, c), m in zip(offers, counts)]
+
+    def _verify(self, s: Slot, block: torch.Tensor, logits: torch.Tensor, source: str) -> list[int]:
+        """Accept a prefix of a row's candidates (``block``: [pending, candidates], (1, 1 + m)) by its verify logits
+        (1, >= 1 + m, V); sets its next pending token and returns the accepted candidates."""
+        m, sampler = block.shape[1] - 1, s.state.cfg.sampler
+        p = sampler.verifier(logits[:, : 1 + m])
+        q = None if sampler.greedy else torch.nn.functional.one_hot(block, p.shape[-1]).float()
+        k, bonus = accept(block, p, q, sampler, s.generator)
+        k = int(k[0])
+        s.ahead.acceptance.update(source, m, k)
+        self.acceptance.update(source, m, k)
+        s.pending = int(bonus[0])
+        return block[0, 1 : 1 + k].tolist()
 
     def _leave(self) -> None:
         """Free the slots of finished rows, moving the last running row into each."""
@@ -192,7 +317,7 @@ class Batcher:
         if self.cache is not None and self.cache.batch >= rows:
             return
         size = min(self.max_rows, max(rows, 2 * (self.cache.batch if self.cache else 1)))
-        pool = self.model.new_cache(size, self.slot_tokens)
+        pool = self.model.new_cache(size, self.slot_tokens + ROOM)  # room for a step's candidates past a row's end
         if self.cache is not None:
             old = self.cache.batch
             pool.k[:, :old], pool.v[:, :old] = self.cache.k, self.cache.v

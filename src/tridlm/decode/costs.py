@@ -19,6 +19,8 @@ from tridlm import masks
 from tridlm.decode.forward import forward_block, prefill
 from tridlm.model import TriModel
 
+BATCH_SIZES = (12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # a step's tokens measured past the single-row sizes
+
 
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
@@ -68,7 +70,8 @@ def _median_ms(model: TriModel, context: list[int], reps: int, shapes: list[tupl
 @dataclass(frozen=True)
 class CostCurve:
     """cost(n) / cost(1) for n = 1..largest on one model, device and precision: of plain causal forwards
-    ("verify") and of forwards whose rows after the first draft with the adapter ("draft"). Whoever decodes
+    ("verify") and of forwards whose rows after the first draft with the adapter ("draft"). "verify" may go on past
+    ``largest`` at sparser sizes: what a continuous batch's step of that many tokens costs (``step``). Whoever decodes
     ``auto`` may hold one (the server measures its own before it serves) and pass it to ``stream``, else the one kept
     with the model is used (``of``); it can be saved and loaded so that a run plans with a known curve."""
 
@@ -77,25 +80,49 @@ class CostCurve:
 
     @property
     def largest(self) -> int:
+        return max(self.draft)
+
+    @property
+    def batch(self) -> int:
+        """The most tokens of a step measured."""
         return max(self.verify)
 
     @classmethod
-    def measure(cls, model: TriModel, largest: int, context: int = 256, reps: int = 9) -> CostCurve:
+    def measure(cls, model: TriModel, largest: int, context: int = 256, reps: int = 9, batch: int = 0) -> CostCurve:
         """Measured over a context about as long as a chat request's: 10 forwards per size and kind,
-        interleaved (the first round a warm-up)."""
-        context = max(1, min(context, model.cfg.max_seq_len - largest - 1))
+        interleaved (the first round a warm-up). ``batch``: "verify" goes on up to that many tokens, at sizes
+        about 1.5x apart (a batch's rows share the step's matmuls; their attention is over their own caches, about
+        what one row's longer block costs)."""
+        sizes = list(range(1, largest + 1))
+        steps = sizes + [n for n in BATCH_SIZES if largest < n < batch] + ([batch] if batch > largest else [])
+        context = max(1, min(context, model.cfg.max_seq_len - max(steps) - 1))
         tokens = torch.randint(model.cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
-        sizes = range(1, largest + 1)
-        times = _median_ms(model, tokens, reps, [(n, drafting) for drafting in (False, True) for n in sizes])
-        return cls(*({n: times[n, drafting] / times[1, False] for n in sizes} for drafting in (False, True)))
+        times = _median_ms(model, tokens, reps, [(n, False) for n in steps] + [(n, True) for n in sizes])
+        return cls(
+            *({n: times[n, drafting] / times[1, False] for n in ns} for ns, drafting in ((steps, False), (sizes, True)))
+        )
 
     @classmethod
-    def of(cls, model: TriModel, largest: int) -> CostCurve:
+    def of(cls, model: TriModel, largest: int, batch: int = 0) -> CostCurve:
         """The curve kept with the model (``TriModel.cost_curve``), measured on first use or when it covers fewer
-        than ``largest`` tokens: what ``auto`` plans with when its caller passes none."""
-        if model.cost_curve is None or model.cost_curve.largest < largest:
-            model.cost_curve = cls.measure(model, largest)
+        than ``largest`` tokens (or a step of fewer than ``batch``): what ``auto`` plans with when its caller passes
+        none."""
+        kept = model.cost_curve
+        if kept is None or kept.largest < largest or kept.batch < batch:
+            model.cost_curve = cls.measure(model, largest, batch=batch)
         return model.cost_curve
+
+    def step(self, tokens: int) -> float:
+        """The relative cost of a forward of this many tokens, interpolated between the measured sizes (and on along
+        the last two beyond them)."""
+        sizes = sorted(self.verify)
+        if tokens in self.verify:
+            return self.verify[tokens]
+        i = next((k for k, n in enumerate(sizes) if n > tokens), len(sizes) - 1)
+        if i == 0:
+            return self.verify[sizes[0]]
+        lo, hi = sizes[i - 1], sizes[i]
+        return self.verify[lo] + (tokens - lo) * (self.verify[hi] - self.verify[lo]) / (hi - lo)
 
     def upto(self, block: int) -> dict[str, dict[int, float]]:
         """The curve's sizes up to ``block``, as the planner reads them."""
@@ -119,6 +146,6 @@ class CostCurve:
             verify, draft = ({int(n): float(c) for n, c in data[kind].items()} for kind in ("verify", "draft"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a cost curve ({e})") from None
-        if sorted(verify) != list(range(1, len(verify) + 1)) or verify.keys() != draft.keys():
+        if sorted(draft) != list(range(1, len(draft) + 1)) or not draft.keys() <= verify.keys():
             raise ValueError(f"{path}: a cost curve needs the sizes 1..n for both verify and draft")
         return cls(verify, draft)

@@ -23,12 +23,14 @@ def forward_block(
     adapter: bool | torch.Tensor = False,
     logits_index: torch.Tensor | None = None,
     offsets: torch.Tensor | None = None,
+    padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The decoders' one way to run the model: tokens (B, n) placed right after each row's committed
     cache (at ``offsets`` from it, default 0..n-1), keys [committed cache | tokens] under ``mask_fn``.
 
     write: commit the keys/values of all tokens (True) or of that many leading ones (their queries must
-    be causal); the room check before and the commit after the forward happen here only.
+    be causal); the room check before and the commit after the forward happen here only. ``padding``: (B, n) tokens
+    that only make the rows equally long (``TriModel.forward``); they must come after their row's real ones.
     """
     n = tokens.shape[1]
     offsets = torch.arange(n, device=tokens.device) if offsets is None else offsets
@@ -41,7 +43,15 @@ def forward_block(
     if written:
         cache.check_room(positions[:, :written])
     logits = model(
-        tokens, positions, mask, cache, write=written, adapter=adapter, logits_index=logits_index, key_slots=key_slots
+        tokens,
+        positions,
+        mask,
+        cache,
+        write=written,
+        adapter=adapter,
+        logits_index=logits_index,
+        key_slots=key_slots,
+        padding=padding,
     )
     if written:
         cache.commit(positions[:, written - 1] + 1)

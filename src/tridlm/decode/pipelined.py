@@ -55,14 +55,26 @@ class Acceptance:
     """Running acceptance of one request's candidates per source and depth: hits[j] / tries[j] estimates
     P(candidate j+1 accepted | candidates 1..j accepted), from counts with a prior of 1 in 2."""
 
-    def __init__(self, depth: int):
-        self.depth = depth
+    def __init__(self, depth: int, prior: Acceptance | tuple[float, float] = (1.0, 2.0)):
+        """``prior``: (hits, tries) every count starts from, or another ``Acceptance`` whose counts this one starts
+        from (scaled down to at most ``PRIOR_TRIES`` tries each: they weigh like a few of this one's own)."""
+        self.depth, self.prior = depth, prior
         self.hits: dict[str, list[float]] = {}
         self.tries: dict[str, list[float]] = {}
         self.carried = [1.0, 2.0]  # full accepts with MASK rows whose drafts were kept, of all such
 
+    PRIOR_TRIES = 8.0
+
     def _counts(self, source: str) -> tuple[list[float], list[float]]:
-        return (self.hits.setdefault(source, [1.0] * self.depth), self.tries.setdefault(source, [2.0] * self.depth))
+        if source not in self.hits:
+            if isinstance(self.prior, Acceptance):
+                hits, tries = self.prior._counts(source)
+                weight = [min(1.0, self.PRIOR_TRIES / t) for t in tries]
+                self.hits[source] = [h * w for h, w in zip(hits, weight)]
+                self.tries[source] = [t * w for t, w in zip(tries, weight)]
+            else:
+                self.hits[source], self.tries[source] = [self.prior[0]] * self.depth, [self.prior[1]] * self.depth
+        return self.hits[source], self.tries[source]
 
     def update(self, source: str, offered: int, accepted: int) -> None:
         hits, tries = self._counts(source)

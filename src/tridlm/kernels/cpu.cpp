@@ -763,11 +763,14 @@ void store_slots(const torch::Tensor& x, torch::Tensor cache, const torch::Tenso
 // gate/up and down adapters (12 tensors, an empty a where a projection has none), applied to the token rows ``rows``
 // (B * n bools, or empty for all); kc, vc (layers, B, KV, S, D) the cache buffers, the current keys and values
 // stored at slots (B, n) int64, or at prefix + i where slots is empty, then attended in place over the first
-// prefix + n slots; cos, sin (B, n, 1, D); mask (B, n, prefix + n) bool.
+// prefix + n slots; cos, sin (B, n, 1, D); mask (B, n, prefix + n) bool. tokens: the indices among the B * n
+// tokens of those to compute (int64, ascending; empty: all): the others are padding, which no token attends to and
+// whose mask rows are empty; their rows of the result are x's, and their cache slots get zeros. Every projection
+// then runs over the computed tokens only (a ragged verify: rows with candidates are wider than those without).
 torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> adapters,
                             torch::Tensor rows, torch::Tensor kc, torch::Tensor vc, torch::Tensor cos, torch::Tensor sin,
-                            torch::Tensor mask, torch::Tensor slots, int64_t prefix, int64_t heads, double eps,
-                            double scale) {
+                            torch::Tensor mask, torch::Tensor slots, torch::Tensor tokens, int64_t prefix, int64_t heads,
+                            double eps, double scale) {
   const int64_t L = kc.size(0);
   TORCH_CHECK(x.dim() == 3 && kc.dim() == 5 && vc.sizes() == kc.sizes() &&
               static_cast<int64_t>(weights.size()) == 10 * L &&
@@ -775,6 +778,20 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
   const int64_t B = x.size(0), n = x.size(1), dim = x.size(2), KV = kc.size(2), D = kc.size(4);
   const int64_t F = weights[8].size(1) * BLOCK;  // the down projection's input size
   const auto none = torch::empty({0}), no_spans = torch::empty({0}, torch::kInt);
+  const bool packed = tokens.numel() > 0;
+  TORCH_CHECK(!packed || (tokens.scalar_type() == torch::kLong && tokens.dim() == 1), "decode_layers: bad tokens");
+  if (packed && rows.numel()) rows = rows.index_select(0, tokens);
+  // (T, width) computed tokens -> (B, n, width), zeros at the padding
+  auto spread = [&](const torch::Tensor& t) {
+    if (!packed) return t.view({B, n, -1});
+    return torch::zeros({B * n, t.size(1)}, t.options()).index_copy_(0, tokens, t).view({B, n, -1});
+  };
+  auto pick = [&](const torch::Tensor& t) {  // (B, n, ...) -> (T, width)
+    auto flat = t.reshape({B * n, -1});
+    return packed ? flat.index_select(0, tokens) : flat;
+  };
+  const auto input = x;
+  x = pick(x);
   // projection j (q/k/v, o, gate/up, down) of layer l, with its adapter on ``rows`` where one is given
   auto linear = [&](const torch::Tensor& in, int64_t k, int64_t l, int j) {
     const torch::Tensor* w = weights.data() + 10 * l + (j == 0 ? 1 : j == 1 ? 3 : j == 2 ? 6 : 8);
@@ -785,19 +802,20 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
   };
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* w = weights.data() + 10 * l;
-    auto qkv = linear(rms_norm(x, w[0], eps), dim, l, 0).view({B, n, -1});
+    auto qkv = spread(linear(rms_norm(x, w[0], eps), dim, l, 0));
     auto q = rope(qkv.narrow(2, 0, heads * D).view({B, n, heads, D}), cos, sin);
     auto k = rope(qkv.narrow(2, heads * D, KV * D).view({B, n, KV, D}), cos, sin);
     auto v = qkv.narrow(2, (heads + KV) * D, KV * D).view({B, n, KV, D});
     store_slots(k, kc[l], slots, prefix);
     store_slots(v, vc[l], slots, prefix);
     auto o = attend(q, kc[l].narrow(2, 0, prefix + n), vc[l].narrow(2, 0, prefix + n), mask, scale);
-    x = x + linear(o, heads * D, l, 1).narrow(1, 0, dim).view({B, n, dim});
-    auto gate_up = linear(rms_norm(x, w[5], eps), dim, l, 2).view({B, n, -1});
-    auto hidden = silu_mul(gate_up.narrow(2, 0, F), gate_up.narrow(2, F, F));
-    x = x + linear(hidden, F, l, 3).narrow(1, 0, dim).view({B, n, dim});
+    x = x + linear(pick(o), heads * D, l, 1).narrow(1, 0, dim);
+    auto gate_up = linear(rms_norm(x, w[5], eps), dim, l, 2);
+    auto hidden = silu_mul(gate_up.narrow(1, 0, F), gate_up.narrow(1, F, F));
+    x = x + linear(hidden, F, l, 3).narrow(1, 0, dim);
   }
-  return x;
+  if (!packed) return x.view({B, n, dim});
+  return input.reshape({B * n, dim}).index_copy(0, tokens, x).view({B, n, dim});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
