@@ -316,11 +316,8 @@ class TriModel(nn.Module):
             adapters = [t for g in self._lora_groups for t in g.form]
             rows = rows if p.adapter is True else p.adapter.reshape(-1).contiguous()
         slots = _NO_SLOTS if p.slots is None else p.slots.contiguous()
-        mask, tokens = p.mask[:, 0], _ALL_TOKENS
-        if p.padding is not None:  # left out: every projection runs over the real tokens only
-            mask = mask & ~p.padding[..., None]
-            tokens = (~p.padding).reshape(-1).nonzero()[:, 0]
-        args = (p.cos, p.sin, mask.contiguous(), slots, tokens, p.prefix, self.cfg.n_heads, self.cfg.norm_eps)
+        tokens = _ALL_TOKENS if p.padding is None else (~p.padding).reshape(-1).nonzero()[:, 0]  # the real ones only
+        args = (p.cos, p.sin, p.mask[:, 0].contiguous(), slots, tokens, p.prefix, self.cfg.n_heads, self.cfg.norm_eps)
         return kernels.decode_layers(x, weights, adapters, rows, p.cache.k, p.cache.v, *args, self.cfg.head_dim**-0.5)
 
     def _native_weights(self) -> list[torch.Tensor] | None:

@@ -51,7 +51,8 @@ class Lookahead:
 
     lookup: NGramIndex
     history: AnswerHistory | None
-    acceptance: Acceptance
+    acceptance: Acceptance  # the row's own
+    learned: Acceptance  # what it started from and adds to: its tenant's, or the batch's
     room: int  # candidates per step at most
 
     def offer(self, prompt: list[int], tokens: list[int], left: int) -> tuple[str, list[int]]:
@@ -67,6 +68,25 @@ class Lookahead:
             if earlier[0] > n:
                 (n, found), source = earlier, "history"
         return (f"{source}{n}", found) if found else ("", [])
+
+
+class ChainedAcceptance(Acceptance):
+    """Running acceptance whose depths borrow from the depth before: the chance that candidate j + 1 is accepted once
+    1..j were is (hits + 2 r) / (tries + 2) with r that of depth j (1/2 before the first). A batch pays for every
+    candidate it verifies, so a depth it has never tried must not look worse than the one before it, or it is never
+    tried (one request alone tries deeper ones for free: ``Acceptance``'s flat prior of 1 in 2)."""
+
+    def __init__(self, depth: int, prior: Acceptance | None = None):
+        super().__init__(depth, (0.0, 0.0) if prior is None else prior)
+
+    def expected(self, source: str, m: int) -> list[tuple[float, float]]:
+        out, gain, alive, rate = [(0.0, 1.0)], 0.0, 1.0, 0.5
+        for h, t in zip(*(c[:m] for c in self._counts(source))):
+            rate = (h + 2 * rate) / (t + 2)
+            alive *= rate
+            gain += alive
+            out.append((gain, alive))
+        return out
 
 
 def plan_rows(offers: list[list[float]], cost) -> list[int]:
@@ -124,7 +144,7 @@ class Batcher:
         ``reserve``."""
         self.model, self.max_rows, self.slot_tokens = model, max_rows, slot_tokens
         self.prefill_chunk, self.costs = prefill_chunk, costs
-        self.acceptance = Acceptance(ROOM)  # the batch's, what each auto row's starts from
+        self.acceptance = ChainedAcceptance(ROOM)  # what auto rows start from unless given another (``admit``)
         self.cache: KVCache | None = None
         self.slots: list[Slot] = []
         self.filling: list[Filling] = []  # one request's long prompts, a chunk per step (``admit``)
@@ -160,12 +180,14 @@ class Batcher:
         prompt: list[int],
         generator: torch.Generator | None,
         history: AnswerHistory | None = None,
+        learned: ChainedAcceptance | None = None,
     ) -> None:
         """Take the state's row: a prompt of up to ``prefill_chunk`` tokens is prefilled now into a free slot and
         its first token committed, so that the row runs from the next ``step`` (unless that token finished it); a
         longer one is prefilled a chunk per ``step`` and joins when it is in. While a request's long prompts are
         being prefilled no other request's can start (``filling``). A row of an ``auto`` state with lookup on
-        speculates (``Lookahead``), from ``history`` too where given."""
+        speculates (``Lookahead``), from ``history`` too where given; its acceptance starts from ``learned`` (what
+        earlier rows of its kind were accepted: a server keeps one per tenant) and adds to it, else to the batch's."""
         if not prompt:
             raise ValueError("empty prompt: at least one token is needed")
         if not self.free:
@@ -182,7 +204,8 @@ class Batcher:
         cfg, ahead = state.cfg, None
         if cfg.mode == "auto" and cfg.lookup:
             room = min(ROOM, cfg.block_size - 1)
-            ahead = Lookahead(NGramIndex(prompt), history, Acceptance(ROOM, self.acceptance), room)
+            learned = self.acceptance if learned is None else learned
+            ahead = Lookahead(NGramIndex(prompt), history, ChainedAcceptance(ROOM, learned), learned, room)
         fill = Filling(state, row, generator, list(prompt), i, ahead)
         if len(prompt) > self.prefill_chunk:
             self.filling.append(fill)
@@ -292,7 +315,7 @@ class Batcher:
         k, bonus = accept(block, p, q, sampler, s.generator)
         k = int(k[0])
         s.ahead.acceptance.update(source, m, k)
-        self.acceptance.update(source, m, k)
+        s.ahead.learned.update(source, m, k)
         s.pending = int(bonus[0])
         return block[0, 1 : 1 + k].tolist()
 

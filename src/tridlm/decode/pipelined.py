@@ -69,7 +69,7 @@ class Acceptance:
         if source not in self.hits:
             if isinstance(self.prior, Acceptance):
                 hits, tries = self.prior._counts(source)
-                weight = [min(1.0, self.PRIOR_TRIES / t) for t in tries]
+                weight = [min(1.0, self.PRIOR_TRIES / t) if t else 1.0 for t in tries]
                 self.hits[source] = [h * w for h, w in zip(hits, weight)]
                 self.tries[source] = [t * w for t, w in zip(tries, weight)]
             else:

@@ -115,19 +115,23 @@ struct Strides {
 // Every score is a sum over the head dimension and every output a sum over the allowed keys, each in a fixed
 // order of its own: the same operations for a query row whatever else is in the call. C: the head size in
 // lanes, a template parameter so that a query head and its output stay in registers.
+// tokens: where the queries are a chosen few of the B * n (ascending indices b * n + i), q holds those rows only
+// (query r at q + r * qs.j) and so does the output; nullptr: all of them.
 template <typename T, int64_t C>
 void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, int64_t B, int64_t n, int64_t H,
-                 int64_t KV, int64_t P, Strides qs, Strides ks, Strides vs, Strides ms, float scale) {
+                 int64_t KV, int64_t P, Strides qs, Strides ks, Strides vs, Strides ms, float scale,
+                 const int64_t* tokens, int64_t queries) {
   constexpr int64_t GROUP = 4;  // query heads that share each key and value load
   const int64_t G = H / KV, chunks_max = (P + W - 1) / W;
   // One task: the G query heads of one row that share a key/value head, up to GROUP of them per pass over the
   // keys: each key and value row is loaded once for them all. Every score and output is computed exactly as
   // for one head alone.
-  at::parallel_for(0, B * n * KV, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, queries * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weights(GROUP * chunks_max * W);
     std::vector<int64_t> keys(P);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (n * KV), i = task / KV % n, kv = task % KV;
+      const int64_t r = task / KV, kv = task % KV, token = tokens ? tokens[r] : r, b = token / n, i = token % n;
+      const T* qrow = tokens ? q + r * qs.j : q + b * qs.b + i * qs.j;
       const bool* allowed = mask + b * ms.b + i * ms.j;
       int64_t count = 0;
       for (int64_t j = 0; j < P; ++j)
@@ -141,7 +145,7 @@ void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, i
         vf qh[GROUP][C];
         for (int64_t g = 0; g < heads; ++g)
           for (int64_t c = 0; c < C; ++c)
-            qh[g][c] = load(q + b * qs.b + i * qs.j + (kv * G + g0 + g) * qs.h + c * W) * scale;
+            qh[g][c] = load(qrow + (kv * G + g0 + g) * qs.h + c * W) * scale;
         float* w[GROUP];
         for (int64_t g = 0; g < heads; ++g) w[g] = weights.data() + g * chunks_max * W;
         for (int64_t j0 = 0; j0 < count; j0 += W) {  // a score: lane l sums elements l, l + W, ...; then the lanes
@@ -183,7 +187,7 @@ void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, i
             for (int64_t c = 0; c < C; ++c) acc[g][c] += w[g][j] * value[c];
         }
         for (int64_t g = 0; g < heads; ++g) {
-          T* orow = out + ((b * n + i) * H + kv * G + g0 + g) * C * W;
+          T* orow = out + (r * H + kv * G + g0 + g) * C * W;
           for (int64_t c = 0; c < C; ++c) store(orow + c * W, acc[g][c] / total[g]);
         }
       }
@@ -470,8 +474,10 @@ void int8_tile(const uint8_t* codes, const float* scales, const QuantizedRows& x
 }  // namespace
 
 // q (B, n, H, D); k, v (B, KV, P, D), each with its last dimension contiguous; mask (B, n, P) bool, true where
-// a query may attend -> (B, n, H, D) in q's dtype; a row with no allowed key gets zeros.
-torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
+// a query may attend -> (B, n, H, D) in q's dtype; a row with no allowed key gets zeros. With ``tokens`` (int64
+// indices b * n + i, ascending, non-empty), q is (1, T, H, D): those T queries only, and so is the result.
+torch::Tensor attend_tokens(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale,
+                            const torch::Tensor& tokens) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 3, "attend: bad ranks");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && mask.device().is_cpu(),
               "attend: CPU tensors only");
@@ -479,19 +485,28 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   TORCH_CHECK(mask.scalar_type() == torch::kBool, "attend: the mask must be bool");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && mask.stride(2) == 1,
               "attend: last dimensions must be contiguous");
-  const int64_t B = q.size(0), n = q.size(1), H = q.size(2), D = q.size(3), KV = k.size(1), P = k.size(2);
+  const bool chosen = tokens.numel() > 0;
+  const int64_t B = mask.size(0), n = mask.size(1), H = q.size(2), D = q.size(3), KV = k.size(1), P = k.size(2);
+  const int64_t queries = chosen ? tokens.numel() : B * n;
   TORCH_CHECK(KV > 0 && H % KV == 0 && k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D &&
-              mask.size(0) == B && mask.size(1) == n && mask.size(2) == P, "attend: shapes disagree");
+              mask.size(2) == P && (chosen ? q.size(0) == 1 && q.size(1) == queries : q.size(0) == B && q.size(1) == n),
+              "attend: shapes disagree");
+  TORCH_CHECK(!chosen || tokens.scalar_type() == torch::kLong, "attend: tokens must be int64");
   TORCH_CHECK(D == 64 || D == 128 || D == 256, "attend: head sizes 64, 128 and 256 only, not ", D);
-  auto out = torch::zeros({B, n, H, D}, q.options());
+  auto out = torch::zeros(q.sizes(), q.options());
   dispatch(q, "attend", [&](auto zero) {
     using T = decltype(zero);
     auto rows = D == 64 ? attend_rows<T, 4> : D == 128 ? attend_rows<T, 8> : attend_rows<T, 16>;
     rows(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), mask.data_ptr<bool>(), out.data_ptr<T>(), B, n, H, KV, P,
          {q.stride(0), q.stride(2), q.stride(1)}, {k.stride(0), k.stride(1), k.stride(2)},
-         {v.stride(0), v.stride(1), v.stride(2)}, {mask.stride(0), 0, mask.stride(1)}, static_cast<float>(scale));
+         {v.stride(0), v.stride(1), v.stride(2)}, {mask.stride(0), 0, mask.stride(1)}, static_cast<float>(scale),
+         chosen ? tokens.data_ptr<int64_t>() : nullptr, queries);
   });
   return out;
+}
+
+torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
+  return attend_tokens(q, k, v, mask, scale, torch::empty({0}, torch::kLong));
 }
 
 // x (..., dim) with contiguous rows, weight (dim,) -> weight * (x / sqrt(mean(x^2) + eps)), the normalized x
@@ -737,21 +752,25 @@ std::vector<torch::Tensor> repack_q4_1(torch::Tensor blocks, int64_t n, int64_t 
 }
 
 // Copy the current tokens' keys or values, x (B, n, KV, D) with the last dimension contiguous, into one layer's cache
-// buffer (B, KV, S, D): token i of row b to slot slots[b, i], or prefix + i where slots is empty.
-void store_slots(const torch::Tensor& x, torch::Tensor cache, const torch::Tensor& slots, int64_t prefix) {
+// buffer (B, KV, S, D): token i of row b to slot slots[b, i], or prefix + i where slots is empty. With ``tokens``
+// (indices b * n + i of the full n), x is (1, T, KV, D): those tokens only.
+void store_slots(const torch::Tensor& x, torch::Tensor cache, const torch::Tensor& slots, int64_t prefix,
+                 const torch::Tensor& tokens, int64_t n_full) {
   const int64_t B = x.size(0), n = x.size(1), KV = x.size(2), D = x.size(3), bytes = D * x.element_size();
   TORCH_CHECK(x.scalar_type() == cache.scalar_type() && x.stride(3) == 1 && cache.stride(3) == 1,
               "decode_layers: the cache's dtype or layout disagrees");
   const auto* src = static_cast<const char*>(x.data_ptr());
   auto* dst = static_cast<char*>(cache.data_ptr());
   const int64_t e = x.element_size();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t slot = slots.numel() ? slots.data_ptr<int64_t>()[b * n + i] : prefix + i;
+  for (int64_t bb = 0; bb < B; ++bb)
+    for (int64_t ii = 0; ii < n; ++ii) {
+      const int64_t token = tokens.numel() ? tokens.data_ptr<int64_t>()[ii] : bb * n_full + ii;
+      const int64_t b = token / n_full, i = token % n_full;
+      const int64_t slot = slots.numel() ? slots.data_ptr<int64_t>()[token] : prefix + i;
       TORCH_CHECK(0 <= slot && slot < cache.size(2), "decode_layers: cache slot out of range");
       for (int64_t h = 0; h < KV; ++h)
         std::memcpy(dst + (b * cache.stride(0) + h * cache.stride(1) + slot * cache.stride(2)) * e,
-                    src + (b * x.stride(0) + i * x.stride(1) + h * x.stride(2)) * e, bytes);
+                    src + (bb * x.stride(0) + ii * x.stride(1) + h * x.stride(2)) * e, bytes);
     }
 }
 
@@ -764,8 +783,8 @@ void store_slots(const torch::Tensor& x, torch::Tensor cache, const torch::Tenso
 // (B * n bools, or empty for all); kc, vc (layers, B, KV, S, D) the cache buffers, the current keys and values
 // stored at slots (B, n) int64, or at prefix + i where slots is empty, then attended in place over the first
 // prefix + n slots; cos, sin (B, n, 1, D); mask (B, n, prefix + n) bool. tokens: the indices among the B * n
-// tokens of those to compute (int64, ascending; empty: all): the others are padding, which no token attends to and
-// whose mask rows are empty; their rows of the result are x's, and their cache slots get zeros. Every projection
+// tokens of those to compute (int64, ascending; empty: all): the others are padding, which no token attends to;
+// their rows of the result are x's, and their cache slots are left alone. Every kernel
 // then runs over the computed tokens only (a ragged verify: rows with candidates are wider than those without).
 torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> adapters,
                             torch::Tensor rows, torch::Tensor kc, torch::Tensor vc, torch::Tensor cos, torch::Tensor sin,
@@ -778,20 +797,6 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
   const int64_t B = x.size(0), n = x.size(1), dim = x.size(2), KV = kc.size(2), D = kc.size(4);
   const int64_t F = weights[8].size(1) * BLOCK;  // the down projection's input size
   const auto none = torch::empty({0}), no_spans = torch::empty({0}, torch::kInt);
-  const bool packed = tokens.numel() > 0;
-  TORCH_CHECK(!packed || (tokens.scalar_type() == torch::kLong && tokens.dim() == 1), "decode_layers: bad tokens");
-  if (packed && rows.numel()) rows = rows.index_select(0, tokens);
-  // (T, width) computed tokens -> (B, n, width), zeros at the padding
-  auto spread = [&](const torch::Tensor& t) {
-    if (!packed) return t.view({B, n, -1});
-    return torch::zeros({B * n, t.size(1)}, t.options()).index_copy_(0, tokens, t).view({B, n, -1});
-  };
-  auto pick = [&](const torch::Tensor& t) {  // (B, n, ...) -> (T, width)
-    auto flat = t.reshape({B * n, -1});
-    return packed ? flat.index_select(0, tokens) : flat;
-  };
-  const auto input = x;
-  x = pick(x);
   // projection j (q/k/v, o, gate/up, down) of layer l, with its adapter on ``rows`` where one is given
   auto linear = [&](const torch::Tensor& in, int64_t k, int64_t l, int j) {
     const torch::Tensor* w = weights.data() + 10 * l + (j == 0 ? 1 : j == 1 ? 3 : j == 2 ? 6 : 8);
@@ -800,16 +805,27 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
     const torch::Tensor* a = adapters.data() + 12 * l + 3 * j;
     return int4_linear(in2, w[0], w[1], a[0], a[1], a[2], rows);
   };
+  const bool packed = tokens.numel() > 0;
+  TORCH_CHECK(!packed || (tokens.scalar_type() == torch::kLong && tokens.dim() == 1), "decode_layers: bad tokens");
+  // The computed tokens as (Bq, nq): all of them as (B, n), or the chosen T as (1, T), which every kernel takes
+  if (packed && rows.numel()) rows = rows.index_select(0, tokens);
+  const int64_t Bq = packed ? 1 : B, nq = packed ? tokens.numel() : n;
+  if (packed) {
+    cos = cos.expand({B, n, 1, D}).reshape({B * n, D}).index_select(0, tokens).view({1, nq, 1, D});
+    sin = sin.expand({B, n, 1, D}).reshape({B * n, D}).index_select(0, tokens).view({1, nq, 1, D});
+  }
+  const auto input = x;
+  x = packed ? x.reshape({B * n, dim}).index_select(0, tokens) : x.reshape({B * n, dim});
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* w = weights.data() + 10 * l;
-    auto qkv = spread(linear(rms_norm(x, w[0], eps), dim, l, 0));
-    auto q = rope(qkv.narrow(2, 0, heads * D).view({B, n, heads, D}), cos, sin);
-    auto k = rope(qkv.narrow(2, heads * D, KV * D).view({B, n, KV, D}), cos, sin);
-    auto v = qkv.narrow(2, (heads + KV) * D, KV * D).view({B, n, KV, D});
-    store_slots(k, kc[l], slots, prefix);
-    store_slots(v, vc[l], slots, prefix);
-    auto o = attend(q, kc[l].narrow(2, 0, prefix + n), vc[l].narrow(2, 0, prefix + n), mask, scale);
-    x = x + linear(pick(o), heads * D, l, 1).narrow(1, 0, dim);
+    auto qkv = linear(rms_norm(x, w[0], eps), dim, l, 0).view({Bq, nq, -1});
+    auto q = rope(qkv.narrow(2, 0, heads * D).view({Bq, nq, heads, D}), cos, sin);
+    auto k = rope(qkv.narrow(2, heads * D, KV * D).view({Bq, nq, KV, D}), cos, sin);
+    auto v = qkv.narrow(2, (heads + KV) * D, KV * D).view({Bq, nq, KV, D});
+    store_slots(k, kc[l], slots, prefix, tokens, n);
+    store_slots(v, vc[l], slots, prefix, tokens, n);
+    auto o = attend_tokens(q, kc[l].narrow(2, 0, prefix + n), vc[l].narrow(2, 0, prefix + n), mask, scale, tokens);
+    x = x + linear(o, heads * D, l, 1).narrow(1, 0, dim);
     auto gate_up = linear(rms_norm(x, w[5], eps), dim, l, 2);
     auto hidden = silu_mul(gate_up.narrow(1, 0, F), gate_up.narrow(1, F, F));
     x = x + linear(hidden, F, l, 3).narrow(1, 0, dim);

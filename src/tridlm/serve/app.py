@@ -1,9 +1,10 @@
 """The HTTP server: OpenAI-compatible completions and chat completions over the model worker.
 
 ``mode: "auto"`` policy: a request that finds the server idle (no other request waiting or running)
-decodes with ``auto`` (per cycle the exact plan the measured cost curve and the request's running
-acceptance predict fastest: lowest latency for one stream); when requests compete it decodes with AR,
-which the worker batches across them (best throughput).
+decodes alone with ``auto`` (per cycle the exact plan the measured cost curve and the request's running
+acceptance predict fastest: lowest latency for one stream); when requests compete it joins the continuous
+batch, where it verifies its lookup and earlier-answer candidates whenever the batch's cost curve says they
+pay, and otherwise takes AR steps (``serve.worker``, ``decode.batcher``).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class Server:
             )
 
     async def run(self, request: Request, body, ids: list[int], kind: str, endpoint: str):
-        requested = mode = body.mode or self.config.default_mode
+        mode = body.mode or self.config.default_mode
         if mode == "auto" and (body.block_size or 0) > self.auto_block:
             raise APIError(
                 400,
@@ -125,9 +126,7 @@ class Server:
                 f"when it started, up to block {self.auto_block} (serve with --block-size for more)",
                 "block_size",
             )
-        if mode == "auto" and self.worker.load:  # busy: batched AR, the best throughput
-            mode = "ar"
-        cfg = make_config(body, ids, mode, self.model, self.config, fallback=mode != requested)
+        cfg = make_config(body, ids, mode, self.model, self.config)
         if body.tridlm_trace and not body.stream:
             raise APIError(400, "tridlm_trace needs stream: true", "tridlm_trace")
         job = Job(

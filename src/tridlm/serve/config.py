@@ -55,7 +55,7 @@ class ServerConfig:
     )
     default_mode: str = option(
         "ar",
-        "mode of requests that name none; auto: the fastest exact plan when idle, batched ar under load",
+        "mode of requests that name none; auto: the fastest exact plan when idle, speculating in the batch under load",
     )
     defaults: GenerationConfig = option(GenerationConfig(), "the knobs of requests that name none")
     answer_history: int = option(1 << 16, "tokens of earlier answers that auto drafts from, per tenant (0: none)")

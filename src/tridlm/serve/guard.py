@@ -135,15 +135,13 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
-def make_config(
-    body, ids: list[int], mode: str, model: TriModel, config: ServerConfig, fallback: bool = False
-) -> GenerationConfig:
+def make_config(body, ids: list[int], mode: str, model: TriModel, config: ServerConfig) -> GenerationConfig:
     """The request's decoding config over the server's defaults, resolved for the model, with max_tokens
     checked against the room the prompt leaves in the context."""
     if not ids:
         raise APIError(400, "the prompt is empty", "prompt")
     try:
-        cfg = body.generation_config(config.defaults, mode, max_tokens=1, fallback=fallback).resolve(model)
+        cfg = body.generation_config(config.defaults, mode, max_tokens=1).resolve(model)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     room = cfg.room(model, len(ids))

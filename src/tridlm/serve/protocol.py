@@ -92,15 +92,13 @@ class _Request(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def generation_config(
-        self, defaults: GenerationConfig, mode: str, max_tokens: int, fallback: bool = False
-    ) -> GenerationConfig:
+    def generation_config(self, defaults: GenerationConfig, mode: str, max_tokens: int) -> GenerationConfig:
         """Our config: the request's values over the server's defaults, validated once. ``mode`` is the one the
-        request runs in; ``fallback``: the server runs an ``auto`` request as batched AR, without auto's knob."""
+        request runs in."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         changes = {"mode": mode, "max_tokens": max_tokens, "stop": stop, "seed": self.seed}
         knobs = ("temperature", "top_p", "top_k", "block_size", "max_steps_per_block", "spec_variant", "lookup")
-        for name in knobs[:-1] if fallback else knobs:
+        for name in knobs:
             if getattr(self, name) is not None:
                 changes[name] = getattr(self, name)
         if "threshold" in self.model_fields_set:

@@ -1,13 +1,16 @@
 """The model owner: one thread that runs every generation, batching requests.
 
-Requests wait in a bounded queue and are taken in order. **AR requests are batched continuously**
-(``decode.batcher``): each joins the running rows at the next step, its prompt prefilled alone between two steps (a
-long one a chunk per step), and each row leaves as soon as it finishes, is cancelled or runs out of time, so a short
-request never waits for a long one and rows of any length share one forward. Seeded AR requests of several choices,
-traced ones and the other modes (diffusion, spec, auto when idle) run as a **static batch**: the oldest job with
-every waiting job of the same decoding settings, up to ``max_batch`` rows, decoded together to the end while the
-running AR rows wait. Jobs with a seed run alone so their samples do not depend on their neighbours. Committed
-tokens go back to each request's asyncio queue as they are produced; a cancelled job's rows stop at the next step.
+Requests wait in a bounded queue and are taken in order. **AR requests, and auto requests that find the server
+busy, are batched continuously** (``decode.batcher``): each joins the running rows at the next step, its prompt
+prefilled alone between two steps (a long one a chunk per step), and each row leaves as soon as it finishes, is
+cancelled or runs out of time, so a short request never waits for a long one and rows of any length share one
+forward; an auto row verifies its lookup and earlier-answer candidates in that forward where the batch's cost
+curve says they pay. An auto request that finds the server idle decodes alone with every lever of ``auto`` (MASK-row
+drafts too: the lowest latency for one stream). Seeded AR requests of several choices, traced ones and the other
+modes (diffusion, spec, idle auto) run as a **static batch**: the oldest job with every waiting job of the same
+decoding settings, up to ``max_batch`` rows, decoded together to the end while the running rows wait. Jobs with a
+seed run alone so their samples do not depend on their neighbours. Committed tokens go back to each request's
+asyncio queue as they are produced; a cancelled job's rows stop at the next step.
 
 **One thread runs the model.** The worker runs on the thread that loaded the model (``run``: what ``tridlm
 serve`` does) or on a thread of its own (``start``: for embedding the app). The CPU kernels and torch's ops split
@@ -19,9 +22,10 @@ loaded on one thread and decoded on another ran at 0.43x on 2 cores. ``bench/ser
 curve ``auto`` plans with measured; ``failed`` holds why the worker stopped, if it did.
 
 Every answer joins its tenant's ``AnswerHistory`` (one per API key; none when ``history`` is 0), which that
-tenant's later ``auto`` and pipelined-spec requests draft from: one tenant's answers never reach another's
-drafts, trace or counts. Those modes share one plan across a batch, so their batches hold one tenant only;
-the other modes decode each row as if alone and batch across tenants.
+tenant's later ``auto`` and pipelined-spec requests draft from, and the acceptance of its auto rows' candidates in
+the continuous batch is kept per tenant too: one tenant's answers never reach another's drafts, trace or counts.
+Static batches of those modes share one plan, so they hold one tenant only; the continuous batch plans per row, and
+the other modes decode each row as if alone: both batch across tenants.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig, generate, stream
-from tridlm.decode.batcher import Batcher
+from tridlm.decode.batcher import ROOM, Batcher, ChainedAcceptance
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
 
@@ -119,7 +123,7 @@ class Worker:
         the worker's thread before the first request); ``slot_tokens``: KV cache per continuously batched row
         (prompt + answer; longer AR requests run as static batches)."""
         self.model, self.tokenizer = model, tokenizer
-        self.history_capacity, self.histories = history, {}
+        self.history_capacity, self.histories, self.acceptances = history, {}, {}
         self.max_batch, self.max_queue, self.auto_block, self.costs = max_batch, max_queue, auto_block, costs
         self.on_batch = on_batch  # callback(jobs, seconds) for metrics
         self._waiting: list[Job] = []
@@ -162,12 +166,13 @@ class Worker:
             self._waiting.append(job)
             self._cond.notify()
 
-    def continuous(self, job: Job) -> bool:
-        """Whether a job's rows join the running batch: AR, untraced, each row fitting a slot, and unseeded or of
-        one choice (a seeded request's choices draw from one generator, as a static batch does)."""
+    def continuous(self, job: Job, idle: bool = False) -> bool:
+        """Whether a job's rows join the running batch: AR, or auto unless the server is ``idle``; untraced, each row
+        fitting a slot, and unseeded or of one choice (a seeded request's choices draw from one generator, as a
+        static batch does)."""
         c = job.cfg
         return (
-            c.mode == "ar"
+            (c.mode == "ar" or (c.mode == "auto" and not idle))
             and not job.trace
             and (c.seed is None or len(job.prompts) == 1)
             and len(job.prompts) <= self.batcher.max_rows
@@ -185,7 +190,8 @@ class Worker:
             if not self._waiting:
                 return "step", []
             head = self._waiting[0]
-            if self.continuous(head):
+            idle = not self.batcher.busy and not self._running and len(self._waiting) == 1
+            if self.continuous(head, idle):
                 if not self.batcher.can_admit(head.prompts):
                     return "step", []
                 self._running += 1
@@ -194,7 +200,7 @@ class Worker:
             for job in list(self._waiting):
                 if (
                     job.batch_key() == key
-                    and not self.continuous(job)
+                    and not self.continuous(job, idle)
                     and (not batch or rows + len(job.prompts) <= self.max_batch)
                 ):
                     batch.append(job)
@@ -225,7 +231,8 @@ class Worker:
             "(--max-batch, --slot-tokens)",
             file=sys.stderr,
         )
-        self.costs = self.costs or CostCurve.of(self.model, self.auto_block)
+        self.costs = self.costs or CostCurve.of(self.model, self.auto_block, self.batcher.max_rows * self.auto_block)
+        self.batcher.costs = self.costs
         self.ready.set()
 
     def _serve(self) -> None:
@@ -263,7 +270,7 @@ class Worker:
         generator = None if job.cfg.seed is None else torch.Generator(self.model.device).manual_seed(job.cfg.seed)
         try:
             for k, prompt in enumerate(job.prompts):
-                self.batcher.admit(state, k, prompt, generator)
+                self.batcher.admit(state, k, prompt, generator, self.history(job.tenant), self._learned(job.tenant))
         except Exception as e:  # the rows admitted so far leave at the next step
             for k in range(len(job.prompts)):
                 state.cancel(k)
@@ -342,6 +349,10 @@ class Worker:
             for row, (job, _) in zip(state.rows, owner):
                 self.history(job.tenant).add(row.tokens)
         return [(job, ("done", [state.rows[r] for r, (j, _) in enumerate(owner) if j is job])) for job in jobs]
+
+    def _learned(self, tenant: int) -> ChainedAcceptance:
+        """How often the tenant's candidates were accepted in the batch, what its auto rows start from."""
+        return self.acceptances.setdefault(tenant, ChainedAcceptance(ROOM))
 
     def history(self, tenant: int) -> AnswerHistory | None:
         """The tenant's answer history (made on its first answer), None when the server keeps none."""
