@@ -51,7 +51,8 @@ $(LLAMACPP): $(STAMP)
 
 # The standard suite on 2 CPU cores (float32, where spec == AR exactly), beside transformers and llama.cpp;
 # writes bench/results/bench-<date>.{json,png}. Then what pays in self-speculation: each lever on and off,
-# auto beside AR, on chat and code prompts (bench/results/spec-ablation-<date>.{json,png}). Then one request at a
+# auto beside AR, on chat and code prompts (bench/results/spec-ablation-<date>.{json,png}), and auto in a continuous
+# batch of 4 and 8 rows (bench/results/batch-spec-*.json). Then one request at a
 # time through `tridlm serve` against the same decode in-process (bench/results/serve-single-<date>.json), and
 # serving under load beside llama-server (built from the llama-cpp-python sdist; bench/results/serve-load-<date>.*).
 # Then int4 AR at 135M-3B shapes beside llama-bench, per ISA variant (bench/results/scale-<date>.json; writes about
@@ -59,6 +60,8 @@ $(LLAMACPP): $(STAMP)
 bench: setup $(LLAMACPP)
 	$(BIN)/tridlm bench --dtype float32 --block-sizes 4,8 --repeats 2 --humaneval 6 --out bench/results
 	$(BIN)/python bench/spec_ablation.py --out bench/results
+	$(BIN)/python bench/batch_spec.py --rows 4 --out bench/results
+	$(BIN)/python bench/batch_spec.py --rows 8 --out bench/results
 	$(BIN)/python bench/serve_single.py --repeats 3 --out bench/results
 	$(BIN)/python bench/serve_load.py --clients 1,4,8,16 --seconds 30 --out bench/results
 	$(BIN)/python bench/scale.py --repeats 3 --out bench/results

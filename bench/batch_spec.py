@@ -5,7 +5,7 @@ alternating per repeat. Per mode: aggregate tok/s, tokens per row-forward, and w
 
     .venv/bin/python bench/batch_spec.py [--rows 8] [--prompts code|chat] [--count 24] [--max-tokens 128] [--history]
 
-writes OUT/batch-spec-<date>.json and prints a table.
+writes OUT/batch-spec-<prompts>-<rows>rows-<date>.json and prints a table.
 """
 
 import argparse
@@ -101,7 +101,8 @@ def main() -> None:
         "results": table,
         "auto_over_ar": ratios,
     }
-    out = Path(args.out) / f"batch-spec-{args.prompts}{'-history' if args.history else ''}-{report['date']}.json"
+    name = f"batch-spec-{args.prompts}-{args.rows}rows{'-history' if args.history else ''}-{report['date']}.json"
+    out = Path(args.out) / name
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -148,22 +148,29 @@ def test_concurrent_requests_are_batched_and_exact(server, client, tiny_model, c
     assert total > single, "no batch held more than one request"
 
 
-def test_auto_mode_plans_per_cycle_when_idle_and_batches_ar_under_load(client):
+def test_auto_mode_plans_per_cycle_when_idle_and_speculates_in_the_batch_under_load(
+    server, client, tiny_model, chat_tokenizer
+):
     idle = client.completions.create(model="tiny", prompt="hello", max_tokens=8, extra_body={"mode": "auto"})
     assert extra(idle.usage, "mode") == "auto"
     plain = client.completions.create(model="tiny", prompt="hello", max_tokens=8)
     assert idle.choices[0].text == plain.choices[0].text  # exact: AR's tokens
+    prompts = [p + " " + p for p in PROMPTS] * 2  # repeated text: lookup finds candidates
+    want = {p: expected(tiny_model, chat_tokenizer, p, max_tokens=64)[0] for p in set(prompts)}
+    before = _metric(httpx.get(server + "/metrics").text, "tridlm_batch_rows_count")
+
+    def call(p):
+        return client.completions.create(model="tiny", prompt=p, max_tokens=64, extra_body={"mode": "auto"})
+
     with ThreadPoolExecutor(12) as pool:
-        modes = list(
-            pool.map(
-                lambda p: extra(
-                    client.completions.create(model="tiny", prompt=p, max_tokens=64, extra_body={"mode": "auto"}).usage,
-                    "mode",
-                ),
-                PROMPTS * 2,
-            )
-        )
-    assert "ar" in modes
+        results = list(pool.map(call, prompts))
+    assert [r.choices[0].text for r in results] == [want[p] for p in prompts]
+    assert {extra(r.usage, "mode") for r in results} == {"auto"}
+    # most ran in the continuous batch (a step per batch observation), not as one static batch each
+    steps = _metric(httpx.get(server + "/metrics").text, "tridlm_batch_rows_count") - before
+    assert steps > 64
+    # AR takes a forward per token after the first: fewer means candidates were accepted in the batch
+    assert sum(extra(r.usage, "nfe") for r in results) < sum(r.usage.completion_tokens - 1 for r in results)
 
 
 def test_auto_drafts_from_the_servers_earlier_answers(client):
