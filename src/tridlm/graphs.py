@@ -77,8 +77,20 @@ class GraphedModel:
         cache.crop(torch.zeros_like(cache.lengths))
         return cache
 
-    def __call__(self, tokens, positions, mask, cache=None, write=0, adapter=False, logits_index=None, key_slots=None):
-        """``TriModel.forward``: replayed from a graph for static caches, eager otherwise."""
+    def __call__(
+        self,
+        tokens,
+        positions,
+        mask,
+        cache=None,
+        write=0,
+        adapter=False,
+        logits_index=None,
+        key_slots=None,
+        padding=None,
+    ):
+        """``TriModel.forward``: replayed from a graph for static caches, eager otherwise (and for padded steps, whose
+        real tokens change from step to step)."""
         args = {
             "tokens": tokens,
             "positions": positions,
@@ -88,8 +100,9 @@ class GraphedModel:
             "adapter": adapter,
             "logits_index": logits_index,
             "key_slots": key_slots,
+            "padding": padding,
         }
-        if cache is None or not cache.static:
+        if cache is None or not cache.static or padding is not None:
             return self.model(**args)
         key = (
             tuple(tokens.shape),
