@@ -4,6 +4,7 @@ prompt at once), in AR and in ``auto`` (lookup and, with ``--history``, the answ
 alternating per repeat. Per mode: aggregate tok/s, tokens per row-forward, and whether auto's tokens equal AR's.
 
     .venv/bin/python bench/batch_spec.py [--rows 8] [--prompts code|chat] [--count 24] [--max-tokens 128] [--history]
+        [--verify-all]
 
 writes OUT/batch-spec-<prompts>-<rows>rows-<date>.json and prints a table.
 """
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--history", action="store_true", help="auto also drafts from the answers decoded before")
+    ap.add_argument("--verify-all", action="store_true", help="an ablation: auto rows verify every candidate, no plan")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -67,7 +69,8 @@ def main() -> None:
     for rep in range(args.repeats):
         for name in list(cfgs)[:: 1 if rep % 2 == 0 else -1]:
             history = AnswerHistory() if args.history and name == "auto" else None
-            seconds, tokens, forwards = run(model, prompts, cfgs[name], args.rows, costs, history)
+            plan = None if args.verify_all else costs
+            seconds, tokens, forwards = run(model, prompts, cfgs[name], args.rows, plan, history)
             results[name].append((seconds, tokens, forwards))
             n = sum(map(len, tokens))
             print(
@@ -97,11 +100,13 @@ def main() -> None:
         "rows": args.rows,
         "prompts": args.prompts,
         "history": args.history,
+        "verify_all": args.verify_all,
         "step_costs": costs.verify,
         "results": table,
         "auto_over_ar": ratios,
     }
-    name = f"batch-spec-{args.prompts}-{args.rows}rows{'-history' if args.history else ''}-{report['date']}.json"
+    variant = ("-history" if args.history else "") + ("-verify-all" if args.verify_all else "")
+    name = f"batch-spec-{args.prompts}-{args.rows}rows{variant}-{report['date']}.json"
     out = Path(args.out) / name
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
