@@ -9,6 +9,7 @@ goes first. `llama-server` is built once from the llama.cpp source inside the ll
 
     .venv/bin/python bench/serve_load.py [--clients 1,4,8,16] [--seconds 60] [--mode ar] [--out bench/results]
     .venv/bin/python bench/serve_load.py --clients 8 --seconds 600 --servers tridlm --out DIR   # a soak
+    .venv/bin/python bench/serve_load.py --prompts code --mode auto --clients 8 --servers tridlm  # auto on code
 
 writes OUT/serve-load-<date>.json and -load.png (tok/s and TTFT p99 against clients) and prints a table.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 import httpx
 import llamacpp
 
-from tridlm import default_model
+from tridlm import default_model, evaluate
 
 MAX_TOKENS = (32, 64, 128)
 
@@ -81,15 +82,19 @@ def request(http: httpx.Client, url: str, messages: list[dict], max_tokens: int)
     return {"ttft": ttft, "latency": time.perf_counter() - start, "tokens": tokens if tokens is not None else chunks}
 
 
-def load(url: str, clients: int, seconds: float, chats: list[list[dict]], pid: int) -> dict:
-    """``clients`` closed-loop clients for ``seconds``; the server's RSS sampled meanwhile."""
+def load(url: str, clients: int, seconds: float, chats: list[list[dict]], pid: int, distinct: bool = False) -> dict:
+    """``clients`` closed-loop clients for ``seconds``; the server's RSS sampled meanwhile. Client k sends prompts
+    k, k + 1, ... in turn; ``distinct``: each request takes the next prompt of one shared sequence instead (no prompt
+    asked twice until all were)."""
     deadline, results, rss, done = time.perf_counter() + seconds, [], [], threading.Event()
+    shared = itertools.count()
 
     def client(k: int) -> None:
         with httpx.Client(timeout=600) as http:
             for n in itertools.count(k):
                 if time.perf_counter() > deadline:
                     return
+                n = next(shared) if distinct else n
                 try:
                     results.append(request(http, url, chats[n % len(chats)], MAX_TOKENS[n % len(MAX_TOKENS)]))
                 except httpx.HTTPError as e:
@@ -132,14 +137,23 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--mode", default="ar", help="tridlm's --default-mode")
+    ap.add_argument(
+        "--prompts",
+        choices=("chat", "code"),
+        default="chat",
+        help="the packaged chat prompts, or HumanEval's problems as chat requests, each asked once (no repeats)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-server", help="a built llama-server (default: build one)")
     ap.add_argument("--servers", default="tridlm,llama-server", help="which to run (a soak: tridlm alone)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
-    text = (resources.files("tridlm") / "prompts" / "chat.jsonl").read_text()
-    chats = [json.loads(line)["messages"] for line in text.splitlines() if line.strip()]
+    if args.prompts == "code":
+        chats = [[{"role": "user", "content": p.request}] for p in evaluate.HumanEval().problems()]
+    else:
+        text = (resources.files("tridlm") / "prompts" / "chat.jsonl").read_text()
+        chats = [json.loads(line)["messages"] for line in text.splitlines() if line.strip()]
     gguf, servers = default_model.gguf_path(), {}
     port = free_port()
     cmd = [sys.executable, "-m", "tridlm", "serve", "--port", str(port), "--threads", str(args.threads)]
@@ -159,7 +173,7 @@ def main() -> None:
         for i, clients in enumerate(counts):
             for name in list(servers)[:: 1 if i % 2 == 0 else -1]:
                 proc, url = servers[name]
-                r = load(url, clients, args.seconds, chats, proc.pid)
+                r = load(url, clients, args.seconds, chats, proc.pid, distinct=args.prompts == "code")
                 report["results"][f"{name} {clients}"] = {"server": name, "clients": clients, **r}
                 print(
                     f"{name:<13} {clients:>3} clients: {r['tok_s']:6.1f} tok/s, TTFT p50/p99 "
@@ -172,7 +186,8 @@ def main() -> None:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(30)
-    out = Path(args.out) / f"serve-load-{datetime.date.today().isoformat()}"
+    variant = "" if (args.prompts, args.mode) == ("chat", "ar") else f"-{args.prompts}-{args.mode}"
+    out = Path(args.out) / f"serve-load{variant}-{datetime.date.today().isoformat()}"
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, counts, out.with_name(out.name + "-load.png"))
     print(f"wrote {out.with_suffix('.json')}")
