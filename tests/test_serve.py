@@ -498,3 +498,28 @@ def test_streamed_tokens_within_the_interval_go_out_together_and_before_the_end(
             assert got == want
     finally:
         loop.close()
+
+
+def test_a_static_batch_runs_between_the_continuous_batchs_steps(tiny_model, chat_tokenizer):
+    """A request decoded as a static batch (spec) holds up neither an AR request that joins the continuous batch nor
+    one behind a second static request (diffusion) that waits for the first: the AR one ends while both static ones
+    are still in, and all three get their single-request tokens."""
+    with running(Wrapped(tiny_model, 0.01), chat_tokenizer) as url, httpx.Client(timeout=60) as http:
+        long_body = {"prompt": "tell me more", "max_tokens": 150, "temperature": 0, "stream": True, "mode": "spec"}
+        second_body = {"prompt": "y", "max_tokens": 20, "temperature": 0, "mode": "diffusion"}
+        with http.stream("POST", url + "/v1/completions", json=long_body) as long_run, ThreadPoolExecutor(1) as pool:
+            lines = long_run.iter_lines()
+            next(lines)  # the static batch is decoding
+            second = pool.submit(lambda: httpx.post(url + "/v1/completions", json=second_body, timeout=60))
+            deadline = time.time() + 10
+            while http.get(url + "/health").json()["queue_depth"] < 2:  # the diffusion request waits
+                assert time.time() < deadline
+                time.sleep(0.01)
+            short = http.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 5, "temperature": 0})
+            assert http.get(url + "/health").json()["queue_depth"] == 2  # both static requests are still in
+            chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+            second_text = second.result().json()["choices"][0]["text"]
+        assert short.json()["choices"][0]["text"] == expected(tiny_model, chat_tokenizer, "x", max_tokens=5)[0]
+        assert second_text == expected(tiny_model, chat_tokenizer, "y", max_tokens=20, mode="diffusion")[0]
+        long_text = "".join(c["choices"][0]["text"] for c in chunks)
+        assert long_text == expected(tiny_model, chat_tokenizer, "tell me more", max_tokens=150, mode="spec")[0][1:]

@@ -8,7 +8,9 @@ forward; an auto row verifies its lookup and earlier-answer candidates in that f
 curve says they pay. An auto request that finds the server idle decodes alone with every lever of ``auto`` (MASK-row
 drafts too: the lowest latency for one stream). Seeded AR requests of several choices, traced ones and the other
 modes (diffusion, spec, idle auto) run as a **static batch**: the oldest job with every waiting job of the same
-decoding settings, up to ``max_batch`` rows, decoded together to the end while the running rows wait. Jobs with a
+decoding settings, up to ``max_batch`` rows, decoded together to the end, a cycle at a time between the continuous
+batch's steps, so that neither waits for the other to end. One static batch runs at a time; while it does, the
+requests that can join the continuous batch do so past those waiting for the next static one. Jobs with a
 seed run alone so their samples do not depend on their neighbours. Committed tokens go back to each request's
 asyncio queue as they are produced; a cancelled job's rows stop at the next step.
 
@@ -34,6 +36,7 @@ import asyncio
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -104,6 +107,16 @@ class Job:
             self.events.put_nowait(event)
 
 
+@dataclass
+class StaticRun:
+    """A static batch being decoded: the jobs taken, those not cancelled before it began, its cycles."""
+
+    batch: list[Job]
+    live: list[Job]
+    cycles: Iterator[None]
+    start: float
+
+
 class Worker:
     def __init__(
         self,
@@ -130,6 +143,7 @@ class Worker:
         self._running = 0  # jobs taken and not yet ended
         self.batcher = Batcher(model, max_batch, slot_tokens)
         self._live: dict[int, tuple[Job, DecodeState]] = {}  # the jobs whose rows run in the batcher
+        self._static: StaticRun | None = None  # the static batch being decoded, a cycle per loop
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -183,7 +197,7 @@ class Worker:
         """The next work, in arrival order: ("admit", [job]) to join the running rows, ("batch", jobs) for a
         static batch, ("step", []) when only the running rows go on; None once stopped."""
         with self._cond:
-            while not self._waiting and not self._stop and not self.batcher.busy:
+            while not self._waiting and not self._stop and not self.batcher.busy and self._static is None:
                 self._cond.wait()
             if self._stop:
                 return None
@@ -191,11 +205,16 @@ class Worker:
                 return "step", []
             head = self._waiting[0]
             idle = not self.batcher.busy and not self._running and len(self._waiting) == 1
+            if self._static is not None and not self.continuous(head, idle):  # the next static batch waits
+                head = next((j for j in self._waiting if self.continuous(j, idle)), None)
+                if head is None:
+                    return "step", []
             if self.continuous(head, idle):
                 if not self.batcher.can_admit(head.prompts):
                     return "step", []
                 self._running += 1
-                return "admit", [self._waiting.pop(0)]
+                self._waiting.remove(head)
+                return "admit", [head]
             key, batch, rows = head.batch_key(), [], 0
             for job in list(self._waiting):
                 if (
@@ -239,11 +258,13 @@ class Worker:
         while (work := self._take()) is not None:
             kind, jobs = work
             if kind == "batch":
-                self._static(jobs)
+                self._begin(jobs)
             elif kind == "admit":
                 self._admit(jobs[0])
             if self.batcher.busy:
                 self._step()
+            if self._static is not None:
+                self._cycle()
 
     def _end(self, ends: list[tuple[Job, tuple]], taken: int | None = None) -> None:
         """Send each ended job its last event, once the ``taken`` jobs (default: those) no longer count as
@@ -253,16 +274,28 @@ class Worker:
         for job, event in ends:
             job.send(*event)
 
-    def _static(self, batch: list[Job]) -> None:
+    def _begin(self, batch: list[Job]) -> None:
+        """Start decoding a static batch (its first cycle runs in ``_cycle``)."""
         live = [j for j in batch if not j.cancelled.is_set()]
-        start = time.perf_counter()
+        if not live:  # a job cancelled before its batch began gets no event
+            self._end([], taken=len(batch))
+            return
+        self._static = StaticRun(batch, live, self._decode(live), time.perf_counter())
+
+    def _cycle(self) -> None:
+        """One cycle of the static batch; at its end each job gets its last event."""
+        run = self._static
         try:
-            ends = self._decode(live) if live else []
+            next(run.cycles)
+            return
+        except StopIteration as done:
+            ends = done.value
         except Exception as e:  # report to the requests, keep serving
-            ends = [(job, ("error", f"generation failed: {e}")) for job in live]
-        self._end(ends, taken=len(batch))  # a job cancelled before its batch began gets no event
-        if self.on_batch and live:
-            self.on_batch(live, time.perf_counter() - start)
+            ends = [(job, ("error", f"generation failed: {e}")) for job in run.live]
+        self._static = None
+        self._end(ends, taken=len(run.batch))
+        if self.on_batch:
+            self.on_batch(run.live, time.perf_counter() - run.start)
 
     def _admit(self, job: Job) -> None:
         """Prefill the job's rows into the running batch; their first tokens go out at once."""
@@ -317,9 +350,10 @@ class Worker:
         if ended:
             self._end(ended)
 
-    @torch.inference_mode()
-    def _decode(self, jobs: list[Job]) -> list[tuple[Job, tuple]]:
-        """Decode the jobs as one batch, streaming their tokens; returns each job's final event."""
+    @torch.inference_mode()  # each resumption of the generator runs in inference mode
+    def _decode(self, jobs: list[Job]) -> Iterator[None]:
+        """Decode the jobs as one batch, streaming their tokens, a cycle per ``next``; returns (as ``StopIteration``'s
+        value) each job's final event."""
         owner = [(j, k) for j in jobs for k in range(len(j.prompts))]  # batch row -> (job, choice)
         prompts = [p for j in jobs for p in j.prompts]
         limits = [(j.cfg.max_tokens, j.cfg.stop) for j, _ in owner]
@@ -345,6 +379,7 @@ class Worker:
                     state.cancel(row)
                 elif job.time_limit_s is not None and now - started > job.time_limit_s:
                     state.cancel(row, "time_limit")
+            yield
         if history is None and self.history_capacity:
             for row, (job, _) in zip(state.rows, owner):
                 self.history(job.tenant).add(row.tokens)
