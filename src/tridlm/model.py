@@ -269,8 +269,12 @@ class TriModel(nn.Module):
             (self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads),
             padding,
         )
-        x = self._layers(x, p)
-        if padding is not None:  # the head over the real tokens only
+        return self._head(self._layers(x, p), adapter, logits_index, padding)
+
+    def _head(self, x, adapter, logits_index, padding) -> torch.Tensor:
+        """Float32 logits of the final norm of x (B, n, dim): at ``logits_index``, or of the tokens that are not
+        ``padding`` (zeros at the padding), or of all."""
+        if padding is not None:
             real = ~padding
             logits = x.new_zeros(*padding.shape, self.cfg.vocab_size, dtype=torch.float32)
             head_adapter = adapter[real] if isinstance(adapter, torch.Tensor) else adapter
