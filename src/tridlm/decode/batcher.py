@@ -15,11 +15,11 @@ counts as in ``stream``; a row samples with its own request's sampler and genera
 **Speculation inside the batch.** An ``auto`` row (``Lookahead``) offers candidates for its next tokens from its own
 text (prompt lookup) or its tenant's earlier answers (``AnswerHistory``), as ``decode.pipelined`` does for one
 request; each step verifies the candidates the plan takes in the same causal forward as every row's pending token,
-rows of different widths padded to the widest and the padding left out of every projection (``TriModel.forward``'s
+rows of different widths padded to the widest and the padding left out of every kernel (``TriModel.forward``'s
 ``padding``), so a row with no candidates costs one token. The plan (``plan_rows``) takes the candidates, likeliest
 first, while the batch's expected tokens per unit of step cost grow: the step's cost by its total tokens comes from
 the measured cost curve (``CostCurve.step``), each candidate's chance from its row's running acceptance, which starts
-from the batch's (acceptance counts per source and match length, no tokens). Tokens stay exactly AR's (greedy), and
+from its tenant's or the batch's (counts per source and match length, no tokens). Tokens stay exactly AR's (greedy), and
 a sampled row accepts each candidate with probability p(x) (a one-hot proposal), so its samples follow AR's
 distribution. No MASK rows: drafting with the adapter costs a forward's width per row, which a batch spends better
 on rows' own tokens (docs/serving.md).
