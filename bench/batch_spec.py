@@ -63,7 +63,7 @@ def main() -> None:
         prompts = harness.load_prompts(None, tok)
     prompts = prompts[: args.count]
     auto = GenerationConfig(mode="auto", max_tokens=args.max_tokens).resolve(model)
-    costs = CostCurve.measure(model, auto.block_size, batch=args.rows * auto.block_size)
+    costs = CostCurve.measure(model, auto.block_size, rows=args.rows)
     cfgs = {"ar": GenerationConfig(max_tokens=args.max_tokens).resolve(model), "auto": auto}
     results = {name: [] for name in cfgs}
     for rep in range(args.repeats):
@@ -101,7 +101,7 @@ def main() -> None:
         "prompts": args.prompts,
         "history": args.history,
         "verify_all": args.verify_all,
-        "step_costs": costs.verify,
+        "step_costs": {"verify": costs.verify, "rows": costs.rows},
         "results": table,
         "auto_over_ar": ratios,
     }

@@ -167,5 +167,18 @@ def test_a_cost_curve_saves_loads_and_must_cover_the_block(tiny_model, tmp_path)
     (tmp_path / "bad.json").write_text('{"verify": {"2": 1.0}, "draft": {"2": 1.0}}')
     with pytest.raises(ValueError, match="sizes 1..n"):
         CostCurve.load(tmp_path / "bad.json")
-    measured = CostCurve.measure(tiny_model, 3, context=16, reps=1)
-    assert measured.largest == 3 and measured.verify[1] == 1.0
+    measured = CostCurve.measure(tiny_model, 3, context=16, reps=1, rows=6)
+    assert measured.largest == 3 and measured.verify[1] == 1.0 and sorted(measured.rows) == [1, 2, 4, 6]
+    measured.save(tmp_path / "measured.json")
+    assert CostCurve.load(tmp_path / "measured.json") == measured
+
+
+def test_a_batch_step_costs_what_its_measured_batch_sizes_say():
+    from tridlm.decode import CostCurve
+
+    curve = CostCurve({1: 1.0, 2: 1.2}, {1: 1.0, 2: 1.3}, {2: (1.5, 0.2), 4: (2.5, 0.4)})
+    assert curve.step(4, 2) == 1.5 + 0.2 * 2  # two rows, two tokens past one each
+    assert curve.step(3, 3) == 2.0  # between the measured sizes: interpolated
+    assert curve.step(10, 8) == 2.5 + 0.4 * 2  # beyond them: the largest's
+    alone = CostCurve({1: 1.0, 2: 1.2}, {1: 1.0, 2: 1.3})  # no batch sizes: a single row of that many tokens
+    assert alone.step(2, 2) == 1.2 and alone.step(4, 2) == pytest.approx(1.6)  # on along the last two sizes

@@ -18,11 +18,11 @@ request; each step verifies the candidates the plan takes in the same causal for
 rows of different widths padded to the widest and the padding left out of every kernel (``TriModel.forward``'s
 ``padding``), so a row with no candidates costs one token. The plan (``plan_rows``) takes the candidates, likeliest
 first, while the batch's expected tokens per unit of step cost grow: the step's cost by its total tokens comes from
-the measured cost curve (``CostCurve.step``), each candidate's chance from its row's running acceptance, which starts
-from its tenant's or the batch's (counts per source and match length, no tokens). Tokens stay exactly AR's (greedy), and
-a sampled row accepts each candidate with probability p(x) (a one-hot proposal), so its samples follow AR's
-distribution. No MASK rows: drafting with the adapter costs a forward's width per row, which a batch spends better
-on rows' own tokens (docs/serving.md).
+the cost curve's measured batch steps (``CostCurve.step``), each candidate's chance from its row's running
+acceptance, which starts from its tenant's or the batch's (counts per source and match length, no tokens). Tokens
+stay exactly AR's (greedy), and a sampled row accepts each candidate with probability p(x) (a one-hot proposal), so
+its samples follow AR's distribution. No MASK rows: drafting with the adapter costs a forward's width per row, which
+a batch spends better on rows' own tokens (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -303,7 +303,8 @@ class Batcher:
             [alive for _, alive in s.ahead.acceptance.expected(source, len(c))[1:]] if c else []
             for s, (source, c) in zip(self.slots, offers)
         ]
-        counts = plan_rows(chances, self.costs.step) if self.costs else [len(c) for _, c in offers]
+        rows = len(self.slots)
+        counts = plan_rows(chances, lambda t: self.costs.step(t, rows)) if self.costs else [len(c) for _, c in offers]
         return [source for source, _ in offers], [c[:m] for (_, c), m in zip(offers, counts)]
 
     def _verify(self, s: Slot, block: torch.Tensor, logits: torch.Tensor, source: str) -> list[int]:

@@ -10,7 +10,7 @@ import functools
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from tridlm import masks
 from tridlm.decode.forward import forward_block, prefill
 from tridlm.model import TriModel
 
-BATCH_SIZES = (12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # a step's tokens measured past the single-row sizes
+BATCH_ROWS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes a step is measured at (``CostCurve.measure``'s ``rows``)
 
 
 def sync(device) -> None:
@@ -39,10 +39,8 @@ def latency_sweep(
 
 @torch.inference_mode()
 def _median_ms(model: TriModel, context: list[int], reps: int, shapes: list[tuple[int, bool]]) -> dict:
-    """Median ms per (tokens, drafting) shape. Each repetition times every shape once, in turn, so that a slow
-    spell of the machine weighs on all of them alike rather than on the shapes timed during it."""
+    """Median ms per (tokens, drafting) shape of a forward over one row's cached context."""
     cache, _ = prefill(model, [context], max_len=len(context) + max(n for n, _ in shapes) + 1)
-    start = cache.lengths.clone()
     calls = {}
     for n, drafting in shapes:
         block = torch.randint(model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
@@ -54,75 +52,97 @@ def _median_ms(model: TriModel, context: list[int], reps: int, shapes: list[tupl
         calls[n, drafting] = functools.partial(
             forward_block, model, cache, block, mask_fn, write=1 if drafting else True, adapter=adapter
         )
-    times = {shape: [] for shape in shapes}
+    return _time(model.device, reps, calls, {shape: cache for shape in shapes})
+
+
+@torch.inference_mode()
+def _batch_ms(model: TriModel, context: list[int], reps: int, sizes: list[int]) -> dict[int, tuple[float, float]]:
+    """Per batch size R: median ms of a continuous batch's step of R rows of 1 token and of 2 tokens each, every row
+    over its own copy of the context (as ``decode.batcher`` runs them)."""
+    one, _ = prefill(model, [context], max_len=len(context) + 3)
+    calls, caches = {}, {}
+    for rows in sizes:
+        cache = model.new_cache(rows, one.max_len)
+        cache.k[:], cache.v[:] = one.k, one.v  # every row the same context
+        cache.lengths[:] = one.lengths
+        for width in (1, 2):
+            block = torch.randint(model.cfg.vocab_size, (rows, width), generator=torch.Generator().manual_seed(rows))
+            calls[rows, width] = functools.partial(
+                forward_block, model, cache, block.to(model.device), masks.causal, write=True
+            )
+            caches[rows, width] = cache
+    times = _time(model.device, reps, calls, caches)
+    return {rows: (times[rows, 1], times[rows, 2]) for rows in sizes}
+
+
+def _time(device, reps: int, calls: dict, caches: dict) -> dict:
+    """Median ms per call. Each repetition times every call once, in turn, so that a slow spell of the machine weighs
+    on all of them alike rather than on those timed during it; each call's cache is cropped back after it."""
+    starts = {key: cache.lengths.clone() for key, cache in caches.items()}
+    times = {key: [] for key in calls}
     for rep in range(reps + 1):
-        for shape, call in calls.items():
-            sync(model.device)
+        for key, call in calls.items():
+            sync(device)
             t = time.perf_counter()
             call()
-            sync(model.device)
+            sync(device)
             if rep:  # the first round warms up
-                times[shape].append((time.perf_counter() - t) * 1e3)
-            cache.crop(start)
-    return {shape: statistics.median(ts) for shape, ts in times.items()}
+                times[key].append((time.perf_counter() - t) * 1e3)
+            caches[key].crop(starts[key])
+    return {key: statistics.median(ts) for key, ts in times.items()}
 
 
 @dataclass(frozen=True)
 class CostCurve:
     """cost(n) / cost(1) for n = 1..largest on one model, device and precision: of plain causal forwards
-    ("verify") and of forwards whose rows after the first draft with the adapter ("draft"). "verify" may go on past
-    ``largest`` at sparser sizes: what a continuous batch's step of that many tokens costs (``step``). Whoever decodes
-    ``auto`` may hold one (the server measures its own before it serves) and pass it to ``stream``, else the one kept
-    with the model is used (``of``); it can be saved and loaded so that a run plans with a known curve."""
+    ("verify") and of forwards whose rows after the first draft with the adapter ("draft"); and, where measured, a
+    continuous batch's step per batch size R ("rows": the cost of R rows x 1 token and of each further token, both
+    relative to cost(1); ``step``). Whoever decodes ``auto`` may hold one (the server measures its own before it
+    serves) and pass it to ``stream``, else the one kept with the model is used (``of``); it can be saved and loaded
+    so that a run plans with a known curve."""
 
     verify: dict[int, float]
     draft: dict[int, float]
+    rows: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def largest(self) -> int:
-        return max(self.draft)
-
-    @property
-    def batch(self) -> int:
-        """The most tokens of a step measured."""
         return max(self.verify)
 
     @classmethod
-    def measure(cls, model: TriModel, largest: int, context: int = 256, reps: int = 9, batch: int = 0) -> CostCurve:
+    def measure(cls, model: TriModel, largest: int, context: int = 256, reps: int = 9, rows: int = 0) -> CostCurve:
         """Measured over a context about as long as a chat request's: 10 forwards per size and kind,
-        interleaved (the first round a warm-up). ``batch``: "verify" goes on up to that many tokens, at sizes
-        about 1.5x apart (a batch's rows share the step's matmuls; their attention is over their own caches, about
-        what one row's longer block costs)."""
-        sizes = list(range(1, largest + 1))
-        steps = sizes + [n for n in BATCH_SIZES if largest < n < batch] + ([batch] if batch > largest else [])
-        context = max(1, min(context, model.cfg.max_seq_len - max(steps) - 1))
+        interleaved (the first round a warm-up). ``rows``: batch steps too, at batch sizes 1, 2, 4, ... up to it."""
+        context = max(1, min(context, model.cfg.max_seq_len - largest - 1))
         tokens = torch.randint(model.cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
-        times = _median_ms(model, tokens, reps, [(n, False) for n in steps] + [(n, True) for n in sizes])
+        sizes = range(1, largest + 1)
+        times = _median_ms(model, tokens, reps, [(n, drafting) for drafting in (False, True) for n in sizes])
+        one = times[1, False]
+        batches = sorted({*(r for r in BATCH_ROWS if r < rows), rows} - {0})
+        steps = _batch_ms(model, tokens, reps, batches) if batches else {}
         return cls(
-            *({n: times[n, drafting] / times[1, False] for n in ns} for ns, drafting in ((steps, False), (sizes, True)))
+            *({n: times[n, drafting] / one for n in sizes} for drafting in (False, True)),
+            {r: (t1 / one, (t2 - t1) / r / one) for r, (t1, t2) in steps.items()},
         )
 
     @classmethod
-    def of(cls, model: TriModel, largest: int, batch: int = 0) -> CostCurve:
+    def of(cls, model: TriModel, largest: int, rows: int = 0) -> CostCurve:
         """The curve kept with the model (``TriModel.cost_curve``), measured on first use or when it covers fewer
-        than ``largest`` tokens (or a step of fewer than ``batch``): what ``auto`` plans with when its caller passes
+        than ``largest`` tokens (or batches of fewer than ``rows``): what ``auto`` plans with when its caller passes
         none."""
         kept = model.cost_curve
-        if kept is None or kept.largest < largest or kept.batch < batch:
-            model.cost_curve = cls.measure(model, largest, batch=batch)
+        if kept is None or kept.largest < largest or max(kept.rows, default=0) < rows:
+            model.cost_curve = cls.measure(model, largest, rows=rows)
         return model.cost_curve
 
-    def step(self, tokens: int) -> float:
-        """The relative cost of a forward of this many tokens, interpolated between the measured sizes (and on along
-        the last two beyond them)."""
-        sizes = sorted(self.verify)
-        if tokens in self.verify:
-            return self.verify[tokens]
-        i = next((k for k, n in enumerate(sizes) if n > tokens), len(sizes) - 1)
-        if i == 0:
-            return self.verify[sizes[0]]
-        lo, hi = sizes[i - 1], sizes[i]
-        return self.verify[lo] + (tokens - lo) * (self.verify[hi] - self.verify[lo]) / (hi - lo)
+    def step(self, tokens: int, rows: int) -> float:
+        """The relative cost of a continuous batch's step of ``rows`` rows and ``tokens`` tokens in all: the measured
+        batch sizes' costs interpolated linearly (held beyond them); a curve without batch sizes takes the single-row
+        forward of that many tokens (interpolated, and on along its last two sizes beyond them)."""
+        if self.rows:
+            base, extra = (_interpolate({r: c[k] for r, c in self.rows.items()}, rows) for k in (0, 1))
+            return base + extra * (tokens - rows)
+        return _interpolate(self.verify, tokens, extend=True)
 
     def upto(self, block: int) -> dict[str, dict[int, float]]:
         """The curve's sizes up to ``block``, as the planner reads them."""
@@ -137,15 +157,30 @@ class CostCurve:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"verify": self.verify, "draft": self.draft}, indent=1) + "\n")
+        data = {"verify": self.verify, "draft": self.draft, "rows": self.rows}
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> CostCurve:
         try:
             data = json.loads(Path(path).read_text())
             verify, draft = ({int(n): float(c) for n, c in data[kind].items()} for kind in ("verify", "draft"))
+            rows = {int(r): (float(base), float(extra)) for r, (base, extra) in data.get("rows", {}).items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a cost curve ({e})") from None
-        if sorted(draft) != list(range(1, len(draft) + 1)) or not draft.keys() <= verify.keys():
+        if sorted(verify) != list(range(1, len(verify) + 1)) or verify.keys() != draft.keys():
             raise ValueError(f"{path}: a cost curve needs the sizes 1..n for both verify and draft")
-        return cls(verify, draft)
+        return cls(verify, draft, rows)
+
+
+def _interpolate(points: dict[int, float], x: int, extend: bool = False) -> float:
+    """The piecewise-linear function through ``points`` at x; beyond them held at the nearest, or with ``extend``
+    continued along the last two."""
+    xs = sorted(points)
+    if x in points:
+        return points[x]
+    if x < xs[0] or len(xs) == 1 or (x > xs[-1] and not extend):
+        return points[xs[0] if x < xs[0] else xs[-1]]
+    i = next((k for k, n in enumerate(xs) if n > x), len(xs) - 1)
+    lo, hi = xs[i - 1], xs[i]
+    return points[lo] + (x - lo) * (points[hi] - points[lo]) / (hi - lo)
