@@ -28,7 +28,7 @@ from tridlm.loading import open_model
 def run(model, prompts, cfg, rows, costs, history) -> tuple[float, list[list[int]], int]:
     """Decode every prompt through a batcher of ``rows`` rows, closed loop; (seconds, tokens, row-forwards)."""
     batcher, states, waiting = Batcher(model, rows, 2048, costs=costs), [], list(range(len(prompts)))
-    start, forwards = time.perf_counter(), 0
+    start, forwards, added = time.perf_counter(), 0, set()
     while waiting or batcher.busy:
         while waiting and batcher.free:
             k = waiting.pop(0)
@@ -36,10 +36,10 @@ def run(model, prompts, cfg, rows, costs, history) -> tuple[float, list[list[int
             batcher.admit(states[-1][1], 0, prompts[k], None, history)
         forwards += len(batcher.slots)
         batcher.step()
-        for _, state in states:
-            if history is not None and state.all_done and not getattr(state, "added", False):
+        for k, state in states:
+            if history is not None and state.all_done and k not in added:  # each answer joins once it is done
                 history.add(state.rows[0].tokens)
-                state.added = True
+                added.add(k)
     seconds = time.perf_counter() - start
     return seconds, [s.rows[0].tokens for _, s in sorted(states, key=lambda x: x[0])], forwards
 
