@@ -1,5 +1,5 @@
 """GGUF files read lean: our metadata reader against the gguf package's, bad files named, the Q8_0 embedding's rows
-equal to the dequantized table, and a 360M-shape file loaded in int4 without holding a copy of the model."""
+equal to the dequantized table and held once with a tied head, and a 360M-shape file loaded in int4 without holding a copy of the model."""
 
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tridlm import checkpoint, default_model, quant
-from tridlm.gguf_file import GGUFFile
+from tridlm.gguf_file import GGUFFile, load_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -44,15 +44,22 @@ def test_foreign_and_truncated_files_are_named(tmp_path):
 
 def test_q8_0_embedding_rows_are_the_dequantized_table():
     rng = np.random.default_rng(0)
-    table = rng.standard_normal((300, 4096)).astype(np.float32)  # past one chunk of the head's packing
+    table = rng.standard_normal((300, 4096)).astype(np.float32)  # past one chunk of the tiling
     blocks = gguf.quants.quantize(table, gguf.GGMLQuantizationType.Q8_0)
-    want = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)).bfloat16()
-    emb = quant.Q8Embedding(blocks, 300, 4096, torch.bfloat16)
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0))
+    q8_0 = quant.Q8Table(blocks, 300, 4096)  # 300: the last tile padded
+    emb = quant.Q8Embedding(q8_0, torch.bfloat16)
     ids = torch.tensor([[0, 299, 7], [150, 150, 3]])
-    assert torch.equal(emb(ids), want[ids])
-    head = quant.Int8Weight.from_float(emb)
-    reference = quant.Int8Weight.from_float(want)
-    assert torch.equal(head.codes, reference.codes) and torch.equal(head.scale, reference.scale)
+    assert torch.equal(emb(ids), want.bfloat16()[ids])
+    assert torch.equal(q8_0.dequantize(), want)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        quant.Q8Table(blocks[:, :34], 300, 16)
+
+
+def test_a_tied_q8_0_head_holds_the_embedding_table_once():
+    """The default model's head (tied to its Q8_0 embedding) computes on the embedding's own bytes."""
+    model, _ = load_gguf(default_model.gguf_path(), quant.ACTIVATIONS, native_int4=True)
+    assert model.diffusion_head.packed is model.encoder.embed_tokens.table
 
 
 def test_fused_projections_hold_no_second_copy(tiny_cfg):

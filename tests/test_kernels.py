@@ -2,6 +2,7 @@
 that makes spec's verify rows equal AR steps: a query row's attention is the same bit for bit whatever rows,
 keys or batch rows come with it, in every dtype (torch's float32 matmuls are not)."""
 
+import gguf
 import pytest
 import torch
 
@@ -115,17 +116,20 @@ def _quantized_rows(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_out", [96, 100])  # a whole number of 16-channel tiles, and one padded
 def test_int4_and_int8_kernels_compute_their_weights_on_quantized_activations(dtype, n_out):
-    """The matmul the kernels do: the weights' exact values (int4: d * q + m; int8: q * scale) times the
-    activations rounded to int8 per block of 32, up to float32 rounding; every row alone gives the same bits."""
+    """The matmul the kernels do: the weights' exact values (int4: d * q + m; int8: q * scale per channel; GGUF
+    Q8_0: q * scale per block) times the activations rounded to int8 per block of 32, up to float32 rounding;
+    every row alone gives the same bits."""
     from tridlm import quant
 
     gen = torch.Generator().manual_seed(2)
     w, x = torch.randn(n_out, 192, generator=gen), (torch.randn(9, 192, generator=gen) * 3).to(dtype)
     i4, i8 = quant.Int4Weight.from_float(w), quant.Int8Weight.from_float(w)
+    q8_0 = quant.Q8Table(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0), *w.shape)
     q, d, m = i4.unpack()
     weights = {
         "int4": (i4, q.float() * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)),
         "int8": (i8, i8.dequantize()),
+        "q8_0": (q8_0, q8_0.dequantize()),
     }
     for name, (packed, exact) in weights.items():
         got = packed(x)
@@ -154,12 +158,13 @@ def test_low_bit_weights_keep_their_codes_and_run_without_the_kernels(monkeypatc
     w = torch.randn(40, 64, generator=gen)
     i8 = quant.Int8Weight.from_float(w)
     assert torch.equal(i8.unpack(), torch.round(w / i8.scale[:, None]).to(torch.int8))
+    q8_0 = quant.Q8Table(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0), *w.shape)
     x = torch.randn(3, 64, generator=gen).bfloat16()
     with torch.inference_mode():
-        fast = [i4(x), i8(x)]
+        fast = [i4(x), i8(x), q8_0(x)]
     monkeypatch.setattr(kernels, "_module", lambda: None)
     with torch.inference_mode():
-        slow = [i4(x), i8(x)]
+        slow = [i4(x), i8(x), q8_0(x)]
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05 * b.abs().max().item())
 

@@ -198,6 +198,8 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native_int4: bool 
         raise checkpoint.CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
     tokenizer = Tokenizer.from_gguf(file.fields)
     cfg = _config(file, arch, tokenizer)
+    file.fields.clear()  # the tokenizer's 100k strings, freed before the weights come in rather than held under them
+    quant.release_free_memory()
     if native_int4 and dtype != quant.ACTIVATIONS:
         raise ValueError(f"native int4 weights run with {quant.ACTIVATIONS} activations, not {dtype}")
     model = empty_model(cfg)
@@ -211,9 +213,10 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native_int4: bool 
             blocks = _unpermute(raw, heads) if heads else raw  # one row of Q4_1 blocks per output
             model.get_submodule(module).pack(quant.Int4Weight.from_q4_1(blocks, *t.shape))
         elif native_int4 and t.kind == gguf.GGMLQuantizationType.Q8_0 and t.name == "token_embd.weight":
-            model.encoder.embed_tokens = quant.Q8Embedding(raw, *t.shape, dtype)
-            if cfg.tie_embeddings:  # the int8 head every low-bit precision has, made from the same values
-                model.diffusion_head.pack(quant.Int8Weight.from_float(model.encoder.embed_tokens))
+            table = quant.Q8Table(raw, *t.shape)
+            model.encoder.embed_tokens = quant.Q8Embedding(table, dtype)
+            if cfg.tie_embeddings:  # the head computes on the same bytes: the table is held once
+                model.diffusion_head.pack(table)
         else:
             tensor = _dequantize(_unpermute(raw, heads) if heads else raw, t, dtype)
             setattr(model.get_submodule(module), attr, torch.nn.Parameter(tensor, requires_grad=False))

@@ -54,7 +54,7 @@ class Int8Weight:
 
     @classmethod
     def from_float(cls, w) -> Int8Weight:
-        """From a float (N, K) tensor, or anything whose row slices ``w[i:j]`` are float tensors (``Q8Embedding``)."""
+        """From a float (N, K) tensor, quantized a slice of rows at a time."""
         q, scale = torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0])
         step = max(1, 2**20 // w.shape[1])  # rows at a time: no float32 copy of a whole embedding table
         for i in range(0, w.shape[0], step):
@@ -168,28 +168,66 @@ class Int4Weight:
         ).to(rows.dtype)
 
 
-class Q8Embedding(nn.Module):
-    """An embedding table kept as GGUF Q8_0 blocks (32 int8 values and a float16 scale each): half the memory of a
-    bfloat16 table, and the rows it returns are the file's values as dequantizing the whole table would give them."""
+class Q8Table:
+    """GGUF Q8_0 weights (per block of 32 inputs: 32 int8 values and a float16 scale) held once, in the int8
+    kernel's tiles with a scale per channel and block: the rows of an embedding table (``rows``) and, where a model
+    ties its output head to the embedding, that head's matmul (``__call__``) on the same bytes, the file's values
+    as llama.cpp computes them."""
 
-    def __init__(self, blocks: np.ndarray, n: int, k: int, dtype: torch.dtype):
-        """blocks: (n, k / 32 * 34) bytes, one row of Q8_0 blocks per token; rows come out in ``dtype``."""
-        super().__init__()
-        blocks = torch.from_numpy(np.ascontiguousarray(blocks)).view(n, k // GROUP, 34)
-        self.codes = blocks[..., 2:].contiguous().view(torch.int8).view(n, k)
-        self.scales = blocks[..., :2].contiguous().view(torch.float16).view(n, k // GROUP)
-        self.shape, self.dtype = (n, k), dtype
+    def __init__(self, blocks: np.ndarray, n: int, k: int):
+        """blocks: (n, k / 32 * 34) bytes, one row of Q8_0 blocks per output (token)."""
+        if k % GROUP:
+            raise ValueError(f"Q8_0 rows need a size divisible by {GROUP}, not {k}")
+        self.shape = (n, k)
+        tiles, nb = -(-n // LANES), k // GROUP
+        # tile t, block b, part c, lane l, byte j: input 4c + j of channel 16t + l, as the int8 value + 128
+        self.codes = torch.empty(tiles, nb, 512, dtype=torch.uint8)
+        self.scales = torch.empty(tiles, nb, LANES, dtype=torch.float16)
+        blocks = torch.from_numpy(np.ascontiguousarray(blocks)).view(n, nb, 34)
+        step = max(1, 2**20 // (LANES * k))  # tiles at a time: no whole-table temporaries
+        for t in range(0, tiles, step):
+            part = blocks[t * LANES : (t + step) * LANES]
+            part = F.pad(part, (0, 0, 0, 0, 0, -len(part) % LANES))  # padded channels: zero values and scales
+            biased = part[..., 2:] ^ 0x80
+            self.codes[t : t + step] = biased.view(-1, LANES, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(-1, nb, 512)
+            self.scales[t : t + step] = part[..., :2].contiguous().view(torch.float16).view(-1, LANES, nb).transpose(1, 2)
 
     def rows(self, index) -> torch.Tensor:
-        """Rows ``index`` (token ids, or a slice) dequantized: int8 value x float16 scale in float32, then ``dtype``."""
-        codes, scales = self.codes[index], self.scales[index].float()
-        values = codes.float().view(*codes.shape[:-1], -1, GROUP) * scales[..., None]
-        return values.view(codes.shape).to(self.dtype)
+        """Rows ``index`` (a tensor of ids, or a slice) in float32: each int8 value times its block's scale, as
+        dequantizing the file's table gives them."""
+        if isinstance(index, slice):
+            index = torch.arange(self.shape[0])[index]
+        n, k = self.shape
+        tile, lane = index // LANES, index % LANES
+        codes = self.codes.view(-1, k // GROUP, 8, LANES, 4)[tile, :, :, lane]  # (*index, blocks, 8, 4)
+        values = (codes ^ 0x80).view(torch.int8).float().view(*index.shape, k // GROUP, GROUP)
+        return (values * self.scales[tile, :, lane].float()[..., None]).view(*index.shape, k)
 
-    __getitem__ = rows  # row slices, for ``Int8Weight.from_float``
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(slice(None))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) times the table's transpose -> (..., N) (the kernels; where they cannot be built, torch's
+        matmul on the table dequantized to bfloat16 once)."""
+        rows = x.reshape(-1, x.shape[-1])
+        y = kernels.int8_linear(rows, self.codes, self.scales)
+        if y is None:
+            if not hasattr(self, "_dense"):
+                self._dense = self.dequantize().to(ACTIVATIONS)
+            y = F.linear(rows.to(ACTIVATIONS), self._dense).to(rows.dtype)
+        return y[:, : self.shape[0]].reshape(*x.shape[:-1], -1)
+
+
+class Q8Embedding(nn.Module):
+    """An embedding on a ``Q8Table``: half the memory of a bfloat16 table, its rows the file's values in
+    ``dtype``."""
+
+    def __init__(self, table: Q8Table, dtype: torch.dtype):
+        super().__init__()
+        self.table, self.shape, self.dtype = table, table.shape, dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.rows(tokens)
+        return self.table.rows(tokens).to(self.dtype)
 
 
 def concat(weights: list) -> Int8Weight | Int4Weight | None:

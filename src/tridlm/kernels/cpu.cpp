@@ -38,6 +38,12 @@ inline vf load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float
 inline vf load(const c10::Half* p) {
 #if defined(__AVX512F__)
   return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
+  const __m256 half[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+  vf x;
+  std::memcpy(&x, half, sizeof x);
+  return x;
 #else
   float f[W];
   for (int64_t l = 0; l < W; ++l) f[l] = static_cast<float>(p[l]);
@@ -451,24 +457,38 @@ void int4_tile(const uint8_t* codes, const c10::Half* scales, const QuantizedRow
   }
 }
 
-// The same for int8 weights (codes w + 128, one float32 scale per channel: scales (tiles, 16)): per block the exact
-// integer sum(w * xq) = sum((w + 128) * xq) - 128 * sum(xq), times dx; the channel's scale at the end.
-template <int R, typename T>
-void int8_tile(const uint8_t* codes, const float* scales, const QuantizedRows& x, int64_t K, int64_t r0, T* out,
+// The same for int8 weights (codes w + 128): per block the exact integer sum(w * xq) = sum((w + 128) * xq) -
+// 128 * sum(xq), times dx, and the weights' scale: S = float, one per channel (scales (tiles, 16)), applied at the
+// end; S = c10::Half, one per channel and block as GGUF Q8_0 has them (scales (tiles, blocks, 16)), applied per block.
+template <int R, typename S, typename T>
+void int8_tile(const uint8_t* codes, const S* scales, const QuantizedRows& x, int64_t K, int64_t r0, T* out,
                int64_t N, int64_t tile) {
+  constexpr bool per_block = std::is_same_v<S, c10::Half>;
   const int64_t blocks = K / BLOCK;
   vf acc[R] = {};
   for (int64_t b = 0; b < blocks; ++b) {
     const Q8 w(codes + (tile * blocks + b) * Q8::bytes);
     vi dot[R];
     w.template dots<R>(x.q.data() + r0 * K + b * BLOCK, K, dot);
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = r0 + r;
-      acc[r] += __builtin_convertvector(dot[r] - 128 * x.sum[row * blocks + b], vf) * x.d[row * blocks + b];
+    if constexpr (per_block) {
+      const vf d = load(scales + (tile * blocks + b) * W);
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = (r0 + r) * blocks + b;
+        acc[r] += __builtin_convertvector(dot[r] - 128 * x.sum[row], vf) * (d * x.d[row]);
+      }
+    } else {
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = (r0 + r) * blocks + b;
+        acc[r] += __builtin_convertvector(dot[r] - 128 * x.sum[row], vf) * x.d[row];
+      }
     }
   }
-  const vf scale = load(scales + tile * W);
-  for (int r = 0; r < R; ++r) store(out + (r0 + r) * N + tile * W, acc[r] * scale);
+  if constexpr (per_block) {
+    for (int r = 0; r < R; ++r) store(out + (r0 + r) * N + tile * W, acc[r]);
+  } else {
+    const vf scale = load(scales + tile * W);
+    for (int r = 0; r < R; ++r) store(out + (r0 + r) * N + tile * W, acc[r] * scale);
+  }
 }
 
 }  // namespace
@@ -657,16 +677,22 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   });
 }
 
-// x times int8 weights: codes (N / 16, K / 32, 512) bytes w + 128 (Q8 above), scales (N / 16, 16) float32.
+// x times int8 weights: codes (N / 16, K / 32, 512) bytes w + 128 (Q8 above); scales (N / 16, 16) float32, one per
+// channel, or (N / 16, K / 32, 16) float16, one per channel and block of 32 inputs (GGUF Q8_0).
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
   const int64_t K = x.size(1), tiles = codes.size(0), N = tiles * W;
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() &&
-              scales.sizes() == torch::IntArrayRef({tiles, W}), "int8_linear: bad scales");
+  const bool per_block = scales.scalar_type() == torch::kHalf;
+  TORCH_CHECK(scales.is_contiguous() &&
+                  (per_block ? scales.sizes() == torch::IntArrayRef({tiles, K / BLOCK, W})
+                             : scales.scalar_type() == torch::kFloat && scales.sizes() == torch::IntArrayRef({tiles, W})),
+              "int8_linear: bad scales");
   const uint8_t* c = codes.data_ptr<uint8_t>();
-  const float* s = scales.data_ptr<float>();
   return low_bit_linear("int8_linear", x, codes, Q8::bytes, [&](auto R, const QuantizedRows& xq, auto* y, int64_t r0,
                                                                  int64_t t) {
-    int8_tile<decltype(R)::value>(c, s, xq, K, r0, y, N, t);
+    if (per_block)
+      int8_tile<decltype(R)::value>(c, scales.const_data_ptr<c10::Half>(), xq, K, r0, y, N, t);
+    else
+      int8_tile<decltype(R)::value>(c, scales.const_data_ptr<float>(), xq, K, r0, y, N, t);
   });
 }
 
