@@ -84,13 +84,24 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 
 
+def _growth(path) -> float:
+    run = subprocess.run([sys.executable, "-c", LOAD, str(path)], capture_output=True, text=True, check=True)
+    return int(run.stdout) / path.stat().st_size
+
+
+def test_the_default_model_loads_in_int4_within_1_3x_its_file():
+    """The 4-bit codes and the Q8_0 table as they are, the head on the table's own bytes, the tokenizer; the
+    issue's bound. Before the head shared the table the process grew by 1.86x the file, before the lean loader
+    by 6x."""
+    growth = _growth(default_model.gguf_path())
+    assert growth < 1.3, f"loading grew the process by {growth:.2f}x the file"
+
+
 @pytest.mark.slow
-def test_a_larger_gguf_loads_in_int4_near_its_file_size(tmp_path):
-    """Loading grows the process by about the file (the 4-bit codes and the Q8_0 table as they are, plus the int8
-    head); before the lean loader it grew by 4.2x the file (dequantized table, whole file mapped, fused copies)."""
+def test_a_larger_gguf_loads_in_int4_within_1_3x_its_file(tmp_path):
+    """A 360M-shape file: 1.14x; before the lean loader it grew by 4.2x the file (dequantized table, whole file
+    mapped, fused copies)."""
     from tridlm import random_gguf
 
-    path = random_gguf.write(tmp_path / "random-360m.gguf", "360m")
-    run = subprocess.run([sys.executable, "-c", LOAD, str(path)], capture_output=True, text=True, check=True)
-    grown = int(run.stdout)
-    assert grown < 1.5 * path.stat().st_size, f"loading grew the process by {grown / path.stat().st_size:.2f}x the file"
+    growth = _growth(random_gguf.write(tmp_path / "random-360m.gguf", "360m"))
+    assert growth < 1.3, f"loading grew the process by {growth:.2f}x the file"
