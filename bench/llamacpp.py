@@ -3,6 +3,7 @@ sdist (cmake, g++), once per instruction-set variant, under .venv/llama-cpp; wha
 
     native: -DGGML_NATIVE=ON, everything this CPU has (AVX-512 where present)
     avx2:   -DGGML_NATIVE=OFF with AVX2/FMA/F16C/BMI2 and AVX-512/AVX-VNNI off: what most laptops and desktops run
+    avxvnni: the same with AVX-VNNI on (the 256-bit integer dot products of recent CPUs without AVX-512)
 """
 
 import subprocess
@@ -19,6 +20,11 @@ VARIANTS = {
         "-DGGML_NATIVE=OFF",
         *(f"-DGGML_{f}=ON" for f in ("AVX", "AVX2", "FMA", "F16C", "BMI2")),
         *(f"-DGGML_{f}=OFF" for f in ("AVX512", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI")),
+    ],
+    "avxvnni": [
+        "-DGGML_NATIVE=OFF",
+        *(f"-DGGML_{f}=ON" for f in ("AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX_VNNI")),
+        *(f"-DGGML_{f}=OFF" for f in ("AVX512", "AVX512_VNNI", "AVX512_BF16")),
     ],
 }
 

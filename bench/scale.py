@@ -4,10 +4,10 @@ Shapes: the default model (135M, its own GGUF file) and random-weight GGUF files
 (`python -m tridlm.random_gguf`, written once into the tridlm cache). Per shape, variant and repeat, in turn:
 tridlm in a fresh process (`TRIDLM_CPU_ISA=<variant>`: load time, peak RSS, AR decode tok/s with prefill taken
 out: N tokens and 1 token after the same prompt, timed apart), then llama.cpp's `llama-bench` built for the
-matching variant (native for avx512, an AVX2-only build for avx2: bench/llamacpp.py) on the same file and threads
+matching variant (native for avx512, AVX2 with AVX-VNNI for avxvnni, AVX2 only for avx2: bench/llamacpp.py) on the same file and threads
 (`-p 0 -n N`: decode only). Ratios are taken per pair and reported as median and range.
 
-    .venv/bin/python bench/scale.py [--shapes 135m,360m,1.7b,3b] [--isa avx512,avx2] [--tokens 64] [--repeats 3]
+    .venv/bin/python bench/scale.py [--shapes 135m,360m,1.7b,3b] [--isa avx512,avxvnni,avx2] [--tokens 64] [--repeats 3]
 
 writes OUT/scale-<date>.json and prints a table.
 """
@@ -26,7 +26,7 @@ import llamacpp
 
 from tridlm import default_model, kernels, random_gguf
 
-LLAMA_BUILD = {"avx512": "native", "avx2": "avx2"}
+LLAMA_BUILD = {"avx512": "native", "avxvnni": "avxvnni", "avx2": "avx2"}
 
 CHILD = """
 import json, resource, sys, time
@@ -87,7 +87,7 @@ def model_file(shape: str) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="135m,360m,1.7b,3b")
-    ap.add_argument("--isa", default=",".join(v for v in ("avx512", "avx2") if v in kernels.runnable()))
+    ap.add_argument("--isa", default=",".join(v for v in LLAMA_BUILD if v in kernels.runnable()))
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

@@ -42,6 +42,7 @@ HEAD_SIZES = (64, 128, 256)  # what ``attend`` is compiled for
 # x86-64 only; other machines get the portable build.
 VARIANTS = {
     "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, ["-march=native"]),
+    "avxvnni": ({"avx2", "fma", "f16c", "bmi2", "avx_vnni"}, ["-march=x86-64-v3", "-mavxvnni", "-mtune=native"]),
     "avx2": ({"avx2", "fma", "f16c", "bmi2"}, ["-march=x86-64-v3", "-mtune=native"]),
     "portable": (set(), []),
 }

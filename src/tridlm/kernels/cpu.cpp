@@ -294,6 +294,53 @@ struct Q8 : Parts {
   }
 };
 #else
+#if defined(__AVX2__)
+// 256-bit forms: part c of the codes as two registers, lanes 0-7 and 8-15.
+typedef __m256i Halves[8][2];
+inline void unpack_q4(const uint8_t* p, Halves& part) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int c = 0; c < 4; ++c)
+    for (int h = 0; h < 2; ++h) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h));
+      part[2 * c][h] = _mm256_and_si256(raw, low);
+      part[2 * c + 1][h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+    }
+}
+inline __m256i broadcast_word(const int8_t* p) {
+  int32_t word;
+  std::memcpy(&word, p, sizeof word);
+  return _mm256_set1_epi32(word);
+}
+#endif
+#if defined(__AVXVNNI__) && defined(__AVX2__)
+// AVX-VNNI (the VEX-encoded 256-bit dpbusd of CPUs that have it without AVX-512, such as Intel's client cores since
+// Alder Lake): the same integer sums as AVX-512 VNNI on two halves of 8 lanes; int8 weights as their bytes w + 128.
+struct Parts {
+  Halves part;
+  template <int R>
+  void dots(const int8_t* xq, int64_t stride, vi* dot) const {
+    for (int r = 0; r < R; ++r) {
+      __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+      for (int c = 0; c < 8; ++c) {
+        const __m256i x = broadcast_word(xq + r * stride + 4 * c);
+        for (int h = 0; h < 2; ++h) acc[h] = _mm256_dpbusd_avx_epi32(acc[h], part[c][h], x);
+      }
+      std::memcpy(&dot[r], acc, sizeof acc);
+    }
+  }
+};
+struct Q4 : Parts {
+  static constexpr int64_t bytes = 256;
+  explicit Q4(const uint8_t* p) { unpack_q4(p, part); }
+};
+struct Q8 : Parts {
+  static constexpr int64_t bytes = 512;
+  explicit Q8(const uint8_t* p) {
+    for (int c = 0; c < 8; ++c)
+      for (int h = 0; h < 2; ++h) part[c][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h));
+  }
+};
+#else
 struct Parts {  // portable form of the same integer sums: codes as 16 lanes of 4 bytes each
   vu part[8];
   template <int R>
@@ -313,28 +360,49 @@ struct Parts {  // portable form of the same integer sums: codes as 16 lanes of 
 // bits (madd with ones) once per block: the same integer sums as dpbusd.
 struct Q4 {
   static constexpr int64_t bytes = 256;
-  __m256i part[8][2];  // part c, lanes 0-7 and 8-15
-  explicit Q4(const uint8_t* p) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    for (int c = 0; c < 4; ++c)
-      for (int h = 0; h < 2; ++h) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h));
-        part[2 * c][h] = _mm256_and_si256(raw, low);
-        part[2 * c + 1][h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-      }
-  }
+  Halves part;
+  explicit Q4(const uint8_t* p) { unpack_q4(p, part); }
   template <int R>
   void dots(const int8_t* xq, int64_t stride, vi* dot) const {
     const __m256i ones = _mm256_set1_epi16(1);
     for (int r = 0; r < R; ++r) {
       __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
       for (int c = 0; c < 8; ++c) {
-        int32_t word;
-        std::memcpy(&word, xq + r * stride + 4 * c, sizeof word);
-        const __m256i x = _mm256_set1_epi32(word);
+        const __m256i x = broadcast_word(xq + r * stride + 4 * c);
         for (int h = 0; h < 2; ++h) acc[h] = _mm256_add_epi16(acc[h], _mm256_maddubs_epi16(part[c][h], x));
       }
       for (int h = 0; h < 2; ++h) acc[h] = _mm256_madd_epi16(acc[h], ones);
+      std::memcpy(&dot[r], acc, sizeof acc);
+    }
+  }
+};
+// The bytes w + 128 of int8 weights would overflow maddubs' 16-bit pair sums; the signed weights w do not
+// (|w| <= 128 taken as unsigned, the activation's sign moved onto it): sum (w + 128) x = sum w x + 128 sum x.
+struct Q8 {
+  static constexpr int64_t bytes = 512;
+  Halves part;  // the signed weights w
+  explicit Q8(const uint8_t* p) {
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    for (int c = 0; c < 8; ++c)
+      for (int h = 0; h < 2; ++h)
+        part[c][h] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h)), flip);
+  }
+  template <int R>
+  void dots(const int8_t* xq, int64_t stride, vi* dot) const {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < R; ++r) {
+      __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+      int32_t sum = 0;
+      for (int c = 0; c < 8; ++c) {
+        const __m256i x = broadcast_word(xq + r * stride + 4 * c);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i w = part[c][h];
+          const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+          acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(pairs, ones));
+        }
+        for (int j = 0; j < 4; ++j) sum += xq[r * stride + 4 * c + j];
+      }
+      for (int h = 0; h < 2; ++h) acc[h] = _mm256_add_epi32(acc[h], _mm256_set1_epi32(128 * sum));
       std::memcpy(&dot[r], acc, sizeof acc);
     }
   }
@@ -351,46 +419,11 @@ struct Q4 : Parts {
     }
   }
 };
-#endif
-#if defined(__AVX2__)
-// The bytes w + 128 of int8 weights would overflow maddubs' 16-bit pair sums; the signed weights w do not
-// (|w| <= 128 taken as unsigned, the activation's sign moved onto it): sum (w + 128) x = sum w x + 128 sum x.
-struct Q8 {
-  static constexpr int64_t bytes = 512;
-  __m256i part[8][2];  // the signed weights w of part c, lanes 0-7 and 8-15
-  explicit Q8(const uint8_t* p) {
-    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-    for (int c = 0; c < 8; ++c)
-      for (int h = 0; h < 2; ++h)
-        part[c][h] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h)), flip);
-  }
-  template <int R>
-  void dots(const int8_t* xq, int64_t stride, vi* dot) const {
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int r = 0; r < R; ++r) {
-      __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-      int32_t sum = 0;
-      for (int c = 0; c < 8; ++c) {
-        int32_t word;
-        std::memcpy(&word, xq + r * stride + 4 * c, sizeof word);
-        const __m256i x = _mm256_set1_epi32(word);
-        for (int h = 0; h < 2; ++h) {
-          const __m256i w = part[c][h];
-          const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-          acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(pairs, ones));
-        }
-        for (int j = 0; j < 4; ++j) sum += xq[r * stride + 4 * c + j];
-      }
-      for (int h = 0; h < 2; ++h) acc[h] = _mm256_add_epi32(acc[h], _mm256_set1_epi32(128 * sum));
-      std::memcpy(&dot[r], acc, sizeof acc);
-    }
-  }
-};
-#else
 struct Q8 : Parts {
   static constexpr int64_t bytes = 512;
   explicit Q8(const uint8_t* p) { std::memcpy(part, p, sizeof part); }
 };
+#endif
 #endif
 #endif
 
