@@ -268,7 +268,7 @@ def test_every_variant_this_cpu_runs_passes_the_kernel_and_low_bit_tests():
 
 def test_a_forced_variant_must_be_known_and_runnable(monkeypatch):
     monkeypatch.setenv("TRIDLM_CPU_ISA", "sse9")
-    with pytest.raises(ValueError, match="expected one of avx512, avx2, portable"):
+    with pytest.raises(ValueError, match="expected one of avx512, avxvnni, avx2, portable"):
         kernels.isa()
     monkeypatch.setenv("TRIDLM_CPU_ISA", "portable")
     assert kernels.isa() == "portable"
