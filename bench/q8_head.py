@@ -86,9 +86,11 @@ def main() -> None:
         raise SystemExit(f"{args.model or 'the default model'}: the head is not tied to a Q8_0 embedding")
     heads = {"q8_0": table, "int8": quant.Int8Weight.from_float(table.dequantize())}
     sizes = {"q8_0": 0, "int8": sum(t.nbytes for t in (heads["int8"].codes, heads["int8"].scales))}
-    result = {"command": "python bench/q8_head.py" + (f" --model {args.model}" if args.model else ""),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "extra_table_mib": {h: s / 2**20 for h, s in sizes.items()}}
+    result = {
+        "command": "python bench/q8_head.py" + (f" --model {args.model}" if args.model else ""),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "extra_table_mib": {h: s / 2**20 for h, s in sizes.items()},
+    }
     with torch.inference_mode():
         if args.model is None:
             reference, _ = open_model(None, "float32")

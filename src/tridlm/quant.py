@@ -190,7 +190,8 @@ class Q8Table:
             part = F.pad(part, (0, 0, 0, 0, 0, -len(part) % LANES))  # padded channels: zero values and scales
             biased = part[..., 2:] ^ 0x80
             self.codes[t : t + step] = biased.view(-1, LANES, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(-1, nb, 512)
-            self.scales[t : t + step] = part[..., :2].contiguous().view(torch.float16).view(-1, LANES, nb).transpose(1, 2)
+            scales = part[..., :2].contiguous().view(torch.float16).view(-1, LANES, nb)
+            self.scales[t : t + step] = scales.transpose(1, 2)
 
     def rows(self, index) -> torch.Tensor:
         """Rows ``index`` (a tensor of ids, or a slice) in float32: each int8 value times its block's scale, as
