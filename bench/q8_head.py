@@ -20,17 +20,11 @@ from pathlib import Path
 
 import torch
 
-from tridlm import evaluate, masks, quant
+from tridlm import evaluate, harness, quant
 from tridlm.decode import GenerationConfig, generate
 from tridlm.loading import open_model
 
 RUNS = Path("bench/results/eval-runs")
-
-
-def logits(model, tokens: list[int]) -> torch.Tensor:
-    n = len(tokens)
-    mask = masks.causal(torch.zeros(1, dtype=torch.long), n, 0)
-    return model(torch.tensor([tokens]), torch.arange(n)[None], mask)[0].float()
 
 
 def fidelity(model, reference, tok, heads: dict) -> dict:
@@ -42,11 +36,10 @@ def fidelity(model, reference, tok, heads: dict) -> dict:
         answers = {r["id"]: r["tokens"] for r in map(json.loads, path.open()) if "id" in r}
         for problem in evaluate.TASKS[task]().problems():
             prompt = tok.encode_chat([{"role": "user", "content": problem.request}])
-            tokens = prompt + answers[problem.id]
-            want = logits(reference, tokens)[len(prompt) - 1 : -1].log_softmax(-1)
+            want = harness.answer_logprobs(reference, prompt, answers[problem.id])
             for name, head in heads.items():
                 model.diffusion_head.packed = head
-                got = logits(model, tokens)[len(prompt) - 1 : -1].log_softmax(-1)
+                got = harness.answer_logprobs(model, prompt, answers[problem.id])
                 found[name]["agree"] += (got.argmax(-1) == want.argmax(-1)).sum().item()
                 found[name]["kl"] += (want.exp() * (want - got)).sum().item()
                 found[name]["positions"] += len(want)

@@ -114,21 +114,27 @@ def run_tridlm(model: TriModel, prompts: list[list[int]], s: Setting) -> list[Ro
 
 
 @torch.inference_mode()
+def answer_logprobs(model: TriModel, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """Float32 log-probabilities (len(answer), vocab) that one causal pass over prompt + answer (adapter off) gives
+    at the positions predicting the answer's tokens."""
+    n = len(prompt) + len(answer)
+    logits = model(
+        torch.tensor([prompt + answer], device=model.device),
+        torch.arange(n, device=model.device)[None],
+        masks.causal(torch.zeros(1, dtype=torch.long, device=model.device), n, 0),
+    )
+    return torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), -1)
+
+
+@torch.inference_mode()
 def generative_perplexity(model: TriModel, prompts: list[list[int]], outputs: list[Row]) -> float | None:
     """exp(mean NLL) of generated tokens under the AR model (causal passes, adapter off)."""
     nll, count = 0.0, 0
     for p, o in zip(prompts, outputs):
         if not o.tokens:
             continue
-        seq = torch.tensor([p + o.tokens], device=model.device)
-        n = seq.shape[1]
-        logits = model(
-            seq,
-            torch.arange(n, device=model.device)[None],
-            masks.causal(torch.zeros(1, dtype=torch.long, device=model.device), n, 0),
-        )
-        logp = torch.log_softmax(logits[0, len(p) - 1 : -1].float(), -1)
-        nll -= logp.gather(-1, seq[0, len(p) :, None]).sum().item()
+        logp = answer_logprobs(model, p, o.tokens)
+        nll -= logp.gather(-1, torch.tensor(o.tokens, device=logp.device)[:, None]).sum().item()
         count += len(o.tokens)
     return float(torch.tensor(nll / count).exp()) if count else None
 

@@ -225,7 +225,7 @@ class Q8Embedding(nn.Module):
 
     def __init__(self, table: Q8Table, dtype: torch.dtype):
         super().__init__()
-        self.table, self.shape, self.dtype = table, table.shape, dtype
+        self.table, self.dtype = table, dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table.rows(tokens).to(self.dtype)

@@ -498,30 +498,20 @@ void int8_tile(const uint8_t* codes, const S* scales, const QuantizedRows& x, in
                int64_t N, int64_t tile) {
   constexpr bool per_block = std::is_same_v<S, c10::Half>;
   const int64_t blocks = K / BLOCK;
+  const vf one = vf{} + 1.f;  // the scale not applied at this level (x 1 leaves a float as it is)
   vf acc[R] = {};
   for (int64_t b = 0; b < blocks; ++b) {
     const Q8 w(codes + (tile * blocks + b) * Q8::bytes);
     vi dot[R];
     w.template dots<R>(x.q.data() + r0 * K + b * BLOCK, K, dot);
-    if constexpr (per_block) {
-      const vf d = load(scales + (tile * blocks + b) * W);
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = (r0 + r) * blocks + b;
-        acc[r] += __builtin_convertvector(dot[r] - 128 * x.sum[row], vf) * (d * x.d[row]);
-      }
-    } else {
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = (r0 + r) * blocks + b;
-        acc[r] += __builtin_convertvector(dot[r] - 128 * x.sum[row], vf) * x.d[row];
-      }
+    const vf d = per_block ? load(scales + (tile * blocks + b) * W) : one;
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = (r0 + r) * blocks + b;
+      acc[r] += __builtin_convertvector(dot[r] - 128 * x.sum[row], vf) * (d * x.d[row]);
     }
   }
-  if constexpr (per_block) {
-    for (int r = 0; r < R; ++r) store(out + (r0 + r) * N + tile * W, acc[r]);
-  } else {
-    const vf scale = load(scales + tile * W);
-    for (int r = 0; r < R; ++r) store(out + (r0 + r) * N + tile * W, acc[r] * scale);
-  }
+  const vf scale = per_block ? one : load(scales + tile * W);
+  for (int r = 0; r < R; ++r) store(out + (r0 + r) * N + tile * W, acc[r] * scale);
 }
 
 }  // namespace
