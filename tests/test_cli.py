@@ -98,15 +98,13 @@ def test_bad_arguments_exit_2_with_one_line(tiny_checkpoint, args, message):
 
 
 def test_block_size_defaults_per_device_and_mode(tiny_checkpoint, capsys):
-    from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig
-    from tridlm.device import default_block_size
+    from tridlm.decode import SPEC_VARIANTS, GenerationConfig, modes
 
     for device in ("cpu", "cuda"):
-        for mode in MODES:
-            for variant in SPEC_VARIANTS:
-                block = default_block_size(device, mode, variant)
-                GenerationConfig(mode=mode, spec_variant=variant, block_size=block)
-    assert default_block_size("cpu", "ar") == 1
+        for row in modes.TABLE:
+            GenerationConfig(mode=row.mode, spec_variant=row.spec_variant, block_size=row.default_block(device))
+            assert row.default_block(device, trained_block=2) == min(2, row.default_block(device))
+    assert modes.of("ar").default_block("cpu") == 1
     for variant in SPEC_VARIANTS:
         main(
             [
@@ -124,5 +122,5 @@ def test_block_size_defaults_per_device_and_mode(tiny_checkpoint, capsys):
             ]
         )
         out = json.loads(capsys.readouterr().out)
-        assert out["block_size"] == default_block_size("cpu", "spec", variant)
+        assert out["block_size"] == modes.of("spec", variant).default_block("cpu")
         assert max(out["accepted_lengths"]) <= out["block_size"]

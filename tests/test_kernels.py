@@ -182,7 +182,7 @@ def test_adapters_in_the_int4_kernel_and_lora_add_match_the_torch_formula():
         p.add_lora(4 + i, 8.0, torch.float32, torch.device("cpu"))
         p.lora_b.data = torch.randn(p.lora_b.shape, generator=gen)
     group = LoraGroup(projs)
-    group.refresh(torch.float32)
+    assert group.usable(True, torch.float32)
     x = torch.randn(5, 64, generator=gen)
     rows = torch.tensor([True, False, True, True, False])
     delta = torch.cat([(x @ p.lora_a.T) @ p.lora_b.T * p.lora_scale for p in projs], dim=-1) * rows[:, None]
@@ -332,7 +332,7 @@ def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
     assert 1 in sizes and sizes - {1, *map(len, prompts)} and any(b == 2 for b, *_ in native)
     assert any(adapters for *_, adapters, _ in native)
     assert any(b == 2 and 0 < real < b * n for b, n, _, _, real in native)  # a batch step with padding left out
-    model.native_layers, calls = False, len(native)
+    model.native.enabled, calls = False, len(native)
     slow = decode()
     assert len(native) == calls and fast[0] == slow[0] and len(fast[1]) == len(slow[1])
     assert all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))

@@ -291,4 +291,3 @@ def load_adapter(model: TriModel, directory: Path) -> None:
                 )
             with torch.no_grad():
                 param.copy_(value)
-    model.adapters_changed()

@@ -3,50 +3,44 @@
 from __future__ import annotations
 
 from tridlm import checkpoint
-from tridlm.decode import DecodeState, GenerationConfig, generate
+from tridlm.decode import CostCurve, DecodeState, GenerationConfig, generate, modes
 from tridlm.model import TriModel
 from tridlm.tokenizer import Tokenizer
-
-RUNS = {
-    "ar": ("ar", "linear"),
-    "diffusion": ("diffusion", "linear"),
-    "spec": ("spec", "linear"),
-    "spec-quad": ("spec", "quadratic"),
-    "spec-pipe": ("spec", "pipelined"),
-    "auto": ("auto", "linear"),
-}
 
 
 def run(
     model: TriModel, tokenizer: Tokenizer, prompt: str, max_tokens: int = 96, block_size: int | None = None
 ) -> dict[str, DecodeState]:
-    """Greedy answers in every mode (block sizes: the defaults unless given); prints a table of tokens,
-    NFE, TPF, tok/s and whether each equals AR, then the texts."""
+    """Greedy answers in every mode of ``decode.modes`` (block sizes: the defaults unless given; auto's is its
+    largest); prints a table of tokens, NFE, TPF, tok/s and whether each equals AR, then the texts."""
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
     configs = {
-        name: GenerationConfig(
-            mode=mode,
-            spec_variant=variant,
+        row.label: GenerationConfig(
+            mode=row.mode,
+            spec_variant=row.spec_variant,
             max_tokens=max_tokens,
-            block_size=block_size if mode not in ("ar", "auto") else None,
+            block_size=block_size if row.mode not in ("ar", "auto") else None,
         )
-        for name, (mode, variant) in RUNS.items()
+        for row in modes.TABLE
     }
     print(
         f"prompt: {prompt!r} ({len(ids)} tokens), greedy, draft adapter: "
         f"{'yes' if checkpoint.has_adapter(model) else 'none'}\n"
     )
-    for cfg in (configs["ar"], configs["auto"]):  # warm-up: first-call allocations, auto's measured cost curve
-        generate(model, [ids], cfg.replace(max_tokens=4))
-    results = {name: generate(model, [ids], cfg, detokenize=tokenizer.decode) for name, cfg in configs.items()}
+    costs = CostCurve.for_config(model, configs["auto"])  # measured once, before the timed runs
+    for cfg in (configs["ar"], configs["auto"]):  # warm-up: first-call allocations
+        generate(model, [ids], cfg.replace(max_tokens=4), costs=costs)
+    results = {
+        name: generate(model, [ids], cfg, detokenize=tokenizer.decode, costs=costs) for name, cfg in configs.items()
+    }
     ar_tokens = results["ar"].rows[0].tokens
-    print(f"{'mode':<10} {'block':>5} {'tokens':>6} {'NFE':>5} {'TPF':>5} {'tok/s':>7} {'= AR':>5}")
+    print(f"{'mode':<14} {'block':>5} {'tokens':>6} {'NFE':>5} {'TPF':>5} {'tok/s':>7} {'= AR':>5}")
     for name, state in results.items():
         s = state.stats()
         same = "yes" if state.rows[0].tokens == ar_tokens else "no"
         block = state.cfg.block_size if name != "ar" else "-"
         tpf = "-" if s["tpf"] is None else f"{s['tpf']:.2f}"
-        print(f"{name:<10} {block:>5} {s['completion_tokens']:>6} {s['nfe']:>5} {tpf:>5} {s['tok_s']:>7.1f} {same:>5}")
+        print(f"{name:<14} {block:>5} {s['completion_tokens']:>6} {s['nfe']:>5} {tpf:>5} {s['tok_s']:>7.1f} {same:>5}")
     for name, state in results.items():
         print(f"\n[{name}] {state.text(0)}")
     return results

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tridlm import sandbox
-from tridlm.decode import GenerationConfig, Row, generate, summarize
+from tridlm.decode import CostCurve, GenerationConfig, Row, generate, modes, summarize
 from tridlm.model import TriModel
 from tridlm.options import option
 from tridlm.tokenizer import Tokenizer
@@ -173,9 +173,8 @@ def run_settings(
 
 
 def _mode(settings: dict) -> str:
-    """ar, diffusion, spec (linear), spec-quadratic, spec-pipelined or auto."""
-    variant = settings["spec_variant"]
-    return settings["mode"] if variant in (None, "linear") else f"spec-{variant}"
+    """The label of a run's mode (``decode.modes``)."""
+    return modes.of(settings["mode"], settings["spec_variant"]).label
 
 
 def run_name(settings: dict) -> str:
@@ -224,12 +223,13 @@ class RunFile:
 
 
 def score_batch(
-    model: TriModel, tokenizer: Tokenizer, task, problems: list[Problem], gen: GenerationConfig
+    model: TriModel, tokenizer: Tokenizer, task, problems: list[Problem], gen: GenerationConfig, costs=None
 ) -> list[dict]:
-    """Decode a batch of problems together and score each answer: one record per problem."""
+    """Decode a batch of problems together and score each answer: one record per problem (``costs``: auto's
+    ``CostCurve``)."""
     prompts = [tokenizer.encode_chat([{"role": "user", "content": p.request}]) for p in problems]
     start = time.perf_counter()
-    state = generate(model, prompts, gen, detokenize=tokenizer.decode)
+    state = generate(model, prompts, gen, detokenize=tokenizer.decode, costs=costs)
     share = (time.perf_counter() - start) / len(problems)  # the batch's wall time, split evenly
     return [
         {
@@ -270,11 +270,12 @@ def evaluate(
     problems = task.problems()[: opts.limit]
     run = RunFile(Path(opts.runs) / f"{run_name(settings)}.jsonl", settings)
     todo = [p for p in problems if p.id not in run.done]
+    costs = CostCurve.for_config(model, gen) if todo else None
     bar = tqdm(
         total=len(problems), initial=len(problems) - len(todo), desc=task_name, disable=not progress, file=sys.stderr
     )
     for i in range(0, len(todo), opts.batch_size):
-        run.append(score_batch(model, tokenizer, task, todo[i : i + opts.batch_size], gen))
+        run.append(score_batch(model, tokenizer, task, todo[i : i + opts.batch_size], gen, costs))
         passed = sum(run.done[p.id]["passed"] for p in problems if p.id in run.done)
         bar.update(min(opts.batch_size, len(todo) - i))
         bar.set_postfix_str(f"passed {passed}/{bar.n}")

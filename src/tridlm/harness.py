@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import statistics
@@ -24,7 +25,7 @@ import torch
 
 from tridlm import masks, plots
 from tridlm.baselines import BASELINES, Baselines
-from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, Row, generate
+from tridlm.decode import MODES, SPEC_VARIANTS, CostCurve, GenerationConfig, Row, generate
 from tridlm.decode import summarize as decode_summary
 from tridlm.decode.costs import latency_sweep, sync
 from tridlm.evaluate import HumanEval
@@ -49,7 +50,7 @@ class Setting:
         g = self.gen
         if self.engine != "tridlm":
             return self.engine
-        parts = [g.mode if g.mode != "spec" or g.spec_variant == "linear" else f"spec-{g.spec_variant}"]
+        parts = [g.row.label]
         if g.mode != "ar":
             parts.append(f"B={g.block_size}")
         if g.lookup is False:
@@ -104,11 +105,12 @@ def load_prompts(path: Path | None, tokenizer: Tokenizer) -> list[list[int]]:
     return prompts
 
 
-def run_tridlm(model: TriModel, prompts: list[list[int]], s: Setting) -> list[Row]:
-    """Every prompt decoded by ``generate``, ``s.batch_size`` at a time; one finished row per prompt."""
+def run_tridlm(model: TriModel, prompts: list[list[int]], s: Setting, costs: CostCurve | None = None) -> list[Row]:
+    """Every prompt decoded by ``generate``, ``s.batch_size`` at a time; one finished row per prompt (``costs``: the
+    cost curve auto plans with, measured per call when none is given)."""
     rows = []
     for i in range(0, len(prompts), s.batch_size):
-        rows += generate(model, prompts[i : i + s.batch_size], s.gen).rows
+        rows += generate(model, prompts[i : i + s.batch_size], s.gen, costs=costs).rows
         sync(model.device)
     return rows
 
@@ -155,6 +157,12 @@ class Bench:
     sweep: bool = True
     log: object = print
 
+    @functools.cached_property
+    def costs(self) -> CostCurve | None:
+        """The cost curve every auto setting plans with, measured once up to the largest auto block."""
+        auto = [s.gen.resolve(self.model).block_size for s in self.settings + self.humaneval_settings if s.gen.mode == "auto"]
+        return CostCurve.measure(self.model, max(auto)) if auto else None
+
     def run(self) -> dict:
         results = {s.name: {"setting": _describe(s), "walls": [], "peak_mem_mb": None} for s in self.settings}
         outputs: dict[str, list[Row]] = {}
@@ -196,7 +204,7 @@ class Bench:
         if max_tokens is not None:
             s = dataclasses.replace(s, gen=s.gen.replace(max_tokens=max_tokens))
         if s.engine == "tridlm":
-            return run_tridlm(self.model, prompts, s)
+            return run_tridlm(self.model, prompts, s, self.costs)
         return self.baselines.run(s.engine, prompts, s.gen.max_tokens, self.model.cfg.eos_ids)
 
     def _summarize(self, s: Setting, outs: list[Row], reference: list[Row] | None) -> dict:

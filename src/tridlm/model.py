@@ -17,13 +17,9 @@ from torch import nn
 
 from tridlm import attention, kernels, rope
 from tridlm.cache import KVCache
+from tridlm.native import NativeLayers
 from tridlm.projection import Linear, LoraGroup, project
-from tridlm.quant import Int4Weight
 from tridlm.rope import RopeConfig
-
-_NO_SLOTS = torch.empty(0, dtype=torch.long)  # kernels.decode_layers: current tokens at slots P + i
-_ALL_ROWS = torch.empty(0, dtype=torch.bool)  # kernels.decode_layers: the adapter on every token
-_ALL_TOKENS = torch.empty(0, dtype=torch.long)  # kernels.decode_layers: no padding
 
 
 @dataclass(frozen=True)
@@ -194,15 +190,12 @@ class TriModel(nn.Module):
         if cfg.tie_embeddings:
             self.diffusion_head.weight = self.encoder.embed_tokens.weight
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
-        self._lora_groups = [
+        self.lora_groups = [
             g
             for layer in self.encoder.layers
             for g in (layer.self_attn.qkv_lora, layer.self_attn.o_lora, layer.mlp.gate_up_lora, layer.mlp.down_lora)
         ]
-        self._adapters_stale = True
-        self.native_layers = True  # decode forwards through kernels.decode_layers where they can (tests compare)
-        self._native: list[torch.Tensor] | bool | None = None  # its weights (``_native_weights``)
-        self.cost_curve = None  # auto's measured forward costs, kept once measured (``decode.costs.CostCurve.of``)
+        self.native = NativeLayers()  # the int4 decode path (``tridlm.native``), where it applies
 
     @property
     def device(self) -> torch.device:
@@ -251,10 +244,6 @@ class TriModel(nn.Module):
             raise ValueError("padding and logits_index together are not supported")
         if mask.shape[-1] > tokens.shape[1] and cache is None:
             raise ValueError("mask covers cached keys but no cache was given")
-        if adapter is not False and not torch.is_grad_enabled() and self._adapters_stale:
-            for group in self._lora_groups:
-                group.refresh(self.dtype)
-            self._adapters_stale = False
         x = self.encoder.embed_tokens(tokens)  # (B, n, dim)
         p = Pass(
             positions,
@@ -294,61 +283,13 @@ class TriModel(nn.Module):
         return rope.cos_sin(positions, *self._rope_tables[positions.device], dtype)
 
     def _layers(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
-        """The decoder layers: in one native call where that applies, else module by module."""
-        native = self._native_layers(x, p)
+        """The decoder layers: in one native call where that applies (``tridlm.native``), else module by module."""
+        native = self.native(self, x, p)
         if native is not None:
             return native
         for layer in self.encoder.layers:
             x = layer(x, p)
         return x
-
-    def _native_layers(self, x: torch.Tensor, p: Pass) -> torch.Tensor | None:
-        """The decoder layers by ``kernels.decode_layers`` in one call, the same values as the modules' forwards bit
-        for bit, where that applies (int4 weights, row-exact attention in place over a CPU cache: AR steps, spec
-        verification and drafting), else None."""
-        if not (self.native_layers and p.plan.in_place and p.plan.row_exact):
-            return None
-        if p.q_scale is not None or x.shape[-1] % 16:
-            return None
-        weights = self._native_weights()
-        if weights is None:
-            return None
-        adapters, rows = [], _ALL_ROWS
-        if p.adapter is not False:
-            if any(g.form is None for g in self._lora_groups):  # a projection without an adapter: the modules' path
-                return None
-            adapters = [t for g in self._lora_groups for t in g.form]
-            rows = rows if p.adapter is True else p.adapter.reshape(-1).contiguous()
-        slots = _NO_SLOTS if p.slots is None else p.slots.contiguous()
-        tokens = _ALL_TOKENS if p.padding is None else (~p.padding).reshape(-1).nonzero()[:, 0]  # the real ones only
-        args = (p.cos, p.sin, p.mask[:, 0].contiguous(), slots, tokens, p.prefix, self.cfg.n_heads, self.cfg.norm_eps)
-        return kernels.decode_layers(x, weights, adapters, rows, p.cache.k, p.cache.v, *args, self.cfg.head_dim**-0.5)
-
-    def _native_weights(self) -> list[torch.Tensor] | None:
-        """Per layer the ten tensors ``kernels.decode_layers`` takes, or None where a layer has other than fused int4
-        projections without biases (built once; ``packing_changed`` drops it)."""
-        if self._native is None:
-            self._native = []
-            for layer in self.encoder.layers:
-                a, m = layer.self_attn, layer.mlp
-                projections = (a.qkv, a.o_proj.packed, m.gate_up, m.down_proj.packed)
-                norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-                if (
-                    self.cfg.qk_norm
-                    or not all(isinstance(w, Int4Weight) for w in projections)
-                    or any(pr.bias is not None for pr in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.down_proj))
-                    or any(w.dtype != self.dtype for w in norms)
-                ):
-                    self._native = False
-                    break
-                qkv, o, gate_up, down = ((w.codes, w.scales) for w in projections)
-                self._native += [norms[0], *qkv, *o, norms[1], *gate_up, *down]
-        return self._native or None
-
-    def packing_changed(self) -> None:
-        """Say that projections were given low-bit weights or fused (``tridlm.projection``): what depended on them
-        is built or measured again."""
-        self._native = self.cost_curve = None
 
     def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...] = ("o_proj",)) -> None:
         """Attach LoRA adapters to every projection whose name is in ``targets``. They are float32 whatever
@@ -358,10 +299,3 @@ class TriModel(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, Linear) and name.rsplit(".", 1)[-1] in targets:
                 module.add_lora(rank, alpha, torch.float32, self.device)
-        self.adapters_changed()
-
-    def adapters_changed(self) -> None:
-        """Say that adapter weights were attached, replaced or changed in place (an optimizer step, a load):
-        the next inference forward that uses them rebuilds their grouped kernel form (``LoraGroup``) from them.
-        Training forwards read each projection's own adapter and need no call."""
-        self._adapters_stale = True

@@ -58,20 +58,35 @@ class LoraGroup:
     """The adapters of projections that read the same input (q/k/v, gate/up; or one projection) as one
     low-rank pair at inference: A stacked, B block-diagonal with each scale folded in, applied in one kernel
     call (inside the int4 matmul, or ``kernels.lora_add``) where torch needs two matmuls, a mask and an add per
-    projection: on a CPU a drafting forward's time would otherwise go largely into these tiny ops. The model
-    rebuilds the form after ``TriModel.adapters_changed``; training uses each projection's own adapter so that
-    gradients reach it."""
+    projection: on a CPU a drafting forward's time would otherwise go largely into these tiny ops. The form is
+    built again whenever an adapter tensor was replaced or changed in place (an optimizer step, a load: torch
+    counts a tensor's in-place changes); training uses each projection's own adapter so that gradients reach it."""
 
     def __init__(self, projs: tuple[Linear, ...]):
         self.projs = projs
-        self.form: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a, bt, spans (kernels.Adapter)
+        self._form: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a, bt, spans (kernels.Adapter)
+        self._seen: list[tuple] | None = None  # per projection: its adapter tensors, their versions, its scale
 
-    def refresh(self, activations: torch.dtype) -> None:
+    def current(self, activations: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The group's kernel form for ``activations``, None where a projection has no adapter; rebuilt when an
+        adapter changed since it was built."""
+        seen = self._seen
+        if seen is None or not all(
+            p.lora_a is a and p.lora_b is b and (a is None or (_version(a), _version(b), p.lora_scale) == v)
+            for p, (a, b, v) in zip(self.projs, seen)
+        ):
+            self._form = self._build(activations)
+            self._seen = [
+                (p.lora_a, p.lora_b, None if p.lora_a is None else (_version(p.lora_a), _version(p.lora_b), p.lora_scale))
+                for p in self.projs
+            ]
+        return self._form
+
+    def _build(self, activations: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         if any(p.lora_a is None for p in self.projs):
-            self.form = None
-            return
-        a = torch.cat([p.lora_a for p in self.projs]).float()
-        b = torch.block_diag(*[p.lora_b.float() * p.lora_scale for p in self.projs])  # (N, r)
+            return None
+        a = torch.cat([p.lora_a.detach() for p in self.projs]).float()
+        b = torch.block_diag(*[p.lora_b.detach().float() * p.lora_scale for p in self.projs])  # (N, r)
         n = b.shape[0]
         tiles = -(-n // 16)
         bt = F.pad(b.T, (0, 16 * tiles - n)).view(-1, tiles, 16).transpose(0, 1).contiguous()  # (tiles, r, 16)
@@ -83,14 +98,20 @@ class LoraGroup:
         spans = torch.stack([F.pad(ranks, (1, 0))[first], ranks[last]], 1).to(torch.int32).contiguous()
         # bfloat16 where the activations are: half the bytes that each drafting forward reads
         dtype = torch.bfloat16 if activations == torch.bfloat16 else torch.float32
-        self.form = a.to(dtype).contiguous(), bt.to(dtype), spans
+        return a.to(dtype).contiguous(), bt.to(dtype), spans
 
-    def usable(self, adapter: bool | torch.Tensor) -> bool:
-        return adapter is not False and self.form is not None and not torch.is_grad_enabled()
+    def usable(self, adapter: bool | torch.Tensor, activations: torch.dtype) -> bool:
+        return adapter is not False and not torch.is_grad_enabled() and self.current(activations) is not None
 
     def kernel_form(self, adapter: bool | torch.Tensor) -> kernels.Adapter:
-        """The group's adapters for the tokens ``adapter`` selects (all, or a (B, n) selection)."""
-        return kernels.Adapter(*self.form, None if adapter is True else adapter.reshape(-1))
+        """The group's adapters (``usable``) for the tokens ``adapter`` selects (all, or a (B, n) selection)."""
+        return kernels.Adapter(*self._form, None if adapter is True else adapter.reshape(-1))
+
+
+def _version(t: torch.Tensor) -> int:
+    """How many times ``t`` was changed in place; tensors made in inference mode keep no count (-1: they change in
+    place only inside it, where nothing trains)."""
+    return -1 if t.is_inference() else t._version
 
 
 def project(
@@ -99,7 +120,7 @@ def project(
     """The outputs of projections that read the same ``x``: with their low-bit weights in one kernel call
     when ``fused`` (``fuse_packed``), their adapters as one group where usable."""
     sizes = [p.out_features for p in projs]
-    if not group.usable(adapter):
+    if not group.usable(adapter, x.dtype):
         if fused is None:
             return [p(x, adapter) for p in projs]
         return [p.with_lora(o, x, adapter) for p, o in zip(projs, fused(x).split(sizes, dim=-1))]
@@ -127,7 +148,6 @@ def fuse_packed(model) -> None:
             if len(kinds) == 1 and None not in (pr.packed for pr in projs) and all(pr.bias is None for pr in projs):
                 setattr(owner, name, concat([pr.packed for pr in projs]))
                 release_free_memory()  # the parts' storage, copied: peak memory stays at one group over the model
-    model.packing_changed()
 
 
 def quantize(model, precision: str) -> None:

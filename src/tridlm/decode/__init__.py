@@ -1,35 +1,31 @@
 """Decoding entry points: ``stream`` yields committed tokens, ``generate`` collects them.
 
-The decoders (ar, diffusion, spec linear/quadratic, and ``pipelined`` for pipelined spec and auto) share
-prefill, sampling and stopping (``common``); each one's loop is a generator over a ``DecodeState``.
+The decoders (ar, diffusion, spec linear/quadratic, and ``pipelined`` for pipelined spec and auto; the table of
+modes in ``modes`` says which runs what) share prefill and the block forward (``forward``), sampling and stopping
+(``state``); each one's loop is a generator over a ``DecodeState``.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from tridlm.decode.ar import ar
-from tridlm.decode.config import MODES, SPEC_VARIANTS, GenerationConfig
+from tridlm.decode.config import GenerationConfig
 from tridlm.decode.costs import CostCurve
-from tridlm.decode.diffusion import diffusion
 from tridlm.decode.forward import prefill
 from tridlm.decode.lookup import AnswerHistory
 from tridlm.decode.metrics import summarize
-from tridlm.decode.pipelined import pipelined
-from tridlm.decode.spec import spec
+from tridlm.decode.modes import LABELS, MODES, SPEC_VARIANTS
 from tridlm.decode.state import DecodeState, Row
 from tridlm.model import TriModel
-
-DECODERS = {"ar": ar, "diffusion": diffusion, "spec": spec}  # auto and pipelined spec: ``pipelined``
 
 __all__ = [
     "MODES",
     "SPEC_VARIANTS",
     "AnswerHistory",
+    "LABELS",
     "CostCurve",
     "DecodeState",
     "GenerationConfig",
@@ -81,8 +77,8 @@ def stream(
     for i, t in enumerate(pending.tolist()):
         state.emit(i, [t])
     yield state.flush()
-    decoder = functools.partial(pipelined, history=history, costs=costs) if cfg.pipelined else DECODERS[cfg.mode]
-    yield from decoder(model, cache, pending, state, generator)
+    levers = {"history": history, "costs": costs} if cfg.pipelined else {}
+    yield from cfg.row.decoder(model, cache, pending, state, generator, **levers)
     for row in state.rows if history is not None else ():
         history.add(row.tokens)
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from tridlm.device import default_block_size
+from tridlm.decode import modes
+from tridlm.decode.modes import MODES, SPEC_VARIANTS
 from tridlm.options import option
 from tridlm.sampling import Sampler
-
-MODES = ("ar", "diffusion", "spec", "auto")
-SPEC_VARIANTS = ("linear", "quadratic", "pipelined")
 
 
 @dataclass(frozen=True)
@@ -79,8 +77,7 @@ class GenerationConfig:
         if self.lookup is None and self.pipelined:
             resolved = resolved.replace(lookup=True)
         if self.block_size is None:
-            block = default_block_size(model.device, self.mode, self.spec_variant, model.cfg.block_size)
-            resolved = resolved.replace(block_size=block)
+            resolved = resolved.replace(block_size=self.row.default_block(model.device, model.cfg.block_size))
         return resolved
 
     def room(self, model, prompt_tokens: int) -> int:
@@ -89,15 +86,20 @@ class GenerationConfig:
         return model.cfg.max_seq_len - prompt_tokens - self.block_size - 1
 
     @property
+    def row(self) -> modes.Mode:
+        """This config's mode in the table of modes (``decode.modes``)."""
+        return modes.of(self.mode, self.spec_variant)
+
+    @property
     def pipelined(self) -> bool:
-        """Decoded by ``decode.pipelined``: ``auto``, or spec's pipelined variant."""
-        return self.mode == "auto" or (self.mode == "spec" and self.spec_variant == "pipelined")
+        """Decoded by ``decode.pipelined`` (``auto``, or spec's pipelined variant): lookup, history and costs apply."""
+        return self.row.levers
 
     @property
     def forward_tokens(self) -> int:
         """The most tokens one row puts through one forward after the prefill (a resolved config): B(B+1) for
         quadratic spec, the block for the other block modes, 1 for AR."""
-        if self.mode == "spec" and self.spec_variant == "quadratic":
+        if self.row.label == "spec-quadratic":
             return self.block_size * (self.block_size + 1)
         return self.block_size
 

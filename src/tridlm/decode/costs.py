@@ -97,9 +97,9 @@ class CostCurve:
     """cost(n) / cost(1) for n = 1..largest on one model, device and precision: of plain causal forwards
     ("verify") and of forwards whose rows after the first draft with the adapter ("draft"); and, where measured, a
     continuous batch's step per batch size R ("rows": the cost of R rows x 1 token and of each further token, both
-    relative to cost(1); ``step``). Whoever decodes ``auto`` may hold one (the server measures its own before it
-    serves) and pass it to ``stream``, else the one kept with the model is used (``of``); it can be saved and loaded
-    so that a run plans with a known curve."""
+    relative to cost(1); ``step``). Whoever decodes ``auto`` more than once owns one and passes it to ``stream`` (the
+    server measures its own before it serves; the bench and eval one per model); a call given none measures its
+    own. It can be saved and loaded so that a run plans with a known curve."""
 
     verify: dict[int, float]
     draft: dict[int, float]
@@ -108,6 +108,13 @@ class CostCurve:
     @property
     def largest(self) -> int:
         return max(self.verify)
+
+    @classmethod
+    def for_config(cls, model: TriModel, cfg) -> CostCurve | None:
+        """The curve decoding ``cfg`` (a ``GenerationConfig``) many times plans with: measured up to its block where
+        it is ``auto``, else None (no other mode plans)."""
+        cfg = cfg.resolve(model)
+        return cls.measure(model, cfg.block_size) if cfg.mode == "auto" else None
 
     @classmethod
     def measure(cls, model: TriModel, largest: int, context: int = 256, reps: int = 9, rows: int = 0) -> CostCurve:
@@ -124,16 +131,6 @@ class CostCurve:
             *({n: times[n, drafting] / one for n in sizes} for drafting in (False, True)),
             {r: (t1 / one, (t2 - t1) / r / one) for r, (t1, t2) in steps.items()},
         )
-
-    @classmethod
-    def of(cls, model: TriModel, largest: int, rows: int = 0) -> CostCurve:
-        """The curve kept with the model (``TriModel.cost_curve``), measured on first use or when it covers fewer
-        than ``largest`` tokens (or batches of fewer than ``rows``): what ``auto`` plans with when its caller passes
-        none."""
-        kept = model.cost_curve
-        if kept is None or kept.largest < largest or max(kept.rows, default=0) < rows:
-            model.cost_curve = cls.measure(model, largest, rows=rows)
-        return model.cost_curve
 
     def step(self, tokens: int, rows: int) -> float:
         """The relative cost of a continuous batch's step of ``rows`` rows and ``tokens`` tokens in all: the measured

@@ -53,9 +53,6 @@ def spec(
 ) -> Iterator[list[tuple[int, list[int]]]]:
     """Yield the tokens of each draft+verify cycle (accepted drafts + bonus) per row; ``pending`` (B,)
     is the last sampled token, not yet cached."""
-    if state.cfg.spec_variant == "quadratic" and state.cfg.block_size > 1:
-        yield from spec_quadratic(model, cache, pending, state, generator)
-        return
     while not state.all_done:
         start = cache.lengths
         block, q = draft(model, cache, pending, state, generator)
@@ -100,8 +97,11 @@ def spec_quadratic(
     model: TriModel, cache: KVCache, pending: torch.Tensor, state: DecodeState, generator: torch.Generator | None
 ) -> Iterator[list[tuple[int, list[int]]]]:
     """Quadratic self-speculation (SPEC 3.4): one forward per cycle verifies the current drafts and,
-    for every possible number of accepted drafts, drafts the block after it."""
+    for every possible number of accepted drafts, drafts the block after it (linear spec's cycles at B=1)."""
     n, sampler = state.cfg.block_size, state.cfg.sampler
+    if n == 1:
+        yield from spec(model, cache, pending, state, generator)
+        return
     rows = len(pending)
     offsets = masks.quadratic_offsets(n, pending.device)
     mask_fn = functools.partial(masks.quadratic, block=n)

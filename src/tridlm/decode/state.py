@@ -6,12 +6,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from tridlm.decode.config import GenerationConfig
 from tridlm.decode.metrics import summarize
 from tridlm.tokenizer import stop_index
+
+if TYPE_CHECKING:
+    from tridlm.decode.config import GenerationConfig
 
 
 @dataclass

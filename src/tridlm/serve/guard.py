@@ -172,7 +172,7 @@ def make_config(body, ids: list[int], mode: str, model: TriModel, config: Server
         raise APIError(
             400,
             f"block_size={cfg.block_size} puts {cfg.forward_tokens} tokens through one forward "
-            f"({cfg.mode}{' ' + cfg.spec_variant if cfg.mode == 'spec' else ''}); this server allows "
+            f"({cfg.row.label}); this server allows "
             f"{config.max_forward_tokens} (--max-forward-tokens)",
             "block_size",
         )

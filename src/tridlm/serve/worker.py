@@ -250,7 +250,7 @@ class Worker:
             "(--max-batch, --slot-tokens)",
             file=sys.stderr,
         )
-        self.costs = self.costs or CostCurve.of(self.model, self.auto_block, rows=self.batcher.max_rows)
+        self.costs = self.costs or CostCurve.measure(self.model, self.auto_block, rows=self.batcher.max_rows)
         self.batcher.costs = self.costs
         self.ready.set()
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tridlm import checkpoint, plots
-from tridlm.decode import MODES, SPEC_VARIANTS
+from tridlm.decode import MODES, SPEC_VARIANTS, CostCurve
 from tridlm.harness import Setting, grid, load_prompts, run_tridlm, summarize
 from tridlm.model import TriModel
 from tridlm.options import option
@@ -16,8 +16,12 @@ from tridlm.tokenizer import Tokenizer
 
 
 def eval_draft(model: TriModel, prompts: list[list[int]], settings: list[Setting]) -> dict:
-    """``summarize`` per setting (one untimed run each): what ``tridlm eval-draft`` reports."""
-    return {s.name: summarize(model, prompts, run_tridlm(model, prompts, s)) for s in settings}
+    """``summarize`` per setting (one untimed run each, auto's with a cost curve measured for it): what
+    ``tridlm eval-draft`` reports."""
+    return {
+        s.name: summarize(model, prompts, run_tridlm(model, prompts, s, CostCurve.for_config(model, s.gen)))
+        for s in settings
+    }
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,6 @@ class Trainer:
                 total += float(out.loss.detach()) / cfg.grad_accum
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
-            self.model.adapters_changed()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
@@ -263,7 +262,6 @@ class Trainer:
         with torch.no_grad():
             for name, value in state["model"].items():
                 params[name].copy_(value)
-        self.model.adapters_changed()
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.step, self.rows = state["step"], state["rows"]
