@@ -338,6 +338,42 @@ def test_decode_layers_give_the_modules_values_bit_for_bit(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))
 
 
+def test_the_native_path_says_why_not_once_and_follows_new_weights(monkeypatch):
+    """``tridlm.native``: it applies to a fused int4 model; one it cannot run (per-head q/k norms) says why, once,
+    and decodes by its modules; a float model has nothing to say; packed weights replaced later are the ones it
+    runs."""
+    import dataclasses
+    import warnings
+
+    from tridlm import native, projection
+    from tridlm.decode import GenerationConfig, generate
+    from tridlm.presets import random_model
+
+    model = _int4_model()
+    assert native.why_not(model) is None
+    assert "not fused int4" in native.why_not(random_model(model.cfg, seed=5))
+    seen = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: seen.append(a[1]) or real(*a))
+    greedy = GenerationConfig(max_tokens=4)
+    generate(model, [[1, 5, 9]], greedy)
+    first = seen[-1]
+    projection.fuse_packed(model)  # new fused objects: the path gathers them again
+    generate(model, [[1, 5, 9]], greedy)
+    assert seen[-1] is not first and seen[-1][1] is model.encoder.layers[0].self_attn.qkv.codes
+
+    qk = random_model(dataclasses.replace(model.cfg, qk_norm=True), seed=5).to(torch.bfloat16)
+    projection.quantize(qk, "int4")
+    calls = len(seen)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(qk, [[1, 5, 9]], greedy)
+        generate(qk, [[1, 5, 9]], greedy)
+    assert len(seen) == calls and [str(w.message) for w in caught] == [
+        "int4 weights decode module by module (slower): per-head q/k norms (qk_norm) are not in the kernel"
+    ]
+
+
 def test_a_prompt_prefilled_in_any_chunks_gets_the_same_tokens():
     """A 700-token prompt: ``generate`` prefills it in chunks of 512 (row-exact blocks), the continuous batch in
     chunks of 100 between steps; both decode the same tokens."""

@@ -190,11 +190,8 @@ class TriModel(nn.Module):
         if cfg.tie_embeddings:
             self.diffusion_head.weight = self.encoder.embed_tokens.weight
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
-        self.lora_groups = [
-            g
-            for layer in self.encoder.layers
-            for g in (layer.self_attn.qkv_lora, layer.self_attn.o_lora, layer.mlp.gate_up_lora, layer.mlp.down_lora)
-        ]
+        layers = [(layer.self_attn, layer.mlp) for layer in self.encoder.layers]
+        self.lora_groups = [g for a, m in layers for g in (a.qkv_lora, a.o_lora, m.gate_up_lora, m.down_lora)]
         self.native = NativeLayers()  # the int4 decode path (``tridlm.native``), where it applies
 
     @property

@@ -25,7 +25,8 @@ _ALL_TOKENS = torch.empty(0, dtype=torch.long)  # kernels.decode_layers: no padd
 def _packed(layer) -> list[tuple[dict, str]]:
     """Where a layer's four projections keep their (fused) packed weights: (the owner's ``__dict__``, name)."""
     a, m = layer.self_attn, layer.mlp
-    return [(a.__dict__, "qkv"), (a.o_proj.__dict__, "packed"), (m.__dict__, "gate_up"), (m.down_proj.__dict__, "packed")]
+    owners = (a.__dict__, a.o_proj.__dict__, m.__dict__, m.down_proj.__dict__)
+    return list(zip(owners, ("qkv", "packed", "gate_up", "packed")))
 
 
 def why_not(model) -> str | None:
@@ -97,8 +98,7 @@ class NativeLayers:
     def _gather(layers) -> list[torch.Tensor]:
         weights = []
         for layer in layers:
-            a, m = layer.self_attn, layer.mlp
-            qkv, o, gate_up, down = ((w.codes, w.scales) for w in (a.qkv, a.o_proj.packed, m.gate_up, m.down_proj.packed))
+            qkv, o, gate_up, down = ((owner[name].codes, owner[name].scales) for owner, name in _packed(layer))
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             weights += [norms[0], *qkv, *o, norms[1], *gate_up, *down]
         return weights

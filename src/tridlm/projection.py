@@ -72,14 +72,11 @@ class LoraGroup:
         adapter changed since it was built."""
         seen = self._seen
         if seen is None or not all(
-            p.lora_a is a and p.lora_b is b and (a is None or (_version(a), _version(b), p.lora_scale) == v)
+            p.lora_a is a and p.lora_b is b and (a is None or _versions(p) == v)
             for p, (a, b, v) in zip(self.projs, seen)
         ):
             self._form = self._build(activations)
-            self._seen = [
-                (p.lora_a, p.lora_b, None if p.lora_a is None else (_version(p.lora_a), _version(p.lora_b), p.lora_scale))
-                for p in self.projs
-            ]
+            self._seen = [(p.lora_a, p.lora_b, None if p.lora_a is None else _versions(p)) for p in self.projs]
         return self._form
 
     def _build(self, activations: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -108,10 +105,10 @@ class LoraGroup:
         return kernels.Adapter(*self._form, None if adapter is True else adapter.reshape(-1))
 
 
-def _version(t: torch.Tensor) -> int:
-    """How many times ``t`` was changed in place; tensors made in inference mode keep no count (-1: they change in
-    place only inside it, where nothing trains)."""
-    return -1 if t.is_inference() else t._version
+def _versions(p: Linear) -> tuple[int, int, float]:
+    """How many times a projection's adapter tensors were changed in place, and its scale. Tensors made in inference
+    mode keep no count (-1: they change in place only inside it, where nothing trains)."""
+    return (*(-1 if t.is_inference() else t._version for t in (p.lora_a, p.lora_b)), p.lora_scale)
 
 
 def project(
