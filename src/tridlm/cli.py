@@ -1,4 +1,4 @@
-"""Command line: the flags of each command, parsed and handed to its function in ``commands``.
+"""Command line: one table of commands (``COMMANDS``: help, the flags, the function in ``commands`` that runs it).
 
 Only the command named on the command line gets its flags built, and each imports what it needs when it runs
 (``tridlm serve`` never loads the trainer).
@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+from tridlm import commands
 
 
 class _Parser(argparse.ArgumentParser):
@@ -204,17 +208,37 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(served_model_name=None)
 
 
-COMMANDS = {  # name: (help, the function that adds its flags)
-    "generate": ("generate text from a prompt", _generate_parser),
-    "eval": ("score a task (humaneval, gsm8k) in a mode and precision, beside its speed", _eval_parser),
-    "demo": ("answer a chat prompt in all three modes and compare", _demo_parser),
-    "convert": ("convert an HF/NLD directory or a GGUF file to an NLD directory", _convert_parser),
-    "bench": ("speed and quality of modes and baselines on a prompt set", _bench_parser),
-    "train": ("train a draft adapter (or all weights) on the joint objective", _train_parser),
-    "distill": ("write the model's own greedy answers to generated prompts as chat JSONL", _distill_parser),
-    "export-adapter": ("write the model's draft adapter (see --adapter) as a PEFT folder", _export_adapter_parser),
-    "eval-draft": ("held-out spec accepted length and diffusion quality of a draft adapter", _eval_draft_parser),
-    "serve": ("serve the model over an OpenAI-compatible HTTP API", _serve_parser),
+class Command(NamedTuple):
+    help: str
+    flags: Callable[[argparse.ArgumentParser], None]  # adds the command's own flags
+    run: Callable[[argparse.Namespace], None]
+
+
+COMMANDS = {
+    "generate": Command("generate text from a prompt", _generate_parser, commands.generate),
+    "eval": Command(
+        "score a task (humaneval, gsm8k) in a mode and precision, beside its speed", _eval_parser, commands.eval_task
+    ),
+    "demo": Command("answer a chat prompt in every mode and compare", _demo_parser, commands.demo),
+    "convert": Command(
+        "convert an HF/NLD directory or a GGUF file to an NLD directory", _convert_parser, commands.convert
+    ),
+    "bench": Command("speed and quality of modes and baselines on a prompt set", _bench_parser, commands.bench),
+    "train": Command("train a draft adapter (or all weights) on the joint objective", _train_parser, commands.train),
+    "distill": Command(
+        "write the model's own greedy answers to generated prompts as chat JSONL", _distill_parser, commands.distill
+    ),
+    "export-adapter": Command(
+        "write the model's draft adapter (see --adapter) as a PEFT folder",
+        _export_adapter_parser,
+        commands.export_adapter,
+    ),
+    "eval-draft": Command(
+        "held-out spec accepted length and diffusion quality of a draft adapter",
+        _eval_draft_parser,
+        commands.eval_draft,
+    ),
+    "serve": Command("serve the model over an OpenAI-compatible HTTP API", _serve_parser, commands.serve),
 }
 
 
@@ -222,10 +246,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, with the flags of ``command`` only (of all when None)."""
     parser = _Parser(prog="tridlm", description="Tri-mode diffusion language models: ar, diffusion, spec.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (help_, add) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_)
+    for name, c in COMMANDS.items():
+        p = sub.add_parser(name, help=c.help)
         if command in (None, name):
-            add(p)
+            c.flags(p)
             if not p.get_default("no_model_args"):
                 _model_args(p)
     return parser
@@ -234,10 +258,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
-    from tridlm import commands
-
     try:
-        commands.RUN[args.command](args)
+        COMMANDS[args.command].run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tridlm: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,5 @@
-"""What each command does, given its parsed arguments (an ``argparse.Namespace``): one function per command,
-found by name in ``RUN``. The flags are built in ``cli``.
+"""What each command does, given its parsed arguments (an ``argparse.Namespace``): one function per command, named
+with its flags in ``cli.COMMANDS``.
 
 Each function imports what it needs when it runs, so ``tridlm serve`` never loads the trainer.
 """
@@ -170,17 +170,3 @@ def read_key_file(path: str) -> tuple[str, ...]:
     if not keys:
         raise ValueError(f"{path}: no API key in it (one per line)")
     return keys
-
-
-RUN = {
-    "generate": generate,
-    "eval": eval_task,
-    "demo": demo,
-    "convert": convert,
-    "bench": bench,
-    "train": train,
-    "distill": distill,
-    "export-adapter": export_adapter,
-    "eval-draft": eval_draft,
-    "serve": serve,
-}
