@@ -333,7 +333,7 @@ def test_auto_and_pipelined_batches_hold_one_tenant(tiny_model):
     import asyncio
 
     from tridlm.decode import GenerationConfig
-    from tridlm.serve.worker import Job
+    from tridlm.serve.jobs import Job
 
     loop = asyncio.new_event_loop()
     try:

@@ -481,7 +481,7 @@ def test_streamed_tokens_within_the_interval_go_out_together_and_before_the_end(
     import asyncio
 
     from tridlm.decode import GenerationConfig
-    from tridlm.serve.worker import Job
+    from tridlm.serve.jobs import Job
 
     loop = asyncio.new_event_loop()
     try:

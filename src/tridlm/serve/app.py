@@ -24,6 +24,7 @@ from tridlm.decode import CostCurve
 from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig
 from tridlm.serve.guard import Gate, make_config, parse
+from tridlm.serve.jobs import Job, QueueFull
 from tridlm.serve.metrics import Finisher, Metrics
 from tridlm.serve.protocol import (
     APIError,
@@ -37,7 +38,7 @@ from tridlm.serve.protocol import (
     new_id,
     usage_of,
 )
-from tridlm.serve.worker import Job, QueueFull, Worker
+from tridlm.serve.worker import Worker
 from tridlm.tokenizer import TextStream, Tokenizer
 
 

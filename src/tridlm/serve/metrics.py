@@ -8,7 +8,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tridlm.decode import Row, summarize
-from tridlm.serve.worker import Job
+from tridlm.serve.jobs import Job
 
 
 class Metrics:

@@ -32,89 +32,19 @@ the other modes decode each row as if alone: both batch across tenants.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig, generate, stream
-from tridlm.decode.batcher import ROOM, Batcher, ChainedAcceptance
+from tridlm.decode import CostCurve, DecodeState, GenerationConfig, generate
+from tridlm.decode.batcher import Batcher
 from tridlm.model import TriModel
+from tridlm.serve.jobs import Job, QueueFull
+from tridlm.serve.static import StaticBatches
+from tridlm.serve.tenants import Tenants
 from tridlm.tokenizer import Tokenizer
-
-
-class QueueFull(Exception):
-    pass
-
-
-@dataclass
-class Job:
-    prompts: list[list[int]]  # one per choice (n)
-    cfg: GenerationConfig
-    loop: asyncio.AbstractEventLoop
-    stream: bool = True  # send the tokens of each cycle (otherwise only the end: no wake-up per token)
-    trace: bool = False  # send each step's events (``DecodeState.note``) beside the tokens
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-    tenant: int = 0  # whose answer history it reads and joins
-    time_limit_s: float | None = None  # decoding time after which the rows end ("time_limit")
-    stream_interval_s: float = 0.0  # streamed tokens committed sooner after the last event go out with the next
-    _held: dict[int, list[int]] = field(default_factory=dict)  # row -> tokens not sent yet
-    _sent: float = 0.0  # when the last event went out
-
-    def batch_key(self):
-        c = self.cfg
-        alone = id(self) if c.seed is not None else None
-        return (
-            c.mode,
-            c.spec_variant,
-            c.lookup,
-            c.block_size,
-            c.threshold,
-            c.max_steps_per_block,
-            c.temperature,
-            c.top_k,
-            c.top_p,
-            alone,
-            self.trace,
-            self.tenant if c.pipelined else None,
-        )
-
-    def send(self, *event) -> None:
-        """An event for the request's response (after any tokens held back)."""
-        self._emit([event])
-
-    def send_tokens(self, row: int, tokens: list[int]) -> None:
-        """A row's new tokens: sent at once, or, within ``stream_interval_s`` of the last event, held and sent with
-        the next one (one wake-up of the event loop and one chunk for several tokens, where each costs the decode a
-        slice of a core)."""
-        self._held.setdefault(row, []).extend(tokens)
-        if time.perf_counter() - self._sent >= self.stream_interval_s:
-            self._emit([])
-
-    def _emit(self, events: list[tuple]) -> None:
-        events = [("tokens", row, tokens) for row, tokens in self._held.items()] + events
-        self._held, self._sent = {}, time.perf_counter()
-        self.loop.call_soon_threadsafe(self._put, events)
-
-    def _put(self, events: list[tuple]) -> None:
-        for event in events:
-            self.events.put_nowait(event)
-
-
-@dataclass
-class StaticRun:
-    """A static batch being decoded: the jobs taken, those not cancelled before it began, its cycles."""
-
-    batch: list[Job]
-    live: list[Job]
-    cycles: Iterator[None]
-    start: float
 
 
 class Worker:
@@ -135,15 +65,14 @@ class Worker:
         auto is served with; ``costs``: the cost curve auto plans with, up to that block (default: measured on
         the worker's thread before the first request); ``slot_tokens``: KV cache per continuously batched row
         (prompt + answer; longer AR requests run as static batches)."""
-        self.model, self.tokenizer = model, tokenizer
-        self.history_capacity, self.histories, self.acceptances = history, {}, {}
+        self.model, self.tokenizer, self.tenants = model, tokenizer, Tenants(history)
         self.max_batch, self.max_queue, self.auto_block, self.costs = max_batch, max_queue, auto_block, costs
         self.on_batch = on_batch  # callback(jobs, seconds) for metrics
         self._waiting: list[Job] = []
         self._running = 0  # jobs taken and not yet ended
         self.batcher = Batcher(model, max_batch, slot_tokens)
         self._live: dict[int, tuple[Job, DecodeState]] = {}  # the jobs whose rows run in the batcher
-        self._static: StaticRun | None = None  # the static batch being decoded, a cycle per loop
+        self.static = StaticBatches(model, tokenizer, self.tenants)  # the static batch being decoded, a cycle per loop
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -197,7 +126,7 @@ class Worker:
         """The next work, in arrival order: ("admit", [job]) to join the running rows, ("batch", jobs) for a
         static batch, ("step", []) when only the running rows go on; None once stopped."""
         with self._cond:
-            while not self._waiting and not self._stop and not self.batcher.busy and self._static is None:
+            while not self._waiting and not self._stop and not self.batcher.busy and self.static.run is None:
                 self._cond.wait()
             if self._stop:
                 return None
@@ -205,7 +134,7 @@ class Worker:
                 return "step", []
             head = self._waiting[0]
             idle = not self.batcher.busy and not self._running and len(self._waiting) == 1
-            if self._static is not None and not self.continuous(head, idle):  # the next static batch waits
+            if self.static.run is not None and not self.continuous(head, idle):  # the next static batch waits
                 head = next((j for j in self._waiting if self.continuous(j, idle)), None)
                 if head is None:
                     return "step", []
@@ -251,7 +180,7 @@ class Worker:
             file=sys.stderr,
         )
         self.costs = self.costs or CostCurve.measure(self.model, self.auto_block, rows=self.batcher.max_rows)
-        self.batcher.costs = self.costs
+        self.batcher.costs = self.static.costs = self.costs
         self.ready.set()
 
     def _serve(self) -> None:
@@ -263,7 +192,7 @@ class Worker:
                 self._admit(jobs[0])
             if self.batcher.busy:
                 self._step()
-            if self._static is not None:
+            if self.static.run is not None:
                 self._cycle()
 
     def _end(self, ends: list[tuple[Job, tuple]], taken: int | None = None) -> None:
@@ -276,26 +205,17 @@ class Worker:
 
     def _begin(self, batch: list[Job]) -> None:
         """Start decoding a static batch (its first cycle runs in ``_cycle``)."""
-        live = [j for j in batch if not j.cancelled.is_set()]
-        if not live:  # a job cancelled before its batch began gets no event
+        if not self.static.begin(batch):
             self._end([], taken=len(batch))
-            return
-        self._static = StaticRun(batch, live, self._decode(live), time.perf_counter())
 
     def _cycle(self) -> None:
         """One cycle of the static batch; at its end each job gets its last event."""
-        run = self._static
-        try:
-            next(run.cycles)
-            return
-        except StopIteration as done:
-            ends = done.value
-        except Exception as e:  # report to the requests, keep serving
-            ends = [(job, ("error", f"generation failed: {e}")) for job in run.live]
-        self._static = None
-        self._end(ends, taken=len(run.batch))
-        if self.on_batch:
-            self.on_batch(run.live, time.perf_counter() - run.start)
+        done = self.static.cycle()
+        if done is not None:
+            run, ends = done
+            self._end(ends, taken=len(run.batch))
+            if self.on_batch:
+                self.on_batch(run.live, time.perf_counter() - run.start)
 
     def _admit(self, job: Job) -> None:
         """Prefill the job's rows into the running batch; their first tokens go out at once."""
@@ -303,7 +223,9 @@ class Worker:
         generator = None if job.cfg.seed is None else torch.Generator(self.model.device).manual_seed(job.cfg.seed)
         try:
             for k, prompt in enumerate(job.prompts):
-                self.batcher.admit(state, k, prompt, generator, self.history(job.tenant), self._learned(job.tenant))
+                self.batcher.admit(
+                    state, k, prompt, generator, self.tenants.history(job.tenant), self.tenants.learned(job.tenant)
+                )
         except Exception as e:  # the rows admitted so far leave at the next step
             for k in range(len(job.prompts)):
                 state.cancel(k)
@@ -343,56 +265,8 @@ class Worker:
                     job.send_tokens(row, tokens)
             if state.all_done:
                 del self._live[key]
-                if self.history_capacity:
-                    for row in state.rows:
-                        self.history(job.tenant).add(row.tokens)
+                for row in state.rows:
+                    self.tenants.add(job.tenant, row.tokens)
                 ended.append((job, ("done", state.rows)))
         if ended:
             self._end(ended)
-
-    @torch.inference_mode()  # each resumption of the generator runs in inference mode
-    def _decode(self, jobs: list[Job]) -> Iterator[None]:
-        """Decode the jobs as one batch, streaming their tokens, a cycle per ``next``; returns (as ``StopIteration``'s
-        value) each job's final event."""
-        owner = [(j, k) for j in jobs for k in range(len(j.prompts))]  # batch row -> (job, choice)
-        prompts = [p for j in jobs for p in j.prompts]
-        limits = [(j.cfg.max_tokens, j.cfg.stop) for j, _ in owner]
-        state = DecodeState(
-            len(prompts), jobs[0].cfg, self.model.cfg.eos_ids, self.tokenizer.decode, limits, trace=jobs[0].trace
-        )
-        tenants = {j.tenant for j in jobs}
-        # A batch of one tenant reads and joins its history in ``stream``; a mixed one (never auto or pipelined
-        # spec, by ``batch_key``) reads none, and each answer joins its own tenant's below.
-        history = self.history(tenants.pop()) if len(tenants) == 1 else None
-        started = time.perf_counter()
-        for chunk in stream(self.model, prompts, jobs[0].cfg, state=state, history=history, costs=self.costs):
-            for row, events in state.take_trace() if state.trace else ():
-                job, choice = owner[row]
-                job.send("trace", choice, events)
-            for row, tokens in chunk:
-                job, choice = owner[row]
-                if job.stream:
-                    job.send_tokens(choice, tokens)
-            now = time.perf_counter()
-            for row, (job, _) in enumerate(owner):
-                if job.cancelled.is_set():
-                    state.cancel(row)
-                elif job.time_limit_s is not None and now - started > job.time_limit_s:
-                    state.cancel(row, "time_limit")
-            yield
-        if history is None and self.history_capacity:
-            for row, (job, _) in zip(state.rows, owner):
-                self.history(job.tenant).add(row.tokens)
-        return [(job, ("done", [state.rows[r] for r, (j, _) in enumerate(owner) if j is job])) for job in jobs]
-
-    def _learned(self, tenant: int) -> ChainedAcceptance:
-        """How often the tenant's candidates were accepted in the batch, what its auto rows start from."""
-        return self.acceptances.setdefault(tenant, ChainedAcceptance(ROOM))
-
-    def history(self, tenant: int) -> AnswerHistory | None:
-        """The tenant's answer history (made on its first answer), None when the server keeps none."""
-        if not self.history_capacity:
-            return None
-        if tenant not in self.histories:
-            self.histories[tenant] = AnswerHistory(self.history_capacity)
-        return self.histories[tenant]
