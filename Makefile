@@ -67,7 +67,7 @@ bench: setup $(LLAMACPP)
 	$(BIN)/python bench/scale.py --repeats 3 --out bench/results
 
 # Task scores of every mode and precision (HumanEval 164, GSM8K 100; README "Task scores"; HumanEval runs the
-# model's code, in tridlm.sandbox, hence --allow-code-execution): writes
+# model's code, in tridlm.measure.sandbox, hence --allow-code-execution): writes
 # bench/results/eval-<task>.json and eval-frontier.png; each run resumes from bench/results/eval-runs/.
 eval: setup
 	$(BIN)/python bench/eval_table.py --allow-code-execution

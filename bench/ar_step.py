@@ -16,10 +16,11 @@ import time
 
 import torch
 
-from tridlm import harness, masks
+from tridlm import masks
 from tridlm.decode import GenerationConfig, generate
 from tridlm.decode.forward import forward_block
 from tridlm.loading import open_model
+from tridlm.measure import harness
 
 PROMPT = "Write a short poem about the sea and the wind, in four lines."
 # cProfile entries reported per forward: (label, substring of pstats' function key)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from tridlm import evaluate, harness, reporting
 from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig
 from tridlm.decode.batcher import Batcher
 from tridlm.loading import open_model
+from tridlm.measure import evaluate, harness, reporting
 
 
 @torch.inference_mode()

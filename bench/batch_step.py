@@ -11,11 +11,12 @@ import time
 
 import torch
 
-from tridlm import harness, masks
+from tridlm import masks
 from tridlm.decode import DecodeState, GenerationConfig
 from tridlm.decode.batcher import Batcher
 from tridlm.decode.forward import forward_block
 from tridlm.loading import open_model
+from tridlm.measure import harness
 
 
 @torch.inference_mode()

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from tridlm import evaluate, loading, plots, reporting, sandbox
+from tridlm import loading
 from tridlm.decode import GenerationConfig
+from tridlm.measure import evaluate, plots, reporting, sandbox
 
 MAX_TOKENS = 256
 # (precision, setting name, decoding config): every mode in the fastest precision that is exact, AR in the others.
@@ -132,7 +133,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="the first N problems of each task (default: all)")
     ap.add_argument("--runs", default="bench/results/eval-runs", help="folder of the per-run JSONL files")
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--allow-code-execution", action="store_true", help="run HumanEval answers (in tridlm.sandbox)")
+    ap.add_argument(
+        "--allow-code-execution", action="store_true", help="run HumanEval answers (in tridlm.measure.sandbox)"
+    )
     ap.add_argument(
         "--rescore",
         action="store_true",

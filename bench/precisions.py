@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from tridlm import harness, reporting
-from tridlm.baselines import Baselines
 from tridlm.decode import GenerationConfig
 from tridlm.decode.costs import latency_sweep
 from tridlm.loading import open_model
+from tridlm.measure import harness, reporting
+from tridlm.measure.baselines import Baselines
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
 SETTINGS = {

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from tridlm import evaluate, harness, quant
+from tridlm import quant
 from tridlm.decode import GenerationConfig, generate
 from tridlm.loading import open_model
+from tridlm.measure import evaluate, harness
 
 RUNS = Path("bench/results/eval-runs")
 

@@ -1,7 +1,7 @@
 """int4 AR decoding at growing model sizes beside llama.cpp, per instruction-set variant this CPU can run.
 
 Shapes: the default model (135M, its own GGUF file) and random-weight GGUF files of 360M, 1.7B and 3B shapes
-(`python -m tridlm.random_gguf`, written once into the tridlm cache). Per shape, variant and repeat, in turn:
+(`python -m tridlm.measure.random_gguf`, written once into the tridlm cache). Per shape, variant and repeat, in turn:
 tridlm in a fresh process (`TRIDLM_CPU_ISA=<variant>`: load time, peak RSS, AR decode tok/s with prefill taken
 out: N tokens and 1 token after the same prompt, timed apart), then llama.cpp's `llama-bench` built for the
 matching variant (native for avx512, AVX2 with AVX-VNNI for avxvnni, AVX2 only for avx2: bench/llamacpp.py) on
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import llamacpp
 
-from tridlm import default_model, kernels, random_gguf
+from tridlm import default_model, kernels
+from tridlm.measure import random_gguf
 
 LLAMA_BUILD = {"avx512": "native", "avxvnni": "avxvnni", "avx2": "avx2"}
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import httpx
 import llamacpp
 
-from tridlm import default_model, evaluate
+from tridlm import default_model
+from tridlm.measure import evaluate
 
 MAX_TOKENS = (32, 64, 128)
 

@@ -25,9 +25,9 @@ import time
 import httpx
 import torch
 
-from tridlm import harness, reporting
 from tridlm.decode import CostCurve, GenerationConfig, generate
 from tridlm.loading import open_model
+from tridlm.measure import harness, reporting
 
 MAX_TOKENS = 64
 

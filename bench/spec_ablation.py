@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from tridlm import evaluate, harness, plots, reporting
 from tridlm.decode import AnswerHistory, CostCurve, DecodeState, GenerationConfig, generate, stream
 from tridlm.loading import open_model
+from tridlm.measure import evaluate, harness, plots, reporting
 
 SETTINGS = {  # names without commas (--settings takes a comma-separated list)
     "ar": {"mode": "ar"},

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from tridlm import harness, reporting
 from tridlm.decode import DecodeState, GenerationConfig, stream
 from tridlm.loading import open_model
+from tridlm.measure import harness, reporting
 
 SETTINGS = {
     "ar": GenerationConfig(max_tokens=64),

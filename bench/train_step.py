@@ -6,10 +6,10 @@ import time
 
 import torch
 
-from tridlm import default_model
+from tridlm import loading
 from tridlm.train.objective import add_noise, diffusion_loss, joint_loss
 
-model, tok = default_model.load(own_adapter=False)
+model, tok = loading.open_default(own_adapter=False)
 model.add_lora(8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 for n, p in model.named_parameters():
     p.requires_grad_("lora_" in n)

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from tridlm import evaluate, harness, masks
+from tridlm import masks
 from tridlm.decode import GenerationConfig, generate
 from tridlm.decode.forward import forward_block, masked_block, prefill
 from tridlm.loading import open_model
+from tridlm.measure import evaluate, harness
 
 RUNS = {
     "humaneval": "bench/results/eval-runs/humaneval-ar-int4-69084718.jsonl",

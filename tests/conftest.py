@@ -66,10 +66,10 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="session")
 def default_model():
-    from tridlm import default_model
+    from tridlm import loading
 
     torch.manual_seed(0)
-    return default_model.load()
+    return loading.open_default()
 
 
 @pytest.fixture(scope="session")

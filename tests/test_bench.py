@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from tridlm import harness, plots, reporting
 from tridlm.decode import GenerationConfig
+from tridlm.measure import harness, plots, reporting
 
 
 def test_grid_expands_only_meaningful_settings():
@@ -58,7 +58,7 @@ def test_prompt_set_formats(tmp_path, char_tokenizer):
 def test_llamacpp_baseline_says_why_it_cannot_run(tmp_path, monkeypatch):
     import importlib.util
 
-    from tridlm.baselines import Baselines
+    from tridlm.measure.baselines import Baselines
 
     said = []
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # installed, but ...

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tridlm import evaluate
 from tridlm.decode import GenerationConfig
-from tridlm.evaluate import EvalOptions, Problem
+from tridlm.measure import evaluate
+from tridlm.measure.evaluate import EvalOptions, Problem
 from tridlm.tokenizer import Tokenizer
 
 

@@ -101,7 +101,7 @@ def test_the_default_model_loads_in_int4_within_1_3x_its_file():
 def test_a_larger_gguf_loads_in_int4_within_1_3x_its_file(tmp_path):
     """A 360M-shape file: 1.14x; before the lean loader it grew by 4.2x the file (dequantized table, whole file
     mapped, fused copies)."""
-    from tridlm import random_gguf
+    from tridlm.measure import random_gguf
 
     growth = _growth(random_gguf.write(tmp_path / "random-360m.gguf", "360m"))
     assert growth < 1.3, f"loading grew the process by {growth:.2f}x the file"

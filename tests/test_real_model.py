@@ -145,12 +145,12 @@ def test_verify_rows_are_ar_steps_bit_for_bit(precision):
 def test_shipped_draft_adapter_is_attached_and_drafts_better(default_model):
     """The default model carries the shipped adapter (AR untouched: test_real_model's parity tests run
     with it attached); its drafts are accepted more often than the bare model's."""
-    from tridlm import checkpoint
+    from tridlm import checkpoint, loading
     from tridlm import default_model as default
 
     model, tok = default_model
     assert checkpoint.has_adapter(model) and (default.adapter_dir() / "adapter_model.safetensors").is_file()
-    bare, _ = default.load(own_adapter=False)
+    bare, _ = loading.open_default(own_adapter=False)
     assert not checkpoint.has_adapter(bare)
     prompts = [tok.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
     cfg = GenerationConfig(mode="spec", block_size=8, max_tokens=32)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tridlm import sandbox
-from tridlm.sandbox import run_python
+from tridlm.measure import sandbox
+from tridlm.measure.sandbox import run_python
 
 namespaces = pytest.mark.skipif(
     sandbox.isolation() != "namespaces", reason="this machine lets the sandbox use rlimits only (no unshare)"

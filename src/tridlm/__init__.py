@@ -30,10 +30,12 @@ def load(path=None, dtype: str | None = None, device: str = "cpu", adapter=None)
     return open_model(path, dtype, device, adapter)
 
 
-def stream(model, tokenizer, prompt: str | list[dict], **knobs) -> Iterator[str]:
+def stream(model, tokenizer, prompt: str | list[dict], costs=None, **knobs) -> Iterator[str]:
     """The answer's text as it is committed. ``prompt``: a text to continue, or chat messages
     (``[{"role": "user", "content": ...}]``, rendered with the model's chat template). ``knobs``: fields of
-    ``tridlm.decode.GenerationConfig`` (mode, block_size, threshold, temperature, max_tokens, stop ...)."""
+    ``tridlm.decode.GenerationConfig`` (mode, block_size, threshold, temperature, max_tokens, stop ...).
+    ``costs``: the ``tridlm.decode.CostCurve`` that ``auto`` plans with; a call given none measures one (about a
+    second on a CPU), so measure it once (``CostCurve.measure(model, block)``) for many calls."""
     from tridlm.decode import GenerationConfig
     from tridlm.decode import stream as decode_stream
     from tridlm.tokenizer import TextStream
@@ -41,7 +43,7 @@ def stream(model, tokenizer, prompt: str | list[dict], **knobs) -> Iterator[str]
     cfg = GenerationConfig(**knobs)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else tokenizer.encode_chat(prompt)
     text = TextStream(tokenizer, cfg.stop)
-    for chunk in decode_stream(model, [ids], cfg, detokenize=tokenizer.decode):
+    for chunk in decode_stream(model, [ids], cfg, detokenize=tokenizer.decode, costs=costs):
         for _, tokens in chunk:
             if piece := text.push(tokens):
                 yield piece
@@ -49,6 +51,6 @@ def stream(model, tokenizer, prompt: str | list[dict], **knobs) -> Iterator[str]
         yield tail
 
 
-def generate(model, tokenizer, prompt: str | list[dict], **knobs) -> str:
+def generate(model, tokenizer, prompt: str | list[dict], costs=None, **knobs) -> str:
     """The whole answer's text; arguments as in ``stream``."""
-    return "".join(stream(model, tokenizer, prompt, **knobs))
+    return "".join(stream(model, tokenizer, prompt, costs, **knobs))

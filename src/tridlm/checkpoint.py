@@ -26,7 +26,7 @@ from tridlm.model import ModelConfig, TriModel
 from tridlm.nld_config import CheckpointError, config_from_json, config_to_nld_json
 from tridlm.presets import empty_model
 from tridlm.projection import Linear
-from tridlm.tokenizer import Tokenizer
+from tridlm.tokenizer import Tokenizer, find_mask_token
 
 ADAPTER_DIR = "linear_spec_lora"
 
@@ -185,21 +185,6 @@ def save(directory: Path, model: TriModel, tokenizer: Tokenizer, max_shard_bytes
 
 
 # ------------------------------------------------------------------------------------- mask tokens
-
-
-def find_mask_token(tokenizer: Tokenizer) -> int | None:
-    """An existing special token to reuse as MASK (SPEC 1.1): one named like a mask if there is one,
-    else the highest-id control token that is neither BOS/EOS nor used by the chat template."""
-    special = sorted((i, t.content) for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special)
-    for i, text in special:
-        if "mask" in text.lower():
-            return i
-    unused = [
-        i
-        for i, text in special
-        if i not in (tokenizer.bos_id, tokenizer.eos_id) and text not in (tokenizer.chat_template or "")
-    ]
-    return max(unused, default=None)
 
 
 def add_mask_token(model: TriModel, tokenizer: Tokenizer, token: str = "<|mask|>") -> TriModel:

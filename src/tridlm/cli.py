@@ -64,14 +64,14 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
-    from tridlm import evaluate
+    from tridlm.measure import evaluate
 
     p.add_argument("task", choices=evaluate.TASKS)
     p.add_argument("--json", action="store_true", help="print one JSON line: settings, score, counts, speed")
     p.add_argument(
         "--allow-code-execution",
         action="store_true",
-        help="run the model's answers as code (humaneval), in a sandbox (tridlm.sandbox says which)",
+        help="run the model's answers as code (humaneval), in a sandbox (tridlm.measure.sandbox says which)",
     )
     _options(p, evaluate.EvalOptions(), skip=("allow_code_execution",))
     _generation_options(p)
@@ -143,9 +143,9 @@ def _options(
 
 
 def _bench_parser(p: argparse.ArgumentParser) -> None:
-    from tridlm import harness
+    from tridlm.measure import suite
 
-    _options(p, harness.Options(), {"thresholds": _threshold}, {"sweep": "skip the forward-latency sweep"})
+    _options(p, suite.Options(), {"thresholds": _threshold}, {"sweep": "skip the forward-latency sweep"})
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -183,7 +183,7 @@ def _export_adapter_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_draft_parser(p: argparse.ArgumentParser) -> None:
-    from tridlm.train import draft_eval
+    from tridlm.measure import draft_eval
 
     _options(p, draft_eval.DraftOptions(), {"threshold": _threshold})
 

@@ -62,8 +62,9 @@ def generate(args) -> None:
 
 
 def eval_task(args) -> None:
-    from tridlm import evaluate, loading
+    from tridlm import loading
     from tridlm.decode import GenerationConfig
+    from tridlm.measure import evaluate
 
     gen, opts = _fill(GenerationConfig, args), _fill(evaluate.EvalOptions, args)
     source = _fill(loading.Source, args)
@@ -100,10 +101,10 @@ def convert(args) -> None:
 
 
 def bench(args) -> None:
-    from tridlm import harness
+    from tridlm.measure import suite
 
-    opts = _fill(harness.Options, args)
-    harness.run_suite(*_open(args), opts, args.model, "tridlm " + " ".join(sys.argv[1:]))
+    opts = _fill(suite.Options, args)
+    suite.run_suite(*_open(args), opts, args.model, "tridlm " + " ".join(sys.argv[1:]))
 
 
 def train(args) -> None:
@@ -139,7 +140,7 @@ def export_adapter(args) -> None:
 
 
 def eval_draft(args) -> None:
-    from tridlm.train import draft_eval
+    from tridlm.measure import draft_eval
 
     opts = _fill(draft_eval.DraftOptions, args)
     if opts.snapshots and args.adapter:

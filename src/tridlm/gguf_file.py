@@ -19,11 +19,12 @@ import gguf
 import numpy as np
 import torch
 
-from tridlm import checkpoint, quant
+from tridlm import quant
 from tridlm.model import ModelConfig, TriModel
+from tridlm.nld_config import CheckpointError
 from tridlm.presets import empty_model
 from tridlm.rope import RopeConfig
-from tridlm.tokenizer import Tokenizer
+from tridlm.tokenizer import Tokenizer, find_mask_token
 
 _SCALARS = {  # GGUF value type -> struct format (little-endian)
     gguf.GGUFValueType.UINT8: "<B",
@@ -59,7 +60,7 @@ class GGUFFile:
             with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 self._parse(data)
         except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
-            raise checkpoint.CheckpointError(f"{self.path}: not a readable GGUF file ({e})") from None
+            raise CheckpointError(f"{self.path}: not a readable GGUF file ({e})") from None
 
     def _parse(self, data: mmap.mmap) -> None:
         if data[:4] != b"GGUF":
@@ -120,7 +121,7 @@ class GGUFFile:
             buffer = np.empty(tensor.nbytes, np.uint8)
             f.seek(tensor.offset)
             if f.readinto(memoryview(buffer)) != tensor.nbytes:
-                raise checkpoint.CheckpointError(f"{self.path}: truncated in tensor {tensor.name}")
+                raise CheckpointError(f"{self.path}: truncated in tensor {tensor.name}")
         return buffer.reshape(tensor.shape[0], -1) if len(tensor.shape) == 2 else buffer
 
 
@@ -153,7 +154,7 @@ def _config(file: GGUFFile, arch: str, tokenizer: Tokenizer) -> ModelConfig:
 
     def meta(key):
         if f"{arch}.{key}" not in file.fields:
-            raise checkpoint.CheckpointError(f"{file.path}: missing GGUF field {arch}.{key}")
+            raise CheckpointError(f"{file.path}: missing GGUF field {arch}.{key}")
         return file.fields[f"{arch}.{key}"]
 
     n_heads, dim = meta("attention.head_count"), meta("embedding_length")
@@ -171,7 +172,7 @@ def _config(file: GGUFFile, arch: str, tokenizer: Tokenizer) -> ModelConfig:
         tie_embeddings="output.weight" not in {t.name for t in file.tensors},
         bos_id=tokenizer.bos_id,
         eos_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
-        mask_id=checkpoint.find_mask_token(tokenizer),
+        mask_id=find_mask_token(tokenizer),
     )
 
 
@@ -195,7 +196,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native_int4: bool 
     file = GGUFFile(Path(path))
     arch = file.fields.get("general.architecture")
     if arch != "llama":
-        raise checkpoint.CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
+        raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
     tokenizer = Tokenizer.from_gguf(file.fields)
     cfg = _config(file, arch, tokenizer)
     file.fields.clear()  # the tokenizer's 100k strings, freed before the weights come in rather than held under them

@@ -59,7 +59,7 @@ def open_model(
         raise ValueError(f"{dtype} weights run on the CPU only (CPU kernels); use bfloat16 on {device}")
     own, native_int4 = adapter is None, dtype == "int4"
     if path is None:
-        model, tok = default_model.load(torch_dtype, device, own_adapter=own, native_int4=native_int4)
+        model, tok = open_default(torch_dtype, device, own_adapter=own, native_int4=native_int4)
     elif Path(path).is_file() and str(path).endswith(".gguf"):
         model, tok = load_gguf(Path(path), torch_dtype, native_int4=native_int4)
         model = model.to(device)
@@ -70,6 +70,30 @@ def open_model(
     if dtype in quant.WEIGHT_PRECISIONS:
         projection.quantize(model, dtype)
     return model, tok
+
+
+def default_nld_dir() -> Path:
+    """The default model as an NLD directory, converted from its GGUF file on first use."""
+    directory = default_model.cache_root() / f"{default_model.NAME}.nld"
+    if not (directory / "config.json").is_file():
+        model, tokenizer = load_gguf(default_model.gguf_path())
+        checkpoint.save(directory, model, tokenizer)
+    return directory
+
+
+def open_default(
+    dtype: torch.dtype = torch.float32, device="cpu", own_adapter: bool = True, native_int4: bool = False
+) -> tuple[TriModel, Tokenizer]:
+    """The default model, with the shipped draft adapter unless ``own_adapter`` is false; ``native_int4``
+    reads its projections' Q4_1 codes from the GGUF file as they are (``tridlm.quant``)."""
+    if native_int4:
+        model, tokenizer = load_gguf(default_model.gguf_path(), dtype, native_int4=True)
+        model = model.to(device)
+    else:
+        model, tokenizer = checkpoint.load(default_nld_dir(), dtype, device, own_adapter=False)
+    if own_adapter and default_model.adapter_dir().is_dir():
+        checkpoint.load_adapter(model, default_model.adapter_dir())
+    return model, tokenizer
 
 
 @dataclass(frozen=True)

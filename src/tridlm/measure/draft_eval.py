@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tridlm import checkpoint, plots
+from tridlm import checkpoint
 from tridlm.decode import MODES, SPEC_VARIANTS, CostCurve
-from tridlm.harness import Setting, grid, load_prompts, run_tridlm, summarize
+from tridlm.measure import plots
+from tridlm.measure.harness import Setting, grid, load_prompts, run_tridlm, summarize
 from tridlm.model import TriModel
 from tridlm.options import option
 from tridlm.tokenizer import Tokenizer

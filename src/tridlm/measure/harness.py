@@ -3,7 +3,7 @@
 All configurations run in one process on one model, alternating within each repeat so machine drift
 hits all of them alike; medians and spread over repeats. Counts follow SPEC 2: generated tokens only,
 NFE after the prefill, TPF = tokens / NFE, tok/s over the wall time of the whole prompt set.
-Baselines (``tridlm.baselines``): transformers ``generate`` on the same weights (greedy, and prompt-lookup
+Baselines (``tridlm.measure.baselines``): transformers ``generate`` on the same weights (greedy, and prompt-lookup
 speculative decoding) and llama.cpp on the same GGUF file. Quality: exact match of each greedy output
 against our AR, generative perplexity under the AR model, and HumanEval pass@1 on a subset.
 """
@@ -11,7 +11,6 @@ against our AR, generative perplexity under the AR model, and HumanEval pass@1 o
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import itertools
 import json
@@ -23,15 +22,14 @@ from pathlib import Path
 
 import torch
 
-from tridlm import masks, plots
-from tridlm.baselines import BASELINES, Baselines
-from tridlm.decode import MODES, SPEC_VARIANTS, CostCurve, GenerationConfig, Row, generate
+from tridlm import masks
+from tridlm.decode import CostCurve, GenerationConfig, Row, generate
 from tridlm.decode import summarize as decode_summary
 from tridlm.decode.costs import latency_sweep, sync
-from tridlm.evaluate import HumanEval
+from tridlm.measure.baselines import Baselines
+from tridlm.measure.evaluate import HumanEval
+from tridlm.measure.reporting import fmt, machine, peak_mb
 from tridlm.model import TriModel
-from tridlm.options import option
-from tridlm.reporting import fmt, machine, peak_mb, table
 from tridlm.tokenizer import Tokenizer
 
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
@@ -275,86 +273,3 @@ def _describe(s: Setting) -> dict:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
-
-
-# ------------------------------------------------------------------------------------------ commands
-
-
-@dataclass(frozen=True)
-class Options:
-    """What ``tridlm bench`` runs: the tridlm settings grid, the baselines, HumanEval and the sweep."""
-
-    prompts: str | None = option(None, "JSONL prompt set (default: the packaged chat prompts)")
-    modes: tuple[str, ...] = ("ar", "spec", "diffusion")
-    block_sizes: tuple[int, ...] = (4, 16)
-    thresholds: tuple[float | None, ...] = (0.9, 0.5)
-    spec_variants: tuple[str, ...] = option(("linear",), "linear, quadratic and/or pipelined")
-    temperatures: tuple[float, ...] = (0.0,)
-    batch_sizes: tuple[int, ...] = (1,)
-    max_tokens: int = 64
-    repeats: int = 3
-    baselines: tuple[str, ...] = option(
-        BASELINES,
-        "hf (transformers generate), hf-lookup (its prompt lookup), llama.cpp, or none",
-    )
-    humaneval: int = option(0, "HumanEval problems to score (0 = skip)")
-    humaneval_modes: tuple[str, ...] = ("ar", "diffusion")
-    humaneval_max_tokens: int = 256
-    sweep: bool = option(True, "the forward-latency sweep")
-    out: str = option("bench/results", "folder for the JSON results and PNG plots")
-
-    def validate(self) -> Options:
-        bad = (
-            set(self.baselines) - {*BASELINES, "none"}
-            or set(self.modes) - set(MODES)
-            or set(self.spec_variants) - set(SPEC_VARIANTS)
-        )
-        if bad:
-            raise ValueError(f"unknown mode, spec variant or baseline {sorted(bad)}")
-        if self.repeats < 1:
-            raise ValueError("--repeats must be at least 1")
-        return self
-
-
-def run_suite(model: TriModel, tokenizer: Tokenizer, opts: Options, model_path: str | None, command: str) -> dict:
-    """Run the whole bench, print its table and one JSON line, write JSON + PNG under ``opts.out``."""
-    opts.validate()
-    settings = grid(
-        opts.modes,
-        opts.block_sizes,
-        opts.thresholds,
-        opts.temperatures,
-        opts.batch_sizes,
-        opts.max_tokens,
-        opts.spec_variants,
-    )
-    if "ar" not in opts.modes:  # the reference for exact match and speedups
-        settings.insert(0, grid(["ar"], [1], [None], [0.0], [1], opts.max_tokens)[0])
-    others = Baselines([b for b in opts.baselines if b != "none"], model_path, model.dtype, str(model.device))
-    settings += [Setting(b, GenerationConfig(max_tokens=opts.max_tokens)) for b in others.names]
-    he_settings = [
-        dataclasses.replace(s, gen=s.gen.replace(max_tokens=opts.humaneval_max_tokens))
-        for s in settings
-        if s.engine == "tridlm" and s.gen.mode in opts.humaneval_modes and s.gen.temperature == 0 and s.batch_size == 1
-    ]
-    runner = Bench(
-        model,
-        tokenizer,
-        settings,
-        load_prompts(opts.prompts, tokenizer),
-        repeats=opts.repeats,
-        baselines=others,
-        humaneval=opts.humaneval,
-        humaneval_settings=he_settings,
-        sweep=opts.sweep,
-    )
-    report = finalize(runner.run())
-    report["command"], report["baselines_missing"] = command, others.missing
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prefix = out / f"bench-{datetime.date.today().isoformat()}"
-    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    images = plots.bench(report, prefix)
-    print(f"\n{table(report)}\n\nwrote {prefix.with_suffix('.json')} and {', '.join(str(p) for p in images)}")
-    print(json.dumps(report))
-    return report

@@ -5,7 +5,7 @@ embedding as llama.cpp's Q4_1 conversions of SmolLM2 have, and float32 norms of 
 values are seeded uniform random bytes with scales that give weights of about 0.02 standard deviation, written one
 tensor at a time (a 3B file needs no more memory than its largest tensor).
 
-    .venv/bin/python -m tridlm.random_gguf 360m 1.7b 3b --out /tmp/gguf   # writes /tmp/gguf/random-<shape>.gguf
+    .venv/bin/python -m tridlm.measure.random_gguf 360m 1.7b 3b --out /tmp/gguf   # writes /tmp/gguf/random-<shape>.gguf
 """
 
 from __future__ import annotations
