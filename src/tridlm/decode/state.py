@@ -6,15 +6,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from tridlm.decode.metrics import summarize
 from tridlm.tokenizer import stop_index
-
-if TYPE_CHECKING:
-    from tridlm.decode.config import GenerationConfig
 
 
 @dataclass
@@ -42,14 +38,16 @@ class DecodeState:
     def __init__(
         self,
         n_rows: int,
-        cfg: GenerationConfig,
+        cfg,
         eos_ids: Sequence[int],
         detokenize: Callable[[list[int]], str] | None,
         limits: Sequence[tuple[int, tuple[str, ...]]] | None = None,
         trace: bool = False,
     ):
-        """``limits`` gives (max_tokens, stop) per row; default: the config's for every row. ``trace``:
-        the decoders record what each step did per row (``note``; read with ``take_trace``)."""
+        """``cfg``: the request's ``GenerationConfig``, which the decoders read from here (not imported: the config
+        reads the table of modes, which sits above the decoders). ``limits`` gives (max_tokens, stop) per row;
+        default: the config's for every row. ``trace``: the decoders record what each
+        step did per row (``note``; read with ``take_trace``)."""
         limits = limits or [(cfg.max_tokens, cfg.stop)] * n_rows
         if len(limits) != n_rows:
             raise ValueError(f"{len(limits)} row limits for {n_rows} rows")
