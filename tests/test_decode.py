@@ -5,7 +5,7 @@ import torch
 from helpers import GREEDY, chi_square, exact_ar_distribution, tokens
 
 from tridlm import masks
-from tridlm.decode import GenerationConfig, generate, stream
+from tridlm.decode import GenerationConfig, generate, modes, stream
 from tridlm.decode.spec import accept
 from tridlm.presets import preset, random_model
 from tridlm.sampling import Sampler
@@ -21,6 +21,24 @@ def test_spec_greedy_equals_ar(small_vocab_model, prompts, block_size):
     hist = sp.stats()["accepted_hist"]
     if block_size > 1:
         assert max(hist) >= 2, "the accept path was not exercised"
+
+
+@pytest.mark.parametrize("row", modes.TABLE, ids=lambda row: row.label)
+def test_every_mode_of_the_table_runs_its_decoder_and_the_exact_ones_give_ar(small_vocab_model, prompts, row):
+    """Each row of the table of modes decodes through its own decoder with its default block; a row marked exact
+    gives AR's tokens, and diffusion at its default block (not exact) is not held to them."""
+    prompts = [[t % 16 for t in p] for p in prompts]
+    ar = generate(small_vocab_model, prompts, GREEDY, eos_ids=[])
+    cfg = GREEDY.replace(mode=row.mode, spec_variant=row.spec_variant)
+    assert cfg.row is row and cfg.resolve(small_vocab_model).block_size == row.default_block("cpu")
+    calls = []
+    counted = dataclasses.replace(row, decoder=lambda *a, **k: calls.append(1) or row.decoder(*a, **k))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modes, "of", lambda mode, variant="linear": counted)
+        out = generate(small_vocab_model, prompts, cfg, eos_ids=[])
+    assert calls == [1]
+    if row.exact:
+        assert tokens(out) == tokens(ar)
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, 5, 8])
