@@ -182,7 +182,7 @@ def test_adapters_in_the_int4_kernel_and_lora_add_match_the_torch_formula():
         p.add_lora(4 + i, 8.0, torch.float32, torch.device("cpu"))
         p.lora_b.data = torch.randn(p.lora_b.shape, generator=gen)
     group = LoraGroup(projs)
-    assert group.usable(True, torch.float32)
+    group.refresh(torch.float32)
     x = torch.randn(5, 64, generator=gen)
     rows = torch.tensor([True, False, True, True, False])
     delta = torch.cat([(x @ p.lora_a.T) @ p.lora_b.T * p.lora_scale for p in projs], dim=-1) * rows[:, None]

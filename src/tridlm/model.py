@@ -18,7 +18,7 @@ from torch import nn
 from tridlm import attention, kernels, rope
 from tridlm.cache import KVCache
 from tridlm.native import NativeLayers
-from tridlm.projection import Linear, LoraGroup, project
+from tridlm.projection import Adapters, Linear, LoraGroup, project
 from tridlm.rope import RopeConfig
 
 
@@ -191,7 +191,7 @@ class TriModel(nn.Module):
             self.diffusion_head.weight = self.encoder.embed_tokens.weight
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
         layers = [(layer.self_attn, layer.mlp) for layer in self.encoder.layers]
-        self.lora_groups = [g for a, m in layers for g in (a.qkv_lora, a.o_lora, m.gate_up_lora, m.down_lora)]
+        self.adapters = Adapters([g for a, m in layers for g in (a.qkv_lora, a.o_lora, m.gate_up_lora, m.down_lora)])
         self.native = NativeLayers()  # the int4 decode path (``tridlm.native``), where it applies
 
     @property
@@ -241,6 +241,8 @@ class TriModel(nn.Module):
             raise ValueError("padding and logits_index together are not supported")
         if mask.shape[-1] > tokens.shape[1] and cache is None:
             raise ValueError("mask covers cached keys but no cache was given")
+        if adapter is not False and not torch.is_grad_enabled():
+            self.adapters.current(self.dtype)
         x = self.encoder.embed_tokens(tokens)  # (B, n, dim)
         p = Pass(
             positions,

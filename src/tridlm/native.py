@@ -69,7 +69,7 @@ class NativeLayers:
             return None
         adapters, rows = [], _ALL_ROWS
         if p.adapter is not False:
-            forms = [g.current(model.dtype) for g in model.lora_groups]
+            forms = [g.form for g in model.adapters.groups]
             if any(form is None for form in forms):  # a projection without an adapter: the modules' path
                 return None
             adapters = [t for form in forms for t in form]

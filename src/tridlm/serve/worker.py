@@ -1,18 +1,18 @@
 """The model owner: one thread that runs every generation, batching requests.
 
-Requests wait in a bounded queue and are taken in order. **AR requests, and auto requests that find the server
-busy, are batched continuously** (``decode.batcher``): each joins the running rows at the next step, its prompt
-prefilled alone between two steps (a long one a chunk per step), and each row leaves as soon as it finishes, is
-cancelled or runs out of time, so a short request never waits for a long one and rows of any length share one
-forward; an auto row verifies its lookup and earlier-answer candidates in that forward where the batch's cost
-curve says they pay. An auto request that finds the server idle decodes alone with every lever of ``auto`` (MASK-row
-drafts too: the lowest latency for one stream). Seeded AR requests of several choices, traced ones and the other
-modes (diffusion, spec, idle auto) run as a **static batch**: the oldest job with every waiting job of the same
-decoding settings, up to ``max_batch`` rows, decoded together to the end, a cycle at a time between the continuous
-batch's steps, so that neither waits for the other to end. One static batch runs at a time; while it does, the
-requests that can join the continuous batch do so past those waiting for the next static one. Jobs with a
-seed run alone so their samples do not depend on their neighbours. Committed tokens go back to each request's
-asyncio queue as they are produced; a cancelled job's rows stop at the next step.
+Requests wait in a bounded queue and are taken in order. **AR requests, and auto requests that find the server busy,
+are batched continuously** (``decode.batcher``): each joins the running rows at the next step, its prompt prefilled
+alone between two steps (a long one a chunk per step), and each row leaves as soon as it finishes, is cancelled or
+runs out of time, so a short request never waits for a long one and rows of any length share one forward; an auto
+row verifies its lookup and earlier-answer candidates in that forward where the batch's cost curve says they pay. An
+auto request that finds the server idle decodes alone with every lever of ``auto`` (MASK-row drafts too: the lowest
+latency for one stream). Seeded AR requests of several choices, traced ones and the other modes (diffusion, spec,
+idle auto) run as a **static batch** (``serve.static``): the oldest job with every waiting job of the same decoding
+settings, up to ``max_batch`` rows, decoded together to the end, a cycle at a time between the continuous batch's
+steps, so that neither waits for the other to end. One static batch runs at a time; while it does, the requests that
+can join the continuous batch do so past those waiting for the next static one. Jobs with a seed run alone so their
+samples do not depend on their neighbours. Committed tokens go back to each request's asyncio queue as they are
+produced; a cancelled job's rows stop at the next step.
 
 **One thread runs the model.** The worker runs on the thread that loaded the model (``run``: what ``tridlm
 serve`` does) or on a thread of its own (``start``: for embedding the app). The CPU kernels and torch's ops split
@@ -23,11 +23,11 @@ loaded on one thread and decoded on another ran at 0.43x on 2 cores. ``bench/ser
 ``ready`` is set once the worker can answer at full speed: the kernels loaded (one forward run) and the cost
 curve ``auto`` plans with measured; ``failed`` holds why the worker stopped, if it did.
 
-Every answer joins its tenant's ``AnswerHistory`` (one per API key; none when ``history`` is 0), which that
-tenant's later ``auto`` and pipelined-spec requests draft from, and the acceptance of its auto rows' candidates in
-the continuous batch is kept per tenant too: one tenant's answers never reach another's drafts, trace or counts.
-Static batches of those modes share one plan, so they hold one tenant only; the continuous batch plans per row, and
-the other modes decode each row as if alone: both batch across tenants.
+Every answer joins its tenant's ``AnswerHistory`` (``serve.tenants``: one per API key; none when ``history`` is 0),
+which that tenant's later ``auto`` and pipelined-spec requests draft from, and the acceptance of its auto rows'
+candidates in the continuous batch is kept per tenant too: one tenant's answers never reach another's drafts, trace
+or counts. Static batches of those modes share one plan, so they hold one tenant only; the continuous batch plans
+per row, and the other modes decode each row as if alone: both batch across tenants.
 """
 
 from __future__ import annotations
