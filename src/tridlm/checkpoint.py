@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
+from tridlm import projection, quant
 from tridlm.model import ModelConfig, TriModel
 from tridlm.nld_config import CheckpointError, config_from_json, config_to_nld_json
 from tridlm.presets import empty_model
@@ -64,6 +69,30 @@ def _open_tensors(files: list[Path], stack: ExitStack) -> dict[str, tuple[Path, 
     return where
 
 
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """Where a safetensors file's data starts, and its header (name -> dtype, shape, data offsets)."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
+
+
+def _mapped(file: Path, start: int, header: dict, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, on a memory mapping of its own bytes, unmapped when the tensor is freed:
+    the pages of the tensors read before it do not stay in the process as they would under one mapping of the
+    whole file (copy-on-write, so that torch may take the buffer; nothing writes to it)."""
+    entry = header[name]
+    if entry["dtype"] not in _DTYPES:
+        raise CheckpointError(f"{file.name}: tensor {name} has dtype {entry['dtype']} (expected F32, F16 or BF16)")
+    begin, end = entry["data_offsets"]
+    if end == begin:
+        return torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+    data = np.memmap(file, dtype=np.uint8, mode="c", offset=start + begin, shape=(end - begin,))
+    return torch.frombuffer(data, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
 def _our_name(name: str, fmt: str) -> str:
     if fmt == "hf":
         if name == "lm_head.weight":
@@ -73,12 +102,22 @@ def _our_name(name: str, fmt: str) -> str:
 
 
 def load_model(
-    directory: Path, dtype: torch.dtype = torch.float32, device="cpu", cfg: ModelConfig | None = None
+    directory: Path,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    cfg: ModelConfig | None = None,
+    precision: str | None = None,
 ) -> TriModel:
-    """Build the model of an NLD or HF directory, reading each tensor once onto ``device``/``dtype``."""
+    """Build the model of an NLD or HF directory, reading each tensor once onto ``device``/``dtype``.
+
+    precision: "int4" or "int8" packs each projection as it is read (``projection.packed``; ``dtype`` must then be
+    ``quant.ACTIVATIONS``), its float copy freed before the next tensor is read: the process never holds more than
+    the packed model, the float tensors that stay float (embedding, norms) and one tensor in float."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: not a checkpoint directory (missing config.json)")
+    if precision is not None and dtype != quant.ACTIVATIONS:
+        raise ValueError(f"{precision} weights load with {quant.ACTIVATIONS} activations, not {dtype}")
     parsed, fmt = config_from_json(directory / "config.json")
     cfg = cfg or parsed
     model = empty_model(cfg)
@@ -86,40 +125,94 @@ def load_model(
     if cfg.tie_embeddings:
         wanted.pop("diffusion_head.weight")
     with ExitStack() as stack:
-        found = {
-            _our_name(n, fmt): (n, f, h)
-            for n, (f, h) in _open_tensors(_weight_files(directory), stack).items()
-            if not n.endswith("rotary_emb.inv_freq")
-        }
-        if cfg.tie_embeddings:
-            found.pop("diffusion_head.weight", None)  # some tied checkpoints store the copy too
-        missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
-        if missing or extra:
-            raise CheckpointError(
-                f"{directory}: weights do not match config.json: missing {missing[:4]}, unexpected {extra[:4]}"
-            )
-        for ours, (name, file, handle) in found.items():
-            shape = tuple(handle.get_slice(name).get_shape())
-            if shape != tuple(wanted[ours].shape):
-                raise CheckpointError(
-                    f"{file.name}: tensor {name} has shape {shape}, but config.json "
-                    f"(hidden_size, intermediate_size, heads, vocab_size) implies "
-                    f"{tuple(wanted[ours].shape)}"
-                )
-            tensor = handle.get_tensor(name).to(device=device, dtype=dtype)
-            module, _, attr = ours.rpartition(".")
-            setattr(model.get_submodule(module), attr, torch.nn.Parameter(tensor, requires_grad=False))
+        found = _match(directory, fmt, cfg, wanted, stack)
+        sizes = _report(directory, found, wanted, model, precision)
+        bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False)
+        headers = {file: _header(file) for file in {file for _, file, _ in found.values()}}
+        for ours, (name, file, _) in found.items():
+            tensor = _mapped(file, *headers[file], name)
+            module_name, _, attr = ours.rpartition(".")
+            module = model.get_submodule(module_name)
+            if precision is not None and isinstance(module, Linear) and attr == "weight":
+                module.pack(projection.packed(module_name, tensor.to(dtype), precision))
+                del tensor
+                quant.release_free_memory()  # the float copy and the packing's temporaries, before the next tensor
+            else:
+                tensor = tensor.to(device=device, dtype=dtype, copy=True)  # its own memory, not the file's pages
+                setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
+            bar.update(sizes[ours])
+        bar.close()
     if cfg.tie_embeddings:
         model.diffusion_head.weight = model.encoder.embed_tokens.weight
+        if precision is not None:
+            model.diffusion_head.pack(projection.packed("diffusion_head", model.diffusion_head.weight, precision))
+    if precision is not None:
+        projection.fuse_packed(model)
     return model.eval()
 
 
+def _match(directory: Path, fmt: str, cfg: ModelConfig, wanted: dict, stack: ExitStack) -> dict:
+    """Our parameter name -> (the file's tensor name, file, open handle) for every tensor of the directory, checked
+    against the parameters and shapes ``wanted``."""
+    found = {
+        _our_name(n, fmt): (n, f, h)
+        for n, (f, h) in _open_tensors(_weight_files(directory), stack).items()
+        if not n.endswith("rotary_emb.inv_freq")
+    }
+    if cfg.tie_embeddings:
+        found.pop("diffusion_head.weight", None)  # some tied checkpoints store the copy too
+    missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
+    if missing or extra:
+        raise CheckpointError(
+            f"{directory}: weights do not match config.json: missing {missing[:4]}, unexpected {extra[:4]}"
+        )
+    for ours, (name, file, handle) in found.items():
+        shape = tuple(handle.get_slice(name).get_shape())
+        if shape != tuple(wanted[ours].shape):
+            raise CheckpointError(
+                f"{file.name}: tensor {name} has shape {shape}, but config.json "
+                f"(hidden_size, intermediate_size, heads, vocab_size) implies {tuple(wanted[ours].shape)}"
+            )
+    return found
+
+
+def _report(directory: Path, found: dict, wanted: dict, model: TriModel, precision: str | None) -> dict[str, int]:
+    """Each tensor's size in the file (what the progress bar counts); with a ``precision``, one line saying how large
+    the packed model will be, before any tensor is read."""
+    on_disk = {}
+    for ours, (name, _, handle) in found.items():
+        part = handle.get_slice(name)
+        on_disk[ours] = math.prod(part.get_shape()) * _DTYPES.get(part.get_dtype(), torch.float32).itemsize
+    if precision is not None:
+        linear = {n for n, m in model.named_modules() if isinstance(m, Linear)}
+        total = sum(
+            projection.packed_bytes(ours.rpartition(".")[0], tuple(wanted[ours].shape), precision)
+            if ours.endswith(".weight") and ours.rpartition(".")[0] in linear
+            else 2 * wanted[ours].numel()
+            for ours in found
+        )
+        if model.cfg.tie_embeddings:
+            total += projection.packed_bytes(
+                "diffusion_head", tuple(wanted["encoder.embed_tokens.weight"].shape), "int8"
+            )
+        print(
+            f"tridlm: {directory.name}: {sum(on_disk.values()) / 2**30:.2f} GiB on disk, about "
+            f"{total / 2**30:.2f} GiB in {precision}",
+            file=sys.stderr,
+        )
+    return on_disk
+
+
 def load(
-    directory: Path, dtype: torch.dtype = torch.float32, device="cpu", own_adapter: bool = True
+    directory: Path,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    own_adapter: bool = True,
+    precision: str | None = None,
 ) -> tuple[TriModel, Tokenizer]:
     """Model and tokenizer of an NLD or HF directory. A model without a mask token reuses an unused
     special token of its tokenizer when it has one. The draft adapter in ``linear_spec_lora/`` is
-    attached when present and ``own_adapter`` is true."""
+    attached when present and ``own_adapter`` is true. ``precision``: as in ``load_model``."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: not a checkpoint directory (missing config.json)")
@@ -127,7 +220,7 @@ def load(
     cfg, _ = config_from_json(directory / "config.json")
     if cfg.mask_id is None:
         cfg = dataclasses.replace(cfg, mask_id=find_mask_token(tokenizer))
-    model = load_model(directory, dtype, device, cfg)
+    model = load_model(directory, dtype, device, cfg, precision)
     if own_adapter and (directory / ADAPTER_DIR).is_dir():
         load_adapter(model, directory / ADAPTER_DIR)
     return model, tokenizer

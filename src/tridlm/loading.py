@@ -58,17 +58,19 @@ def open_model(
     if dtype in quant.WEIGHT_PRECISIONS and torch.device(device).type != "cpu":
         raise ValueError(f"{dtype} weights run on the CPU only (CPU kernels); use bfloat16 on {device}")
     own, native_int4 = adapter is None, dtype == "int4"
+    pack = dtype if dtype in quant.WEIGHT_PRECISIONS else None  # what is left to pack after loading
     if path is None:
         model, tok = open_default(torch_dtype, device, own_adapter=own, native_int4=native_int4)
     elif Path(path).is_file() and str(path).endswith(".gguf"):
         model, tok = load_gguf(Path(path), torch_dtype, native_int4=native_int4)
         model = model.to(device)
-    else:
-        model, tok = checkpoint.load(Path(path), torch_dtype, device, own_adapter=own)
+    else:  # each projection packed as it is read
+        model, tok = checkpoint.load(Path(path), torch_dtype, device, own_adapter=own, precision=pack)
+        pack = None
     if adapter not in (None, "none"):
         checkpoint.load_adapter(model, Path(adapter))
-    if dtype in quant.WEIGHT_PRECISIONS:
-        projection.quantize(model, dtype)
+    if pack is not None:
+        projection.quantize(model, pack)
     return model, tok
 
 

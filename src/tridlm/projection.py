@@ -172,12 +172,22 @@ def quantize(model, precision: str) -> None:
     if model.dtype != ACTIVATIONS:
         raise ValueError(f"{precision} weights run with {ACTIVATIONS} activations; cast the model first")
     for name, module in model.named_modules():
-        if not isinstance(module, Linear) or module.packed is not None:
-            continue
-        head = name == "diffusion_head"
-        module.pack(
-            Int8Weight.from_float(module.weight)
-            if precision == "int8" or head
-            else Int4Weight.from_float(module.weight)
-        )
+        if isinstance(module, Linear) and module.packed is None:
+            module.pack(packed(name, module.weight, precision))
     fuse_packed(model)
+
+
+def packed(name: str, weight: torch.Tensor, precision: str) -> Int8Weight | Int4Weight:
+    """The weight of the projection ``name`` (a module name) in ``precision``: the output head gets int8 in both."""
+    if precision == "int8" or name == "diffusion_head":
+        return Int8Weight.from_float(weight)
+    return Int4Weight.from_float(weight)
+
+
+def packed_bytes(name: str, shape: tuple[int, int], precision: str) -> int:
+    """About how many bytes ``packed`` makes of a (N, K) weight: int4 codes and float16 scale and minimum per 32
+    weights (0.625 bytes a weight), int8 a byte a weight and a float32 scale per channel."""
+    n, k = shape
+    if precision == "int8" or name == "diffusion_head":
+        return n * k + 4 * n
+    return n * k * 5 // 8

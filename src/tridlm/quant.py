@@ -110,9 +110,18 @@ class Int4Weight:
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int4Weight:
+        """From a float (N, K) tensor, quantized whole tiles of rows at a time (about 2**18 weights: the float32
+        temporaries of a whole 8B-shape matrix would be about 1 GB); each row's codes depend on that row alone."""
         n, k = w.shape
         if k % GROUP:
             raise ValueError(f"int4 weights need an input size divisible by {GROUP}, not {k}")
+        rows = max(LANES, 2**18 // k // LANES * LANES)
+        parts = [cls._from_rows(w[i : i + rows]) for i in range(0, n, rows)]
+        return parts[0] if len(parts) == 1 else concat(parts)
+
+    @classmethod
+    def _from_rows(cls, w: torch.Tensor) -> Int4Weight:
+        n, k = w.shape
         groups = w.float().view(n, k // GROUP, GROUP)
         lo, hi = groups.amin(-1), groups.amax(-1)
         d = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny)
