@@ -474,3 +474,23 @@ def test_a_float_checkpoint_loads_in_int4_within_1_3x_the_packed_model(tmp_path,
     grew, held = map(int, run.stdout.split())
     assert "GiB in int4" in run.stderr
     assert grew < 1.3 * held, f"loading grew the process by {grew / held:.2f}x the packed model ({held} bytes)"
+
+
+def test_random_nld_checkpoints_are_written_a_tensor_at_a_time_and_load(tmp_path, char_tokenizer):
+    """``measure.random_nld`` writes NLD's layout (sharded bfloat16 safetensors, index, config.json with YaRN, query
+    scaling, mask id and block size) that safetensors and our loader read back, in float and packed as it is read."""
+    from tridlm import quant
+    from tridlm.measure import random_nld
+    from tridlm.presets import preset
+
+    vocab = len(char_tokenizer.backend.get_vocab())
+    small = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256, vocab_size=vocab, mask_id=3)
+    cfg = replace(random_nld.model_config("3b"), **small)
+    directory = random_nld.write(tmp_path / "nld", cfg, char_tokenizer, shard_bytes=200_000)
+    assert len(list(directory.glob("model-*.safetensors"))) > 1
+    model, _ = checkpoint.load(directory, torch.bfloat16)
+    assert model.cfg.rope == preset("nld-3b").rope and (model.cfg.mask_id, model.cfg.block_size) == (3, 32)
+    assert not model.cfg.tie_embeddings and torch.equal(model.encoder.norm.weight, torch.ones(128).bfloat16())
+    assert 0.015 < model.encoder.layers[1].mlp.up_proj.weight.float().std() < 0.025
+    packed, _ = checkpoint.load(directory, quant.ACTIVATIONS, precision="int4")
+    assert isinstance(packed.encoder.layers[1].mlp.gate_up, quant.Int4Weight)

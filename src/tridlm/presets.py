@@ -3,6 +3,8 @@ any checkpoint) and empty models that a loader fills from a file."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -48,6 +50,11 @@ PRESETS = {
         mask_id=100,
     ),
 }
+
+
+# NLD-8B and NLD-14B: NLD-3B's heads, rope and vocabulary at their widths and depths (SPEC 5)
+PRESETS["nld-8b"] = dataclasses.replace(PRESETS["nld-3b"], dim=4096, n_layers=34, ffn_dim=14336)
+PRESETS["nld-14b"] = dataclasses.replace(PRESETS["nld-3b"], dim=5120, n_layers=40, ffn_dim=16384)
 
 
 def preset(name: str) -> ModelConfig:
