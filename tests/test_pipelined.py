@@ -182,3 +182,39 @@ def test_a_batch_step_costs_what_its_measured_batch_sizes_say():
     assert curve.step(10, 8) == 2.5 + 0.4 * 2  # beyond them: the largest's
     alone = CostCurve({1: 1.0, 2: 1.2}, {1: 1.0, 2: 1.3})  # no batch sizes: a single row of that many tokens
     assert alone.step(2, 2) == 1.2 and alone.step(4, 2) == pytest.approx(1.6)  # on along the last two sizes
+
+
+def test_the_kept_cost_curve_is_measured_once_per_shape_and_machine(tiny_model, tmp_path, monkeypatch):
+    """``CostCurve.kept``: measured on first use and saved; the next start reads it; a larger block, another thread
+    count or another model shape is measured again, and so is a damaged file."""
+    import dataclasses
+
+    import torch
+
+    from tridlm.decode import CostCurve
+    from tridlm.presets import random_model
+
+    measured = []
+    real = CostCurve.measure.__func__
+    monkeypatch.setattr(
+        CostCurve, "measure", classmethod(lambda cls, *a, **k: measured.append(a[1]) or real(cls, *a, reps=1, **k))
+    )
+    first, origin = CostCurve.kept(tiny_model, 4, folder=tmp_path)
+    assert measured == [4] and "measured now" in origin
+    again, origin = CostCurve.kept(tiny_model, 3, folder=tmp_path)
+    kept = next(tmp_path.glob("*[0-9a-f].json"))
+    assert again == first and measured == [4] and origin == f"the cost curve kept in {kept}"
+    CostCurve.kept(tiny_model, 6, folder=tmp_path)  # covers fewer tokens than asked
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        CostCurve.kept(tiny_model, 4, folder=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    wider = random_model(dataclasses.replace(tiny_model.cfg, ffn_dim=256))
+    CostCurve.kept(wider, 4, folder=tmp_path)
+    assert measured == [4, 6, 4, 4]
+    for curve in tmp_path.glob("*[0-9a-f].json"):
+        curve.write_text("{not json")
+    CostCurve.kept(tiny_model, 4, folder=tmp_path)
+    assert measured == [4, 6, 4, 4, 4]

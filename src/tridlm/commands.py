@@ -31,7 +31,7 @@ def _open_float(args, **override):
 
 
 def generate(args) -> None:
-    from tridlm.decode import GenerationConfig, generate
+    from tridlm.decode import CostCurve, GenerationConfig, generate
     from tridlm.tokenizer import TextStream
 
     cfg = _fill(GenerationConfig, args)
@@ -39,7 +39,11 @@ def generate(args) -> None:
     ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     text = TextStream(tok, cfg.stop)
     on_tokens = (lambda _, t: print(text.push(t), end="", flush=True)) if args.stream else None
-    state = generate(model, [ids], cfg, detokenize=tok.decode, on_tokens=on_tokens)
+    costs = None
+    if cfg.mode == "auto":
+        costs, origin = CostCurve.kept(model, cfg.resolve(model).block_size)
+        print(f"tridlm: auto plans with {origin}", file=sys.stderr)
+    state = generate(model, [ids], cfg, detokenize=tok.decode, on_tokens=on_tokens, costs=costs)
     if args.stream:
         print(text.push([], final=True))
     elif args.json:

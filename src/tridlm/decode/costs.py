@@ -6,18 +6,23 @@ The cost curve decides which exact decoding pays (``auto``): on a CPU with low-b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import statistics
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-from tridlm import masks
+from tridlm import default_model, kernels, masks
 from tridlm.decode.forward import forward_block, prefill
+from tridlm.graphs import GraphedModel
 from tridlm.model import TriModel
+from tridlm.projection import Linear
 
 BATCH_ROWS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes a step is measured at (``CostCurve.measure``'s ``rows``)
 
@@ -98,8 +103,9 @@ class CostCurve:
     ("verify") and of forwards whose rows after the first draft with the adapter ("draft"); and, where measured, a
     continuous batch's step per batch size R ("rows": the cost of R rows x 1 token and of each further token, both
     relative to cost(1); ``step``). Whoever decodes ``auto`` more than once owns one and passes it to ``stream`` (the
-    server measures its own before it serves; the bench and eval one per model); a call given none measures its
-    own. It can be saved and loaded so that a run plans with a known curve."""
+    server takes its own before it serves; the bench and eval one per model); a call given none takes the kept one
+    (``kept``: measured once per model shape, precision and machine, then read from the cache). It can be saved and
+    loaded so that a run plans with a known curve."""
 
     verify: dict[int, float]
     draft: dict[int, float]
@@ -111,10 +117,35 @@ class CostCurve:
 
     @classmethod
     def for_config(cls, model: TriModel, cfg) -> CostCurve | None:
-        """The curve decoding ``cfg`` (a ``GenerationConfig``) many times plans with: measured up to its block where
-        it is ``auto``, else None (no other mode plans)."""
+        """The curve decoding ``cfg`` (a ``GenerationConfig``) plans with: the kept one (``kept``) up to its block
+        where it is ``auto``, else None (no other mode plans)."""
         cfg = cfg.resolve(model)
-        return cls.measure(model, cfg.block_size) if cfg.mode == "auto" else None
+        return cls.kept(model, cfg.block_size)[0] if cfg.mode == "auto" else None
+
+    @classmethod
+    def kept(cls, model: TriModel, largest: int, rows: int = 0, folder: Path | None = None) -> tuple[CostCurve, str]:
+        """The curve of this model's shape, precision, adapter, device, thread count, CPU and kernels, from the tridlm
+        cache (``folder``, default: its ``cost-curves/``) where one there covers ``largest`` tokens (and batches of
+        ``rows``), else measured now and kept there for the next start; and a line saying which. What a forward costs
+        depends on those, not on the weights' values, so a curve serves every file of the same shape."""
+        key = _key(model)
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(folder or default_model.cache_root() / "cost-curves") / f"{digest}.json"
+        if path.is_file():
+            try:
+                curve = cls.load(path)
+            except ValueError:
+                curve = None  # a damaged file is measured again and replaced
+            if curve is not None and curve.largest >= largest and max(curve.rows, default=0) >= rows:
+                return curve, f"the cost curve kept in {path}"
+        start = time.perf_counter()
+        curve = cls.measure(model, largest, rows=rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        curve.save(tmp)
+        tmp.replace(path)
+        (path.with_suffix(".key.json")).write_text(json.dumps(key, indent=1) + "\n")
+        return curve, f"the cost curve measured now ({time.perf_counter() - start:.1f} s), kept in {path}"
 
     @classmethod
     def measure(cls, model: TriModel, largest: int, context: int = 256, reps: int = 9, rows: int = 0) -> CostCurve:
@@ -168,6 +199,32 @@ class CostCurve:
         if sorted(verify) != list(range(1, len(verify) + 1)) or verify.keys() != draft.keys():
             raise ValueError(f"{path}: a cost curve needs the sizes 1..n for both verify and draft")
         return cls(verify, draft, rows)
+
+
+def _key(model) -> dict:
+    """What a forward's cost depends on: the shapes, each projection's precision, the adapters' ranks, the device,
+    threads, CPU and kernel build, and the versions of torch and tridlm."""
+    modules = (model.model if isinstance(model, GraphedModel) else model).named_modules()
+    linear = [(name, m) for name, m in modules if isinstance(m, Linear)]
+    device = torch.device(model.device)
+    return {
+        "config": dataclasses.asdict(model.cfg),
+        "weights": sorted({str(m.weight.dtype) if m.packed is None else type(m.packed).__name__ for _, m in linear}),
+        "activations": str(model.dtype),
+        "adapters": sorted({(n.rsplit(".", 1)[-1], m.lora_a.shape[0]) for n, m in linear if m.lora_a is not None}),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "kernels": kernels.module_name(kernels.isa()) if device.type == "cpu" else None,
+        "torch": torch.__version__,
+        "tridlm": _version(),
+    }
+
+
+def _version() -> str:
+    try:
+        return version("tridlm")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def _interpolate(points: dict[int, float], x: int, extend: bool = False) -> float:

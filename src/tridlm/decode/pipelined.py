@@ -134,11 +134,11 @@ class Planner:
 
 
 def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) -> Planner:
-    """auto plans with ``costs`` (measured now when none is given: ``CostCurve.measure``); pipelined spec fills its
+    """auto plans with ``costs`` (the kept one when none is given: ``CostCurve.kept``); pipelined spec fills its
     block."""
     cfg = state.cfg
     if cfg.mode == "auto":
-        return Planner(cfg.block_size, (costs or CostCurve.measure(model, cfg.block_size)).upto(cfg.block_size))
+        return Planner(cfg.block_size, (costs or CostCurve.kept(model, cfg.block_size)[0]).upto(cfg.block_size))
     return Planner(cfg.block_size)
 
 

@@ -179,7 +179,9 @@ class Worker:
             "(--max-batch, --slot-tokens)",
             file=sys.stderr,
         )
-        self.costs = self.costs or CostCurve.measure(self.model, self.auto_block, rows=self.batcher.max_rows)
+        if self.costs is None:
+            self.costs, origin = CostCurve.kept(self.model, self.auto_block, rows=self.batcher.max_rows)
+            print(f"tridlm: auto plans with {origin}", file=sys.stderr)
         self.batcher.costs = self.static.costs = self.costs
         self.ready.set()
 
