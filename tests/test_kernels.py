@@ -374,6 +374,30 @@ def test_the_native_path_says_why_not_once_and_follows_new_weights(monkeypatch):
     ]
 
 
+def test_the_native_path_runs_where_llama_4_query_scaling_is_exactly_one(monkeypatch):
+    """NLD's query scaling is 1 below ``original_max_position_embeddings``: there the native call runs (the kernel
+    does not scale queries), past it the modules do, and the tokens are the modules' alone either way."""
+    import dataclasses
+
+    from tridlm import projection
+    from tridlm.decode import GenerationConfig, generate
+    from tridlm.presets import random_model
+    from tridlm.rope import RopeConfig
+
+    cfg = _int4_model().cfg
+    cfg = dataclasses.replace(cfg, rope=RopeConfig(original_max_position_embeddings=16, llama_4_scaling_beta=0.5))
+    model = random_model(cfg, seed=5, std=0.3).to(torch.bfloat16)
+    projection.quantize(model, "int4")
+    positions = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: positions.append(a[0].shape[1]) or real(*a))
+    prompt, greedy = [1, 5, 9, 11, 7], GenerationConfig(max_tokens=30)
+    fast = generate(model, [prompt], greedy, eos_ids=()).rows[0].tokens
+    assert positions and len(positions) < 30  # the prefill and the steps below position 16, not those past it
+    model.native.enabled = False
+    assert generate(model, [prompt], greedy, eos_ids=()).rows[0].tokens == fast
+
+
 def test_a_prompt_prefilled_in_any_chunks_gets_the_same_tokens():
     """A 700-token prompt: ``generate`` prefills it in chunks of 512 (row-exact blocks), the continuous batch in
     chunks of 100 between steps; both decode the same tokens."""

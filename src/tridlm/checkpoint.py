@@ -127,7 +127,8 @@ def load_model(
     with ExitStack() as stack:
         found = _match(directory, fmt, cfg, wanted, stack)
         sizes = _report(directory, found, wanted, model, precision)
-        bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False)
+        total = sum(sizes.values())
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False, disable=None)
         headers = {file: _header(file) for file in {file for _, file, _ in found.values()}}
         for ours, (name, file, _) in found.items():
             tensor = _mapped(file, *headers[file], name)

@@ -3,7 +3,8 @@ the modules' forwards bit for bit, for the forwards that decoding runs most (AR 
 row-exact attention in place over a CPU cache).
 
 It applies to a model whose projections are fused int4 weights without biases (``projection.quantize``, or a GGUF
-file's Q4_1 codes), with no per-head q/k norm and no Llama-4 query scaling; ``why_not`` says what keeps it off, and
+file's Q4_1 codes) and no per-head q/k norm, at positions where Llama-4 query scaling (NLD's) is exactly 1 (below
+``original_max_position_embeddings``: the kernel does not scale queries); ``why_not`` says what keeps it off, and
 ``NativeLayers`` says it once per model that has int4 weights yet a layout it does not take. Its weights are the
 model's own packed tensors, gathered again whenever a projection's packed weights are replaced.
 """
@@ -34,8 +35,6 @@ def why_not(model) -> str | None:
     cfg = model.cfg
     if cfg.qk_norm:
         return "per-head q/k norms (qk_norm) are not in the kernel"
-    if cfg.rope.llama_4_scaling_beta is not None:
-        return "Llama-4 query scaling (llama_4_scaling_beta) is not in the kernel"
     if cfg.dim % 16:
         return f"hidden size {cfg.dim} is not a multiple of 16"
     for i, layer in enumerate(model.encoder.layers):
@@ -63,6 +62,8 @@ class NativeLayers:
         """The decoder layers of one forward (``x`` (B, n, dim), ``p`` the forward's ``model.Pass``) in one kernel
         call, or None where the path does not apply: then the modules run them."""
         if not (self.enabled and p.plan.in_place and p.plan.row_exact):
+            return None
+        if p.q_scale is not None and not bool((p.q_scale == 1).all()):  # Llama-4 query scaling past its first span
             return None
         weights = self._current(model)
         if weights is None:
