@@ -34,8 +34,9 @@ def stream(model, tokenizer, prompt: str | list[dict], costs=None, **knobs) -> I
     """The answer's text as it is committed. ``prompt``: a text to continue, or chat messages
     (``[{"role": "user", "content": ...}]``, rendered with the model's chat template). ``knobs``: fields of
     ``tridlm.decode.GenerationConfig`` (mode, block_size, threshold, temperature, max_tokens, stop ...).
-    ``costs``: the ``tridlm.decode.CostCurve`` that ``auto`` plans with; a call given none measures one (1.6 s for
-    the default model at block 8 on 2 CPU cores), so measure it once (``CostCurve.measure(model, 8)``) for many."""
+    ``costs``: the ``tridlm.decode.CostCurve`` that ``auto`` plans with; a call given none takes the one kept in the
+    cache for this model's shape and machine (``CostCurve.kept``: measured on first use, 1.6 s for the default model
+    at block 8 on 2 CPU cores)."""
     from tridlm.decode import GenerationConfig
     from tridlm.decode import stream as decode_stream
     from tridlm.tokenizer import TextStream

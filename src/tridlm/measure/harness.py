@@ -105,7 +105,7 @@ def load_prompts(path: Path | None, tokenizer: Tokenizer) -> list[list[int]]:
 
 def run_tridlm(model: TriModel, prompts: list[list[int]], s: Setting, costs: CostCurve | None = None) -> list[Row]:
     """Every prompt decoded by ``generate``, ``s.batch_size`` at a time; one finished row per prompt (``costs``: the
-    cost curve auto plans with, measured per call when none is given)."""
+    cost curve auto plans with, the kept one when none is given)."""
     rows = []
     for i in range(0, len(prompts), s.batch_size):
         rows += generate(model, prompts[i : i + s.batch_size], s.gen, costs=costs).rows
