@@ -20,77 +20,22 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from tridlm import projection, quant
+from tridlm import projection, quant, safetensors_io
 from tridlm.model import ModelConfig, TriModel
-from tridlm.nld_config import CheckpointError, config_from_json, config_to_nld_json
+from tridlm.nld_config import config_from_json, config_to_nld_json
 from tridlm.presets import empty_model
 from tridlm.projection import Linear
+from tridlm.safetensors_io import CheckpointError
 from tridlm.tokenizer import Tokenizer, find_mask_token
 
 ADAPTER_DIR = "linear_spec_lora"
 
 
 # -------------------------------------------------------------------------------------------- weights
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-    elif (directory / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-    for shard in shards:
-        if not (directory / shard).is_file():
-            raise CheckpointError(f"{directory}: missing weight shard {shard} (listed in the index)")
-    return [directory / s for s in shards]
-
-
-def _open_tensors(files: list[Path], stack: ExitStack) -> dict[str, tuple[Path, object]]:
-    """Tensor name -> (file, open handle), without reading any tensor data."""
-    where = {}
-    for f in files:
-        try:
-            handle = stack.enter_context(safe_open(str(f), framework="pt"))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
-        for name in handle.keys():
-            where[name] = (f, handle)
-    return where
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-def _header(file: Path) -> tuple[int, dict]:
-    """Where a safetensors file's data starts, and its header (name -> dtype, shape, data offsets)."""
-    with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return 8 + size, json.loads(f.read(size))
-
-
-def _mapped(file: Path, start: int, header: dict, name: str) -> torch.Tensor:
-    """One tensor of a safetensors file, on a memory mapping of its own bytes, unmapped when the tensor is freed:
-    the pages of the tensors read before it do not stay in the process as they would under one mapping of the
-    whole file (copy-on-write, so that torch may take the buffer; nothing writes to it)."""
-    entry = header[name]
-    if entry["dtype"] not in _DTYPES:
-        raise CheckpointError(f"{file.name}: tensor {name} has dtype {entry['dtype']} (expected F32, F16 or BF16)")
-    begin, end = entry["data_offsets"]
-    if end == begin:
-        return torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-    data = np.memmap(file, dtype=np.uint8, mode="c", offset=start + begin, shape=(end - begin,))
-    return torch.frombuffer(data, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def _our_name(name: str, fmt: str) -> str:
@@ -129,9 +74,9 @@ def load_model(
         sizes = _report(directory, found, wanted, model, precision)
         total = sum(sizes.values())
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False, disable=None)
-        headers = {file: _header(file) for file in {file for _, file, _ in found.values()}}
+        headers = {file: safetensors_io.header(file) for file in {file for _, file, _ in found.values()}}
         for ours, (name, file, _) in found.items():
-            tensor = _mapped(file, *headers[file], name)
+            tensor = safetensors_io.mapped(file, *headers[file], name)
             module_name, _, attr = ours.rpartition(".")
             module = model.get_submodule(module_name)
             if precision is not None and isinstance(module, Linear) and attr == "weight":
@@ -157,7 +102,7 @@ def _match(directory: Path, fmt: str, cfg: ModelConfig, wanted: dict, stack: Exi
     against the parameters and shapes ``wanted``."""
     found = {
         _our_name(n, fmt): (n, f, h)
-        for n, (f, h) in _open_tensors(_weight_files(directory), stack).items()
+        for n, (f, h) in safetensors_io.open_tensors(safetensors_io.weight_files(directory), stack).items()
         if not n.endswith("rotary_emb.inv_freq")
     }
     if cfg.tie_embeddings:
@@ -183,7 +128,8 @@ def _report(directory: Path, found: dict, wanted: dict, model: TriModel, precisi
     on_disk = {}
     for ours, (name, _, handle) in found.items():
         part = handle.get_slice(name)
-        on_disk[ours] = math.prod(part.get_shape()) * _DTYPES.get(part.get_dtype(), torch.float32).itemsize
+        element = safetensors_io.DTYPES.get(part.get_dtype(), torch.float32).itemsize
+        on_disk[ours] = math.prod(part.get_shape()) * element
     if precision is not None:
         linear = {n for n, m in model.named_modules() if isinstance(m, Linear)}
         total = sum(
@@ -354,7 +300,7 @@ def load_adapter(model: TriModel, directory: Path) -> None:
         raise CheckpointError(f"{cfg_path}: rsLoRA/DoRA adapters are not supported")
     model.add_lora(config["r"], config["lora_alpha"], tuple(config["target_modules"]))
     with ExitStack() as stack:
-        tensors = _open_tensors([weights], stack)
+        tensors = safetensors_io.open_tensors([weights], stack)
         for name, (_, handle) in tensors.items():
             module_name, _, kind = name.removeprefix("base_model.model.").rpartition(".lora_")
             try:

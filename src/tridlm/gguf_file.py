@@ -21,9 +21,9 @@ import torch
 
 from tridlm import quant
 from tridlm.model import ModelConfig, TriModel
-from tridlm.nld_config import CheckpointError
 from tridlm.presets import empty_model
 from tridlm.rope import RopeConfig
+from tridlm.safetensors_io import CheckpointError
 from tridlm.tokenizer import Tokenizer, find_mask_token
 
 _SCALARS = {  # GGUF value type -> struct format (little-endian)

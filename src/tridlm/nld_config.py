@@ -10,6 +10,7 @@ import torch
 
 from tridlm.model import ModelConfig
 from tridlm.rope import RopeConfig
+from tridlm.safetensors_io import CheckpointError
 
 NLD_ARCH = "NemotronLabsDiffusionModel"
 NLD_MODEL_TYPE = "nemotron_labs_diffusion"
@@ -22,10 +23,6 @@ HF_ARCHS = {
     "Qwen3ForCausalLM": (False, True),
 }
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as what it claims to be; the message names the file and field."""
 
 
 def _rope_from_json(data: dict, where: Path) -> RopeConfig:
