@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -69,25 +67,23 @@ def load_model(
     wanted = dict(model.state_dict())
     if cfg.tie_embeddings:
         wanted.pop("diffusion_head.weight")
-    with ExitStack() as stack:
-        found = _match(directory, fmt, cfg, wanted, stack)
-        sizes = _report(directory, found, wanted, model, precision)
-        total = sum(sizes.values())
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False, disable=None)
-        headers = {file: safetensors_io.header(file) for file in {file for _, file, _ in found.values()}}
-        for ours, (name, file, _) in found.items():
-            tensor = safetensors_io.mapped(file, *headers[file], name)
-            module_name, _, attr = ours.rpartition(".")
-            module = model.get_submodule(module_name)
-            if precision is not None and isinstance(module, Linear) and attr == "weight":
-                module.pack(projection.packed(module_name, tensor.to(dtype), precision))
-                del tensor
-                quant.release_free_memory()  # the float copy and the packing's temporaries, before the next tensor
-            else:
-                tensor = tensor.to(device=device, dtype=dtype, copy=True)  # its own memory, not the file's pages
-                setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
-            bar.update(sizes[ours])
-        bar.close()
+    found = _match(directory, fmt, cfg, wanted)
+    _report(directory, found, wanted, model, precision)
+    total = sum(entry.nbytes for _, entry in found.values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False, disable=None)
+    for ours, (_, entry) in found.items():
+        tensor = safetensors_io.read(entry)
+        module_name, _, attr = ours.rpartition(".")
+        module = model.get_submodule(module_name)
+        if precision is not None and isinstance(module, Linear) and attr == "weight":
+            module.pack(projection.packed(module_name, tensor.to(dtype), precision))
+            del tensor
+            quant.release_free_memory()  # the float copy and the packing's temporaries, before the next tensor
+        else:
+            tensor = tensor.to(device=device, dtype=dtype, copy=True)  # its own memory, not the file's pages
+            setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
+        bar.update(entry.nbytes)
+    bar.close()
     if cfg.tie_embeddings:
         model.diffusion_head.weight = model.encoder.embed_tokens.weight
         if precision is not None:
@@ -97,12 +93,12 @@ def load_model(
     return model.eval()
 
 
-def _match(directory: Path, fmt: str, cfg: ModelConfig, wanted: dict, stack: ExitStack) -> dict:
-    """Our parameter name -> (the file's tensor name, file, open handle) for every tensor of the directory, checked
+def _match(directory: Path, fmt: str, cfg: ModelConfig, wanted: dict) -> dict[str, tuple[str, safetensors_io.Entry]]:
+    """Our parameter name -> (the file's tensor name, where it lies) for every tensor of the directory, checked
     against the parameters and shapes ``wanted``."""
     found = {
-        _our_name(n, fmt): (n, f, h)
-        for n, (f, h) in safetensors_io.open_tensors(safetensors_io.weight_files(directory), stack).items()
+        _our_name(n, fmt): (n, entry)
+        for n, entry in safetensors_io.tensors(safetensors_io.weight_files(directory)).items()
         if not n.endswith("rotary_emb.inv_freq")
     }
     if cfg.tie_embeddings:
@@ -112,24 +108,18 @@ def _match(directory: Path, fmt: str, cfg: ModelConfig, wanted: dict, stack: Exi
         raise CheckpointError(
             f"{directory}: weights do not match config.json: missing {missing[:4]}, unexpected {extra[:4]}"
         )
-    for ours, (name, file, handle) in found.items():
-        shape = tuple(handle.get_slice(name).get_shape())
-        if shape != tuple(wanted[ours].shape):
+    for ours, (name, entry) in found.items():
+        if entry.shape != tuple(wanted[ours].shape):
             raise CheckpointError(
-                f"{file.name}: tensor {name} has shape {shape}, but config.json "
+                f"{entry.file.name}: tensor {name} has shape {entry.shape}, but config.json "
                 f"(hidden_size, intermediate_size, heads, vocab_size) implies {tuple(wanted[ours].shape)}"
             )
     return found
 
 
-def _report(directory: Path, found: dict, wanted: dict, model: TriModel, precision: str | None) -> dict[str, int]:
-    """Each tensor's size in the file (what the progress bar counts); with a ``precision``, one line saying how large
-    the packed model will be, before any tensor is read."""
-    on_disk = {}
-    for ours, (name, _, handle) in found.items():
-        part = handle.get_slice(name)
-        element = safetensors_io.DTYPES.get(part.get_dtype(), torch.float32).itemsize
-        on_disk[ours] = math.prod(part.get_shape()) * element
+def _report(directory: Path, found: dict, wanted: dict, model: TriModel, precision: str | None) -> None:
+    """With a ``precision``, one line saying how large the files are and the packed model will be, before any tensor
+    is read."""
     if precision is not None:
         linear = {n for n, m in model.named_modules() if isinstance(m, Linear)}
         total = sum(
@@ -143,11 +133,10 @@ def _report(directory: Path, found: dict, wanted: dict, model: TriModel, precisi
                 "diffusion_head", tuple(wanted["encoder.embed_tokens.weight"].shape), "int8"
             )
         print(
-            f"tridlm: {directory.name}: {sum(on_disk.values()) / 2**30:.2f} GiB on disk, about "
+            f"tridlm: {directory.name}: {sum(e.nbytes for _, e in found.values()) / 2**30:.2f} GiB on disk, about "
             f"{total / 2**30:.2f} GiB in {precision}",
             file=sys.stderr,
         )
-    return on_disk
 
 
 def load(
@@ -299,20 +288,18 @@ def load_adapter(model: TriModel, directory: Path) -> None:
     if config.get("use_rslora") or config.get("use_dora"):
         raise CheckpointError(f"{cfg_path}: rsLoRA/DoRA adapters are not supported")
     model.add_lora(config["r"], config["lora_alpha"], tuple(config["target_modules"]))
-    with ExitStack() as stack:
-        tensors = safetensors_io.open_tensors([weights], stack)
-        for name, (_, handle) in tensors.items():
-            module_name, _, kind = name.removeprefix("base_model.model.").rpartition(".lora_")
-            try:
-                module = model.get_submodule(module_name)
-            except AttributeError:
-                raise CheckpointError(f"{weights}: tensor {name} names no module of the model") from None
-            param = module.lora_a if kind == "A.weight" else module.lora_b
-            value = handle.get_tensor(name)
-            if param is None or value.shape != param.shape:
-                raise CheckpointError(
-                    f"{weights}: tensor {name} does not fit (shape {tuple(value.shape)}, "
-                    f"r={config['r']}, target_modules={config['target_modules']})"
-                )
-            with torch.no_grad():
-                param.copy_(value)
+    for name, entry in safetensors_io.tensors([weights]).items():
+        module_name, _, kind = name.removeprefix("base_model.model.").rpartition(".lora_")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise CheckpointError(f"{weights}: tensor {name} names no module of the model") from None
+        param = module.lora_a if kind == "A.weight" else module.lora_b
+        value = safetensors_io.read(entry)
+        if param is None or value.shape != param.shape:
+            raise CheckpointError(
+                f"{weights}: tensor {name} does not fit (shape {tuple(value.shape)}, "
+                f"r={config['r']}, target_modules={config['target_modules']})"
+            )
+        with torch.no_grad():
+            param.copy_(value)

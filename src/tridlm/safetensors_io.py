@@ -1,16 +1,15 @@
-"""Reading safetensors files: a checkpoint directory's shards, its tensors' names, dtypes and shapes without reading
-their data, and each tensor on a memory mapping of its own bytes (``mapped``), so that reading a model tensor by
-tensor never keeps the pages of the tensors already read in the process."""
+"""Reading safetensors files: a checkpoint directory's shards, its tensors' names, dtypes and shapes without
+reading their data (``tensors``), and each tensor on a memory mapping of its own bytes (``read``), so that reading a
+model tensor by tensor never keeps the pages of the tensors already read in the process."""
 
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 
 class CheckpointError(ValueError):
@@ -35,38 +34,50 @@ def weight_files(directory: Path) -> list[Path]:
     return [directory / s for s in shards]
 
 
-def open_tensors(files: list[Path], stack: ExitStack) -> dict[str, tuple[Path, object]]:
-    """Tensor name -> (file, open handle), without reading any tensor data."""
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor of a safetensors file lies: ``nbytes`` bytes from ``offset``."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def tensors(files: list[Path]) -> dict[str, Entry]:
+    """Tensor name -> ``Entry`` from each file's header, without reading any tensor data; a header that does not
+    parse, or names a dtype we do not read or bytes past the file's end, is an error naming the file."""
     where = {}
     for f in files:
         try:
-            handle = stack.enter_context(safe_open(str(f), framework="pt"))
-        except (SafetensorError, OSError) as e:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            length = f.stat().st_size
+            for name, e in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = e["data_offsets"]
+                if e["dtype"] not in DTYPES or not 0 <= begin <= end <= length - 8 - size:
+                    raise ValueError(f"tensor {name}: dtype {e['dtype']}, bytes {begin}-{end} of {length - 8 - size}")
+                where[name] = Entry(f, 8 + size + begin, end - begin, DTYPES[e["dtype"]], tuple(e["shape"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
-        for name in handle.keys():
-            where[name] = (f, handle)
     return where
 
 
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-def header(file: Path) -> tuple[int, dict]:
-    """Where a safetensors file's data starts, and its header (name -> dtype, shape, data offsets)."""
-    with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return 8 + size, json.loads(f.read(size))
-
-
-def mapped(file: Path, start: int, header: dict, name: str) -> torch.Tensor:
-    """One tensor of a safetensors file, on a memory mapping of its own bytes, unmapped when the tensor is freed:
-    the pages of the tensors read before it do not stay in the process as they would under one mapping of the
-    whole file (copy-on-write, so that torch may take the buffer; nothing writes to it)."""
-    entry = header[name]
-    if entry["dtype"] not in DTYPES:
-        raise CheckpointError(f"{file.name}: tensor {name} has dtype {entry['dtype']} (expected F32, F16 or BF16)")
-    begin, end = entry["data_offsets"]
-    if end == begin:
-        return torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
-    data = np.memmap(file, dtype=np.uint8, mode="c", offset=start + begin, shape=(end - begin,))
-    return torch.frombuffer(data, dtype=DTYPES[entry["dtype"]]).reshape(entry["shape"])
+def read(entry: Entry) -> torch.Tensor:
+    """The tensor, on a memory mapping of its own bytes, unmapped when the tensor is freed: the pages of the tensors
+    read before it do not stay in the process as they would under one mapping of the whole file (copy-on-write, so
+    that torch may take the buffer; nothing writes to it)."""
+    if not entry.nbytes:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    data = np.memmap(entry.file, dtype=np.uint8, mode="c", offset=entry.offset, shape=(entry.nbytes,))
+    return torch.frombuffer(data, dtype=entry.dtype).reshape(entry.shape)
