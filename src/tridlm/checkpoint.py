@@ -71,7 +71,8 @@ def load_model(
     _report(directory, found, wanted, model, precision)
     total = sum(entry.nbytes for _, entry in found.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr, leave=False, disable=None)
-    for ours, (_, entry) in found.items():
+    # largest first: a tensor's file pages and packing temporaries come on top of what is held by then
+    for ours, (_, entry) in sorted(found.items(), key=lambda item: -item[1][1].nbytes):
         tensor = safetensors_io.read(entry)
         module_name, _, attr = ours.rpartition(".")
         module = model.get_submodule(module_name)
