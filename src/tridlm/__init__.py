@@ -35,8 +35,7 @@ def stream(model, tokenizer, prompt: str | list[dict], costs=None, **knobs) -> I
     (``[{"role": "user", "content": ...}]``, rendered with the model's chat template). ``knobs``: fields of
     ``tridlm.decode.GenerationConfig`` (mode, block_size, threshold, temperature, max_tokens, stop ...).
     ``costs``: the ``tridlm.decode.CostCurve`` that ``auto`` plans with; a call given none takes the one kept in the
-    cache for this model's shape and machine (``CostCurve.kept``: measured on first use, 1.6 s for the default model
-    at block 8 on 2 CPU cores)."""
+    cache for this model's shape and machine (``CostCurve.kept``: measured on first use, then read)."""
     from tridlm.decode import GenerationConfig
     from tridlm.decode import stream as decode_stream
     from tridlm.tokenizer import TextStream

@@ -98,7 +98,7 @@ class Adapters:
     """A model's adapter groups with their kernel forms kept current: built again whenever an adapter tensor was
     attached, replaced or changed in place since (torch counts each tensor's in-place changes, so an optimizer step
     or a load needs no call). ``current`` checks that once per inference forward that uses the adapters: the
-    identity and change count of every adapter tensor (tens of microseconds for the default model's 420)."""
+    identity and change count of every adapter tensor."""
 
     def __init__(self, groups: list[LoraGroup]):
         self.groups = groups
