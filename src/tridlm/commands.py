@@ -40,7 +40,7 @@ def generate(args) -> None:
     text = TextStream(tok, cfg.stop)
     on_tokens = (lambda _, t: print(text.push(t), end="", flush=True)) if args.stream else None
     costs = None
-    if cfg.mode == "auto":
+    if cfg.row.plans:
         costs, origin = CostCurve.kept(model, cfg.resolve(model).block_size)
         print(f"tridlm: auto plans with {origin}", file=sys.stderr)
     state = generate(model, [ids], cfg, detokenize=tok.decode, on_tokens=on_tokens, costs=costs)

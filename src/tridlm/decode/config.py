@@ -92,16 +92,14 @@ class GenerationConfig:
 
     @property
     def pipelined(self) -> bool:
-        """Decoded by ``decode.pipelined`` (``auto``, or spec's pipelined variant): lookup, history and costs apply."""
+        """Decoded by ``decode.pipelined`` (``auto``, or spec's pipelined variant): lookup and history apply."""
         return self.row.levers
 
     @property
     def forward_tokens(self) -> int:
         """The most tokens one row puts through one forward after the prefill (a resolved config): B(B+1) for
         quadratic spec, the block for the other block modes, 1 for AR."""
-        if self.row.label == "spec-quadratic":
-            return self.block_size * (self.block_size + 1)
-        return self.block_size
+        return self.row.tokens_per_forward(self.block_size)
 
     @property
     def sampler(self) -> Sampler:

@@ -120,7 +120,7 @@ class CostCurve:
         """The curve decoding ``cfg`` (a ``GenerationConfig``) plans with: the kept one (``kept``) up to its block
         where it is ``auto``, else None (no other mode plans)."""
         cfg = cfg.resolve(model)
-        return cls.kept(model, cfg.block_size)[0] if cfg.mode == "auto" else None
+        return cls.kept(model, cfg.block_size)[0] if cfg.row.plans else None
 
     @classmethod
     def kept(cls, model: TriModel, largest: int, rows: int = 0, folder: Path | None = None) -> tuple[CostCurve, str]:

@@ -27,7 +27,9 @@ class Mode:
     decoder: Callable  # (model, cache, pending, state, generator, **levers) -> committed tokens per cycle
     blocks: dict[str, int]  # per device kind, the block size of a request that names none (AR: 1)
     exact: bool  # greedy output equals AR's token for token, sampled output is distributed as AR's
-    levers: bool = False  # drafts from lookup and earlier answers (``history``) and plans by a cost curve (``costs``)
+    levers: bool = False  # drafts from lookup and earlier answers (``history``; ``decode.pipelined``)
+    plans: bool = False  # chooses each forward by a measured cost curve (``costs``)
+    tokens_per_forward: Callable[[int], int] = lambda block: block  # the most one row puts through a forward, by block
     summary: str = ""
 
     def default_block(self, device: str | torch.device, trained_block: int | None = None) -> int:
@@ -61,6 +63,7 @@ TABLE = (
         spec_quadratic,
         {"cpu": 4, "cuda": 16},
         True,
+        tokens_per_forward=lambda block: block * (block + 1),
         summary="verify and draft the next block for every accepted length in one forward of B(B+1) tokens",
     ),
     Mode(
@@ -81,6 +84,7 @@ TABLE = (
         {"cpu": 8, "cuda": 16},
         True,
         levers=True,
+        plans=True,
         summary="the exact plan the measured cost curve predicts fastest, per cycle",
     ),
 )

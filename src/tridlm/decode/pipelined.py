@@ -137,7 +137,7 @@ def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) ->
     """auto plans with ``costs`` (the kept one when none is given: ``CostCurve.kept``); pipelined spec fills its
     block."""
     cfg = state.cfg
-    if cfg.mode == "auto":
+    if cfg.row.plans:
         return Planner(cfg.block_size, (costs or CostCurve.kept(model, cfg.block_size)[0]).upto(cfg.block_size))
     return Planner(cfg.block_size)
 

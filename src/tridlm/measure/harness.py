@@ -158,7 +158,7 @@ class Bench:
     @functools.cached_property
     def costs(self) -> CostCurve | None:
         """The cost curve every auto setting plans with, measured once up to the largest auto block."""
-        auto = [s.gen.resolve(self.model) for s in self.settings + self.humaneval_settings if s.gen.mode == "auto"]
+        auto = [s.gen.resolve(self.model) for s in self.settings + self.humaneval_settings if s.gen.row.plans]
         return CostCurve.measure(self.model, max(g.block_size for g in auto)) if auto else None
 
     def run(self) -> dict:
