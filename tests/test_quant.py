@@ -72,7 +72,7 @@ def models(tiny_cfg):
 def test_quantized_model_tracks_the_float_one_and_decodes_in_every_mode(models, prompts, precision):
     model, ref = models[precision], models["bfloat16"]
     assert checkpoint.is_packed(model) and model.diffusion_head.weight is None
-    assert isinstance(model.diffusion_head.packed, quant.Int8Weight)  # the head is int8 in both precisions
+    assert isinstance(model.diffusion_head.packed, quant.Q8Table)  # the head is Q8_0 in both precisions
     x = torch.tensor([prompts[2]])
     from tridlm import masks
 

@@ -76,7 +76,11 @@ def load_model(
         tensor = safetensors_io.read(entry)
         module_name, _, attr = ours.rpartition(".")
         module = model.get_submodule(module_name)
-        if precision is not None and isinstance(module, Linear) and attr == "weight":
+        if precision is not None and ours == "encoder.embed_tokens.weight" and tensor.shape[1] % quant.GROUP == 0:
+            model.encoder.embed_tokens = projection.packed_embedding(tensor.to(dtype))
+            del tensor
+            quant.release_free_memory()
+        elif precision is not None and isinstance(module, Linear) and attr == "weight":
             module.pack(projection.packed(module_name, tensor.to(dtype), precision))
             del tensor
             quant.release_free_memory()  # the float copy and the packing's temporaries, before the next tensor
@@ -85,7 +89,8 @@ def load_model(
             setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
         bar.update(entry.nbytes)
     bar.close()
-    if cfg.tie_embeddings:
+    projection.share_table(model)
+    if cfg.tie_embeddings and model.diffusion_head.packed is None:
         model.diffusion_head.weight = model.encoder.embed_tokens.weight
         if precision is not None:
             model.diffusion_head.pack(projection.packed("diffusion_head", model.diffusion_head.weight, precision))
@@ -125,14 +130,10 @@ def _report(directory: Path, found: dict, wanted: dict, model: TriModel, precisi
         linear = {n for n, m in model.named_modules() if isinstance(m, Linear)}
         total = sum(
             projection.packed_bytes(ours.rpartition(".")[0], tuple(wanted[ours].shape), precision)
-            if ours.endswith(".weight") and ours.rpartition(".")[0] in linear
+            if ours == "encoder.embed_tokens.weight" or (ours.endswith(".weight") and ours.rpartition(".")[0] in linear)
             else 2 * wanted[ours].numel()
             for ours in found
         )
-        if model.cfg.tie_embeddings:
-            total += projection.packed_bytes(
-                "diffusion_head", tuple(wanted["encoder.embed_tokens.weight"].shape), "int8"
-            )
         print(
             f"tridlm: {directory.name}: {sum(e.nbytes for _, e in found.values()) / 2**30:.2f} GiB on disk, about "
             f"{total / 2**30:.2f} GiB in {precision}",

@@ -13,7 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from tridlm import kernels
-from tridlm.quant import ACTIVATIONS, WEIGHT_PRECISIONS, Int4Weight, Int8Weight, concat, release_free_memory
+from tridlm.quant import (
+    ACTIVATIONS,
+    GROUP,
+    WEIGHT_PRECISIONS,
+    Int4Weight,
+    Int8Weight,
+    Q8Embedding,
+    Q8Table,
+    concat,
+    release_free_memory,
+)
 
 
 class Linear(nn.Linear):
@@ -25,7 +35,7 @@ class Linear(nn.Linear):
         self.lora_a: nn.Parameter | None = None
         self.lora_b: nn.Parameter | None = None
         self.lora_scale = 0.0
-        self.packed = None  # an Int8Weight / Int4Weight; the float weight is dropped
+        self.packed = None  # an Int4Weight / Q8Table / Int8Weight; the float weight is dropped
 
     def pack(self, weight) -> None:
         """Use low-bit ``weight`` from now on (activations in ``tridlm.quant.ACTIVATIONS``)."""
@@ -165,29 +175,44 @@ def fuse_packed(model) -> None:
 
 def quantize(model, precision: str) -> None:
     """Give every projection and the output head of a bfloat16 ``model`` ``precision`` weights (in place),
-    except those already packed. The output head gets int8 in both precisions (where the model ties it to
-    the embedding, the float table stays for the lookup)."""
+    except those already packed, and its embedding a Q8_0 table (shared with the head where the model ties them)."""
     if precision not in WEIGHT_PRECISIONS:
         raise ValueError(f"invalid weight precision {precision!r}: expected one of {', '.join(WEIGHT_PRECISIONS)}")
     if model.dtype != ACTIVATIONS:
         raise ValueError(f"{precision} weights run with {ACTIVATIONS} activations; cast the model first")
+    embedding = model.encoder.embed_tokens
+    if isinstance(embedding, nn.Embedding) and embedding.weight.shape[1] % GROUP == 0:
+        model.encoder.embed_tokens = packed_embedding(embedding.weight)
+    share_table(model)
     for name, module in model.named_modules():
         if isinstance(module, Linear) and module.packed is None:
             module.pack(packed(name, module.weight, precision))
     fuse_packed(model)
 
 
-def packed(name: str, weight: torch.Tensor, precision: str) -> Int8Weight | Int4Weight:
-    """The weight of the projection ``name`` (a module name) in ``precision``: the output head gets int8 in both."""
-    if precision == "int8" or name == "diffusion_head":
-        return Int8Weight.from_float(weight)
-    return Int4Weight.from_float(weight)
+def packed(name: str, weight: torch.Tensor, precision: str) -> Int4Weight | Q8Table | Int8Weight:
+    """The weight of the projection ``name`` (a module name) in ``precision``: GGUF's Q4_1 for int4, Q8_0 for
+    int8 and for the output head in both (int8 per output channel where the input size is not a multiple of 32)."""
+    if precision == "int4" and name != "diffusion_head":
+        return Int4Weight.from_float(weight)
+    return Q8Table.from_float(weight) if weight.shape[1] % GROUP == 0 else Int8Weight.from_float(weight)
+
+
+def packed_embedding(weight: torch.Tensor) -> Q8Embedding:
+    """A float embedding table as Q8_0 rows (half a bfloat16 table's bytes), looked up in the activations' dtype."""
+    return Q8Embedding(Q8Table.from_float(weight), ACTIVATIONS)
+
+
+def share_table(model) -> None:
+    """Where the model ties its head to a Q8_0 embedding table, the head computes on that table's bytes."""
+    if model.cfg.tie_embeddings and isinstance(model.encoder.embed_tokens, Q8Embedding):
+        model.diffusion_head.pack(model.encoder.embed_tokens.table)
 
 
 def packed_bytes(name: str, shape: tuple[int, int], precision: str) -> int:
     """About how many bytes ``packed`` makes of a (N, K) weight: int4 codes and float16 scale and minimum per 32
-    weights (0.625 bytes a weight), int8 a byte a weight and a float32 scale per channel."""
+    weights (0.625 bytes a weight), Q8_0 a byte a weight and a float16 scale per 32."""
     n, k = shape
-    if precision == "int8" or name == "diffusion_head":
-        return n * k + 4 * n
-    return n * k * 5 // 8
+    if precision == "int4" and name not in ("diffusion_head", "encoder.embed_tokens"):
+        return n * k * 5 // 8
+    return n * k * 17 // 16 if k % GROUP == 0 else n * k + 4 * n

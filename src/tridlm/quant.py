@@ -155,6 +155,15 @@ class Int4Weight:
         d, m = (self.scales[:, :, i].transpose(1, 2).reshape(tiles * LANES, blocks).float() for i in (0, 1))
         return q[:n], d[:n], m[:n]
 
+    def q4_1(self) -> torch.Tensor:
+        """The weight as GGUF Q4_1 bytes, (N, K / 32 * 20): the codes, scales and minimums it runs, exactly."""
+        q, d, m = self.unpack()
+        n, k = self.shape
+        q = q.view(n, k // GROUP, 2, 16)
+        codes = q[:, :, 0] | q[:, :, 1] << 4  # byte j: element j (low nibble), element j + 16 (high nibble)
+        dm = torch.stack([d, m], -1).half().view(torch.uint8).view(n, k // GROUP, 4)
+        return torch.cat([dm, codes], -1).reshape(n, -1)
+
     def __call__(self, x: torch.Tensor, adapter: kernels.Adapter | None = None) -> torch.Tensor:
         """x (..., K) -> (..., N), plus a low-rank ``adapter``'s contribution on its rows where given."""
         rows = x.reshape(-1, x.shape[-1])
@@ -185,6 +194,22 @@ class Q8Table:
 
     def __init__(self, blocks: np.ndarray, n: int, k: int):
         """blocks: (n, k / 32 * 34) bytes, one row of Q8_0 blocks per output (token)."""
+        self._allocate(n, k)
+        blocks = torch.from_numpy(np.ascontiguousarray(blocks)).view(n, k // GROUP, 34)
+        for t in range(0, self.codes.shape[0], self._step):
+            self._fill(t, blocks[t * LANES : (t + self._step) * LANES])
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> Q8Table:
+        """From a float (N, K) tensor, quantized to Q8_0 as llama.cpp does (per block of 32: d = max |w| / 127,
+        q = w / d rounded half away from zero, d stored in float16), a slice of rows at a time."""
+        table = object.__new__(cls)
+        table._allocate(*w.shape)
+        for t in range(0, table.codes.shape[0], table._step):
+            table._fill(t, q8_0_blocks(w[t * LANES : (t + table._step) * LANES]))
+        return table
+
+    def _allocate(self, n: int, k: int) -> None:
         if k % GROUP:
             raise ValueError(f"Q8_0 rows need a size divisible by {GROUP}, not {k}")
         self.shape = (n, k)
@@ -192,15 +217,26 @@ class Q8Table:
         # tile t, block b, part c, lane l, byte j: input 4c + j of channel 16t + l, as the int8 value + 128
         self.codes = torch.empty(tiles, nb, 512, dtype=torch.uint8)
         self.scales = torch.empty(tiles, nb, LANES, dtype=torch.float16)
-        blocks = torch.from_numpy(np.ascontiguousarray(blocks)).view(n, nb, 34)
-        step = max(1, 2**20 // (LANES * k))  # tiles at a time: no whole-table temporaries
-        for t in range(0, tiles, step):
-            part = blocks[t * LANES : (t + step) * LANES]
-            part = F.pad(part, (0, 0, 0, 0, 0, -len(part) % LANES))  # padded channels: zero values and scales
-            biased = part[..., 2:] ^ 0x80
-            self.codes[t : t + step] = biased.view(-1, LANES, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(-1, nb, 512)
-            scales = part[..., :2].contiguous().view(torch.float16).view(-1, LANES, nb)
-            self.scales[t : t + step] = scales.transpose(1, 2)
+        self._step = max(1, 2**20 // (LANES * k))  # tiles at a time: no whole-table temporaries
+
+    def _fill(self, t: int, part: torch.Tensor) -> None:
+        """Tiles from ``t`` on from Q8_0 blocks (rows, k / 32, 34) uint8."""
+        nb = self.shape[1] // GROUP
+        part = F.pad(part, (0, 0, 0, 0, 0, -len(part) % LANES))  # padded channels: zero values and scales
+        biased = part[..., 2:] ^ 0x80
+        self.codes[t : t + len(part) // LANES] = (
+            biased.view(-1, LANES, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(-1, nb, 512)
+        )
+        scales = part[..., :2].contiguous().view(torch.float16).view(-1, LANES, nb)
+        self.scales[t : t + len(part) // LANES] = scales.transpose(1, 2)
+
+    def q8_0(self) -> torch.Tensor:
+        """The table as GGUF Q8_0 bytes, (N, K / 32 * 34): what it was made from, byte for byte."""
+        n, k = self.shape
+        nb = k // GROUP
+        values = (self.codes.view(-1, nb, 8, LANES, 4).permute(0, 3, 1, 2, 4) ^ 0x80).reshape(-1, nb, GROUP)
+        scales = self.scales.transpose(1, 2).reshape(-1, nb, 1).contiguous().view(torch.uint8)
+        return torch.cat([scales, values], -1)[:n].reshape(n, -1)
 
     def rows(self, index) -> torch.Tensor:
         """Rows ``index`` (a tensor of ids, or a slice) in float32: each int8 value times its block's scale, as
@@ -238,6 +274,16 @@ class Q8Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table.rows(tokens).to(self.dtype)
+
+
+def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 blocks (rows, K / 32, 34) of a float (rows, K) tensor, as llama.cpp's reference quantizer makes
+    them (float32 arithmetic; halves rounded away from zero)."""
+    groups = w.float().view(w.shape[0], -1, GROUP)
+    d = groups.abs().amax(-1, keepdim=True) / 127
+    scaled = groups * torch.where(d == 0, 0.0, 1 / d)
+    q = (scaled.sign() * (scaled.abs() + 0.5).floor()).to(torch.int8)
+    return torch.cat([d.half().view(torch.uint8), q.view(torch.uint8)], -1)
 
 
 def concat(weights: list) -> Int8Weight | Int4Weight | None:
