@@ -58,7 +58,7 @@ def test_q8_0_embedding_rows_are_the_dequantized_table():
 
 def test_a_tied_q8_0_head_holds_the_embedding_table_once():
     """The default model's head (tied to its Q8_0 embedding) computes on the embedding's own bytes."""
-    model, _ = load_gguf(default_model.gguf_path(), quant.ACTIVATIONS, native_int4=True)
+    model, _ = load_gguf(default_model.gguf_path(), quant.ACTIVATIONS, precision="int4")
     assert model.diffusion_head.packed is model.encoder.embed_tokens.table
 
 

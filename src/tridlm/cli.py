@@ -86,8 +86,8 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
 def _convert_parser(p: argparse.ArgumentParser) -> None:
     from tridlm import loading
 
-    p.add_argument("source", help="HF or NLD checkpoint directory, or a GGUF file")
-    p.add_argument("output", help="NLD directory to write")
+    p.add_argument("source", help='HF or NLD checkpoint directory, a GGUF file, or "default" (the embedded model)')
+    p.add_argument("output", help="NLD directory to write, or a tri-mode GGUF file (a name ending in .gguf)")
     mask = p.add_mutually_exclusive_group()
     mask.add_argument(
         "--mask-token", help="existing token to use as MASK (default: the model's, or an unused special token)"
@@ -98,7 +98,13 @@ def _convert_parser(p: argparse.ArgumentParser) -> None:
         type=int,
         help="diffusion block size recorded in config.json (default: the model's own, if it has one)",
     )
-    p.add_argument("--dtype", choices=loading.DTYPES, default="bfloat16")
+    p.add_argument(
+        "--dtype",
+        choices=sorted({*loading.DTYPES, *loading.GGUF_DTYPES}),
+        default="bfloat16",
+        help="weights to write: float32 or bfloat16 for a directory; int4 (Q4_1, the engine's codes), int8 (Q8_0) "
+        "or bfloat16 for a GGUF file",
+    )
     p.add_argument("--shard-gb", type=float, default=4.0, help="maximum size of one safetensors shard")
     p.add_argument(
         "--force",

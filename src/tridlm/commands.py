@@ -92,7 +92,7 @@ def convert(args) -> None:
 
     print(
         loading.convert(
-            args.source,
+            None if args.source == "default" else args.source,
             args.output,
             args.dtype,
             args.mask_token,

@@ -10,6 +10,7 @@ the half-split layout of Hugging Face weights that ``tridlm.rope`` uses.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import struct
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import gguf
 import numpy as np
 import torch
 
-from tridlm import quant
+from tridlm import projection, quant
 from tridlm.model import ModelConfig, TriModel
 from tridlm.presets import empty_model
 from tridlm.rope import RopeConfig
@@ -125,7 +126,7 @@ class GGUFFile:
         return buffer.reshape(tensor.shape[0], -1) if len(tensor.shape) == 2 else buffer
 
 
-_BLOCK_NAMES = {  # GGUF tensor name (per block) -> ours
+BLOCK_NAMES = {  # GGUF tensor name (per block) -> ours
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -136,7 +137,7 @@ _BLOCK_NAMES = {  # GGUF tensor name (per block) -> ours
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_TOP_NAMES = {
+TOP_NAMES = {
     "token_embd.weight": "encoder.embed_tokens.weight",
     "output_norm.weight": "encoder.norm.weight",
     "output.weight": "diffusion_head.weight",
@@ -149,31 +150,73 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _config(file: GGUFFile, arch: str, tokenizer: Tokenizer) -> ModelConfig:
-    """The model config a GGUF file's metadata describes."""
+def adapter_path(path: Path) -> Path:
+    """Where the draft adapter of the model file ``path`` lies: ``NAME.gguf`` -> ``NAME.draft-lora.gguf``."""
+    return Path(path).with_name(Path(path).name.removesuffix(".gguf") + ".draft-lora.gguf")
 
-    def meta(key):
-        if f"{arch}.{key}" not in file.fields:
+
+def _config(file: GGUFFile, arch: str, tokenizer: Tokenizer) -> ModelConfig:
+    """The model config a GGUF file's metadata describes (llama.cpp's keys, and ours where a file has them)."""
+    fields = file.fields
+
+    def meta(key, default: object = KeyError):
+        if f"{arch}.{key}" not in fields and default is KeyError:
             raise CheckpointError(f"{file.path}: missing GGUF field {arch}.{key}")
-        return file.fields[f"{arch}.{key}"]
+        return fields.get(f"{arch}.{key}", default)
 
     n_heads, dim = meta("attention.head_count"), meta("embedding_length")
+    eos = fields.get("tridlm.eos_token_ids", [] if tokenizer.eos_id is None else [tokenizer.eos_id])
+    mask = fields.get("tokenizer.ggml.mask_token_id")
     return ModelConfig(
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=next(t.shape[0] for t in file.tensors if t.name == "token_embd.weight"),
         dim=dim,
         n_layers=meta("block_count"),
         n_heads=n_heads,
         n_kv_heads=meta("attention.head_count_kv"),
-        head_dim=dim // n_heads,
+        head_dim=meta("attention.key_length", dim // n_heads),
         ffn_dim=meta("feed_forward_length"),
-        norm_eps=float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
-        rope=RopeConfig(theta=float(meta("rope.freq_base"))),
+        norm_eps=_decimal(meta("attention.layer_norm_rms_epsilon")),
+        rope=_rope(file, meta),
         max_seq_len=meta("context_length"),
         tie_embeddings="output.weight" not in {t.name for t in file.tensors},
+        attention_bias="blk.0.attn_q.bias" in {t.name for t in file.tensors},
         bos_id=tokenizer.bos_id,
-        eos_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
-        mask_id=find_mask_token(tokenizer),
+        eos_ids=tuple(eos),
+        mask_id=find_mask_token(tokenizer) if mask is None else mask,
+        block_size=fields.get("tridlm.block_size"),
     )
+
+
+def _decimal(value: float) -> float:
+    """A float32 field as the shortest decimal that rounds to it: the 0.1 or 1e-5 a config wrote, not 0.100000001."""
+    return float(str(np.float32(value)))
+
+
+def _rope(file: GGUFFile, meta) -> RopeConfig:
+    """RoPE settings: llama.cpp's keys (YaRN, Llama-4 query scaling), and ours for what it keeps elsewhere."""
+    fields = file.fields
+    scaling = meta("rope.scaling.type", "none")
+    kind = fields.get("tridlm.rope.type") or {"none": "default", "yarn": "yarn"}.get(scaling)
+    if kind is None or ("rope_freqs.weight" in {t.name for t in file.tensors} and kind != "llama3"):
+        raise CheckpointError(f"{file.path}: unsupported RoPE scaling {scaling!r} (supported: none, yarn, ours)")
+    given = {
+        "factor": meta("rope.scaling.factor", None),
+        "original_max_position_embeddings": meta(
+            "rope.scaling.original_context_length", meta("attention.temperature_length", None)
+        ),
+        "beta_fast": meta("rope.scaling.yarn_beta_fast", None),
+        "beta_slow": meta("rope.scaling.yarn_beta_slow", None),
+        "mscale": fields.get("tridlm.rope.yarn_mscale"),
+        "mscale_all_dim": fields.get("tridlm.rope.yarn_mscale_all_dim"),
+        "low_freq_factor": fields.get("tridlm.rope.low_freq_factor"),
+        "high_freq_factor": fields.get("tridlm.rope.high_freq_factor"),
+        "llama_4_scaling_beta": meta("attention.temperature_scale", None),
+    }
+    given = {k: _decimal(v) if isinstance(v, float) else v for k, v in given.items() if v is not None}
+    try:
+        return RopeConfig(theta=_decimal(meta("rope.freq_base")), type=kind, **given).validate()
+    except ValueError as e:
+        raise CheckpointError(f"{file.path}: {e}") from None
 
 
 def _dequantize(raw: np.ndarray, tensor: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
@@ -189,40 +232,98 @@ def _dequantize(raw: np.ndarray, tensor: TensorInfo, dtype: torch.dtype) -> torc
     return out
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native_int4: bool = False) -> tuple[TriModel, Tokenizer]:
-    """A llama-architecture GGUF file as a model of our layout, with its tokenizer: every tensor
-    dequantized to ``dtype``, or with ``native_int4`` the Q4_1 projections kept as their 4-bit codes
-    (``tridlm.quant.Int4Weight``; ``dtype`` must then be its activations' dtype)."""
+def _our_name(tensor: TensorInfo, cfg: ModelConfig) -> tuple[str, int | None]:
+    """Our parameter name of a GGUF tensor, and the heads its rows are permuted by (q and k) or None."""
+    parts = tensor.name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in BLOCK_NAMES and parts[3] in ("weight", "bias"):
+        heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}.get(parts[2])
+        return f"encoder.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}", heads
+    if tensor.name in TOP_NAMES:
+        return TOP_NAMES[tensor.name], None
+    raise CheckpointError(f"unexpected tensor {tensor.name} in a llama-architecture GGUF file")
+
+
+def _kept(raw: np.ndarray, tensor: TensorInfo, name: str, precision: str | None):
+    """The file's own low-bit form of a weight where ``precision`` runs it as it is (Q4_1 in int4; Q8_0 embedding
+    and head in both precisions, Q8_0 projections in int8), else None."""
+    if precision is None or len(tensor.shape) != 2:
+        return None
+    if tensor.kind == gguf.GGMLQuantizationType.Q4_1 and precision == "int4":
+        return quant.Int4Weight.from_q4_1(raw, *tensor.shape)
+    top = name in ("encoder.embed_tokens.weight", "diffusion_head.weight")
+    if tensor.kind == gguf.GGMLQuantizationType.Q8_0 and (top or precision == "int8"):
+        return quant.Q8Table(raw, *tensor.shape)
+    return None
+
+
+def load_gguf(
+    path: Path, dtype: torch.dtype = torch.float32, precision: str | None = None
+) -> tuple[TriModel, Tokenizer]:
+    """A llama-architecture GGUF file (llama.cpp's, or a tri-mode one ``tridlm.gguf_write`` wrote) as a model of our
+    layout, with its tokenizer: every tensor dequantized to ``dtype``, or with a ``precision`` ("int4", "int8") the
+    weights the engine runs as they are kept as the file's bytes (``_kept``; ``dtype`` must then be the activations'
+    dtype), the rest dequantized (the caller packs those)."""
     file = GGUFFile(Path(path))
     arch = file.fields.get("general.architecture")
+    if file.fields.get("general.type") == "adapter":
+        raise CheckpointError(f"{path}: a LoRA adapter file, not a model (pass it as the adapter)")
     if arch != "llama":
         raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
     tokenizer = Tokenizer.from_gguf(file.fields)
     cfg = _config(file, arch, tokenizer)
     file.fields.clear()  # the tokenizer's 100k strings, freed before the weights come in rather than held under them
     quant.release_free_memory()
-    if native_int4 and dtype != quant.ACTIVATIONS:
-        raise ValueError(f"native int4 weights run with {quant.ACTIVATIONS} activations, not {dtype}")
+    if precision is not None and dtype != quant.ACTIVATIONS:
+        raise ValueError(f"{precision} weights run with {quant.ACTIVATIONS} activations, not {dtype}")
     model = empty_model(cfg)
     for t in file.tensors:
-        parts = t.name.split(".")
-        name = f"encoder.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.weight" if parts[0] == "blk" else _TOP_NAMES[t.name]
-        heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}.get(parts[2]) if parts[0] == "blk" else None
+        if t.name == "rope_freqs.weight":  # our llama3 schedule, kept in the config (``_rope``)
+            continue
+        name, heads = _our_name(t, cfg)
         module, _, attr = name.rpartition(".")
-        raw = file.read(t)
-        if native_int4 and t.kind == gguf.GGMLQuantizationType.Q4_1 and len(t.shape) == 2:
-            blocks = _unpermute(raw, heads) if heads else raw  # one row of Q4_1 blocks per output
-            model.get_submodule(module).pack(quant.Int4Weight.from_q4_1(blocks, *t.shape))
-        elif native_int4 and t.kind == gguf.GGMLQuantizationType.Q8_0 and t.name == "token_embd.weight":
-            table = quant.Q8Table(raw, *t.shape)
-            model.encoder.embed_tokens = quant.Q8Embedding(table, dtype)
-            if cfg.tie_embeddings:  # the head computes on the same bytes: the table is held once
-                model.diffusion_head.pack(table)
+        raw = file.read(t).reshape(t.shape[0], -1)  # one row of bytes per output
+        raw = _unpermute(raw, heads) if heads else raw
+        kept = _kept(raw, t, name, precision)
+        if isinstance(kept, quant.Q8Table) and name == "encoder.embed_tokens.weight":
+            model.encoder.embed_tokens = quant.Q8Embedding(kept, dtype)
+        elif kept is not None:
+            model.get_submodule(module).pack(kept)
         else:
-            tensor = _dequantize(_unpermute(raw, heads) if heads else raw, t, dtype)
+            tensor = _dequantize(raw, t, dtype)
             setattr(model.get_submodule(module), attr, torch.nn.Parameter(tensor, requires_grad=False))
-        del raw
+        del raw, kept
         quant.release_free_memory()
+    projection.share_table(model)
     if cfg.tie_embeddings and model.diffusion_head.packed is None:
         model.diffusion_head.weight = model.encoder.embed_tokens.weight
     return model.eval(), tokenizer
+
+
+def load_adapter(model: TriModel, path: Path) -> None:
+    """Attach the LoRA of a GGUF adapter file (llama.cpp's layout, as ``tridlm.gguf_write`` writes draft adapters)."""
+    file = GGUFFile(Path(path))
+    if file.fields.get("general.type") != "adapter" or file.fields.get("adapter.type") != "lora":
+        raise CheckpointError(f"{path}: not a GGUF LoRA adapter file")
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for t in file.tensors:
+        name, heads = _our_name(dataclasses.replace(t, name=t.name.rpartition(".")[0]), model.cfg)
+        raw = file.read(t).reshape(t.shape[0], -1)
+        kind = t.name.rpartition("_")[2]  # a or b
+        pairs.setdefault(name.removesuffix(".weight"), {})[kind] = _dequantize(
+            _unpermute(raw, heads) if heads and kind == "b" else raw, t, torch.float32
+        )
+    if not pairs or any(set(p) != {"a", "b"} for p in pairs.values()):
+        raise CheckpointError(f"{path}: adapter tensors come in lora_a/lora_b pairs")
+    ranks = {p["a"].shape[0] for p in pairs.values()}
+    if len(ranks) != 1:
+        raise CheckpointError(f"{path}: adapter ranks differ ({sorted(ranks)})")
+    rank = ranks.pop()
+    targets = tuple(sorted({name.rpartition(".")[2] for name in pairs}))
+    model.add_lora(rank, file.fields.get("adapter.lora.alpha") or rank, targets)
+    with torch.no_grad():
+        for name, p in pairs.items():
+            module = model.get_submodule(name)
+            if module.lora_a is None or p["a"].shape != module.lora_a.shape or p["b"].shape != module.lora_b.shape:
+                raise CheckpointError(f"{path}: adapter tensors of {name} do not fit the model")
+            module.lora_a.copy_(p["a"])
+            module.lora_b.copy_(p["b"])

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from tridlm import checkpoint, default_model, projection, quant
+from tridlm import checkpoint, default_model, gguf_file, gguf_write, projection, quant
 from tridlm.device import fast_dtype
-from tridlm.gguf_file import load_gguf
 from tridlm.graphs import GraphedModel
 from tridlm.model import TriModel
 from tridlm.options import option
@@ -57,18 +56,20 @@ def open_model(
     torch_dtype = resolve_dtype(dtype, device)
     if dtype in quant.WEIGHT_PRECISIONS and torch.device(device).type != "cpu":
         raise ValueError(f"{dtype} weights run on the CPU only (CPU kernels); use bfloat16 on {device}")
-    own, native_int4 = adapter is None, dtype == "int4"
+    own = adapter is None
     pack = dtype if dtype in quant.WEIGHT_PRECISIONS else None  # what is left to pack after loading
     if path is None:
-        model, tok = open_default(torch_dtype, device, own_adapter=own, native_int4=native_int4)
+        model, tok = open_default(torch_dtype, device, own_adapter=own, precision=pack)
     elif Path(path).is_file() and str(path).endswith(".gguf"):
-        model, tok = load_gguf(Path(path), torch_dtype, native_int4=native_int4)
+        model, tok = gguf_file.load_gguf(Path(path), torch_dtype, precision=pack)
         model = model.to(device)
+        if own and gguf_file.adapter_path(path).is_file():
+            gguf_file.load_adapter(model, gguf_file.adapter_path(path))
     else:  # each projection packed as it is read
         model, tok = checkpoint.load(Path(path), torch_dtype, device, own_adapter=own, precision=pack)
         pack = None
     if adapter not in (None, "none"):
-        checkpoint.load_adapter(model, Path(adapter))
+        (gguf_file.load_adapter if str(adapter).endswith(".gguf") else checkpoint.load_adapter)(model, Path(adapter))
     if pack is not None:
         projection.quantize(model, pack)
     return model, tok
@@ -78,18 +79,18 @@ def default_nld_dir() -> Path:
     """The default model as an NLD directory, converted from its GGUF file on first use."""
     directory = default_model.cache_root() / f"{default_model.NAME}.nld"
     if not (directory / "config.json").is_file():
-        model, tokenizer = load_gguf(default_model.gguf_path())
+        model, tokenizer = gguf_file.load_gguf(default_model.gguf_path())
         checkpoint.save(directory, model, tokenizer)
     return directory
 
 
 def open_default(
-    dtype: torch.dtype = torch.float32, device="cpu", own_adapter: bool = True, native_int4: bool = False
+    dtype: torch.dtype = torch.float32, device="cpu", own_adapter: bool = True, precision: str | None = None
 ) -> tuple[TriModel, Tokenizer]:
-    """The default model, with the shipped draft adapter unless ``own_adapter`` is false; ``native_int4``
-    reads its projections' Q4_1 codes from the GGUF file as they are (``tridlm.quant``)."""
-    if native_int4:
-        model, tokenizer = load_gguf(default_model.gguf_path(), dtype, native_int4=True)
+    """The default model, with the shipped draft adapter unless ``own_adapter`` is false; with a ``precision``
+    (int4, int8) read from its GGUF file, its own codes kept where that precision runs them (``load_gguf``)."""
+    if precision is not None:
+        model, tokenizer = gguf_file.load_gguf(default_model.gguf_path(), dtype, precision=precision)
         model = model.to(device)
     else:
         model, tokenizer = checkpoint.load(default_nld_dir(), dtype, device, own_adapter=False)
@@ -137,6 +138,9 @@ def model_name(path: str | Path | None) -> str:
     return Path(path).name if path else default_model.NAME
 
 
+GGUF_DTYPES = ("int4", "int8", "bfloat16")
+
+
 def convert(
     source: str | Path,
     output: str | Path,
@@ -147,21 +151,32 @@ def convert(
     shard_gb: float = 4.0,
     force: bool = False,
 ) -> str:
-    """Write ``source`` as an NLD directory at ``output``; returns a one-line summary.
+    """Write ``source`` (a path, or None for the default model) as an NLD directory at ``output``, or as a
+    tri-mode GGUF file where ``output`` ends in ``.gguf`` (``tridlm.gguf_write``: ``dtype`` int4, int8 or
+    bfloat16, the draft adapter in a file beside it); returns a one-line summary.
 
     An existing ``output`` that is a file or a non-empty folder is refused unless ``force`` (then replaced
-    whole, only once the new directory is complete: it is written beside it and renamed into place).
+    whole, only once the new one is complete: it is written beside it and renamed into place).
 
     The MASK token is, in order: a new ``<|mask|>`` row (``add_mask_token``), the named ``mask_token``,
     or the model's own / an unused special token; none of them is an error. ``block_size`` records the
-    diffusion block size in config.json (default: the model's own, when it has one).
+    diffusion block size (default: the model's own, when it has one).
     """
     if block_size is not None and block_size < 1:
         raise ValueError(f"invalid block_size={block_size}: expected a positive integer")
     output = Path(output)
-    if not force and (output.is_file() or (output.is_dir() and any(output.iterdir()))):
+    to_gguf = output.suffix == ".gguf"
+    allowed = GGUF_DTYPES if to_gguf else tuple(DTYPES)
+    if dtype not in allowed:
+        raise ValueError(
+            f"invalid dtype={dtype!r} for {'a GGUF file' if to_gguf else 'an NLD directory'}: "
+            f"expected one of {', '.join(allowed)}"
+        )
+    targets = [output, gguf_file.adapter_path(output)] if to_gguf else [output]
+    if not force and any(t.is_file() or (t.is_dir() and any(t.iterdir())) for t in targets):
         raise ValueError(f"{output} exists and is not empty: pick another output or pass --force to replace it")
-    model, tok = open_model(source, dtype)
+    # a new mask row is added to float weights, packed afterwards
+    model, tok = open_model(source, "bfloat16" if add_mask_token else dtype)
     if add_mask_token:
         model = checkpoint.add_mask_token(model, tok)
     elif mask_token:
@@ -172,9 +187,15 @@ def convert(
         )
     if block_size is not None:
         model.cfg = dataclasses.replace(model.cfg, block_size=block_size)
-    checkpoint.save(Path(output), model, tok, max_shard_bytes=int(shard_gb * 2**30))
+    if to_gguf:
+        if dtype in quant.WEIGHT_PRECISIONS and not checkpoint.is_packed(model):
+            projection.quantize(model, dtype)
+        written = gguf_write.write(output, model, tok, model_name(source).removesuffix(".gguf"), dtype)
+    else:
+        checkpoint.save(Path(output), model, tok, max_shard_bytes=int(shard_gb * 2**30))
+        written = [output]
     mask = tok.backend.id_to_token(model.cfg.mask_id)
-    return (
-        f"wrote {output}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {dtype}, "
-        f"mask token {mask!r} (id {model.cfg.mask_id})"
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    return f"wrote {' and '.join(map(str, written))}: {dtype}, mask token {mask!r} (id {model.cfg.mask_id})" + (
+        "" if to_gguf else f", {parameters:.1f}M parameters"
     )

@@ -13,6 +13,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 # llama.cpp's pre-tokenizer names -> the regex split that precedes byte-level BPE.
 _GPT2_PRE = {"smollm", "gpt2", "default"}
+# llama.cpp's token types (``tokenizer.ggml.token_type``)
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
 @functools.lru_cache(maxsize=16)
@@ -42,7 +44,8 @@ class Tokenizer:
             raise ValueError(f"unsupported GGUF tokenizer: model={kind!r} pre={pre!r} (supported: gpt2 byte-level BPE)")
         tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
         merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
-        backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != UNUSED}  # not padding rows
+        backend = HFTokenizer(models.BPE(vocab, merges))
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Digits(individual_digits=pre == "smollm"),
@@ -50,16 +53,50 @@ class Tokenizer:
             ]
         )
         backend.decoder = decoders.ByteLevel()
-        control = 3  # llama.cpp token type CONTROL
         backend.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == control]
+            [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
         )
+        backend.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
         return cls(
             backend,
             field("tokenizer.chat_template"),
             field("tokenizer.ggml.bos_token_id"),
             field("tokenizer.ggml.eos_token_id"),
         )
+
+    def gguf_fields(self, rows: int) -> dict:
+        """The ``tokenizer.*`` metadata of a GGUF file (llama.cpp's keys) for a model with ``rows`` embedding rows:
+        a token per row, rows past the vocabulary as unused ``[PAD<id>]`` tokens (llama.cpp wants one per row).
+        Byte-level BPE with GPT-2's split only (the tokenizers ``from_gguf`` reads back; SmolLM2's splits digits)."""
+        spec = json.loads(self.backend.to_str())
+        pre = _llama_cpp_pre(spec.get("pre_tokenizer"))
+        if spec["model"]["type"] != "BPE" or pre is None:
+            raise ValueError(
+                "GGUF export writes byte-level BPE tokenizers with GPT-2's split (digits split or not); this one is "
+                f"{spec['model']['type']} with pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:200]}"
+            )
+        added = self.backend.get_added_tokens_decoder()
+        by_id = {i: t for t, i in self.backend.get_vocab(with_added_tokens=True).items()}
+        if rows < len(by_id) or max(by_id) >= rows:
+            raise ValueError(f"the tokenizer has ids beyond the model's {rows} embedding rows")
+        tokens = [by_id.get(i, f"[PAD{i}]") for i in range(rows)]
+        types = [
+            UNUSED if i not in by_id else NORMAL if i not in added else CONTROL if added[i].special else USER_DEFINED
+            for i in range(rows)
+        ]
+        fields = {
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]],
+            "tokenizer.ggml.add_bos_token": False,  # prompts are encoded as they are (chat templates hold the BOS)
+            "tokenizer.ggml.add_space_prefix": False,
+            "tokenizer.ggml.bos_token_id": self.bos_id,
+            "tokenizer.ggml.eos_token_id": self.eos_id,
+            "tokenizer.chat_template": self.chat_template,
+        }
+        return {k: v for k, v in fields.items() if v is not None}
 
     def save(self, directory: Path) -> None:
         """Write ``tokenizer.json`` and a Hugging Face style ``tokenizer_config.json``."""
@@ -142,6 +179,18 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(self.render_chat(messages))
+
+
+def _llama_cpp_pre(pre: dict | None) -> str | None:
+    """llama.cpp's name of a ``tokenizer.json`` pre-tokenizer that ``Tokenizer.from_gguf`` rebuilds, else None."""
+    parts = (pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]) if pre else []
+    if not parts or parts[-1].get("type") != "ByteLevel" or not parts[-1].get("use_regex", True):
+        return None
+    if len(parts) == 1:
+        return "gpt2"
+    if len(parts) == 2 and parts[0].get("type") == "Digits":
+        return "smollm" if parts[0].get("individual_digits") else "gpt2"
+    return None
 
 
 def stop_index(text: str, stop: tuple[str, ...]) -> int | None:
