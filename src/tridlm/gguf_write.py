@@ -69,8 +69,11 @@ def _weight(module: torch.nn.Module) -> tuple[T, tuple[int, int], Callable[[], n
     return T.BF16, tuple(module.weight.shape), lambda: _bytes(module.weight, T.BF16)
 
 
-def _permuted(make: Callable[[], np.ndarray], heads: int | None) -> Callable[[], np.ndarray]:
-    return make if heads is None else lambda: permute(make(), heads)
+def _permuted(make: Callable[[], np.ndarray], heads: int | None, rows: int) -> Callable[[], np.ndarray]:
+    """``make`` with its ``rows`` (outputs: a weight's rows, a bias's elements) in llama.cpp's q/k order."""
+    if heads is None:
+        return make
+    return lambda: (lambda data: permute(data.reshape(rows, -1), heads).reshape(data.shape))(make())
 
 
 def _tensors(model: TriModel) -> Iterator[Tensor]:
@@ -85,9 +88,9 @@ def _tensors(model: TriModel) -> Iterator[Tensor]:
                 yield f"blk.{i}.{name}.weight", T.F32, tuple(module.weight.shape), _norm(module.weight)
                 continue
             kind, shape, make = _weight(module)
-            yield f"blk.{i}.{name}.weight", kind, shape, _permuted(make, heads)
+            yield f"blk.{i}.{name}.weight", kind, shape, _permuted(make, heads, shape[0])
             if module.bias is not None:
-                yield f"blk.{i}.{name}.bias", T.F32, (shape[0],), _permuted(_norm(module.bias), heads)
+                yield f"blk.{i}.{name}.bias", T.F32, (shape[0],), _permuted(_norm(module.bias), heads, shape[0])
     yield "output_norm.weight", T.F32, (cfg.dim,), _norm(model.encoder.norm.weight)
     if not cfg.tie_embeddings:
         yield ("output.weight", *_weight(model.diffusion_head))
@@ -218,7 +221,7 @@ def _adapter_tensors(model: TriModel) -> tuple[float, list[Tensor]]:
             kind = FLOAT_TYPES.get(module.lora_a.dtype, T.F32)
             a, b = module.lora_a, module.lora_b
             tensors.append((f"blk.{i}.{name}.weight.lora_a", kind, tuple(a.shape), lambda a=a, k=kind: _bytes(a, k)))
-            make_b = _permuted(lambda b=b, k=kind: _bytes(b, k), heads)
+            make_b = _permuted(lambda b=b, k=kind: _bytes(b, k), heads, b.shape[0])
             tensors.append((f"blk.{i}.{name}.weight.lora_b", kind, tuple(b.shape), make_b))
             alphas.add(module.lora_scale * a.shape[0])
     if len(alphas) > 1:
