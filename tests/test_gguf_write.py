@@ -97,11 +97,13 @@ def test_metadata_is_llama_cpps_where_it_has_keys(tmp_path, bpe_tokenizer):
     checkpoint.save(source, nld_like(bpe_tokenizer, False), bpe_tokenizer)
     loading.convert(source, tmp_path / "m.gguf", "int4")
     fields = gguf_file.GGUFFile(tmp_path / "m.gguf").fields
-    assert fields["general.architecture"] == "llama" and fields["diffusion.shift_logits"] is False
+    assert fields["general.architecture"] == "mistral3" and fields["diffusion.shift_logits"] is False  # NLD's backbone
     assert fields["tokenizer.ggml.mask_token_id"] == 3 and fields["tridlm.block_size"] == 8
-    assert fields["llama.rope.scaling.type"] == "yarn" and fields["llama.rope.scaling.original_context_length"] == 16
+    a = "mistral3."
+    assert fields[a + "rope.scaling.type"] == "yarn" and fields[a + "rope.scaling.original_context_length"] == 16
+    assert fields[a + "attention.temperature_scale"] == pytest.approx(0.1)  # the query scaling
     # mscale == mscale_all_dim: attention factor 1, where llama.cpp's YaRN would apply 1 + 0.1 ln 16 of itself
-    assert fields["llama.rope.scaling.yarn_attn_factor"] == pytest.approx(1 / (1 + 0.1 * np.log(16)))
+    assert fields[a + "rope.scaling.attn_factor"] == pytest.approx(1 / (1 + 0.1 * np.log(16)))
     assert len(fields["tokenizer.ggml.tokens"]) == bpe_tokenizer.vocab_size + 9
     assert fields["tokenizer.ggml.tokens"][-1] == f"[PAD{bpe_tokenizer.vocab_size + 8}]"
     adapter = gguf_file.GGUFFile(tmp_path / "m.draft-lora.gguf")
@@ -160,3 +162,26 @@ def test_llama_cpp_computes_on_our_export_what_it_computes_on_its_own_file(tmp_p
         llm.eval(tokens)
         scores.append(np.array(llm.scores[: len(tokens)]))
     assert np.array_equal(scores[0], scores[1])
+
+
+def test_llama_cpp_runs_an_nld_export_with_its_rope_and_query_scaling(tmp_path, bpe_tokenizer):
+    """llama.cpp reads an NLD export as its mistral3 architecture (Ministral 3): YaRN with NLD's attention factor and
+    the Llama-4 query scaling past the original context (16 here) give our log-probabilities up to rounding."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make bench installs it)")
+    source, out = tmp_path / "nld", tmp_path / "nld.gguf"
+    model = nld_like(bpe_tokenizer, False)
+    model.cfg = dataclasses.replace(model.cfg, vocab_size=bpe_tokenizer.vocab_size + 9)
+    checkpoint.save(source, model.to(torch.bfloat16), bpe_tokenizer)
+    loading.convert(source, out, "bfloat16")
+    ours, _ = loading.open_model(out, "float32", adapter="none")
+    tokens = [1, *range(5, 45)]
+    want = torch.log_softmax(logits(ours, torch.tensor([tokens]), False)[0], -1).numpy()
+    llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(tokens)
+    got = torch.log_softmax(torch.from_numpy(np.array(llm.scores[: len(tokens)])).float(), -1).numpy()
+    error = np.abs(got - want).max(-1)  # per position; llama.cpp keeps keys and values in float16
+    assert error.max() < 0.15
+    unscaled = dataclasses.replace(ours.cfg.rope, llama_4_scaling_beta=None)
+    ours.cfg = dataclasses.replace(ours.cfg, rope=unscaled)  # past position 16 the query scaling shows
+    without = torch.log_softmax(logits(ours, torch.tensor([tokens]), False)[0], -1).numpy()
+    assert np.abs(got - without).max(-1)[16:].min() > error[16:].max()

@@ -1,4 +1,4 @@
-"""GGUF (llama architecture) -> our model.
+"""GGUF (llama.cpp's llama and mistral3 architectures) -> our model.
 
 The file is read lean: its metadata parsed once (``GGUFFile``: the tokenizer's 100k strings in a fraction of a
 second), then one tensor at a time read, converted and dropped, so that loading holds the model as it will run
@@ -126,6 +126,7 @@ class GGUFFile:
         return buffer.reshape(tensor.shape[0], -1) if len(tensor.shape) == 2 else buffer
 
 
+ARCHITECTURES = ("llama", "mistral3")  # llama.cpp's names of the layouts read here (mistral3: NLD's backbone)
 BLOCK_NAMES = {  # GGUF tensor name (per block) -> ours
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -201,9 +202,7 @@ def _rope(file: GGUFFile, meta) -> RopeConfig:
         raise CheckpointError(f"{file.path}: unsupported RoPE scaling {scaling!r} (supported: none, yarn, ours)")
     given = {
         "factor": meta("rope.scaling.factor", None),
-        "original_max_position_embeddings": meta(
-            "rope.scaling.original_context_length", meta("attention.temperature_length", None)
-        ),
+        "original_max_position_embeddings": meta("rope.scaling.original_context_length", None),
         "beta_fast": meta("rope.scaling.yarn_beta_fast", None),
         "beta_slow": meta("rope.scaling.yarn_beta_slow", None),
         "mscale": fields.get("tridlm.rope.yarn_mscale"),
@@ -240,7 +239,7 @@ def _our_name(tensor: TensorInfo, cfg: ModelConfig) -> tuple[str, int | None]:
         return f"encoder.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}", heads
     if tensor.name in TOP_NAMES:
         return TOP_NAMES[tensor.name], None
-    raise CheckpointError(f"unexpected tensor {tensor.name} in a llama-architecture GGUF file")
+    raise CheckpointError(f"unexpected tensor {tensor.name} in a llama-layout GGUF file")
 
 
 def _kept(raw: np.ndarray, tensor: TensorInfo, name: str, precision: str | None):
@@ -259,7 +258,7 @@ def _kept(raw: np.ndarray, tensor: TensorInfo, name: str, precision: str | None)
 def load_gguf(
     path: Path, dtype: torch.dtype = torch.float32, precision: str | None = None
 ) -> tuple[TriModel, Tokenizer]:
-    """A llama-architecture GGUF file (llama.cpp's, or a tri-mode one ``tridlm.gguf_write`` wrote) as a model of our
+    """A llama-layout GGUF file (llama.cpp's, or a tri-mode one ``tridlm.gguf_write`` wrote) as a model of our
     layout, with its tokenizer: every tensor dequantized to ``dtype``, or with a ``precision`` ("int4", "int8") the
     weights the engine runs as they are kept as the file's bytes (``_kept``; ``dtype`` must then be the activations'
     dtype), the rest dequantized (the caller packs those)."""
@@ -267,8 +266,8 @@ def load_gguf(
     arch = file.fields.get("general.architecture")
     if file.fields.get("general.type") == "adapter":
         raise CheckpointError(f"{path}: a LoRA adapter file, not a model (pass it as the adapter)")
-    if arch != "llama":
-        raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
     tokenizer = Tokenizer.from_gguf(file.fields)
     cfg = _config(file, arch, tokenizer)
     file.fields.clear()  # the tokenizer's 100k strings, freed before the weights come in rather than held under them

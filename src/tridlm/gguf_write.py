@@ -1,4 +1,5 @@
-"""Our model -> a tri-mode GGUF file that llama.cpp reads as a plain llama model.
+"""Our model -> a tri-mode GGUF file that llama.cpp reads as a plain AR model (``architecture``: NLD as
+``mistral3``, others as ``llama``).
 
 The weights go as the engine holds them: int4 projections as Q4_1 with the very codes, scales and minimums it runs,
 the embedding and output head as Q8_0 (``tridlm.quant.Q8Table``), int8 projections as Q8_0, float weights as BF16
@@ -34,7 +35,6 @@ from tridlm.projection import Linear
 from tridlm.rope import inv_freq_and_attention_factor
 from tridlm.tokenizer import Tokenizer
 
-ARCH = "llama"
 T = gguf.GGMLQuantizationType
 FILE_TYPES = {"int4": gguf.LlamaFileType.MOSTLY_Q4_1, "int8": gguf.LlamaFileType.MOSTLY_Q8_0}
 FLOAT_TYPES = {torch.float32: T.F32, torch.bfloat16: T.BF16, torch.float16: T.F16}
@@ -104,6 +104,12 @@ def _norm(t: torch.Tensor) -> Callable[[], np.ndarray]:
     return lambda: _bytes(t, T.F32)
 
 
+def architecture(model: TriModel) -> str:
+    """llama.cpp's architecture for the model: ``mistral3`` (Ministral 3, NLD's backbone: its graph applies the
+    Llama-4 query scaling) where the model scales queries, else ``llama``; both read q/k rows permuted."""
+    return "mistral3" if model.cfg.rope.llama_4_scaling_beta is not None else "llama"
+
+
 def _yarn_mscale(factor: float) -> float:
     """What llama.cpp's YaRN multiplies cos and sin by of itself."""
     return 1.0 + 0.1 * math.log(factor) if factor > 1 else 1.0
@@ -111,7 +117,7 @@ def _yarn_mscale(factor: float) -> float:
 
 def _fields(model: TriModel, tokenizer: Tokenizer, name: str, precision: str) -> dict:
     """The model file's metadata: key -> value."""
-    cfg, rope, a = model.cfg, model.cfg.rope, f"{ARCH}."
+    cfg, rope, a = model.cfg, model.cfg.rope, f"{architecture(model)}."
     fields = {
         "general.name": name,
         "general.type": "model",
@@ -150,7 +156,8 @@ def _fields(model: TriModel, tokenizer: Tokenizer, name: str, precision: str) ->
             a + "rope.scaling.factor": rope.factor,
             a + "rope.scaling.yarn_beta_fast": rope.beta_fast,
             a + "rope.scaling.yarn_beta_slow": rope.beta_slow,
-            a + "rope.scaling.yarn_attn_factor": attention / _yarn_mscale(rope.factor),  # makes llama.cpp's ours
+            # llama.cpp's YaRN scales attention by 1 + 0.1 ln(factor) and then by this: the product is the config's
+            a + "rope.scaling.attn_factor": attention / _yarn_mscale(rope.factor),
         }
         mscales = {"tridlm.rope.yarn_mscale": rope.mscale, "tridlm.rope.yarn_mscale_all_dim": rope.mscale_all_dim}
         fields |= {k: v for k, v in mscales.items() if v is not None}
@@ -161,9 +168,8 @@ def _fields(model: TriModel, tokenizer: Tokenizer, name: str, precision: str) ->
             "tridlm.rope.low_freq_factor": rope.low_freq_factor,
             "tridlm.rope.high_freq_factor": rope.high_freq_factor,
         }
-    if rope.llama_4_scaling_beta is not None:  # llama.cpp's Llama-4 keys; its llama architecture leaves them unused
+    if rope.llama_4_scaling_beta is not None:  # mistral3's span is the original context length
         fields[a + "attention.temperature_scale"] = rope.llama_4_scaling_beta
-        fields[a + "attention.temperature_length"] = rope.original_max_position_embeddings
     return fields
 
 
@@ -180,12 +186,12 @@ def _add(writer: gguf.GGUFWriter, key: str, value) -> None:
         writer.add_array(key, value)
 
 
-def _write(path: Path, fields: dict, tensors: list[Tensor]) -> None:
+def _write(path: Path, arch: str, fields: dict, tensors: list[Tensor]) -> None:
     """One GGUF file, atomically: written beside ``path`` and renamed into place once complete."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer = gguf.GGUFWriter(tmp, arch)
         for key, value in fields.items():
             _add(writer, key, value)
         for name, kind, shape, _ in tensors:
@@ -236,11 +242,11 @@ def write(path: str | Path, model: TriModel, tokenizer: Tokenizer, name: str, pr
     if model.cfg.qk_norm:
         raise ValueError("GGUF export writes llama-layout models; per-head q/k norms (Qwen3) have no place in it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, _fields(model, tokenizer, name, precision), list(_tensors(model)))
+    _write(path, architecture(model), _fields(model, tokenizer, name, precision), list(_tensors(model)))
     written = [path]
     if any(isinstance(m, Linear) and m.lora_a is not None for m in model.modules()):
         alpha, tensors = _adapter_tensors(model)
         fields = {"general.name": f"{name} draft adapter", "general.type": "adapter", "adapter.type": "lora"}
-        _write(adapter_path(path), fields | {"adapter.lora.alpha": float(alpha)}, tensors)
+        _write(adapter_path(path), architecture(model), fields | {"adapter.lora.alpha": float(alpha)}, tensors)
         written.append(adapter_path(path))
     return written
