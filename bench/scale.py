@@ -2,8 +2,8 @@
 
 Shapes: the default model (135M, its own GGUF file) and random-weight GGUF files of 360M, 1.7B and 3B shapes
 (`python -m tridlm.measure.random_gguf`, written once into the tridlm cache). Per shape, variant and repeat, in turn:
-tridlm in a fresh process (`TRIDLM_CPU_ISA=<variant>`: load time, peak RSS, AR decode tok/s with prefill taken
-out: N tokens and 1 token after the same prompt, timed apart), then llama.cpp's `llama-bench` built for the
+tridlm in a fresh process (`TRIDLM_CPU_ISA=<variant>`: load time, time to the first token, peak RSS, AR decode tok/s
+with prefill taken out: N tokens and 1 token after the same prompt, timed apart), then llama.cpp's `llama-bench` built for the
 matching variant (native for avx512, AVX2 with AVX-VNNI for avxvnni, AVX2 only for avx2: bench/llamacpp.py) on
 the same file and threads (`-p 0 -n N`: decode only). Ratios are taken per pair and reported as median and range.
 
@@ -49,10 +49,11 @@ def timed(n):
     assert len(state.rows[0].tokens) == n
     return time.perf_counter() - start
 
+first_s = load_s + timed(1)  # from the start of loading to the first token of a chat request
 timed(4)  # warm-up
 one, full = timed(1), timed(tokens)
-print(json.dumps({"load_s": load_s, "rss_base_mb": base, "rss_loaded_mb": loaded, "rss_peak_mb": rss(),
-                  "tok_s": (tokens - 1) / (full - one)}))
+print(json.dumps({"load_s": load_s, "first_token_s": first_s, "rss_base_mb": base, "rss_loaded_mb": loaded,
+                  "rss_peak_mb": rss(), "tok_s": (tokens - 1) / (full - one)}))
 """
 
 
