@@ -3,8 +3,8 @@
 Shapes: the default model (135M, its own GGUF file) and random-weight GGUF files of 360M, 1.7B and 3B shapes
 (`python -m tridlm.measure.random_gguf`, written once into the tridlm cache). Per shape, variant and repeat, in turn:
 tridlm in a fresh process (`TRIDLM_CPU_ISA=<variant>`: load time, time to the first token, peak RSS, AR decode tok/s
-with prefill taken out: N tokens and 1 token after the same prompt, timed apart), then llama.cpp's `llama-bench` built for the
-matching variant (native for avx512, AVX2 with AVX-VNNI for avxvnni, AVX2 only for avx2: bench/llamacpp.py) on
+with prefill taken out: N tokens and 1 token after the same prompt, timed apart), then llama.cpp's `llama-bench` built
+for the matching variant (native for avx512, AVX2 with AVX-VNNI for avxvnni, AVX2 only for avx2: bench/llamacpp.py) on
 the same file and threads (`-p 0 -n N`: decode only). Ratios are taken per pair and reported as median and range.
 
     .venv/bin/python bench/scale.py [--shapes 135m,360m,1.7b,3b] [--isa avx512,avxvnni,avx2] [--tokens 64] [--repeats 3]

@@ -175,8 +175,9 @@ def convert(
     targets = [output, gguf_file.adapter_path(output)] if to_gguf else [output]
     if not force and any(t.is_file() or (t.is_dir() and any(t.iterdir())) for t in targets):
         raise ValueError(f"{output} exists and is not empty: pick another output or pass --force to replace it")
+    packing = dtype in quant.WEIGHT_PRECISIONS
     # a new mask row is added to float weights, packed afterwards
-    model, tok = open_model(source, "bfloat16" if add_mask_token else dtype)
+    model, tok = open_model(source, "bfloat16" if add_mask_token and packing else dtype)
     if add_mask_token:
         model = checkpoint.add_mask_token(model, tok)
     elif mask_token:
@@ -188,7 +189,7 @@ def convert(
     if block_size is not None:
         model.cfg = dataclasses.replace(model.cfg, block_size=block_size)
     if to_gguf:
-        if dtype in quant.WEIGHT_PRECISIONS and not checkpoint.is_packed(model):
+        if packing and not checkpoint.is_packed(model):
             projection.quantize(model, dtype)
         written = gguf_write.write(output, model, tok, model_name(source).removesuffix(".gguf"), dtype)
     else:
