@@ -12,6 +12,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from tridlm import checkpoint, default_model, gguf_file, loading, masks, quant
+from tridlm.cli import main
 from tridlm.decode import GenerationConfig, generate
 from tridlm.decode.modes import TABLE
 from tridlm.presets import preset, random_model
@@ -131,11 +132,12 @@ def test_bad_targets_and_inputs_are_refused_and_nothing_is_left_behind(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.draft-lora.gguf", "m.gguf", "nld", "words"]
 
 
-def test_the_default_models_export_is_its_gguf_file(tmp_path):
-    """int4 export of the default model: the original file's tensors byte for byte (its Q4_1 codes and Q8_0 table
-    kept through loading), its tokenizer metadata, and the shipped draft adapter beside it."""
+def test_the_default_models_export_is_its_gguf_file(tmp_path, capsys):
+    """`tridlm convert default OUT.gguf --dtype int4`: the original file's tensors byte for byte (its Q4_1 codes and
+    Q8_0 table kept through loading), its tokenizer metadata, and the shipped draft adapter beside it."""
     out = tmp_path / "smol.gguf"
-    loading.convert(None, out, "int4")
+    main(["convert", "default", str(out), "--dtype", "int4"])
+    assert f"wrote {out} and {gguf_file.adapter_path(out)}: int4" in capsys.readouterr().out
     ours, original = gguf_file.GGUFFile(out), gguf_file.GGUFFile(default_model.gguf_path())
     by_name = {t.name: t for t in original.tensors}
     assert {t.name: (t.shape, t.kind) for t in ours.tensors} == {n: (t.shape, t.kind) for n, t in by_name.items()}

@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 import torch
 
-from tridlm import __version__, quant
+from tridlm import quant
 from tridlm.gguf_file import BLOCK_NAMES, adapter_path
 from tridlm.model import TriModel
 from tridlm.projection import Linear
@@ -73,7 +73,12 @@ def _permuted(make: Callable[[], np.ndarray], heads: int | None, rows: int) -> C
     """``make`` with its ``rows`` (outputs: a weight's rows, a bias's elements) in llama.cpp's q/k order."""
     if heads is None:
         return make
-    return lambda: (lambda data: permute(data.reshape(rows, -1), heads).reshape(data.shape))(make())
+
+    def permuted() -> np.ndarray:
+        data = make()
+        return permute(data.reshape(rows, -1), heads).reshape(data.shape)
+
+    return permuted
 
 
 def _tensors(model: TriModel) -> Iterator[Tensor]:
@@ -136,7 +141,6 @@ def _fields(model: TriModel, tokenizer: Tokenizer, name: str, precision: str) ->
         a + "rope.freq_base": rope.theta,
         **tokenizer.gguf_fields(cfg.vocab_size),
         "diffusion.shift_logits": False,  # NLD's logits at a masked position predict that position
-        "tridlm.version": __version__,
         "tridlm.eos_token_ids": list(cfg.eos_ids),
     }
     if cfg.eos_ids:
