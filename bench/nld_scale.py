@@ -40,11 +40,11 @@ import llamacpp
 import scale
 import torch
 
-from tridlm import default_model, kernels, loading
+from tridlm import default_model, kernels, loading, projection
 from tridlm.decode import GenerationConfig, generate, pipelined, spec
 from tridlm.decode.costs import CostCurve, latency_sweep
 from tridlm.measure import random_nld
-from tridlm.presets import preset
+from tridlm.presets import empty_model, preset
 
 PROMPT = [{"role": "user", "content": "Write a Python function that merges two sorted lists."}]
 ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -212,10 +212,10 @@ def loading_and_ar(directory: Path, gguf: Path, binary: Path | None, args) -> di
 
 
 def packed_gb(shape: str) -> float:
-    """The int4 model's bytes: projections at 0.625 bytes a weight, the embedding and head (Q8_0) at 1.0625."""
-    c = preset(f"nld-{shape}")
-    attention = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-    return (c.n_layers * (attention + 3 * c.dim * c.ffn_dim) * 0.625 + 2 * c.vocab_size * c.dim * 1.0625) / 1e9
+    """The int4 model's bytes (``projection.packed_bytes`` of every weight of the shape)."""
+    model = empty_model(preset(f"nld-{shape}"))
+    weights = {n.removesuffix(".weight"): tuple(t.shape) for n, t in model.state_dict().items() if t.dim() == 2}
+    return sum(projection.packed_bytes(name, dims, "int4") for name, dims in weights.items()) / 1e9
 
 
 def estimate_14b(measured: dict) -> dict:
