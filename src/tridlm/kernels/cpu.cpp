@@ -18,11 +18,8 @@
 
 namespace {
 
-// GCC/Clang vector extensions: 16 float lanes, lowered to AVX-512, AVX2 or SSE as the machine allows.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+#include "lanes.h"
+
 constexpr int64_t W = 16;  // lanes: elements of a row, or softmax weights of 16 keys
 
 inline vf load(const float* p) {
@@ -31,13 +28,21 @@ inline vf load(const float* p) {
   return x;
 }
 inline vf load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float
+#if defined(__AVX512F__) || !defined(__AVX2__)
+  typedef uint16_t vh __attribute__((vector_size(32)));
   vh h;
   std::memcpy(&h, p, sizeof h);
-  return reinterpret_cast<vf>(__builtin_convertvector(h, vu) << 16);
+  return bits<vf>(__builtin_convertvector(h, vu) << 16);
+#else
+  typedef uint16_t h8 __attribute__((vector_size(16)));
+  h8 h[2];
+  std::memcpy(h, p, sizeof h);
+  return bits<vf>(vu{__builtin_convertvector(h[0], vu::Half), __builtin_convertvector(h[1], vu::Half)} << 16);
+#endif
 }
 inline vf load(const c10::Half* p) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  return bits<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #elif defined(__F16C__)
   const __m256 half[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
                           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
@@ -52,9 +57,16 @@ inline vf load(const c10::Half* p) {
 }
 inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
 inline void store(c10::BFloat16* p, vf x) {  // round to nearest even
-  const vu bits = reinterpret_cast<vu>(x);
-  const vh h = __builtin_convertvector((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, vh);
+  const vu wide = bits<vu>(x);
+  const vu top = (wide + 0x7FFF + ((wide >> 16) & 1)) >> 16;
+#if defined(__AVX512F__) || !defined(__AVX2__)
+  typedef uint16_t vh __attribute__((vector_size(32)));
+  const vh h = __builtin_convertvector(top, vh);
   std::memcpy(p, &h, sizeof h);
+#else  // packed as lanes 0-3, 8-11, 4-7, 12-15; the permute puts them in order
+  const __m256i packed = _mm256_packus_epi32(reinterpret_cast<__m256i>(top.h[0]), reinterpret_cast<__m256i>(top.h[1]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
+#endif
 }
 inline void store(c10::Half* p, vf x) {
   float f[W];
@@ -75,9 +87,9 @@ void dispatch(const torch::Tensor& t, const char* name, Fn fn) {
 
 // exp(x) for x <= 0, lane by lane (Cephes' single-precision polynomial, about 1 ulp).
 inline vf exp_nonpositive(vf x) {
-  x = x < -87.0f ? vf{} - 87.0f : x;
-  const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);  // round to nearest (x <= 0)
-  const vf fn = __builtin_convertvector(n, vf);
+  x = select(x < -87.0f, vf{} - 87.0f, x);
+  const vi n = convert<vi>(x * 1.44269504088896341f - 0.5f);  // round to nearest (x <= 0)
+  const vf fn = convert<vf>(n);
   const vf r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
   vf y = vf{} + 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
@@ -86,32 +98,7 @@ inline vf exp_nonpositive(vf x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  return y * reinterpret_cast<vf>((n + 127) << 23);
-}
-
-inline float sum_lanes(vf x) {  // a fixed pairwise order
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  const v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
-// sum_lanes of 16 vectors at once, lane k of the result = sum_lanes(v[k]) bit for bit: the same pairwise order
-// (lanes l and l + 8, then l and l + 4, then (0 + 2) + (1 + 3)), by shuffles across vectors instead of within one.
-inline vf sum_lanes16(const vf* v) {
-  vf u[8], w[4], e[2];
-  for (int p = 0; p < 8; ++p)
-    u[p] = __builtin_shufflevector(v[2 * p], v[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(v[2 * p], v[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int q = 0; q < 4; ++q)
-    w[q] = __builtin_shufflevector(u[2 * q], u[2 * q + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(u[2 * q], u[2 * q + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  for (int s = 0; s < 2; ++s)
-    e[s] = __builtin_shufflevector(w[2 * s], w[2 * s + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(w[2 * s], w[2 * s + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return y * bits<vf>((n + 127) << 23);
 }
 
 struct Strides {
@@ -175,7 +162,7 @@ void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, i
         for (int64_t g = 0; g < heads; ++g) {
           std::fill(w[g] + count, w[g] + chunks * W, -std::numeric_limits<float>::infinity());
           vf top = load(w[g]);
-          for (int64_t c = 1; c < chunks; ++c) top = top > load(w[g] + c * W) ? top : load(w[g] + c * W);
+          for (int64_t c = 1; c < chunks; ++c) top = select(top > load(w[g] + c * W), top, load(w[g] + c * W));
           float mx = top[0];
           for (int64_t l = 1; l < W; ++l) mx = std::max(mx, top[l]);
           for (int64_t c = 0; c < chunks; ++c) store(w[g] + c * W, exp_nonpositive(load(w[g] + c * W) - mx));
@@ -230,8 +217,8 @@ QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
   at::parallel_for(0, blocks, 512, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const vf half[2] = {load(x + i * BLOCK), load(x + i * BLOCK + W)};
-      const vf mag[2] = {half[0] < 0 ? -half[0] : half[0], half[1] < 0 ? -half[1] : half[1]};
-      const vf top = mag[0] > mag[1] ? mag[0] : mag[1];
+      const vf mag[2] = {select(half[0] < 0, -half[0], half[0]), select(half[1] < 0, -half[1], half[1])};
+      const vf top = select(mag[0] > mag[1], mag[0], mag[1]);
       float amax = top[0];
       for (int64_t l = 1; l < W; ++l) amax = std::max(amax, top[l]);
       const float d = amax / 127.f, inv = d > 0 ? 1.f / d : 0.f;
@@ -319,7 +306,7 @@ void int4_tile(const uint8_t* codes, const c10::Half* scales, const QuantizedRow
     w.template dots<R>(x.q.data() + r0 * K + b * BLOCK, K, dot);
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r;
-      acc[r] += __builtin_convertvector(dot[r], vf) * (d * x.d[row * blocks + b]);
+      acc[r] += convert<vf>(dot[r]) * (d * x.d[row * blocks + b]);
       acc[r] += m * x.s[row * blocks + b];
     }
   }
@@ -346,7 +333,7 @@ void int8_tile(const uint8_t* codes, const S* scales, const QuantizedRows& x, in
     const vf d = per_block ? load(scales + (tile * blocks + b) * W) : one;
     for (int r = 0; r < R; ++r) {
       const int64_t row = (r0 + r) * blocks + b;
-      acc[r] += __builtin_convertvector(dot[r] - 128 * x.sum[row], vf) * (d * x.d[row]);
+      acc[r] += convert<vf>(dot[r] - 128 * x.sum[row]) * (d * x.d[row]);
     }
   }
   const vf scale = per_block ? one : load(scales + tile * W);
@@ -601,8 +588,8 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
       for (int64_t r = begin; r < end; ++r)
         for (int64_t c = 0; c < F; c += W) {
           const vf x = load(gd + r * gs + c);
-          const vf e = exp_nonpositive(x < 0 ? x : -x);  // exp(-|x|), no overflow
-          const vf sigmoid = x < 0 ? e / (1.f + e) : 1.f / (1.f + e);
+          const vf e = exp_nonpositive(select(x < 0, x, -x));  // exp(-|x|), no overflow
+          const vf sigmoid = select(x < 0, e / (1.f + e), 1.f / (1.f + e));
           store(od + r * F + c, x * sigmoid * load(ud + r * us + c));
         }
     });

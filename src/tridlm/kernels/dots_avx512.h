@@ -18,7 +18,7 @@ struct Parts {
         acc[r * C + c % C] = _mm512_dpbusd_epi32(acc[r * C + c % C], part[c], _mm512_set1_epi32(word));
       }
     for (int r = 0; r < R; ++r)
-      dot[r] = reinterpret_cast<vi>(C == 1 ? acc[r] : _mm512_add_epi32(acc[r * C], acc[r * C + C - 1]));
+      dot[r] = bits<vi>(C == 1 ? acc[r] : _mm512_add_epi32(acc[r * C], acc[r * C + C - 1]));
   }
 };
 struct Q4 : Parts {  // unpacked to bytes once for all rows

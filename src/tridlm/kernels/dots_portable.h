@@ -10,7 +10,7 @@ struct Parts {  // portable form of the same integer sums: codes as 16 lanes of 
       vi acc{};
       for (int c = 0; c < 8; ++c)
         for (int j = 0; j < 4; ++j)
-          acc += reinterpret_cast<vi>((part[c] >> (8 * j)) & 0xFF) * static_cast<int32_t>(xq[r * stride + 4 * c + j]);
+          acc += bits<vi>((part[c] >> (8 * j)) & 0xFF) * static_cast<int32_t>(xq[r * stride + 4 * c + j]);
       dot[r] = acc;
     }
   }
