@@ -316,8 +316,8 @@ void int4_tile(const uint8_t* codes, const c10::Half* scales, const QuantizedRow
   }
 }
 
-// The same for int8 weights (codes w + 128): per block the exact integer sum(w * xq) = sum((w + 128) * xq) -
-// 128 * sum(xq), times dx, and the weights' scale: S = float, one per channel (scales (tiles, 16)), applied at the
+// The same for int8 weights (codes w + 128): per block the exact integer sum(w * xq) = dot - Q8::offset * sum(xq) (the
+// dot products of the VNNI builds are sum((w + 128) * xq), offset 128; AVX2's are sum(w * xq)), times dx, and the weights' scale: S = float, one per channel (scales (tiles, 16)), applied at the
 // end; S = c10::Half, one per channel and block as GGUF Q8_0 has them (scales (tiles, blocks, 16)), applied per block.
 template <int R, typename S, typename T>
 void int8_tile(const uint8_t* codes, const S* scales, const QuantizedRows& x, int64_t K, int64_t r0, T* out,
@@ -333,7 +333,7 @@ void int8_tile(const uint8_t* codes, const S* scales, const QuantizedRows& x, in
     const vf d = per_block ? load(scales + (tile * blocks + b) * W) : one;
     for (int r = 0; r < R; ++r) {
       const int64_t row = (r0 + r) * blocks + b;
-      acc[r] += convert<vf>(dot[r] - 128 * x.sum[row]) * (d * x.d[row]);
+      acc[r] += convert<vf>(dot[r] - Q8::offset * x.sum[row]) * (d * x.d[row]);
     }
   }
   const vf scale = per_block ? one : load(scales + tile * W);

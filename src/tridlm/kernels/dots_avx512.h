@@ -1,5 +1,5 @@
 // The integer dot products of a tile's codes (see cpu.cpp) by 512-bit dpbusd: AVX-512 with VNNI.
-// Part of cpu.cpp, included inside its namespace after its vector types (vf, vi, vu): the AVX-512 VNNI build.
+// Part of cpu.cpp, included inside its namespace after its vector types (lanes.h): the AVX-512 VNNI build.
 #pragma once
 
 struct Parts {
@@ -32,8 +32,9 @@ struct Q4 : Parts {  // unpacked to bytes once for all rows
     }
   }
 };
-struct Q8 : Parts {
+struct Q8 : Parts {  // the bytes w + 128: dot products sum (w + 128) x
   static constexpr int64_t bytes = 512;
+  static constexpr int32_t offset = 128;
   explicit Q8(const uint8_t* p) {
     for (int c = 0; c < 8; ++c) part[c] = _mm512_loadu_si512(p + 64 * c);
   }

@@ -1,5 +1,5 @@
 // The integer dot products of a tile's codes (see cpu.cpp) in portable vector code: the compiler's baseline.
-// Part of cpu.cpp, included inside its namespace after its vector types (vf, vi, vu): the portable build.
+// Part of cpu.cpp, included inside its namespace after its vector types (lanes.h): the portable build.
 #pragma once
 
 struct Parts {  // portable form of the same integer sums: codes as 16 lanes of 4 bytes each
@@ -26,7 +26,8 @@ struct Q4 : Parts {
     }
   }
 };
-struct Q8 : Parts {
+struct Q8 : Parts {  // the bytes w + 128: dot products sum (w + 128) x
   static constexpr int64_t bytes = 512;
+  static constexpr int32_t offset = 128;
   explicit Q8(const uint8_t* p) { std::memcpy(part, p, sizeof part); }
 };
