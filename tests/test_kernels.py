@@ -2,6 +2,8 @@
 that makes spec's verify rows equal AR steps: a query row's attention is the same bit for bit whatever rows,
 keys or batch rows come with it, in every dtype (torch's float32 matmuls are not)."""
 
+import os
+
 import gguf
 import pytest
 import torch
@@ -94,8 +96,32 @@ def test_a_failed_build_falls_back_with_a_message(monkeypatch, capsys):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    assert kernels._module.__wrapped__() is None
+    assert kernels.build(kernels.isa()) is None
     assert "could not be built (RuntimeError: no C++ compiler)" in capsys.readouterr().err
+
+
+def test_the_kernels_come_installed_and_a_fresh_process_builds_nothing(tmp_path):
+    """``make setup`` compiles every variant into the package: a process with an empty extension cache decodes with
+    them at once, building nothing. A module built from other sources (or for another torch) is not used."""
+    import subprocess
+    import sys
+
+    assert [v for v in kernels.runnable() if kernels.installed(v) is None] == []
+    code = (
+        "from tridlm import kernels; from tridlm.loading import open_model; from tridlm.decode import generate, "
+        "GenerationConfig; m, t = open_model(None, 'int4'); "
+        "generate(m, [t.encode('Hello')], GenerationConfig(mode='ar', max_tokens=2)); "
+        "print(kernels._module() is kernels.installed(kernels.isa()))"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.stdout.strip() == "True", run.stderr[-2000:]
+    assert "built the CPU kernels" not in run.stderr and not (tmp_path / "cache").exists()
+
+
+def test_an_installed_module_from_other_sources_is_not_used(monkeypatch):
+    monkeypatch.setattr(kernels, "source_digest", lambda: "edited since")
+    assert kernels.installed(kernels.isa()) is None
 
 
 @torch.inference_mode()
@@ -216,7 +242,7 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process():
 
     folder = kernels.build_directory(kernels.module_name(kernels.isa()))
     (folder / "lock").touch()
-    load = "from tridlm import kernels; print(kernels._module() is not None)"
+    load = "from tridlm import kernels; print(kernels.build(kernels.isa()) is not None)"
     out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=600)
     assert out.stdout.strip() == "True" and not (folder / "lock").exists()
 

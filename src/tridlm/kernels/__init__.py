@@ -1,16 +1,18 @@
-"""Small compiled CPU kernels (``cpu.cpp``), built on first use with torch's extension builder (g++ and ninja)
-and cached (under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), in a folder per kind of CPU,
-Python environment and content of the sources, so that two environments never rebuild each other's.
+"""Small compiled CPU kernels (``cpu.cpp``), built into the package when it is installed (``setup.py``: a module per
+instruction-set variant the compiler can build, ``tridlm.kernels._cpu_<variant>``), so that no forward waits for a
+compiler. Where the installed module is missing or stale (the sources or torch changed since, as in an editable
+checkout being worked on) the kernels are built on first use with torch's extension builder (g++ and ninja) and cached
+(under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), in a folder per kind of CPU, Python
+environment and content of the sources, so that two environments never rebuild each other's.
 
 Instruction-set variants (``VARIANTS``): ``avx512`` (AVX-512 with VNNI integer dot products), ``avxvnni`` (the
-256-bit VNNI dot products of CPUs without AVX-512), ``avx2`` and ``portable`` (the compiler's baseline), each built
-on demand; the best this CPU runs is loaded, or the one ``TRIDLM_CPU_ISA`` names (for tests and benches). The
-integer dot products of each family are a header of their own (``dots_<family>.h``), the one a build includes
-chosen by the compiler's flags.
+256-bit VNNI dot products of CPUs without AVX-512), ``avx2`` and ``portable`` (the compiler's baseline); the best
+this CPU runs is loaded, or the one ``TRIDLM_CPU_ISA`` names (for tests and benches). The integer dot products of
+each family are a header of their own (``dots_<family>.h``), the one a build includes chosen by the compiler's flags.
 
-A build holds an OS file lock (``fcntl.flock``, released with its process however that ends) and clears torch's
-own lock file before it starts: a build killed midway once left that file behind and every later process waited
-on it forever.
+A build on first use holds an OS file lock (``fcntl.flock``, released with its process however that ends) and clears
+torch's own lock file before it starts: a build killed midway once left that file behind and every later process
+waited on it forever.
 
 On a CPU a decode step of a small model spends as long in the dispatch of many tiny tensor ops as in its
 matmuls; each kernel here does in one call what takes torch several: attention for query blocks (row by row in
@@ -25,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import importlib
 import os
 import platform
 import subprocess
@@ -38,14 +41,13 @@ import torch
 HEAD_SIZES = (64, 128, 256)  # what ``attend`` is compiled for
 
 
-# name: (the CPU flags it needs, as /proc/cpuinfo names them; its compiler flags), best first. The kernels are
-# built on the machine they run on: avx512 takes everything that CPU has (-march=native measured faster than
-# x86-64-v4 + VNNI, 5.5-6.0 against 6.1-8.9 ms per AR step in alternating runs), the others are tuned for it.
-# x86-64 only; other machines get the portable build.
+# name: (the CPU flags it needs, as /proc/cpuinfo names them; its compiler flags), best first. x86-64 only; other
+# machines get the portable build. On a CPU that runs it, avx512 takes everything that CPU has (``compiler_flags``:
+# -march=native measured faster than x86-64-v4 + VNNI, 5.5-6.0 against 6.1-8.9 ms per AR step in alternating runs).
 VARIANTS = {
-    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, ["-march=native"]),
-    "avxvnni": ({"avx2", "fma", "f16c", "bmi2", "avx_vnni"}, ["-march=x86-64-v3", "-mavxvnni", "-mtune=native"]),
-    "avx2": ({"avx2", "fma", "f16c", "bmi2"}, ["-march=x86-64-v3", "-mtune=native"]),
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, ["-march=x86-64-v4", "-mavx512vnni"]),
+    "avxvnni": ({"avx2", "fma", "f16c", "bmi2", "avx_vnni"}, ["-march=x86-64-v3", "-mavxvnni"]),
+    "avx2": ({"avx2", "fma", "f16c", "bmi2"}, ["-march=x86-64-v3"]),
     "portable": (set(), []),
 }
 
@@ -88,6 +90,30 @@ def isa() -> str:
 SOURCE = Path(__file__).with_name("cpu.cpp")
 
 
+def compiler_flags(variant: str) -> list[str]:
+    """The flags a build of ``variant`` compiles with: tuned for this CPU (``-mtune=native``; ``-march=native`` for
+    avx512 where this CPU runs it)."""
+    if variant == "avx512" and variant in runnable():
+        return ["-O3", "-march=native", "-fopenmp"]
+    return ["-O3", *VARIANTS[variant][1], *(["-mtune=native"] if VARIANTS[variant][1] else []), "-fopenmp"]
+
+
+def source_digest() -> str:
+    """What a built module must have been built from: the kernels' sources and this torch's version."""
+    sources = [SOURCE, *sorted(SOURCE.parent.glob("*.h"))]
+    return hashlib.sha1(torch.__version__.encode() + b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+
+
+def installed(variant: str):
+    """The module of ``variant`` built into the package at install time (``setup.py``), or None where there is none
+    or it was built from other sources or for another torch."""
+    try:
+        module = importlib.import_module(f"{__name__}._cpu_{variant}")
+    except ImportError:
+        return None
+    return module if getattr(module, "digest", None) == source_digest() else None
+
+
 def module_name(variant: str) -> str:
     return f"tridlm_cpu_{variant}_{_cpu_tag()}"
 
@@ -113,17 +139,11 @@ def _load(name: str, source: Path, **flags):
         return cpp_extension.load(name, [str(source)], build_directory=str(folder), **flags)
 
 
-@functools.cache
-def _module():
-    variant = isa()
+def build(variant: str):
+    """``variant`` built now into the extension cache (or loaded from it), or None with one line saying why not."""
     start = time.perf_counter()
     try:
-        module = _load(
-            module_name(variant),
-            SOURCE,
-            extra_cflags=["-O3", *VARIANTS[variant][1], "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
+        module = _load(module_name(variant), SOURCE, extra_cflags=compiler_flags(variant), extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:  # no compiler, no ninja ...
         print(
             f"tridlm: the CPU kernels could not be built ({type(e).__name__}: {e}); using torch ops instead (slower)",
@@ -134,6 +154,13 @@ def _module():
     if took > 2:  # a build rather than a load from the cache
         print(f"tridlm: built the CPU kernels ({variant}) in {took:.0f} s (cached for later runs)", file=sys.stderr)
     return module
+
+
+@functools.cache
+def _module():
+    """The kernels of the variant to run: the installed module, else one built (or cached) now."""
+    variant = isa()
+    return installed(variant) or build(variant)
 
 
 def _usable(*tensors: torch.Tensor):

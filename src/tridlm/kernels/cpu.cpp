@@ -709,7 +709,13 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
   return input.reshape({B * n, dim}).index_copy(0, tokens, x).view({B, n, dim});
 }
 
+#define TRIDLM_STRING(x) #x
+#define TRIDLM_STRING_OF(x) TRIDLM_STRING(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef TRIDLM_DIGEST  // built into the package (setup.py): what it was built from (tridlm.kernels.source_digest)
+  m.attr("digest") = std::string(TRIDLM_STRING_OF(TRIDLM_DIGEST));
+#endif
   m.def("attend", &attend, "attention for a CPU query block, row by row");
   m.def("rms_norm", &rms_norm, "RMSNorm, row by row");
   m.def("rope", &rope, "rotary embedding, half-split convention");
