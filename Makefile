@@ -61,7 +61,9 @@ $(LLAMACPP): $(STAMP)
 # 3 GB of random-weight GGUF files into the tridlm cache once). Then tri-mode GGUF exports read by llama.cpp
 # (bench/results/gguf-interop-<date>.json) and NLD's 3B and 8B shapes: loading, AR beside llama-bench, cost(n), the
 # modes at a stated acceptance (bench/results/nld-scale-<date>.json; writes 23 GB of random checkpoints and 8 GB of
-# GGUF files into the tridlm cache once).
+# GGUF files into the tridlm cache once). Then the roofline: per shape and kernel variant this CPU runs, the AR step
+# against its weight-read time, cost(n) against max(weight read, n x compute), prefill and decode at depth, each beside
+# llama-bench built for the same variant (bench/results/roofline-<date>.json).
 bench: setup $(LLAMACPP)
 	$(BIN)/tridlm bench --dtype float32 --block-sizes 4,8 --repeats 2 --humaneval 6 --out bench/results
 	$(BIN)/python bench/spec_ablation.py --out bench/results
@@ -72,6 +74,7 @@ bench: setup $(LLAMACPP)
 	$(BIN)/python bench/scale.py --repeats 3 --out bench/results
 	$(BIN)/python bench/gguf_interop.py --out bench/results
 	$(BIN)/python bench/nld_scale.py --out bench/results
+	$(BIN)/python bench/roofline.py --out bench/results
 
 # Task scores of every mode and precision (HumanEval 164, GSM8K 100; README "Task scores"; HumanEval runs the
 # model's code, in tridlm.measure.sandbox, hence --allow-code-execution): writes
