@@ -28,7 +28,7 @@ inline vf load(const float* p) {
   return x;
 }
 inline vf load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float
-#if defined(__AVX512F__) || !defined(__AVX2__)
+#if !TRIDLM_LANES_IN_HALVES
   typedef uint16_t vh __attribute__((vector_size(32)));
   vh h;
   std::memcpy(&h, p, sizeof h);
@@ -59,7 +59,7 @@ inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
 inline void store(c10::BFloat16* p, vf x) {  // round to nearest even
   const vu wide = bits<vu>(x);
   const vu top = (wide + 0x7FFF + ((wide >> 16) & 1)) >> 16;
-#if defined(__AVX512F__) || !defined(__AVX2__)
+#if !TRIDLM_LANES_IN_HALVES
   typedef uint16_t vh __attribute__((vector_size(32)));
   const vh h = __builtin_convertvector(top, vh);
   std::memcpy(p, &h, sizeof h);
@@ -316,9 +316,10 @@ void int4_tile(const uint8_t* codes, const c10::Half* scales, const QuantizedRow
   }
 }
 
-// The same for int8 weights (codes w + 128): per block the exact integer sum(w * xq) = dot - Q8::offset * sum(xq) (the
-// dot products of the VNNI builds are sum((w + 128) * xq), offset 128; AVX2's are sum(w * xq)), times dx, and the weights' scale: S = float, one per channel (scales (tiles, 16)), applied at the
-// end; S = c10::Half, one per channel and block as GGUF Q8_0 has them (scales (tiles, blocks, 16)), applied per block.
+// The same for int8 weights (codes w + 128): per block the exact integer sum(w * xq) = dot - Q8::offset * sum(xq)
+// (the VNNI builds' dot products are sum((w + 128) * xq), offset 128; AVX2's are sum(w * xq)), times dx, and the
+// weights' scale: S = float, one per channel (scales (tiles, 16)), applied at the end; S = c10::Half, one per channel
+// and block as GGUF Q8_0 has them (scales (tiles, blocks, 16)), applied per block.
 template <int R, typename S, typename T>
 void int8_tile(const uint8_t* codes, const S* scales, const QuantizedRows& x, int64_t K, int64_t r0, T* out,
                int64_t N, int64_t tile) {

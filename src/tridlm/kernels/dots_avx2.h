@@ -15,17 +15,13 @@ struct Q4 {
   explicit Q4(const uint8_t* codes) : p(codes) {}
   template <int R>
   void dots(const int8_t* xq, int64_t stride, vi* dot) const {
-    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int h = 0; h < 2; ++h) {
       __m256i acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-      for (int c = 0; c < 4; ++c) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h));
-        const __m256i part[2] = {_mm256_and_si256(raw, low), _mm256_and_si256(_mm256_srli_epi16(raw, 4), low)};
-        for (int k = 0; k < 2; ++k)
-          for (int r = 0; r < R; ++r)
-            acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(part[k], broadcast_word(xq + r * stride + 8 * c + 4 * k)));
-      }
+      q4_parts<R>(p, h, xq, stride, [&](int r, __m256i part, __m256i x) {
+        acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(part, x));
+      });
       for (int r = 0; r < R; ++r) dot[r].h[h] = reinterpret_cast<vi::Half>(_mm256_madd_epi16(acc[r], ones));
     }
   }

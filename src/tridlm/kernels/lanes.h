@@ -8,7 +8,13 @@
 // 8-15, so that every value stays in registers. Both forms compute the same lanes in the same order.
 #pragma once
 
-#if defined(__AVX512F__) || !defined(__AVX2__)
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define TRIDLM_LANES_IN_HALVES 1  // the form of two native halves (below)
+#else
+#define TRIDLM_LANES_IN_HALVES 0
+#endif
+
+#if !TRIDLM_LANES_IN_HALVES
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
