@@ -1,15 +1,18 @@
 """Pipelined self-speculation and ``auto``: one forward per cycle, AR's output token for token."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import GREEDY, chi_square, exact_ar_distribution, tokens
 
 from tridlm import masks
-from tridlm.decode import AnswerHistory, DecodeState, GenerationConfig, generate, stream
+from tridlm.decode import AnswerHistory, DecodeState, GenerationConfig, generate, pipelined, stream
+from tridlm.decode import ar as ar_decoder
+from tridlm.decode.costs import CostCurve
 from tridlm.decode.lookup import NGramIndex
-from tridlm.decode.pipelined import Acceptance, Plan, Planner
+from tridlm.decode.pipelined import Acceptance, Plan, Planner, Unverified
 from tridlm.presets import preset, random_model
 
 
@@ -120,6 +123,44 @@ def test_planner_picks_ar_when_forwards_cost_their_tokens_and_fills_cheap_ones()
     fixed = Planner(4)
     assert fixed.plan({"lookup2": 2, "draft": 0}, acc, rows=1) == Plan(2, 0, "lookup2")
     assert fixed.plan({"draft": 0}, acc, rows=1) == Plan(0, 3, "draft")
+
+
+def test_auto_is_ar_steps_and_nothing_else_where_no_plan_pays(tiny_model, prompts, monkeypatch):
+    steep = CostCurve({n: float(n) for n in range(1, 9)}, {n: float(n) for n in range(1, 9)})
+    assert not Planner(8, steep.upto(8)).pays()
+    assert Planner(8, both({n: 0.9 * n + 0.1 for n in range(1, 9)})).pays()  # sure candidates would pay
+    widths = []
+
+    def forward_block(model, cache, block, *args, **kwargs):
+        widths.append(block.shape[1])
+        return real(model, cache, block, *args, **kwargs)
+
+    real = ar_decoder.forward_block
+    monkeypatch.setattr(ar_decoder, "forward_block", forward_block)
+    monkeypatch.setattr(pipelined, "forward_block", lambda *a, **k: pytest.fail("a verify or draft forward"))
+    monkeypatch.setattr(pipelined, "NGramIndex", lambda *a, **k: pytest.fail("candidates looked up"))
+    auto = generate(tiny_model, prompts[:1], GREEDY.replace(mode="auto"), costs=steep)
+    assert widths == [1] * (len(auto.rows[0].tokens) - 1)  # one AR step per token after the prefill's
+    assert auto.rows[0].tokens == generate(tiny_model, prompts[:1], GREEDY).rows[0].tokens
+
+
+def test_unverified_candidates_are_judged_by_the_tokens_the_row_commits():
+    acc, row = Acceptance(4), SimpleNamespace(tokens=[5], done=False)
+    state, seen = SimpleNamespace(rows=[row]), Unverified(acc)
+    seen.offer({"lookup2": [[6, 7, 8]], "draft": [[6, 7]]}, Plan(), state, [0])
+    seen.offer({"lookup3": [[1]]}, Plan(1, 0, "lookup3"), state, [0])  # verified: judged by the verify
+    row.tokens.append(6)
+    seen.check(state)
+    assert "lookup2" not in acc.tries  # undecided: 6 right so far
+    row.tokens.append(9)
+    seen.check(state)  # 6 right, 7 wrong, 8 never judged
+    assert acc.hits["lookup2"] == [2.0, 1.0, 1.0, 1.0] and acc.tries["lookup2"] == [3.0, 3.0, 2.0, 2.0]
+    assert not seen.open and set(acc.tries) == {"lookup2"}  # MASK-row drafts are learned only where verified
+    seen.offer({"history2": [[4, 4]]}, Plan(), state, [0])
+    row.tokens.append(4)
+    row.done = True  # the row ends before the second candidate is decided
+    seen.check(state)
+    assert acc.hits["history2"][:2] == [2.0, 1.0] and acc.tries["history2"][:2] == [3.0, 2.0]
 
 
 def test_acceptance_counts_the_accepted_prefix_and_the_first_miss():

@@ -101,6 +101,15 @@ class Planner:
     def __init__(self, block: int, costs: dict[str, dict[int, float]] | None = None):
         self.block, self.costs = block, costs
 
+    def pays(self) -> bool:
+        """Whether any plan beats an AR step where every candidate and draft would be accepted: where none does
+        (a cost curve on which n tokens cost n steps), an ``auto`` cycle is an AR step and nothing else."""
+        if self.costs is None:
+            return True
+        certain = Acceptance(self.block, (1.0, 1.0))
+        certain.carried = [1.0, 1.0]
+        return self.plan({"draft": self.block - 1}, certain, 1) != Plan()
+
     def plan(self, available: dict[str, int], acc: Acceptance, rows: int) -> Plan:
         """``available``: candidates on hand per source (the most any row has)."""
         room = self.block - 1
@@ -131,6 +140,35 @@ class Planner:
         verify = self.costs["verify"]
         net = [gain - (verify[1 + m] - verify[1]) for m, (gain, _) in enumerate(acc.expected("draft", self.block - 2))]
         return [0.0, 0.0] + [kept * max(net[:r]) for r in range(2, self.block)] if self.block > 2 else [0.0] * 2
+
+
+class Unverified:
+    """Lookup and history candidates that a cycle did not verify, checked against the tokens the row then commits:
+    a candidate is accepted exactly when it is the token AR commits (when sampling, with probability p(x), the chance
+    that AR samples it), so their acceptance is learned for free and ``auto`` pays no verify row to find out how well
+    a source guesses. MASK-row drafts cost a forward's rows to make and are learned only where verified."""
+
+    def __init__(self, acc: Acceptance):
+        self.acc = acc
+        self.open: list[tuple[str, int, int, list[int]]] = []  # (source, row, index of its first token, candidates)
+
+    def offer(self, proposals: dict[str, list[list[int]]], plan: Plan, state: DecodeState, live: list[int]) -> None:
+        for source, found in proposals.items():
+            if source != "draft" and not (plan.verify and source == plan.source):
+                self.open += [(source, i, len(state.rows[i].tokens), found[i]) for i in live if found[i]]
+
+    def check(self, state: DecodeState) -> None:
+        """Count each candidate list whose outcome the committed tokens now decide (a miss, all of it, or the end)."""
+        still = []
+        for source, i, start, guess in self.open:
+            row = state.rows[i]
+            seen = row.tokens[start : start + len(guess)]
+            k = next((j for j, (a, b) in enumerate(zip(seen, guess)) if a != b), len(seen))
+            if k < len(seen) or len(seen) == len(guess) or row.done:
+                self.acc.update(source, min(len(seen), k + 1), k)
+            else:
+                still.append((source, i, start, guess))
+        self.open = still
 
 
 def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) -> Planner:
@@ -177,18 +215,23 @@ def pipelined(
     planner = planner_for(model, state, costs)
     rows, room = len(pending), cfg.block_size - 1
     acc = Acceptance(max(room, 1))
-    lookups = [NGramIndex(r.prompt + r.tokens) for r in state.rows] if cfg.lookup else None
+    worth = planner.pays()  # False: every cycle an AR step, no candidates looked up
+    lookups = [NGramIndex(r.prompt + r.tokens) for r in state.rows] if cfg.lookup and worth else None
+    unverified = Unverified(acc)
     carried: list[list[int]] = [[] for _ in range(rows)]  # drafts from the last forward's MASK rows
     carried_q: list[torch.Tensor | None] = [None] * rows  # their distributions (sampling only)
     while not state.all_done:
         live = [i for i, r in enumerate(state.rows) if not r.done]
         proposals = {**_candidates(lookups, history, state, live, room), "draft": carried}
-        plan = planner.plan({s: max(len(c[i]) for i in live) for s, c in proposals.items()}, acc, len(live))
+        available = {s: max(len(c[i]) for i in live) for s, c in proposals.items()}
+        plan = planner.plan(available, acc, len(live)) if worth else Plan()
+        unverified.offer(proposals, plan, state, live)
         if not plan.verify and not plan.drafts:  # a plain AR step, without verification's bookkeeping
             pending = ar_step(model, cache, pending, state, generator, _no_drafts)
             carried, carried_q = [[] for _ in range(rows)], [None] * rows
             for i in live:
                 state.rows[i].accepted_lengths.append(1)
+            unverified.check(state)
             yield state.flush()
             continue
         if mask_id is None and plan.drafts:
@@ -220,6 +263,7 @@ def pipelined(
                         carried[i], carried_q[i] = guess[i, 1:].tolist(), dq[i, 1:]
         for i in live:
             acc.update(plan.source, len(chosen[i]), int(k[i]))
+        unverified.check(state)
         yield state.flush()
 
 
