@@ -10,6 +10,10 @@ goes first. `llama-server` is built once from the llama.cpp source inside the ll
     .venv/bin/python bench/serve_load.py [--clients 1,4,8,16] [--seconds 60] [--mode ar] [--out bench/results]
     .venv/bin/python bench/serve_load.py --clients 8 --seconds 600 --servers tridlm --out DIR   # a soak
     .venv/bin/python bench/serve_load.py --prompts code --mode auto --clients 8 --servers tridlm  # auto on code
+    .venv/bin/python bench/serve_load.py --prompts documents --clients 8  # long prompts: prefill is the work
+
+`--prompts documents`: a page of the project's documentation (docs/*.md, cut at paragraph ends into pieces of 500 to
+2,000 tokens) and a question about it, each asked once; both servers get room for the longest (`--slot-tokens`, `-c`).
 
 writes OUT/serve-load-<date>.json and -load.png (tok/s and TTFT p99 against clients) and prints a table.
 """
@@ -18,6 +22,7 @@ import argparse
 import datetime
 import itertools
 import json
+import re
 import socket
 import statistics
 import subprocess
@@ -32,9 +37,37 @@ import httpx
 import llamacpp
 
 from tridlm import default_model
+from tridlm.gguf_file import GGUFFile
 from tridlm.measure import evaluate
+from tridlm.tokenizer import Tokenizer
 
 MAX_TOKENS = (32, 64, 128)
+QUESTIONS = (
+    "Summarize the text above in three sentences.",
+    "Which commands does the text above mention, and what does each do?",
+    "What numbers does the text above report, and what does each measure?",
+    "Write two questions a new user might ask after reading the text above, and answer them.",
+)
+DOCUMENT_TOKENS = (500, 2000)  # the shortest and longest page of a documents request
+
+
+def documents(tokenizer: Tokenizer, folder: Path = Path("docs")) -> list[list[dict]]:
+    """Chat requests of a page of documentation and a question about it: the Markdown files of ``folder`` cut at
+    paragraph ends into pages of ``DOCUMENT_TOKENS`` tokens (a longer paragraph is left out), the questions in turn."""
+    pages, shortest, longest = [], *DOCUMENT_TOKENS
+    for path in sorted(folder.glob("*.md")):
+        page, size = [], 0
+        for paragraph in re.split(r"\n\s*\n", path.read_text()):
+            tokens = len(tokenizer.encode(paragraph)) + 2
+            if size + tokens > longest:
+                if size >= shortest:
+                    pages.append("\n\n".join(page))
+                page, size = [], 0
+            if tokens <= longest:
+                page, size = page + [paragraph], size + tokens
+        if size >= shortest:
+            pages.append("\n\n".join(page))
+    return [[{"role": "user", "content": f"{page}\n\n{QUESTIONS[i % len(QUESTIONS)]}"}] for i, page in enumerate(pages)]
 
 
 def free_port() -> int:
@@ -140,9 +173,10 @@ def main() -> None:
     ap.add_argument("--mode", default="ar", help="tridlm's --default-mode")
     ap.add_argument(
         "--prompts",
-        choices=("chat", "code"),
+        choices=("chat", "code", "documents"),
         default="chat",
-        help="the packaged chat prompts, or HumanEval's problems as chat requests, each asked once (no repeats)",
+        help="the packaged chat prompts; HumanEval's problems as chat requests, or pages of documentation and a "
+        "question (500-2,000 tokens), each asked once (no repeats)",
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-server", help="a built llama-server (default: build one)")
@@ -150,14 +184,18 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
+    gguf, servers, context = default_model.gguf_path(), {}, 2048
     if args.prompts == "code":
         chats = [[{"role": "user", "content": p.request}] for p in evaluate.HumanEval().problems()]
+    elif args.prompts == "documents":
+        chats = documents(Tokenizer.from_gguf(GGUFFile(gguf).fields))
+        context = DOCUMENT_TOKENS[1] + 64 + max(MAX_TOKENS)  # the page, the chat template and question, the answer
     else:
         text = (resources.files("tridlm") / "prompts" / "chat.jsonl").read_text()
         chats = [json.loads(line)["messages"] for line in text.splitlines() if line.strip()]
-    gguf, servers = default_model.gguf_path(), {}
     port = free_port()
     cmd = [sys.executable, "-m", "tridlm", "serve", "--port", str(port), "--threads", str(args.threads)]
+    cmd += ["--slot-tokens", str(context)]
     servers["tridlm"] = (start([*cmd, "--default-mode", args.mode], port), f"http://127.0.0.1:{port}")
     binary = None
     if "llama-server" in args.servers.split(","):
@@ -165,7 +203,8 @@ def main() -> None:
     if binary is not None:
         port = free_port()
         np_ = str(max(counts))
-        cmd = [str(binary), "-m", str(gguf), "--port", str(port), "-t", str(args.threads), "-np", np_, "-c", "0"]
+        cmd = [str(binary), "-m", str(gguf), "--port", str(port), "-t", str(args.threads), "-np", np_]
+        cmd += ["-c", str(context * int(np_))]  # a slot per client, each of the context tridlm's rows get
         servers["llama-server"] = (start(cmd, port), f"http://127.0.0.1:{port}")
     report = {"command": " ".join(["python", *sys.argv]), "gguf": str(gguf), "results": {}}
     if "llama-server" in args.servers.split(","):
@@ -174,7 +213,7 @@ def main() -> None:
         for i, clients in enumerate(counts):
             for name in list(servers)[:: 1 if i % 2 == 0 else -1]:
                 proc, url = servers[name]
-                r = load(url, clients, args.seconds, chats, proc.pid, distinct=args.prompts == "code")
+                r = load(url, clients, args.seconds, chats, proc.pid, distinct=args.prompts != "chat")
                 report["results"][f"{name} {clients}"] = {"server": name, "clients": clients, **r}
                 print(
                     f"{name:<13} {clients:>3} clients: {r['tok_s']:6.1f} tok/s, TTFT p50/p99 "

@@ -12,6 +12,7 @@ import hashlib
 import json
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -199,6 +200,31 @@ class CostCurve:
         if sorted(verify) != list(range(1, len(verify) + 1)) or verify.keys() != draft.keys():
             raise ValueError(f"{path}: a cost curve needs the sizes 1..n for both verify and draft")
         return cls(verify, draft, rows)
+
+
+class Timings:
+    """What one request's cycles took, per forward shape (kind "verify" or "draft", tokens): once the AR step and a
+    shape have each been timed ``least`` times, ``costs`` holds that shape's relative cost as the ratio of their
+    medians over the last ``keep`` cycles, in place of the curve's. The curve times forwards alone; a cycle also
+    plans, verifies and commits, over a context that grows, so what a plan was predicted to cost and what it costs
+    can part, and ``auto`` must not lose to AR by trusting the prediction."""
+
+    def __init__(self, curve: dict[str, dict[int, float]], keep: int = 16, least: int = 3):
+        self.costs = {kind: dict(c) for kind, c in curve.items()}  # what the planner reads, updated in place
+        self.keep, self.least = keep, least
+        self.seconds: dict[tuple[str, int], deque] = {}
+
+    def record(self, kind: str, tokens: int, seconds: float) -> None:
+        times = self.seconds.setdefault((kind, tokens), deque(maxlen=self.keep))
+        times.append(seconds)
+        step = self.seconds.get(("verify", 1), ())
+        if len(step) < self.least:
+            return
+        one = statistics.median(step)
+        shapes = self.seconds if (kind, tokens) == ("verify", 1) else {(kind, tokens): times}
+        for (k, n), ts in shapes.items():
+            if n > 1 and len(ts) >= self.least:
+                self.costs[k][n] = statistics.median(ts) / one
 
 
 def _key(model) -> dict:

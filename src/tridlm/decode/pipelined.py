@@ -17,13 +17,16 @@ accepted with probability min(1, p(x)/q(x)); lookup and history candidates have 
 
 How many candidates to verify and MASK rows to add is the ``Planner``'s choice per cycle: fixed by the
 block size (``spec_variant="pipelined"``), or (``mode="auto"``) the plan with the most expected tokens
-per unit of cost, from the cost curve measured on this model (``costs.CostCurve``) and the running
-acceptance of this request's candidates.
+per unit of cost, from the cost curve measured on this model (``costs.CostCurve``), replaced shape by shape by
+what this request's cycles took (``costs.Timings``), and the running acceptance of this request's candidates, which
+candidates left unverified teach for free (``Unverified``). Where no plan could beat an AR step even if every
+candidate were accepted, ``auto`` runs AR steps and nothing else.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,7 +35,7 @@ import torch
 from tridlm import masks
 from tridlm.cache import KVCache
 from tridlm.decode.ar import ar_step
-from tridlm.decode.costs import CostCurve
+from tridlm.decode.costs import CostCurve, Timings
 from tridlm.decode.forward import forward_block, unmasking_distribution
 from tridlm.decode.lookup import AnswerHistory, NGramIndex
 from tridlm.decode.spec import settle
@@ -220,7 +223,11 @@ def pipelined(
     unverified = Unverified(acc)
     carried: list[list[int]] = [[] for _ in range(rows)]  # drafts from the last forward's MASK rows
     carried_q: list[torch.Tensor | None] = [None] * rows  # their distributions (sampling only)
+    timings = Timings(planner.costs) if planner.costs is not None and worth else None
+    if timings is not None:
+        planner.costs = timings.costs  # the planner plans with what this request's cycles cost
     while not state.all_done:
+        began = time.perf_counter()
         live = [i for i, r in enumerate(state.rows) if not r.done]
         proposals = {**_candidates(lookups, history, state, live, room), "draft": carried}
         available = {s: max(len(c[i]) for i in live) for s, c in proposals.items()}
@@ -232,6 +239,8 @@ def pipelined(
             for i in live:
                 state.rows[i].accepted_lengths.append(1)
             unverified.check(state)
+            if timings is not None:
+                timings.record("verify", 1, time.perf_counter() - began)
             yield state.flush()
             continue
         if mask_id is None and plan.drafts:
@@ -264,6 +273,8 @@ def pipelined(
         for i in live:
             acc.update(plan.source, len(chosen[i]), int(k[i]))
         unverified.check(state)
+        if timings is not None:
+            timings.record("draft" if r else "verify", 1 + m + r, time.perf_counter() - began)
         yield state.flush()
 
 
