@@ -189,6 +189,7 @@ def main() -> None:
         "results": results,
     }
     out = Path(args.out) / f"roofline-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -228,6 +228,7 @@ def main() -> None:
             proc.wait(30)
     variant = "" if (args.prompts, args.mode) == ("chat", "ar") else f"-{args.prompts}-{args.mode}"
     out = Path(args.out) / f"serve-load{variant}-{datetime.date.today().isoformat()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, counts, out.with_name(out.name + "-load.png"))
     print(f"wrote {out.with_suffix('.json')}")

@@ -58,10 +58,17 @@ class Acceptance:
     """Running acceptance of one request's candidates per source and depth: hits[j] / tries[j] estimates
     P(candidate j+1 accepted | candidates 1..j accepted), from counts with a prior of 1 in 2."""
 
-    def __init__(self, depth: int, prior: Acceptance | tuple[float, float] = (1.0, 2.0)):
+    def __init__(
+        self,
+        depth: int,
+        prior: Acceptance | tuple[float, float] = (1.0, 2.0),
+        judged: tuple[float, float] | None = None,
+    ):
         """``prior``: (hits, tries) every count starts from, or another ``Acceptance`` whose counts this one starts
-        from (scaled down to at most ``PRIOR_TRIES`` tries each: they weigh like a few of this one's own)."""
-        self.depth, self.prior = depth, prior
+        from (scaled down to at most ``PRIOR_TRIES`` tries each: they weigh like a few of this one's own).
+        ``judged``: the (hits, tries) that the sources judged even when left unverified (all but "draft":
+        ``Unverified``) start from instead, where given."""
+        self.depth, self.prior, self.judged = depth, prior, judged
         self.hits: dict[str, list[float]] = {}
         self.tries: dict[str, list[float]] = {}
         self.carried = [1.0, 2.0]  # full accepts with MASK rows whose drafts were kept, of all such
@@ -76,7 +83,8 @@ class Acceptance:
                 self.hits[source] = [h * w for h, w in zip(hits, weight)]
                 self.tries[source] = [t * w for t, w in zip(tries, weight)]
             else:
-                self.hits[source], self.tries[source] = [self.prior[0]] * self.depth, [self.prior[1]] * self.depth
+                hits, tries = self.judged if self.judged is not None and source != "draft" else self.prior
+                self.hits[source], self.tries[source] = [hits] * self.depth, [tries] * self.depth
         return self.hits[source], self.tries[source]
 
     def update(self, source: str, offered: int, accepted: int) -> None:
@@ -174,13 +182,15 @@ class Unverified:
         self.open = still
 
 
-def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) -> Planner:
-    """auto plans with ``costs`` (the kept one when none is given: ``CostCurve.kept``); pipelined spec fills its
-    block."""
+def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) -> tuple[Planner, Timings | None]:
+    """auto plans with ``costs`` (the kept one when none is given: ``CostCurve.kept``), shape by shape as its
+    requests' cycles took once timed (the ``Timings`` to record them in); pipelined spec fills its block."""
     cfg = state.cfg
-    if cfg.row.plans:
-        return Planner(cfg.block_size, (costs or CostCurve.kept(model, cfg.block_size)[0]).upto(cfg.block_size))
-    return Planner(cfg.block_size)
+    if not cfg.row.plans:
+        return Planner(cfg.block_size), None
+    curve = costs or CostCurve.kept(model, cfg.block_size)[0]
+    timings = Timings(curve.upto(cfg.block_size), curve.seconds)
+    return Planner(cfg.block_size, timings.costs), timings
 
 
 def _candidates(
@@ -215,17 +225,15 @@ def pipelined(
     sampled token, not yet cached. ``history``: earlier answers to draft from (with ``cfg.lookup``);
     ``costs``: the cost curve auto plans with."""
     cfg, sampler, mask_id = state.cfg, state.cfg.sampler, model.cfg.mask_id
-    planner = planner_for(model, state, costs)
+    planner, timings = planner_for(model, state, costs)
     rows, room = len(pending), cfg.block_size - 1
-    acc = Acceptance(max(room, 1))
+    acc = Acceptance(max(room, 1), judged=(0.0, 2.0))  # lookup and history learned for free: no benefit of the doubt
     worth = planner.pays()  # False: every cycle an AR step, no candidates looked up
     lookups = [NGramIndex(r.prompt + r.tokens) for r in state.rows] if cfg.lookup and worth else None
     unverified = Unverified(acc)
     carried: list[list[int]] = [[] for _ in range(rows)]  # drafts from the last forward's MASK rows
     carried_q: list[torch.Tensor | None] = [None] * rows  # their distributions (sampling only)
-    timings = Timings(planner.costs) if planner.costs is not None and worth else None
-    if timings is not None:
-        planner.costs = timings.costs  # the planner plans with what this request's cycles cost
+    timings = timings if worth else None
     while not state.all_done:
         began = time.perf_counter()
         live = [i for i, r in enumerate(state.rows) if not r.done]
