@@ -56,14 +56,16 @@ $(LLAMACPP): $(STAMP)
 # auto beside AR, on chat and code prompts (bench/results/spec-ablation-<date>.{json,png}), and auto in a continuous
 # batch of 4 and 8 rows (bench/results/batch-spec-*.json). Then one request at a
 # time through `tridlm serve` against the same decode in-process (bench/results/serve-single-<date>.json), and
-# serving under load beside llama-server (built from the llama-cpp-python sdist; bench/results/serve-load-<date>.*).
+# serving under load beside llama-server (built from the llama-cpp-python sdist; bench/results/serve-load-<date>.*),
+# and with long prompts (pages of documentation and a question; serve-load-documents-ar-<date>.*).
 # Then int4 AR at 135M-3B shapes beside llama-bench, per ISA variant (bench/results/scale-<date>.json; writes about
 # 3 GB of random-weight GGUF files into the tridlm cache once). Then tri-mode GGUF exports read by llama.cpp
 # (bench/results/gguf-interop-<date>.json) and NLD's 3B and 8B shapes: loading, AR beside llama-bench, cost(n), the
 # modes at a stated acceptance (bench/results/nld-scale-<date>.json; writes 23 GB of random checkpoints and 8 GB of
 # GGUF files into the tridlm cache once). Then the roofline: per shape and kernel variant this CPU runs, the AR step
 # against its weight-read time, cost(n) against max(weight read, n x compute), prefill and decode at depth, each beside
-# llama-bench built for the same variant (bench/results/roofline-<date>.json).
+# llama-bench built for the same variant (bench/results/roofline-<date>.json). Last, auto against AR on every kernel
+# variant this CPU runs, failing where auto falls below AR (bench/results/auto-floor-<date>.json).
 bench: setup $(LLAMACPP)
 	$(BIN)/tridlm bench --dtype float32 --block-sizes 4,8 --repeats 2 --humaneval 6 --out bench/results
 	$(BIN)/python bench/spec_ablation.py --out bench/results
@@ -71,10 +73,12 @@ bench: setup $(LLAMACPP)
 	$(BIN)/python bench/batch_spec.py --rows 8 --out bench/results
 	$(BIN)/python bench/serve_single.py --repeats 3 --out bench/results
 	$(BIN)/python bench/serve_load.py --clients 1,4,8,16 --seconds 30 --out bench/results
+	$(BIN)/python bench/serve_load.py --prompts documents --clients 8 --seconds 150 --out bench/results
 	$(BIN)/python bench/scale.py --repeats 3 --out bench/results
 	$(BIN)/python bench/gguf_interop.py --out bench/results
 	$(BIN)/python bench/nld_scale.py --out bench/results
 	$(BIN)/python bench/roofline.py --out bench/results
+	$(BIN)/python bench/auto_floor.py --out bench/results
 
 # Task scores of every mode and precision (HumanEval 164, GSM8K 100; README "Task scores"; HumanEval runs the
 # model's code, in tridlm.measure.sandbox, hence --allow-code-execution): writes

@@ -12,7 +12,6 @@ import hashlib
 import json
 import statistics
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -111,8 +110,6 @@ class CostCurve:
     verify: dict[int, float]
     draft: dict[int, float]
     rows: dict[int, tuple[float, float]] = field(default_factory=dict)
-    # what the cycles of the requests decoded with this curve took, per forward shape (``Timings``)
-    seconds: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def largest(self) -> int:
@@ -202,36 +199,6 @@ class CostCurve:
         if sorted(verify) != list(range(1, len(verify) + 1)) or verify.keys() != draft.keys():
             raise ValueError(f"{path}: a cost curve needs the sizes 1..n for both verify and draft")
         return cls(verify, draft, rows)
-
-
-class Timings:
-    """What one request's cycles took, per forward shape (kind "verify" or "draft", tokens): once the AR step and a
-    shape have each been timed ``least`` times, ``costs`` holds that shape's relative cost as the ratio of their
-    medians over the last ``keep`` cycles, in place of the curve's. The curve times forwards alone; a cycle also
-    plans, verifies and commits, over a context that grows, so what a plan was predicted to cost and what it costs
-    can part, and ``auto`` must not lose to AR by trusting the prediction."""
-
-    def __init__(self, curve: dict[str, dict[int, float]], seconds: dict | None = None, keep: int = 16, least: int = 3):
-        """``seconds``: the cycles' times to add to and start from (``CostCurve.seconds``: shared by every request
-        decoded with that curve), else this request's own."""
-        self.costs = {kind: dict(c) for kind, c in curve.items()}  # what the planner reads, updated in place
-        self.keep, self.least = keep, least
-        self.seconds: dict[tuple[str, int], deque] = {} if seconds is None else seconds
-        self._update(self.seconds)
-
-    def record(self, kind: str, tokens: int, seconds: float) -> None:
-        times = self.seconds.setdefault((kind, tokens), deque(maxlen=self.keep))
-        times.append(seconds)
-        self._update(self.seconds if (kind, tokens) == ("verify", 1) else {(kind, tokens): times})
-
-    def _update(self, shapes: dict) -> None:
-        step = self.seconds.get(("verify", 1), ())
-        if len(step) < self.least:
-            return
-        one = statistics.median(step)
-        for (kind, n), times in shapes.items():
-            if n > 1 and len(times) >= self.least and n in self.costs.get(kind, ()):
-                self.costs[kind][n] = statistics.median(times) / one
 
 
 def _key(model) -> dict:

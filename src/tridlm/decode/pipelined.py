@@ -17,16 +17,15 @@ accepted with probability min(1, p(x)/q(x)); lookup and history candidates have 
 
 How many candidates to verify and MASK rows to add is the ``Planner``'s choice per cycle: fixed by the
 block size (``spec_variant="pipelined"``), or (``mode="auto"``) the plan with the most expected tokens
-per unit of cost, from the cost curve measured on this model (``costs.CostCurve``), replaced shape by shape by
-what this request's cycles took (``costs.Timings``), and the running acceptance of this request's candidates, which
-candidates left unverified teach for free (``Unverified``). Where no plan could beat an AR step even if every
-candidate were accepted, ``auto`` runs AR steps and nothing else.
+per unit of cost, from the cost curve measured on this model (``costs.CostCurve``) and the running acceptance of
+this request's candidates, which lookup and history candidates left unverified teach for free (``Unverified``): a
+plan is a function of the curve and the request's tokens, never of the clock, so traces and forward counts repeat.
+Where no plan could beat an AR step even if every candidate were accepted, ``auto`` runs AR steps and nothing else.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ import torch
 from tridlm import masks
 from tridlm.cache import KVCache
 from tridlm.decode.ar import ar_step
-from tridlm.decode.costs import CostCurve, Timings
+from tridlm.decode.costs import CostCurve
 from tridlm.decode.forward import forward_block, unmasking_distribution
 from tridlm.decode.lookup import AnswerHistory, NGramIndex
 from tridlm.decode.spec import settle
@@ -58,17 +57,10 @@ class Acceptance:
     """Running acceptance of one request's candidates per source and depth: hits[j] / tries[j] estimates
     P(candidate j+1 accepted | candidates 1..j accepted), from counts with a prior of 1 in 2."""
 
-    def __init__(
-        self,
-        depth: int,
-        prior: Acceptance | tuple[float, float] = (1.0, 2.0),
-        judged: tuple[float, float] | None = None,
-    ):
+    def __init__(self, depth: int, prior: Acceptance | tuple[float, float] = (1.0, 2.0)):
         """``prior``: (hits, tries) every count starts from, or another ``Acceptance`` whose counts this one starts
-        from (scaled down to at most ``PRIOR_TRIES`` tries each: they weigh like a few of this one's own).
-        ``judged``: the (hits, tries) that the sources judged even when left unverified (all but "draft":
-        ``Unverified``) start from instead, where given."""
-        self.depth, self.prior, self.judged = depth, prior, judged
+        from (scaled down to at most ``PRIOR_TRIES`` tries each: they weigh like a few of this one's own)."""
+        self.depth, self.prior = depth, prior
         self.hits: dict[str, list[float]] = {}
         self.tries: dict[str, list[float]] = {}
         self.carried = [1.0, 2.0]  # full accepts with MASK rows whose drafts were kept, of all such
@@ -83,15 +75,18 @@ class Acceptance:
                 self.hits[source] = [h * w for h, w in zip(hits, weight)]
                 self.tries[source] = [t * w for t, w in zip(tries, weight)]
             else:
-                hits, tries = self.judged if self.judged is not None and source != "draft" else self.prior
-                self.hits[source], self.tries[source] = [hits] * self.depth, [tries] * self.depth
+                self.hits[source], self.tries[source] = [self.prior[0]] * self.depth, [self.prior[1]] * self.depth
         return self.hits[source], self.tries[source]
 
     def update(self, source: str, offered: int, accepted: int) -> None:
-        hits, tries = self._counts(source)
         for j in range(min(accepted + 1, offered)):
-            tries[j] += 1
-            hits[j] += j < accepted
+            self.judge(source, j, j < accepted)
+
+    def judge(self, source: str, depth: int, hit: bool) -> None:
+        """Count one candidate at ``depth`` (those before it all accepted): accepted or not."""
+        hits, tries = self._counts(source)
+        tries[depth] += 1
+        hits[depth] += hit
 
     def expected(self, source: str, m: int) -> list[tuple[float, float]]:
         """For 0..m candidates: (expected accepted count, probability all are accepted)."""
@@ -161,36 +156,38 @@ class Unverified:
 
     def __init__(self, acc: Acceptance):
         self.acc = acc
-        self.open: list[tuple[str, int, int, list[int]]] = []  # (source, row, index of its first token, candidates)
+        self.open: list[tuple[str, int, int, list[int], int]] = []  # (source, row, its first token's index, candidates,
+        # how many of them are counted)
 
     def offer(self, proposals: dict[str, list[list[int]]], plan: Plan, state: DecodeState, live: list[int]) -> None:
         for source, found in proposals.items():
             if source != "draft" and not (plan.verify and source == plan.source):
-                self.open += [(source, i, len(state.rows[i].tokens), found[i]) for i in live if found[i]]
+                self.open += [(source, i, len(state.rows[i].tokens), found[i], 0) for i in live if found[i]]
 
     def check(self, state: DecodeState) -> None:
-        """Count each candidate list whose outcome the committed tokens now decide (a miss, all of it, or the end)."""
+        """Count each candidate as the committed tokens decide it, up to the first miss (where a verify stops); a list
+        is done once all of it is decided, at a miss, or when its row ends."""
         still = []
-        for source, i, start, guess in self.open:
+        for source, i, start, guess, counted in self.open:
             row = state.rows[i]
             seen = row.tokens[start : start + len(guess)]
-            k = next((j for j, (a, b) in enumerate(zip(seen, guess)) if a != b), len(seen))
-            if k < len(seen) or len(seen) == len(guess) or row.done:
-                self.acc.update(source, min(len(seen), k + 1), k)
+            for j in range(counted, len(seen)):
+                self.acc.judge(source, j, seen[j] == guess[j])
+                if seen[j] != guess[j]:
+                    break
             else:
-                still.append((source, i, start, guess))
+                if len(seen) < len(guess) and not row.done:
+                    still.append((source, i, start, guess, max(counted, len(seen))))
         self.open = still
 
 
-def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) -> tuple[Planner, Timings | None]:
-    """auto plans with ``costs`` (the kept one when none is given: ``CostCurve.kept``), shape by shape as its
-    requests' cycles took once timed (the ``Timings`` to record them in); pipelined spec fills its block."""
+def planner_for(model: TriModel, state: DecodeState, costs: CostCurve | None) -> Planner:
+    """auto plans with ``costs`` (the kept one when none is given: ``CostCurve.kept``); pipelined spec fills its
+    block."""
     cfg = state.cfg
-    if not cfg.row.plans:
-        return Planner(cfg.block_size), None
-    curve = costs or CostCurve.kept(model, cfg.block_size)[0]
-    timings = Timings(curve.upto(cfg.block_size), curve.seconds)
-    return Planner(cfg.block_size, timings.costs), timings
+    if cfg.row.plans:
+        return Planner(cfg.block_size, (costs or CostCurve.kept(model, cfg.block_size)[0]).upto(cfg.block_size))
+    return Planner(cfg.block_size)
 
 
 def _candidates(
@@ -225,17 +222,15 @@ def pipelined(
     sampled token, not yet cached. ``history``: earlier answers to draft from (with ``cfg.lookup``);
     ``costs``: the cost curve auto plans with."""
     cfg, sampler, mask_id = state.cfg, state.cfg.sampler, model.cfg.mask_id
-    planner, timings = planner_for(model, state, costs)
+    planner = planner_for(model, state, costs)
     rows, room = len(pending), cfg.block_size - 1
-    acc = Acceptance(max(room, 1), judged=(0.0, 2.0))  # lookup and history learned for free: no benefit of the doubt
+    acc = Acceptance(max(room, 1))
     worth = planner.pays()  # False: every cycle an AR step, no candidates looked up
     lookups = [NGramIndex(r.prompt + r.tokens) for r in state.rows] if cfg.lookup and worth else None
     unverified = Unverified(acc)
     carried: list[list[int]] = [[] for _ in range(rows)]  # drafts from the last forward's MASK rows
     carried_q: list[torch.Tensor | None] = [None] * rows  # their distributions (sampling only)
-    timings = timings if worth else None
     while not state.all_done:
-        began = time.perf_counter()
         live = [i for i, r in enumerate(state.rows) if not r.done]
         proposals = {**_candidates(lookups, history, state, live, room), "draft": carried}
         available = {s: max(len(c[i]) for i in live) for s, c in proposals.items()}
@@ -247,8 +242,6 @@ def pipelined(
             for i in live:
                 state.rows[i].accepted_lengths.append(1)
             unverified.check(state)
-            if timings is not None:
-                timings.record("verify", 1, time.perf_counter() - began)
             yield state.flush()
             continue
         if mask_id is None and plan.drafts:
@@ -281,8 +274,6 @@ def pipelined(
         for i in live:
             acc.update(plan.source, len(chosen[i]), int(k[i]))
         unverified.check(state)
-        if timings is not None:
-            timings.record("draft" if r else "verify", 1 + m + r, time.perf_counter() - began)
         yield state.flush()
 
 
