@@ -262,19 +262,28 @@ def pipelined(
         pending, k = settle(cache, state, start, block, p, q, generator, source)
         carried, carried_q = [[] for _ in range(rows)], [None] * rows
         if r:
-            dq = unmasking_distribution(sampler, logits[:, 1 + m :], mask_id)  # (B, r, V)
-            guess = sampler.pick(dq, generator)
-            for i in live:
-                if k[i] == m:
-                    keep = bool(guess[i, 0] == pending[i])  # the drafts assumed this bonus token
-                    acc.carried[0] += keep
-                    acc.carried[1] += 1
-                    if keep:
-                        carried[i], carried_q[i] = guess[i, 1:].tolist(), dq[i, 1:]
+            _keep_drafts(
+                sampler, logits[:, 1 + m :], mask_id, generator, k == m, pending, live, acc, carried, carried_q
+            )
         for i in live:
             acc.update(plan.source, len(chosen[i]), int(k[i]))
         unverified.check(state)
         yield state.flush()
+
+
+def _keep_drafts(sampler, logits, mask_id, generator, full, pending, live, acc, carried, carried_q) -> None:
+    """Into ``carried`` and ``carried_q``, per row: the drafts of a forward's MASK rows (``logits`` (B, r, V)) and their
+    distributions, where the row accepted every candidate (``full``) and the first MASK row guessed the bonus token it
+    could not see (the drafts assumed it); ``acc.carried`` counts how often they are kept."""
+    dq = unmasking_distribution(sampler, logits, mask_id)  # (B, r, V)
+    guess = sampler.pick(dq, generator)
+    for i in live:
+        if full[i]:
+            keep = bool(guess[i, 0] == pending[i])
+            acc.carried[0] += keep
+            acc.carried[1] += 1
+            if keep:
+                carried[i], carried_q[i] = guess[i, 1:].tolist(), dq[i, 1:]
 
 
 def _match_length(found: list[tuple[int, list[int]]], live: list[int]) -> int:
