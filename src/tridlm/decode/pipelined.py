@@ -257,9 +257,8 @@ def pipelined(
             model, cache, tokens, functools.partial(masks.verify_then_draft, verify=1 + m), write=1 + m, adapter=adapter
         )
         state.count_forward()
-        p = sampler.verifier(logits[:, : 1 + m])
         source = plan.source.rstrip("0123456789") if m else None
-        pending, k = settle(cache, state, start, block, p, q, generator, source)
+        pending, k = settle(cache, state, start, block, logits[:, : 1 + m], q, generator, source)
         carried, carried_q = [[] for _ in range(rows)], [None] * rows
         if r:
             _keep_drafts(

@@ -56,9 +56,9 @@ def spec(
     while not state.all_done:
         start = cache.lengths
         block, q = draft(model, cache, pending, state, generator)
-        p = state.cfg.sampler.verifier(forward_block(model, cache, block, masks.causal, write=True))
+        logits = forward_block(model, cache, block, masks.causal, write=True)
         state.count_forward()
-        pending, _ = settle(cache, state, start, block, p, q, generator)
+        pending, _ = settle(cache, state, start, block, logits, q, generator)
         yield state.flush()
 
 
@@ -76,10 +76,12 @@ def draft(model, cache, pending, state, generator) -> tuple[torch.Tensor, torch.
     return block, q
 
 
-def settle(cache, state, start, block, p, q, generator, source: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accept a prefix of the drafts, keep its KV, emit it with the bonus token; ``source`` (traced) names
-    where the drafts came from. Returns (bonus token, accepted draft count) per row."""
-    k, bonus = accept(block, p, q, state.cfg.sampler, generator)
+def settle(
+    cache, state, start, block, logits, q, generator, source: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept a prefix of the drafts by their verify ``logits`` (B, n, V), keep its KV, emit it with the bonus token;
+    ``source`` (traced) names where the drafts came from. Returns (bonus token, accepted draft count) per row."""
+    k, bonus = accept(block, state.cfg.sampler.verifier(logits), q, state.cfg.sampler, generator)
     # Keep the pending token and the accepted drafts (the bonus is the next pending token); finished
     # rows stay put.
     cache.crop(torch.where(state.active(k.device), start + k + 1, start))
@@ -89,7 +91,7 @@ def settle(cache, state, start, block, p, q, generator, source: str | None = Non
         if state.trace:
             event = {"type": "verify", "drafts": block[i, 1:].tolist(), "accepted": n_ok, "bonus": b}
             state.note(i, event if source is None else {**event, "source": source})
-        state.emit(i, block[i, 1 : n_ok + 1].tolist() + [b])
+        state.emit(i, block[i, 1 : n_ok + 1].tolist() + [b], logits[i, : n_ok + 1])
     return bonus, k
 
 
@@ -112,8 +114,7 @@ def spec_quadratic(
         tokens = torch.cat([block, torch.full((rows, n * n), model.cfg.mask_id, device=block.device)], dim=1)
         logits = forward_block(model, cache, tokens, mask_fn, write=n, adapter=mask_rows, offsets=offsets)
         state.count_forward()
-        p = sampler.verifier(logits[:, :n])  # (B, n, V): the verifying draft rows
-        bonus, k = settle(cache, state, start, block, p, q, generator)
+        bonus, k = settle(cache, state, start, block, logits[:, :n], q, generator)  # the verifying draft rows
         # Sub-block k (k drafts accepted) drafted positions bonus, bonus+1, ...: its row 0 stands where
         # the bonus now is, rows 1.. are the next drafts.
         chosen = logits[:, n:].view(rows, n, n, -1)[torch.arange(rows, device=block.device), k]  # (B, n, V)

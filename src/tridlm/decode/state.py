@@ -24,6 +24,8 @@ class Row:
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | "cancelled" | "time_limit"
     nfe: int = 0  # forwards after prefill while this row was unfinished
     accepted_lengths: list[int] = field(default_factory=list)  # spec: tokens emitted per cycle
+    # With the config's ``logprobs`` set: per token (log-probability, [(id, log-probability) of the most likely])
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     first_token_s: float | None = None
     last_token_s: float | None = None
 
@@ -76,13 +78,16 @@ class DecodeState:
         for r in self.rows:
             r.nfe += not r.done
 
-    def emit(self, i: int, tokens: Sequence[int]) -> None:
-        """Commit tokens to row i, stopping exactly at EOS, a stop string or max_tokens."""
+    def emit(self, i: int, tokens: Sequence[int], logits: torch.Tensor | None = None) -> None:
+        """Commit tokens to row i, stopping exactly at EOS, a stop string or max_tokens. ``logits``: (len(tokens), V),
+        the logits each token was chosen by; with the config's ``logprobs`` set, the committed tokens' log-probabilities
+        under them are recorded (``Row.logprobs``)."""
         row = self.rows[i]
         now = time.perf_counter() - self.start
+        before = len(row.tokens)
         for t in tokens:
             if row.done:
-                return
+                break
             row.tokens.append(int(t))
             self._fresh[i].append(int(t))
             row.first_token_s = row.first_token_s if row.first_token_s is not None else now
@@ -91,6 +96,18 @@ class DecodeState:
                 row.finish_reason = "stop"
             elif len(row.tokens) >= row.max_tokens:
                 row.finish_reason = "length"
+        if self.cfg.logprobs is not None and len(row.tokens) > before:
+            self._record(row, row.tokens[before:], logits)
+
+    def _record(self, row: Row, tokens: list[int], logits: torch.Tensor | None) -> None:
+        if logits is None:
+            raise ValueError(f"{self.cfg.row.label} does not give log-probabilities")
+        logp = logits[: len(tokens)].float().log_softmax(-1)
+        chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+        top = logp.topk(self.cfg.logprobs, dim=-1) if self.cfg.logprobs else None
+        for j, lp in enumerate(chosen):
+            alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else []
+            row.logprobs.append((lp, alternatives))
 
     def _stopped(self, row: Row) -> bool:
         if not row.stop:
