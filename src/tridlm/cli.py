@@ -64,9 +64,9 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
-    from tridlm.measure import evaluate
+    from tridlm.measure import evaluate, suite_data
 
-    p.add_argument("task", choices=evaluate.TASKS)
+    p.add_argument("task", choices=[*evaluate.TASKS, *suite_data.TASKS])
     p.add_argument("--json", action="store_true", help="print one JSON line: settings, score, counts, speed")
     p.add_argument(
         "--allow-code-execution",
@@ -75,6 +75,11 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
     )
     _options(p, evaluate.EvalOptions(), skip=("allow_code_execution",))
     _generation_options(p)
+
+
+def _lm_eval_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs=argparse.REMAINDER, help="lm-eval's own arguments (lm-eval run --help)")
+    p.set_defaults(no_model_args=True)
 
 
 def _demo_parser(p: argparse.ArgumentParser) -> None:
@@ -223,7 +228,15 @@ class Command(NamedTuple):
 COMMANDS = {
     "generate": Command("generate text from a prompt", _generate_parser, commands.generate),
     "eval": Command(
-        "score a task (humaneval, gsm8k) in a mode and precision, beside its speed", _eval_parser, commands.eval_task
+        "score a task (humaneval, gsm8k; mmlu, arc-challenge, truthfulqa-mc1, gsm8k-full through lm-eval) in a mode "
+        "and precision, beside its speed",
+        _eval_parser,
+        commands.eval_task,
+    ),
+    "lm-eval": Command(
+        "lm-eval's command line with the tridlm model registered and the suite's tasks (tridlm_mmlu ...) included",
+        _lm_eval_parser,
+        commands.lm_eval_cli,
     ),
     "demo": Command("answer a chat prompt in every mode and compare", _demo_parser, commands.demo),
     "convert": Command(

@@ -77,8 +77,27 @@ def eval_task(args) -> None:
     settings = evaluate.run_settings(
         args.task, model, loading.model_name(args.model), precision, args.adapter, gen, opts.batch_size
     )
-    result = evaluate.evaluate(model, tok, args.task, gen, opts, settings)
-    print(json.dumps(result) if args.json else evaluate.describe(result))
+    if args.task in evaluate.TASKS:
+        result = evaluate.evaluate(model, tok, args.task, gen, opts, settings)
+        print(json.dumps(result) if args.json else evaluate.describe(result))
+        return
+    from tridlm.measure import lmeval
+
+    result = lmeval.run(args.task, model, tok, gen, settings, opts.validate())
+    print(json.dumps(result) if args.json else lmeval.describe(result))
+
+
+def lm_eval_cli(args) -> None:
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    import tridlm.measure.lmeval  # noqa: F401  (registers the tridlm model)
+    from tridlm.measure import suite_data
+
+    include = [] if "--include_path" in args.args else ["--include_path", str(suite_data.write_tasks())]
+    sys.argv = ["lm-eval", *args.args, *include]
+    cli_evaluate()
 
 
 def demo(args) -> None:
