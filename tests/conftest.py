@@ -58,6 +58,16 @@ def char_tokenizer(tiny_cfg) -> Tokenizer:
     return Tokenizer(backend, chat_template=None, bos_id=1, eos_id=2)
 
 
+@pytest.fixture(scope="session")
+def chat_tokenizer(char_tokenizer) -> Tokenizer:
+    """The character tokenizer with a chat template (``helpers.TEMPLATE``)."""
+    from dataclasses import replace
+
+    from helpers import TEMPLATE
+
+    return replace(char_tokenizer, chat_template=TEMPLATE)
+
+
 @pytest.fixture
 def prompts() -> list[list[int]]:
     """Ragged prompts for the tiny model (no special tokens)."""

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("uvicorn")
-from helpers import TEMPLATE, Wrapped, running  # noqa: E402
+from helpers import Wrapped, running  # noqa: E402
 
 from tridlm import cli, commands  # noqa: E402
 from tridlm.serve import guard  # noqa: E402
@@ -27,11 +27,6 @@ from tridlm.serve.config import ServerConfig  # noqa: E402
 pytestmark = pytest.mark.server
 KEYS = ("key-a", "key-b")
 A, B = ({"authorization": f"Bearer {k}"} for k in KEYS)
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(char_tokenizer):
-    return replace(char_tokenizer, chat_template=TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +83,7 @@ HOSTILE = {  # name: (path, body or raw bytes, extra headers, status, what the m
         400,
         "block_size",
     ),
-    "n x max_tokens": ("/v1/completions", {"prompt": "hi", "n": 8, "max_tokens": 40}, {}, 400, "n x max_tokens"),
+    "n x max_tokens": ("/v1/completions", {"prompt": "hi", "n": 8, "max_tokens": 40}, {}, 400, "choices x max_tokens"),
     "prompt ids past the context": ("/v1/completions", {"prompt": [5] * 100_000}, {}, 400, "prompt"),
     "prompt of 900k characters": ("/v1/completions", {"prompt": "a" * 900_000}, {}, 400, "prompt"),
     "chat of 900k characters": (

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 pytest.importorskip("uvicorn")
-from helpers import TEMPLATE, running
+from helpers import running
 
 pytestmark = pytest.mark.server
 
@@ -23,13 +23,6 @@ MODES = {
     "spec:quadratic": {"block_size": 4},
     "spec:pipelined": {"block_size": 4},
 }
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(char_tokenizer):
-    from dataclasses import replace
-
-    return replace(char_tokenizer, chat_template=TEMPLATE)
 
 
 @pytest.fixture(scope="module")

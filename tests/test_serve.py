@@ -6,7 +6,6 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
-from helpers import COSTS, TEMPLATE, Wrapped, running  # noqa: E402
+from helpers import COSTS, Wrapped, running  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -24,11 +23,6 @@ from tridlm.serve.app import ServerConfig  # noqa: E402
 pytestmark = pytest.mark.server
 
 PROMPTS = ["hello there", "a quick test", "what is one plus two?", "tell me more", "x", "the end is near"]
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(char_tokenizer):
-    return replace(char_tokenizer, chat_template=TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -480,22 +474,27 @@ def test_streamed_tokens_within_the_interval_go_out_together_and_before_the_end(
     event are held, merged per row, and sent with the next event (never after the end); with 0 each goes at once."""
     import asyncio
 
-    from tridlm.decode import GenerationConfig
+    from tridlm.decode import GenerationConfig, Row
     from tridlm.serve.jobs import Job
+
+    def lp(*tokens):  # the log-probabilities that go with tokens: here, minus each token
+        return [(-t, []) for t in tokens]
 
     loop = asyncio.new_event_loop()
     try:
         for interval, want in (
-            (60.0, [("tokens", 0, [1]), ("tokens", 0, [2, 3]), ("tokens", 1, [4]), ("done", None)]),
-            (0.0, [("tokens", 0, [1]), ("tokens", 0, [2]), ("tokens", 0, [3]), ("tokens", 1, [4]), ("done", None)]),
+            (60.0, [("tokens", 0, [1], lp(1)), ("tokens", 0, [2, 3], lp(2, 3)), ("tokens", 1, [4], lp(4))]),
+            (0.0, [("tokens", 0, [t], lp(t)) for t in (1, 2, 3)] + [("tokens", 1, [4], lp(4))]),
         ):
-            job = Job([[5], [5]], GenerationConfig(), loop, stream_interval_s=interval)
+            job = Job([[5], [5]], GenerationConfig(logprobs=0), loop, stream_interval_s=interval)
+            rows = [Row(max_tokens=8), Row(max_tokens=8)]
             for row, token in ((0, 1), (0, 2), (0, 3), (1, 4)):
-                job.send_tokens(row, [token])
+                rows[row].logprobs += lp(token)
+                job.send_tokens(row, [token], rows[row])
             job.send("done", None)
             loop.run_until_complete(asyncio.sleep(0))
             got = [job.events.get_nowait() for _ in range(job.events.qsize())]
-            assert got == want
+            assert got == want + [("done", None)]
     finally:
         loop.close()
 

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tridlm.decode import CostCurve
 from tridlm.model import TriModel
+from tridlm.serve.answer import Answer
 from tridlm.serve.config import ServerConfig
 from tridlm.serve.guard import Gate, make_config, parse
 from tridlm.serve.jobs import Job, QueueFull
@@ -80,20 +81,22 @@ class Server:
 
     async def completions(self, request: Request):
         body = await parse(request, CompletionRequest, self.config)
-        if isinstance(body.prompt, str):
-            ids = await self.encode(body.prompt, "prompt", self.tokenizer.encode)
-        else:
-            self.check_prompt_length(len(body.prompt), "tokens")
-            if any(not 0 <= t < self.model.cfg.vocab_size for t in body.prompt):
+        prompts = []
+        for prompt in body.prompts:
+            if isinstance(prompt, str):
+                prompts.append(await self.encode(prompt, "prompt", self.tokenizer.encode))
+                continue
+            self.check_prompt_length(len(prompt), "tokens")
+            if any(not 0 <= t < self.model.cfg.vocab_size for t in prompt):
                 raise APIError(400, "prompt token ids out of vocabulary range", "prompt")
-            ids = list(body.prompt)
-        return await self.run(request, body, ids, "text_completion", "/v1/completions")
+            prompts.append(list(prompt))
+        return await self.run(request, body, prompts, "text_completion", "/v1/completions")
 
     async def chat(self, request: Request):
         body = await parse(request, ChatRequest, self.config)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         ids = await self.encode(messages, "messages", self.tokenizer.encode_chat)
-        return await self.run(request, body, ids, "chat.completion", "/v1/chat/completions")
+        return await self.run(request, body, [ids], "chat.completion", "/v1/chat/completions")
 
     async def encode(self, text, field: str, encode) -> list[int]:
         """Token ids of a prompt or of chat messages, off the event loop (tokenizing a long text takes a while),
@@ -118,8 +121,12 @@ class Server:
                 code="context_length_exceeded",
             )
 
-    async def run(self, request: Request, body, ids: list[int], kind: str, endpoint: str):
+    async def run(self, request: Request, body, prompts: list[list[int]], kind: str, endpoint: str):
         mode = body.mode or self.config.default_mode
+        if len(prompts) * body.n > self.config.max_batch:
+            raise APIError(
+                400, f"{len(prompts)} prompts x n={body.n} exceed this server's {self.config.max_batch} rows", "prompt"
+            )
         if mode == "auto" and (body.block_size or 0) > self.auto_block:
             raise APIError(
                 400,
@@ -127,11 +134,12 @@ class Server:
                 f"when it started, up to block {self.auto_block} (serve with --block-size for more)",
                 "block_size",
             )
-        cfg = make_config(body, ids, mode, self.model, self.config)
+        cfg = make_config(body, max(prompts, key=len), mode, self.model, self.config, rows=len(prompts) * body.n)
         if body.tridlm_trace and not body.stream:
             raise APIError(400, "tridlm_trace needs stream: true", "tridlm_trace")
+        echo = getattr(body, "echo", False)
         job = Job(
-            [ids] * body.n,
+            [p for p in prompts for _ in range(body.n)],
             cfg,
             asyncio.get_running_loop(),
             stream=body.stream,
@@ -139,7 +147,9 @@ class Server:
             tenant=request.state.tenant,
             time_limit_s=self.config.time_limit_s,
             stream_interval_s=self.config.stream_interval_ms / 1000,
+            score_prompts=echo and cfg.logprobs is not None,
         )
+        answer = Answer(kind, self.tokenizer, job, echo)
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -151,9 +161,7 @@ class Server:
         finish = Finisher(self.metrics, endpoint, mode, job)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                self.sse(job, ids, kind, rid, include_usage, finish), media_type="text/event-stream"
-            )
+            return StreamingResponse(self.sse(job, answer, rid, include_usage, finish), media_type="text/event-stream")
         try:
             rows = await collect(job, request)
         except APIError as e:
@@ -162,11 +170,14 @@ class Server:
         finally:
             job.cancelled.set()  # no-op when finished; frees the rows if the client went away
         finish(rows)
-        texts = await asyncio.to_thread(lambda: [cut(self.tokenizer, r.tokens, cfg.stop) for r in rows])
-        choices = [choice(kind, i, text, ending(r)) for i, (text, r) in enumerate(zip(texts, rows))]
-        return envelope(kind, rid, self.config.served_model_name, choices, usage_of(len(ids), rows, mode))
+        texts = await asyncio.to_thread(
+            lambda: [answer.whole(i, cut(self.tokenizer, r.tokens, cfg.stop), r) for i, r in enumerate(rows)]
+        )
+        choices = [choice(kind, i, text, ending(r), lp) for i, ((text, lp), r) in enumerate(zip(texts, rows))]
+        return envelope(kind, rid, self.config.served_model_name, choices, usage_of(rows, mode))
 
-    async def sse(self, job: Job, ids, kind, rid, include_usage, finish) -> AsyncIterator[str]:
+    async def sse(self, job: Job, answer: Answer, rid, include_usage, finish) -> AsyncIterator[str]:
+        kind = answer.kind
         chunk_kind, name = (
             ("chat.completion.chunk" if kind == "chat.completion" else kind),
             self.config.served_model_name,
@@ -177,17 +188,27 @@ class Server:
                 for i in range(len(job.prompts)):
                     yield event(
                         envelope(
-                            chunk_kind, rid, name, [{"index": i, "delta": {"role": "assistant"}, "finish_reason": None}]
+                            chunk_kind,
+                            rid,
+                            name,
+                            [{"index": i, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}],
                         )
                     )
+            echoed = not answer.echo
             while True:
                 item = await job.events.get()
+                for i in range(len(job.prompts)) if not echoed and item[0] != "error" else ():  # scored by now
+                    text, logprobs = answer.head(i)
+                    yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, text, logprobs=logprobs)]))
+                echoed = True
                 if item[0] == "trace":
-                    yield event({**envelope(chunk_kind, rid, name, []), "tridlm_trace": self.trace(*item[1:])})
+                    yield event({**envelope(chunk_kind, rid, name, []), "tridlm_trace": answer.trace(*item[1:])})
                     continue
                 if item[0] == "tokens":
-                    if delta := await detokenize(texts[item[1]], item[2]):
-                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, item[1], delta)]))
+                    _, i, tokens, entries = item
+                    delta, logprobs = await detokenize(texts[i], tokens), answer.delta(i, tokens, entries)
+                    if delta or logprobs:
+                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, delta, logprobs=logprobs)]))
                     continue
                 if item[0] == "done":
                     rows = item[1]
@@ -195,7 +216,7 @@ class Server:
                         tail = await detokenize(texts[i], [], final=True)
                         yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, tail, ending(r))]))
                     if include_usage:
-                        yield event(envelope(chunk_kind, rid, name, [], usage_of(len(ids), rows, job.cfg.mode)))
+                        yield event(envelope(chunk_kind, rid, name, [], usage_of(rows, job.cfg.mode)))
                     finish(rows)
                 else:
                     yield event(APIError(500, item[1], kind="server_error").body())
@@ -205,14 +226,6 @@ class Server:
         finally:
             job.cancelled.set()
             finish(None, "499")  # the client went away mid-stream (no-op after a normal end)
-
-    def trace(self, index: int, events: list[dict]) -> dict:
-        """A choice's step events for the stream, with the text of every token id they name."""
-        ids = set()
-        for e in events:
-            ids.update(t for key in ("block", "guess", "drafts") for t in e.get(key) or () if t is not None)
-            ids.update(e[key] for key in ("token", "bonus") if key in e)
-        return {"index": index, "events": events, "pieces": {str(t): self.tokenizer.decode([t]) for t in sorted(ids)}}
 
 
 def serve(model: TriModel, tokenizer: Tokenizer, config: ServerConfig, costs: CostCurve | None = None) -> None:

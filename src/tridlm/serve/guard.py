@@ -135,9 +135,12 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
-def make_config(body, ids: list[int], mode: str, model: TriModel, config: ServerConfig) -> GenerationConfig:
+def make_config(
+    body, ids: list[int], mode: str, model: TriModel, config: ServerConfig, rows: int | None = None
+) -> GenerationConfig:
     """The request's decoding config over the server's defaults, resolved for the model, with max_tokens
-    checked against the room the prompt leaves in the context."""
+    checked against the room the (longest) prompt leaves in the context; ``rows``: the request's choices over all its
+    prompts (default ``n``)."""
     if not ids:
         raise APIError(400, "the prompt is empty", "prompt")
     try:
@@ -161,10 +164,11 @@ def make_config(body, ids: list[int], mode: str, model: TriModel, config: Server
             "max_tokens",
             code="context_length_exceeded",
         )
-    if body.n * max_tokens > config.max_total_tokens:
+    rows = body.n if rows is None else rows
+    if rows * max_tokens > config.max_total_tokens:
         raise APIError(
             400,
-            f"n x max_tokens = {body.n} x {max_tokens} exceeds this server's limit of "
+            f"choices x max_tokens = {rows} x {max_tokens} exceeds this server's limit of "
             f"{config.max_total_tokens} tokens per request",
             "max_tokens",
         )

@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tridlm.decode import GenerationConfig
+from tridlm.decode import GenerationConfig, Row
 
 
 class QueueFull(Exception):
@@ -27,7 +27,11 @@ class Job:
     tenant: int = 0  # whose answer history it reads and joins
     time_limit_s: float | None = None  # decoding time after which the rows end ("time_limit")
     stream_interval_s: float = 0.0  # streamed tokens committed sooner after the last event go out with the next
-    _held: dict[int, list[int]] = field(default_factory=dict)  # row -> tokens not sent yet
+    # echo with logprobs: each prompt's tokens scored by the worker before decoding (``decode.score``), one ``Scored``
+    # per prompt
+    score_prompts: bool = False
+    prompt_scores: list = field(default_factory=list)
+    _held: dict[int, tuple[list[int], list]] = field(default_factory=dict)  # row -> tokens, log-probabilities unsent
     _sent: float = 0.0  # when the last event went out
 
     def batch_key(self):
@@ -43,6 +47,7 @@ class Job:
             c.temperature,
             c.top_k,
             c.top_p,
+            c.logprobs,
             alone,
             self.trace,
             self.tenant if c.pipelined else None,
@@ -52,16 +57,20 @@ class Job:
         """An event for the request's response (after any tokens held back)."""
         self._emit([event])
 
-    def send_tokens(self, row: int, tokens: list[int]) -> None:
-        """A row's new tokens: sent at once, or, within ``stream_interval_s`` of the last event, held and sent with
-        the next one (one wake-up of the event loop and one chunk for several tokens, where each costs the decode a
-        slice of a core)."""
-        self._held.setdefault(row, []).extend(tokens)
+    def send_tokens(self, row: int, tokens: list[int], committed: Row) -> None:
+        """A row's new tokens (the last of ``committed``'s, whose log-probabilities go with them where the request
+        asked for them): sent at once, or, within ``stream_interval_s`` of the last event, held and sent with the next
+        one (one wake-up of the event loop and one chunk for several tokens, where each costs the decode a slice of a
+        core)."""
+        held_tokens, held_logprobs = self._held.setdefault(row, ([], []))
+        held_tokens.extend(tokens)
+        if self.cfg.logprobs is not None:
+            held_logprobs.extend(committed.logprobs[len(committed.logprobs) - len(tokens) :])
         if time.perf_counter() - self._sent >= self.stream_interval_s:
             self._emit([])
 
     def _emit(self, events: list[tuple]) -> None:
-        events = [("tokens", row, tokens) for row, tokens in self._held.items()] + events
+        events = [("tokens", row, *held) for row, held in self._held.items()] + events
         self._held, self._sent = {}, time.perf_counter()
         self.loop.call_soon_threadsafe(self._put, events)
 

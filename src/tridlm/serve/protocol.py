@@ -10,8 +10,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, Row, summarize
+from tridlm.decode.config import MAX_TOP_LOGPROBS
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's own limits
+MAX_COMPLETION_LOGPROBS = 5  # and those of log-probabilities: completions' logprobs (chat's top_logprobs: 20)
 
 
 class APIError(Exception):
@@ -55,8 +57,6 @@ class _Request(BaseModel):
     # Accepted at their neutral values only (see ``unsupported``).
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    logprobs: bool | int | None = None
-    echo: bool | None = None
     # tridlm decoding knobs (SPEC 3.5)
     mode: Literal[MODES] | None = None
     block_size: int | None = None
@@ -82,11 +82,11 @@ class _Request(BaseModel):
             return "frequency_penalty"
         if self.presence_penalty not in (None, 0, 0.0):
             return "presence_penalty"
-        if self.logprobs not in (None, False, 0):
-            return "logprobs"
-        if self.echo:
-            return "echo"
         return None
+
+    def alternatives(self) -> int | None:
+        """How many most likely alternatives each token's log-probability comes with; None: no log-probabilities."""
+        raise NotImplementedError
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -97,6 +97,7 @@ class _Request(BaseModel):
         request runs in."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         changes = {"mode": mode, "max_tokens": max_tokens, "stop": stop, "seed": self.seed}
+        changes["logprobs"] = self.alternatives()
         knobs = ("temperature", "top_p", "top_k", "block_size", "max_steps_per_block", "spec_variant", "lookup")
         for name in knobs:
             if getattr(self, name) is not None:
@@ -107,7 +108,17 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt, or several (a choice each, n per prompt)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # OpenAI's legacy shape: top alternatives
+    echo: bool = False  # the prompt before the completion, in the text and (with logprobs) in the log-probabilities
+
+    def alternatives(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) or not p else list(p)
 
 
 class ChatMessage(BaseModel):
@@ -120,6 +131,18 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # OpenAI's newer name of max_tokens (it wins where both are given)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top, info):
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
+
+    def alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -158,24 +181,27 @@ def ending(r) -> dict:
     return {"finish_reason": "length" if r.finish_reason == "length" else "stop"}
 
 
-def choice(kind: str, i: int, text: str, end: dict) -> dict:
+def choice(kind: str, i: int, text: str, end: dict, logprobs: dict | None = None) -> dict:
+    """A response's choice; ``logprobs`` (``serve.answer``) where the request asked for them."""
     if kind == "chat.completion":
-        return {"index": i, "message": {"role": "assistant", "content": text}, **end}
-    return {"index": i, "text": text, **end, "logprobs": None}
+        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, **end}
+    return {"index": i, "text": text, **end, "logprobs": logprobs}
 
 
-def delta_choice(kind: str, i: int, text: str, end: dict | None = None) -> dict:
+def delta_choice(kind: str, i: int, text: str, end: dict | None = None, logprobs: dict | None = None) -> dict:
     """A stream chunk's choice; ``end`` (``ending``) on the last one."""
     end = end or {"finish_reason": None}
     if kind == "chat.completion":
-        return {"index": i, "delta": {"content": text} if text else {}, **end}
-    return {"index": i, "text": text, **end, "logprobs": None}
+        return {"index": i, "delta": {"content": text} if text else {}, "logprobs": logprobs, **end}
+    return {"index": i, "text": text, **end, "logprobs": logprobs}
 
 
-def usage_of(prompt_tokens: int, rows: list[Row], mode: str) -> dict:
-    """Usage of all choices (``summarize``: NFE sums the choices' forwards, TPF = tokens / NFE)."""
+def usage_of(rows: list[Row], mode: str) -> dict:
+    """Usage of all choices (``summarize``: NFE sums the choices' forwards, TPF = tokens / NFE); every choice counts
+    its prompt."""
     counts = summarize(rows)
-    return usage(prompt_tokens * len(rows), counts["completion_tokens"], counts["nfe"], counts["tpf"], mode)
+    prompt_tokens = sum(len(r.prompt) for r in rows)
+    return usage(prompt_tokens, counts["completion_tokens"], counts["nfe"], counts["tpf"], mode)
 
 
 def event(obj: dict) -> str:

@@ -79,7 +79,7 @@ class StaticBatches:
             for row, tokens in chunk:
                 job, choice = owner[row]
                 if job.stream:
-                    job.send_tokens(choice, tokens)
+                    job.send_tokens(choice, tokens, state.rows[row])
             now = time.perf_counter()
             for row, (job, _) in enumerate(owner):
                 if job.cancelled.is_set():

@@ -40,6 +40,7 @@ import torch
 
 from tridlm.decode import CostCurve, DecodeState, GenerationConfig, generate
 from tridlm.decode.batcher import Batcher
+from tridlm.decode.score import score
 from tridlm.model import TriModel
 from tridlm.serve.jobs import Job, QueueFull
 from tridlm.serve.static import StaticBatches
@@ -205,9 +206,25 @@ class Worker:
         for job, event in ends:
             job.send(*event)
 
+    def _scored(self, jobs: list[Job]) -> list[Job]:
+        """Score the prompts of the jobs that echo them with log-probabilities (``Job.score_prompts``); returns the
+        jobs that go on to decode (one whose scoring failed gets the error)."""
+        out = []
+        for job in jobs:
+            try:
+                if job.score_prompts:
+                    unique = list(dict.fromkeys(tuple(p) for p in job.prompts))
+                    scores = score(self.model, [(p[:1], p[1:]) for p in unique], top=job.cfg.logprobs or 0)
+                    job.prompt_scores = [scores[unique.index(tuple(p))] for p in job.prompts]
+                out.append(job)
+            except Exception as e:
+                self._end([(job, ("error", f"scoring the prompt failed: {e}"))])
+        return out
+
     def _begin(self, batch: list[Job]) -> None:
         """Start decoding a static batch (its first cycle runs in ``_cycle``)."""
-        if not self.static.begin(batch):
+        batch = self._scored(batch)  # a job whose scoring failed has ended
+        if batch and not self.static.begin(batch):
             self._end([], taken=len(batch))
 
     def _cycle(self) -> None:
@@ -221,6 +238,8 @@ class Worker:
 
     def _admit(self, job: Job) -> None:
         """Prefill the job's rows into the running batch; their first tokens go out at once."""
+        if not self._scored([job]):
+            return
         state = DecodeState(len(job.prompts), job.cfg, self.model.cfg.eos_ids, self.tokenizer.decode)
         generator = None if job.cfg.seed is None else torch.Generator(self.model.device).manual_seed(job.cfg.seed)
         try:
@@ -264,7 +283,7 @@ class Worker:
         for key, (job, state) in list(self._live.items()):
             for row, tokens in state.flush():
                 if job.stream:
-                    job.send_tokens(row, tokens)
+                    job.send_tokens(row, tokens, state.rows[row])
             if state.all_done:
                 del self._live[key]
                 for row in state.rows:

@@ -1,0 +1,93 @@
+"""What a completion's choices say beyond their text: the echoed prompt, the streamed trace of each decoding step,
+and the tokens' log-probabilities in the response's shape: chat's ``{"content": [{token, logprob, bytes,
+top_logprobs}]}`` or completions' legacy ``{tokens, token_logprobs, top_logprobs, text_offset}`` (what lm-eval's
+local-completions reads).
+
+In every exact mode (ar, spec, auto) the log-probabilities are AR's: the verify rows' logits that committed each token
+(``DecodeState.emit``); in diffusion they are those of the denoising step that committed it. An echoed prompt's come
+from ``decode.score`` (the first token's is null: nothing predicts it). ``text_offset`` counts characters from the
+start of the prompt's text, echoed or not; tokens after a stop string (which ends the text) keep their entries.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from tridlm.serve.jobs import Job
+from tridlm.tokenizer import Tokenizer
+
+
+class Answer:
+    """The shape of one request's choices (``kind``: "chat.completion" or "text_completion")."""
+
+    def __init__(self, kind: str, tokenizer: Tokenizer, job: Job, echo: bool):
+        self.kind, self.tokenizer, self.job = kind, tokenizer, job
+        self.echo = echo
+        self.logprobs = job.cfg.logprobs is not None
+        self.prompt_texts = [tokenizer.decode(p) for p in job.prompts] if kind == "text_completion" else None
+        self.offsets = [len(t) for t in self.prompt_texts] if self.prompt_texts else [0] * len(job.prompts)
+
+    def head(self, i: int) -> tuple[str, dict | None]:
+        """Choice i's echoed prompt: its text and, with logprobs, its tokens' entries (empty when not echoing)."""
+        if not self.echo:
+            return "", None
+        prompt = self.job.prompts[i]
+        if not self.logprobs:
+            return self.prompt_texts[i], None
+        scored = self.job.prompt_scores[i]
+        entries = [None, *zip(scored.logprobs, scored.top)]
+        return self.prompt_texts[i], self.shape(prompt, entries, 0)
+
+    def whole(self, i: int, text: str, row) -> tuple[str, dict | None]:
+        """Choice i's text and log-probabilities, the echoed prompt first."""
+        head, head_logprobs = self.head(i)
+        if not self.logprobs:
+            return head + text, None
+        body = self.shape(row.tokens, row.logprobs, self.offsets[i])
+        return head + text, self.join(head_logprobs, body) if head_logprobs else body
+
+    def delta(self, i: int, tokens: list[int], entries: list) -> dict | None:
+        """A streamed chunk's log-probabilities for choice i's new ``tokens``."""
+        if not self.logprobs or not tokens:
+            return None
+        out = self.shape(tokens, entries, self.offsets[i])
+        self.offsets[i] += sum(len(p) for p in out.get("tokens", ()))
+        return out
+
+    def shape(self, ids: list[int], entries: list, offset: int) -> dict:
+        if self.kind == "chat.completion":
+            return {"content": [self._chat(t, e) for t, e in zip(ids, entries)]}
+        pieces = [self.piece(t) for t in ids]
+        return {
+            "tokens": pieces,
+            "token_logprobs": [None if e is None else e[0] for e in entries],
+            "top_logprobs": [None if e is None else self._top(e[1]) for e in entries],
+            "text_offset": list(itertools.accumulate(map(len, pieces), initial=offset))[: len(pieces)],
+        }
+
+    def trace(self, index: int, events: list[dict]) -> dict:
+        """A choice's step events for the stream (``tridlm_trace``), with the text of every token id they name."""
+        ids = set()
+        for e in events:
+            ids.update(t for key in ("block", "guess", "drafts") for t in e.get(key) or () if t is not None)
+            ids.update(e[key] for key in ("token", "bonus") if key in e)
+        return {"index": index, "events": events, "pieces": {str(t): self.piece(t) for t in sorted(ids)}}
+
+    @staticmethod
+    def join(a: dict, b: dict) -> dict:
+        return {k: a[k] + b[k] for k in a}
+
+    def _top(self, alternatives: list[tuple[int, float]]) -> dict[str, float]:
+        """The legacy shape's alternatives by text: of two with one text (special tokens are both ""), the likelier."""
+        out: dict[str, float] = {}
+        for token, logprob in alternatives:
+            out.setdefault(self.piece(token), logprob)
+        return out
+
+    def piece(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _chat(self, token: int, entry) -> dict:
+        text = self.piece(token)
+        top = [{"token": self.piece(a), "logprob": lp, "bytes": list(self.piece(a).encode())} for a, lp in entry[1]]
+        return {"token": text, "logprob": entry[0], "bytes": list(text.encode()), "top_logprobs": top}
