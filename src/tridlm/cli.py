@@ -79,7 +79,7 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
 
 def _lm_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs=argparse.REMAINDER, help="lm-eval's own arguments (lm-eval run --help)")
-    p.set_defaults(no_model_args=True)
+    p.set_defaults(no_model_args=True, passthrough=True)
 
 
 def _demo_parser(p: argparse.ArgumentParser) -> None:
@@ -276,7 +276,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        args.args = rest + args.args
     try:
         COMMANDS[args.command].run(args)
     except (ValueError, FileNotFoundError) as e:

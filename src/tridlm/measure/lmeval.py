@@ -20,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models: its registry loads them only while it is empty)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -69,6 +70,17 @@ class TridlmLM(TemplateLM):
             self.rows.append(Row(max_tokens=0, tokens=r["tokens"], nfe=r["nfe"], accepted_lengths=r["accepted"]))
             self.generate_s += r["wall_s"]
         self.scored_tokens, self.score_s = 0, 0.0
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TridlmLM:
+        """From ``--model_args`` as a string; of lm-eval's own options only ``--batch_size`` applies (its ``--device``
+        defaults to cuda: the device is ``device=`` in ``model_args``, default cpu)."""
+        return super().create_from_arg_string(arg_string, _batch_size_only(additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> TridlmLM:
+        """From ``--model_args`` as a dict (what lm-eval's command line passes), as ``create_from_arg_string``."""
+        return super().create_from_arg_obj(arg_dict, _batch_size_only(additional_config))
 
     @property
     def eot_token_id(self) -> int:
@@ -181,6 +193,10 @@ class TridlmLM(TemplateLM):
             "score_s": self.score_s,
             "scored_tok_s": self.scored_tokens / self.score_s if self.score_s else None,
         }
+
+
+def _batch_size_only(config: dict | None) -> dict:
+    return {k: v for k, v in (config or {}).items() if k == "batch_size" and v is not None}
 
 
 def run(task: str, model, tokenizer, gen: GenerationConfig, settings: dict, opts, progress: bool = True) -> dict:
