@@ -16,6 +16,7 @@ process, resumable.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -177,9 +178,10 @@ class TridlmLM(TemplateLM):
         if self.rows_file:
             with self.rows_file.open("a") as f:
                 share = wall / len(prompts)  # the batch's wall time split evenly
-                for r in state.rows:
-                    record = {"tokens": r.tokens, "nfe": r.nfe, "accepted": r.accepted_lengths, "wall_s": share}
-                    f.write(json.dumps(record) + "\n")
+                for context, r in zip(contexts, state.rows):
+                    key = hashlib.sha256(context.encode()).hexdigest()[:16]  # which question: runs compare by it
+                    record = {"key": key, "tokens": r.tokens, "nfe": r.nfe, "accepted": r.accepted_lengths}
+                    f.write(json.dumps({**record, "wall_s": share}) + "\n")
         return [state.text(i) for i in range(len(prompts))]
 
     def counts(self) -> dict:
