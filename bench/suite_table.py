@@ -20,18 +20,16 @@ Parts (``--parts``, run in this order, MMLU's 14,042 last; each run resumes from
 import argparse
 import datetime
 import json
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from itertools import combinations
 from pathlib import Path
 
-import httpx
 import lm_eval
 import torch
 from lm_eval.tasks import TaskManager
+from serve_single import start_server
 
 from tridlm import default_model, loading
 from tridlm.decode import GenerationConfig
@@ -74,25 +72,6 @@ def choices(out: dict) -> dict:
     }
 
 
-def serving(precision: str):
-    """``tridlm serve`` in a subprocess on a free port; returns (process, base URL) once it is healthy."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "tridlm", "serve", "--dtype", precision, "--port", str(port), "--threads", "2"]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise SystemExit("tridlm serve did not get healthy in 10 minutes")
-
-
 def agreement(models: dict, subset: int, out: Path) -> None:
     tasks = TaskManager(include_path=str(suite_data.write_tasks()))
     common = {"tasks": ["tridlm_mmlu"], "limit": subset, "task_manager": tasks, "bootstrap_iters": 0}
@@ -110,7 +89,7 @@ def agreement(models: dict, subset: int, out: Path) -> None:
     gguf = default_model.gguf_path()
     hf_args = {"pretrained": str(gguf.parent), "gguf_file": gguf.name, "dtype": "float32", "device": "cpu"}
     record("transformers float32", "hf", model_args=hf_args, batch_size=4)
-    process, url = serving("int4")
+    process, url = start_server(2, ["--dtype", "int4"])
     try:
         with tempfile.TemporaryDirectory() as folder:
             opened(models, "int4")[1].save(Path(folder))  # the tokenizer local-completions counts contexts with

@@ -118,3 +118,11 @@ def test_lm_evals_local_completions_through_the_server_chooses_as_in_process(def
     for key, scores in in_process.items():
         assert torch.tensor(served[key]).argmax() == torch.tensor(scores).argmax(), key
         torch.testing.assert_close(torch.tensor(served[key]), torch.tensor(scores), atol=1e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_lm_evals_own_command_line_runs_the_tridlm_model_on_the_suites_tasks(tmp_path):
+    run = [sys.executable, "-m", "tridlm", "lm-eval", "--model", "tridlm", "--model_args", "mode=spec,block_size=4"]
+    run += ["--tasks", "tridlm_gsm8k", "--limit", "2", "--output_path", str(tmp_path)]
+    out = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert "tridlm_gsm8k" in out and "exact_match" in out and "flexible-extract" in out
