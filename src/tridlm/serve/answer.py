@@ -24,8 +24,9 @@ class Answer:
         self.kind, self.tokenizer, self.job = kind, tokenizer, job
         self.echo = echo
         self.logprobs = job.cfg.logprobs is not None
-        self.prompt_texts = [tokenizer.decode(p) for p in job.prompts] if kind == "text_completion" else None
-        self.offsets = [len(t) for t in self.prompt_texts] if self.prompt_texts else [0] * len(job.prompts)
+        texts = kind == "text_completion" and (echo or self.logprobs)  # what the echo and the offsets need
+        self.prompt_texts = [tokenizer.decode(p) for p in job.prompts] if texts else None
+        self.offsets = [len(t) for t in self.prompt_texts] if texts else [0] * len(job.prompts)
 
     def head(self, i: int) -> tuple[str, dict | None]:
         """Choice i's echoed prompt: its text and, with logprobs, its tokens' entries (empty when not echoing)."""
