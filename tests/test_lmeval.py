@@ -17,7 +17,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from tridlm.decode import GenerationConfig, generate  # noqa: E402
 from tridlm.decode.score import score  # noqa: E402
 from tridlm.measure import suite_data  # noqa: E402
-from tridlm.measure.lmeval import TridlmLM  # noqa: E402
+from tridlm.measure.lmeval import TridlmLM, question_key  # noqa: E402
 
 
 def instances(kind: str, args: list[tuple]) -> list[Instance]:
@@ -57,7 +57,19 @@ def test_generate_until_is_the_decoders_text_with_the_tasks_stops(tiny_model, ch
         want = generate(tiny_model, [char_tokenizer.encode(context)], cfg, detokenize=char_tokenizer.decode).text(0)
         assert text == want
     counts = lm.counts()
-    assert counts["completion_tokens"] == sum(len(r.tokens) for r in lm.rows) and counts["tpf"] > 0
+    assert counts["completion_tokens"] == sum(len(r.tokens) for r, _ in lm.generated.values()) and counts["tpf"] > 0
+
+
+def test_counts_are_over_the_questions_asked_and_survive_a_new_process(tiny_model, char_tokenizer, tmp_path):
+    rows_file = tmp_path / "run.rows.jsonl"
+    lm = TridlmLM(tiny_model, char_tokenizer, GenerationConfig(mode="spec", block_size=4), rows_file=str(rows_file))
+    kwargs = {"until": [], "max_gen_toks": 12, "do_sample": False}
+    lm.generate_until(instances("generate_until", [(c, kwargs) for c in ("ab", "cd", "ef")]), disable_tqdm=True)
+    again = TridlmLM(tiny_model, char_tokenizer, rows_file=str(rows_file))  # a resumed run reads the rows back
+    first = question_key("ab")
+    assert again.counts()["completion_tokens"] == lm.counts()["completion_tokens"] == 36
+    row, _ = lm.generated[first]
+    assert again.counts({first})["completion_tokens"] == 12 and again.counts({first})["nfe"] == row.nfe
 
 
 def test_unknown_model_args_are_refused(tiny_model, char_tokenizer):

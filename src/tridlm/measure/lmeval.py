@@ -61,15 +61,15 @@ class TridlmLM(TemplateLM):
             model, tokenizer = loading.Source(model=path, **source).open()
         self.model, self.tok = model, tokenizer
         self.name = loading.model_name(path)
-        # Every generated row, for the counts; with ``rows_file``, also those of earlier runs that wrote it (a
-        # resumed run's cached answers are not decoded again), one JSON line per row.
+        # Every generated row by its question (``question_key``) with its share of the decoding wall time, for the
+        # counts; with ``rows_file``, also those of earlier runs that wrote it (a resumed or extended run's cached
+        # answers are not decoded again), one JSON line per row.
         self.rows_file = Path(rows_file) if rows_file else None
-        self.rows: list[Row] = []
-        self.generate_s = 0.0
+        self.generated: dict[str, tuple[Row, float]] = {}
         for line in self.rows_file.read_text().splitlines() if self.rows_file and self.rows_file.exists() else ():
             r = json.loads(line)
-            self.rows.append(Row(max_tokens=0, tokens=r["tokens"], nfe=r["nfe"], accepted_lengths=r["accepted"]))
-            self.generate_s += r["wall_s"]
+            row = Row(max_tokens=0, tokens=r["tokens"], nfe=r["nfe"], accepted_lengths=r["accepted"])
+            self.generated.setdefault(r["key"], (row, r["wall_s"]))
         self.scored_tokens, self.score_s = 0, 0.0
 
     @classmethod
@@ -172,29 +172,33 @@ class TridlmLM(TemplateLM):
         prompts = [self.tok_encode(c)[-room:] for c in contexts]  # the context's end, where it is too long
         begin = time.perf_counter()
         state = generate(self.model, prompts, cfg, detokenize=self.tok.decode)
-        wall = time.perf_counter() - begin
-        self.generate_s += wall
-        self.rows += state.rows
-        if self.rows_file:
-            with self.rows_file.open("a") as f:
-                share = wall / len(prompts)  # the batch's wall time split evenly
-                for context, r in zip(contexts, state.rows):
-                    key = hashlib.sha256(context.encode()).hexdigest()[:16]  # which question: runs compare by it
-                    record = {"key": key, "tokens": r.tokens, "nfe": r.nfe, "accepted": r.accepted_lengths}
-                    f.write(json.dumps({**record, "wall_s": share}) + "\n")
+        share = (time.perf_counter() - begin) / len(prompts)  # the batch's wall time split evenly
+        for context, r in zip(contexts, state.rows):
+            self.generated[question_key(context)] = (r, share)
+            if self.rows_file:
+                with self.rows_file.open("a") as f:
+                    record = {"key": question_key(context), "tokens": r.tokens, "nfe": r.nfe}
+                    f.write(json.dumps({**record, "accepted": r.accepted_lengths, "wall_s": share}) + "\n")
         return [state.text(i) for i in range(len(prompts))]
 
-    def counts(self) -> dict:
-        """What the run cost: generated rows' counts (SPEC 2: tokens, NFE, TPF, tok/s over the decoding wall time) and
-        the tokens scored per second."""
-        generated = summarize(self.rows, self.generate_s) if self.rows else {}
+    def counts(self, keys: set[str] | None = None) -> dict:
+        """What the run cost: the generated rows' counts (SPEC 2: tokens, NFE, TPF, tok/s over the decoding wall time;
+        only the questions ``keys`` where given) and the tokens scored per second."""
+        rows = [v for k, v in self.generated.items() if keys is None or k in keys]
+        wall = sum(share for _, share in rows)
+        generated = summarize([r for r, _ in rows], wall) if rows else {}
         return {
             **{k: generated.get(k) for k in ("completion_tokens", "nfe", "tpf", "tok_s", "accepted_mean")},
-            "generate_s": self.generate_s,
+            "generate_s": wall,
             "scored_tokens": self.scored_tokens,
             "score_s": self.score_s,
             "scored_tok_s": self.scored_tokens / self.score_s if self.score_s else None,
         }
+
+
+def question_key(context: str) -> str:
+    """Which question a generated row answers (its context's hash): runs compare rows by it."""
+    return hashlib.sha256(context.encode()).hexdigest()[:16]
 
 
 def _batch_size_only(config: dict | None) -> dict:
@@ -211,7 +215,7 @@ def run(task: str, model, tokenizer, gen: GenerationConfig, settings: dict, opts
     from tridlm.measure import evaluate, suite_data
 
     limit, runs = opts.limit, Path(opts.runs)
-    name = evaluate.run_name({**settings, "limit": limit})
+    name = evaluate.run_name(settings)  # not the limit: a run over more questions reuses a shorter one's answers
     runs.mkdir(parents=True, exist_ok=True)
     lm = TridlmLM(model, tokenizer, gen, rows_file=runs / f"{name}.rows.jsonl", batch_size=opts.batch_size)
     begin = time.perf_counter()
@@ -221,11 +225,12 @@ def run(task: str, model, tokenizer, gen: GenerationConfig, settings: dict, opts
         limit=limit,
         use_cache=str(runs / name),
         task_manager=TaskManager(include_path=str(suite_data.write_tasks())),
-        log_samples=False,
+        log_samples=True,  # which questions it asked: the counts are over those
         bootstrap_iters=0,
         verbosity="ERROR" if not progress else None,
     )
     wall = time.perf_counter() - begin
+    asked = {question_key(a[0]) for s in out["samples"].values() for d in s for a in d["arguments"] if len(a) == 2}
     results = out["results"]
     group = suite_data.TASKS[task]
     metrics = {k: v for k, v in results[group].items() if isinstance(v, float) and "stderr" not in k}
@@ -237,7 +242,7 @@ def run(task: str, model, tokenizer, gen: GenerationConfig, settings: dict, opts
         "questions": sum(v["effective"] for v in out["n-samples"].values()),
         "metrics": metrics,
         **({"subjects": subjects} if subjects else {}),
-        **lm.counts(),
+        **lm.counts(asked),
         "wall_s": wall,
         "run_file": str(runs / name),
     }
