@@ -60,6 +60,7 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
         p,
         GenerationConfig(),
         {"mode": MODES, "spec_variant": SPEC_VARIANTS, "threshold": _threshold, "stop": "append", "lookup": _on_off},
+        skip=("grammar",),
     )
 
 

@@ -73,6 +73,7 @@ def stream(
     cache, logits = prefill(model, prompts, max_len)
     state.prefill_s = time.perf_counter() - state.start
     sampler = cfg.sampler
+    logits = state.masked(logits)  # under a grammar, only what it allows
     pending = sampler.next_token(logits, generator)  # (B,) first new token, not yet cached
     for i, t in enumerate(pending.tolist()):
         state.emit(i, [t], logits[i : i + 1])

@@ -35,9 +35,10 @@ def ar_step(
     sampler = state.cfg.sampler
     logits = forward_block(model, cache, pending[:, None], masks.causal, write=True)  # (B, 1, V)
     state.count_forward()
-    pending = sampler.next_token(logits[:, -1], generator)
+    logits = state.masked(logits[:, -1])  # under a grammar, only what it allows
+    pending = sampler.next_token(logits, generator)
     for i, t in enumerate(pending.tolist()):
         if state.trace:
             state.note(i, event(t))
-        state.emit(i, [t], logits[i, -1:])
+        state.emit(i, [t], logits[i : i + 1])
     return pending

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from tridlm.decode import modes
 from tridlm.decode.modes import MODES, SPEC_VARIANTS
+from tridlm.grammar import Grammar
 from tridlm.options import option
 from tridlm.sampling import Sampler
 
@@ -43,6 +44,9 @@ class GenerationConfig:
     # Not a CLI flag: the API's logprobs / top_logprobs. Each generated token's log-probability under the logits
     # that committed it (``decode.state``), with this many most likely alternatives; None: not recorded.
     logprobs: int | None = None
+    # Not a CLI flag: the API's response_format / regex / grammar. Every token is chosen among those the grammar allows
+    # (``tridlm.grammar``); None: unconstrained.
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,6 +77,8 @@ class GenerationConfig:
             bad("max_tokens", "expected a positive integer")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             bad("logprobs", f"expected an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.grammar is not None and self.mode == "diffusion":
+            bad("grammar", "diffusion does not decode under a grammar yet: use ar, spec or auto")
         if any(not s for s in self.stop):
             bad("stop", "stop strings must be non-empty")
         return self

@@ -41,6 +41,8 @@ from tridlm.decode.spec import settle
 from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
 
+FORCED = "grammar"  # the source of the tokens a grammar forces
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -77,6 +79,10 @@ class Acceptance:
             else:
                 self.hits[source], self.tries[source] = [self.prior[0]] * self.depth, [self.prior[1]] * self.depth
         return self.hits[source], self.tries[source]
+
+    def certain(self, source: str) -> None:
+        """A source whose candidates are always accepted (the grammar's forced tokens)."""
+        self.hits[source], self.tries[source] = [1.0] * self.depth, [1.0] * self.depth
 
     def update(self, source: str, offered: int, accepted: int) -> None:
         for j in range(min(accepted + 1, offered)):
@@ -209,6 +215,18 @@ def _candidates(
     return {f"{source}{n}": [c for _, c in found]} if n else {}
 
 
+def _grammatical(
+    proposals: dict[str, list[list[int]]], state: DecodeState, live: list[int], room: int
+) -> dict[str, list[list[int]]]:
+    """Under a grammar: every source's candidates cut at the first token it refuses, and the tokens it forces as a
+    source of their own (``FORCED``, always accepted). Unchanged without one."""
+    if state.constraints is None:
+        return proposals
+    kept = {s: [state.candidates(i, c) if i in live else [] for i, c in enumerate(f)] for s, f in proposals.items()}
+    forced = [state.forced(i, room) for i in range(len(state.rows))]
+    return {**kept, FORCED: forced} if any(forced[i] for i in live) else kept
+
+
 def pipelined(
     model: TriModel,
     cache: KVCache,
@@ -225,6 +243,7 @@ def pipelined(
     planner = planner_for(model, state, costs)
     rows, room = len(pending), cfg.block_size - 1
     acc = Acceptance(max(room, 1))
+    acc.certain(FORCED)
     worth = planner.pays()  # False: every cycle an AR step, no candidates looked up
     lookups = [NGramIndex(r.prompt + r.tokens) for r in state.rows] if cfg.lookup and worth else None
     unverified = Unverified(acc)
@@ -233,6 +252,7 @@ def pipelined(
     while not state.all_done:
         live = [i for i, r in enumerate(state.rows) if not r.done]
         proposals = {**_candidates(lookups, history, state, live, room), "draft": carried}
+        proposals = _grammatical(proposals, state, live, room)
         available = {s: max(len(c[i]) for i in live) for s, c in proposals.items()}
         plan = planner.plan(available, acc, len(live)) if worth else Plan()
         unverified.offer(proposals, plan, state, live)
@@ -261,21 +281,21 @@ def pipelined(
         pending, k = settle(cache, state, start, block, logits[:, : 1 + m], q, generator, source)
         carried, carried_q = [[] for _ in range(rows)], [None] * rows
         if r:
-            _keep_drafts(
-                sampler, logits[:, 1 + m :], mask_id, generator, k == m, pending, live, acc, carried, carried_q
-            )
+            _keep_drafts(state, logits[:, 1 + m :], mask_id, generator, k == m, pending, live, acc, carried, carried_q)
         for i in live:
             acc.update(plan.source, len(chosen[i]), int(k[i]))
         unverified.check(state)
         yield state.flush()
 
 
-def _keep_drafts(sampler, logits, mask_id, generator, full, pending, live, acc, carried, carried_q) -> None:
+def _keep_drafts(state, logits, mask_id, generator, full, pending, live, acc, carried, carried_q) -> None:
     """Into ``carried`` and ``carried_q``, per row: the drafts of a forward's MASK rows (``logits`` (B, r, V)) and their
     distributions, where the row accepted every candidate (``full``) and the first MASK row guessed the bonus token it
     could not see (the drafts assumed it); ``acc.carried`` counts how often they are kept."""
+    sampler = state.cfg.sampler
     dq = unmasking_distribution(sampler, logits, mask_id)  # (B, r, V)
     guess = sampler.pick(dq, generator)
+    state.restrict_drafts(guess[:, 1:], dq[:, 1:], sampler, generator)  # after the bonus, which the state has
     for i in live:
         if full[i]:
             keep = bool(guess[i, 0] == pending[i])

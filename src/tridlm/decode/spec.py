@@ -73,6 +73,7 @@ def draft(model, cache, pending, state, generator) -> tuple[torch.Tensor, torch.
     q = unmasking_distribution(sampler, logits, model.cfg.mask_id)
     state.count_forward()
     block[:, 1:] = sampler.pick(q[:, 1:], generator)
+    state.restrict_drafts(block[:, 1:], q[:, 1:], sampler, generator)  # under a grammar, only what it allows
     return block, q
 
 
@@ -80,7 +81,9 @@ def settle(
     cache, state, start, block, logits, q, generator, source: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accept a prefix of the drafts by their verify ``logits`` (B, n, V), keep its KV, emit it with the bonus token;
-    ``source`` (traced) names where the drafts came from. Returns (bonus token, accepted draft count) per row."""
+    ``source`` (traced) names where the drafts came from. Returns (bonus token, accepted draft count) per row. Under a
+    grammar each position's logits are masked by what it allows there: the accepted tokens are constrained AR's."""
+    logits = state.masked_along(logits, block[:, 1:])
     k, bonus = accept(block, state.cfg.sampler.verifier(logits), q, state.cfg.sampler, generator)
     # Keep the pending token and the accepted drafts (the bonus is the next pending token); finished
     # rows stay put.
@@ -120,4 +123,5 @@ def spec_quadratic(
         chosen = logits[:, n:].view(rows, n, n, -1)[torch.arange(rows, device=block.device), k]  # (B, n, V)
         q = unmasking_distribution(sampler, chosen, model.cfg.mask_id)
         block = torch.cat([bonus[:, None], sampler.pick(q[:, 1:], generator)], dim=1)
+        state.restrict_drafts(block[:, 1:], q[:, 1:], sampler, generator)
         yield state.flush()

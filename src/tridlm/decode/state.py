@@ -65,6 +65,8 @@ class DecodeState:
         self._fresh: list[list[int]] = [[] for _ in range(n_rows)]
         self.trace = trace
         self._events: list[list[dict]] = [[] for _ in range(n_rows)]
+        # Under a grammar (the config's), each row's matcher, following its committed tokens (``emit``)
+        self.constraints = [cfg.grammar.start() for _ in range(n_rows)] if cfg.grammar is not None else None
 
     @property
     def all_done(self) -> bool:
@@ -96,8 +98,52 @@ class DecodeState:
                 row.finish_reason = "stop"
             elif len(row.tokens) >= row.max_tokens:
                 row.finish_reason = "length"
+        if self.constraints is not None:
+            self.constraints[i].commit(row.tokens[before:])
         if self.cfg.logprobs is not None and len(row.tokens) > before:
             self._record(row, row.tokens[before:], logits)
+
+    # Under a grammar, what each unfinished row may choose (``tridlm.grammar``); without one, these change nothing.
+
+    def _constrained(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if not r.done] if self.constraints is not None else []
+
+    def masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) for each row's next token, -inf where its grammar refuses the token."""
+        rows = self._constrained()
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            logits[i].masked_fill_(~self.constraints[i].allowed().to(logits.device), float("-inf"))
+        return logits
+
+    def masked_along(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+        """Verify logits (B, n, V) of [pending, drafts (B, n-1)], each position masked by what the grammar allows after
+        the drafts before it: what constrained AR would choose from there."""
+        rows = self._constrained()
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            allowed = self.constraints[i].along(drafts[i].tolist()).to(logits.device)
+            logits[i].masked_fill_(~allowed, float("-inf"))
+        return logits
+
+    def restrict_drafts(self, drafts: torch.Tensor, q: torch.Tensor, sampler, generator) -> None:
+        """In place: each constrained row's drafts (B, n) drawn again from their distributions ``q`` (B, n, V)
+        restricted to what the grammar allows after the drafts before (``q`` becomes what they were drawn from), so
+        that no draft falls outside the grammar and the grammar's forced tokens are drafted."""
+        for i in self._constrained():
+            drafts[i], q[i] = self.constraints[i].pick(q[i], lambda p: sampler.pick(p, generator))
+
+    def candidates(self, i: int, tokens: list[int]) -> list[int]:
+        """Row i's candidate tokens up to the first its grammar refuses (all of them without a grammar)."""
+        return tokens[: self.constraints[i].valid(tokens)] if self.constraints is not None else tokens
+
+    def forced(self, i: int, most: int) -> list[int]:
+        """The tokens row i's grammar forces next, at most ``most`` (none without a grammar)."""
+        return self.constraints[i].forced(most) if self.constraints is not None and not self.rows[i].done else []
 
     def _record(self, row: Row, tokens: list[int], logits: torch.Tensor | None) -> None:
         if logits is None:

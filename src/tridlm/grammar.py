@@ -1,0 +1,180 @@
+"""Constrained decoding (structured outputs): which tokens a grammar lets come next, computed by llguidance.
+
+A ``Grammar`` is compiled once per request (``Grammars.compile``) from a JSON schema, "any JSON object", a regular
+expression or a Lark grammar (llguidance's dialect) against the model's tokenizer; ``Grammar.start`` gives each row a
+``Constraint``, the matcher that follows the row's committed tokens (``DecodeState.emit`` feeds it). Decoders ask a
+constraint for the tokens allowed next (``allowed``), for the masks along a path of tokens not yet committed
+(``along``: what a verify forward needs), for the longest valid prefix of candidates (``valid``), for drafts drawn
+within the grammar (``pick``) and for the tokens the grammar forces (``forced``: each the only one allowed, so a free
+candidate). Constrained AR is AR over the masked logits: every exact mode masks the same logits the same way, so its
+output stays constrained AR's (docs/design.md).
+
+JSON is written compactly, ``{"a": 1, "b": [2, 3]}`` (one space after ``:`` and ``,``, none elsewhere): no run of
+whitespace for a model to wander into, and more punctuation the grammar forces.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+
+import llguidance
+import torch
+
+from tridlm.tokenizer import Tokenizer
+
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+KINDS = ("json_schema", "json_object", "regex", "lark")
+
+
+class GrammarError(ValueError):
+    """A grammar that cannot be compiled, or uses something llguidance does not implement (the message names it)."""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled grammar (``Grammars.compile``): ``kind`` (one of ``KINDS``) and its source, for one vocabulary."""
+
+    kind: str
+    source: str
+    text: str = field(repr=False)  # llguidance's grammar
+    tokens: llguidance.LLTokenizer = field(repr=False, compare=False)
+    vocab_size: int = field(compare=False)
+
+    def start(self) -> Constraint:
+        """A new row's matcher, before any generated token."""
+        matcher = llguidance.LLMatcher(self.tokens, self.text, log_level=0)
+        return Constraint(matcher, self.vocab_size, self.tokens.eos_tokens)
+
+
+class Grammars:
+    """Compiles grammars for one model's tokenizer and vocabulary (llguidance's view of the tokenizer, its vocabulary's
+    bytes, takes about 0.3 s to build: once, at the first grammar)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids):
+        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, list(eos_ids)
+
+    @functools.cached_property
+    def tokens(self) -> llguidance.LLTokenizer:
+        """From the tokenizer's own description where llguidance reads its decoder (byte-level BPE, SentencePiece's),
+        else from each token's text."""
+        try:
+            return llguidance.LLTokenizer(
+                self.tokenizer.backend.to_str(), n_vocab=self.vocab_size, eos_token=self.eos_ids
+            )
+        except ValueError:
+            wrapped = llguidance.TokenizerWrapper(_TokenTexts(self.tokenizer, self.vocab_size, self.eos_ids[0]))
+            return llguidance.LLTokenizer(wrapped, n_vocab=self.vocab_size, eos_token=self.eos_ids)
+
+    def compile(self, kind: str, source=None) -> Grammar:
+        """``source``: a JSON schema (dict or text) for ``json_schema``, nothing for ``json_object``, a pattern for
+        ``regex``, a grammar for ``lark``. Raises ``GrammarError`` naming what is wrong with it."""
+        if kind not in KINDS:
+            raise GrammarError(f"unknown grammar kind {kind!r}: expected one of {', '.join(KINDS)}")
+        if kind == "json_object":
+            source = {"type": "object"}
+        try:
+            if kind in ("json_schema", "json_object"):
+                schema = json.loads(source) if isinstance(source, str) else source
+                text = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+                source = json.dumps(schema, sort_keys=True)
+            elif kind == "regex":
+                text = llguidance.LLMatcher.grammar_from_regex(source)
+            else:
+                text = llguidance.LLMatcher.grammar_from_lark(source)
+        except (ValueError, TypeError) as e:
+            raise GrammarError(f"invalid {kind}: {e}") from None
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, self.tokens)
+        if failed:
+            raise GrammarError(f"invalid {kind}: {messages[0].strip()}")
+        return Grammar(kind, source, text, self.tokens, self.vocab_size)
+
+
+class _TokenTexts:
+    """llguidance's generic view of a tokenizer: each token's bytes, its special tokens, its encoder."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_id: int):
+        backend = tokenizer.backend
+        self.encode = tokenizer.encode
+        self.eos_token_id, self.bos_token_id = eos_id, tokenizer.bos_id
+        self.tokens = [
+            backend.decode([i], skip_special_tokens=False).encode() if i < tokenizer.vocab_size else b""
+            for i in range(vocab_size)
+        ]
+        self.special_token_ids = [i for i, t in backend.get_added_tokens_decoder().items() if t.special]
+
+    def __call__(self, text: str) -> list[int]:
+        return self.encode(text)
+
+
+class Constraint:
+    """One row's grammar state: the matcher after the row's committed tokens."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_ids):
+        self.matcher, self.vocab_size, self.eos_ids = matcher, vocab_size, frozenset(eos_ids)
+        self._bits = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
+
+    def allowed(self) -> torch.Tensor:
+        """(V,) bool: the tokens allowed next (EOS once the grammar is complete; only EOS once it can go no further)."""
+        packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
+        return ((packed[:, None] & self._bits) != 0).flatten()[: self.vocab_size]
+
+    def commit(self, tokens: list[int]) -> None:
+        """Follow committed tokens; one the grammar does not allow is a decoder's bug."""
+        for t in tokens:  # one at a time: consume_tokens refuses the EOS that ends a complete grammar
+            if not self.matcher.consume_token(t):
+                raise RuntimeError(f"a decoder committed token {t} the grammar does not allow: {self.error}")
+
+    @property
+    def error(self) -> str:
+        return self.matcher.get_error()
+
+    def valid(self, tokens: list[int]) -> int:
+        """How many of ``tokens``, from the start, the grammar allows in turn."""
+        return self.matcher.validate_tokens(tokens) if tokens else 0
+
+    def forced(self, most: int) -> list[int]:
+        """The tokens the grammar forces next (each the only one allowed), at most ``most``."""
+        return self.matcher.compute_ff_tokens()[:most]
+
+    def along(self, tokens: list[int]) -> torch.Tensor:
+        """(len(tokens) + 1, V) bool: the tokens allowed next after each prefix of ``tokens`` (none of them committed);
+        past the first token the grammar refuses, every row allows everything (a verify stops there anyway)."""
+        out = torch.ones(len(tokens) + 1, self.vocab_size, dtype=torch.bool)
+        taken = 0
+        for j in range(len(tokens) + 1):
+            allowed = self.allowed()
+            if not allowed.any():  # past the end (after EOS): nothing is committed there
+                break
+            out[j] = allowed
+            if j == len(tokens) or not allowed[tokens[j]] or tokens[j] in self.eos_ids:  # nothing follows EOS
+                break
+            self._follow(tokens[j])
+            taken += 1
+        self.matcher.rollback(taken)
+        return out
+
+    def _follow(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}, which it allowed: {self.error}")
+
+    def pick(self, probs: torch.Tensor, choose) -> torch.Tensor:
+        """Draft tokens one after another from ``probs`` (n, V), each from its distribution restricted to what the
+        grammar allows after the ones before (renormalised; all of the allowed where none of them has mass):
+        ``choose(probs (V,)) -> token``. Returns (tokens (n,), the restricted distributions (n, V)); commits nothing."""
+        tokens, restricted = [], probs.clone()
+        for j in range(len(probs)):
+            allowed = self.allowed()
+            if not allowed.any():  # past the end (after EOS): drafts there are never committed
+                break
+            p = probs[j].masked_fill(~allowed, 0.0)
+            total = p.sum()
+            restricted[j] = p / total if total > 0 else allowed.float() / allowed.sum()
+            tokens.append(int(choose(restricted[j])))
+            if tokens[-1] in self.eos_ids:  # nothing follows EOS (and llguidance cannot roll it back)
+                break
+            self._follow(tokens[-1])
+        self.matcher.rollback(len(tokens) - (tokens[-1] in self.eos_ids))
+        tokens += [tokens[-1]] * (len(probs) - len(tokens))
+        return torch.tensor(tokens, device=probs.device), restricted
