@@ -21,10 +21,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tridlm.decode import CostCurve
+from tridlm.grammar import Grammars
 from tridlm.model import TriModel
 from tridlm.serve.answer import Answer
 from tridlm.serve.config import ServerConfig
-from tridlm.serve.guard import Gate, make_config, parse
+from tridlm.serve.guard import Gate, compile_grammar, make_config, parse
 from tridlm.serve.jobs import Job, QueueFull
 from tridlm.serve.metrics import Finisher, Metrics
 from tridlm.serve.protocol import (
@@ -49,6 +50,7 @@ class Server:
     def __init__(self, model: TriModel, tokenizer: Tokenizer, config: ServerConfig, costs: CostCurve | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config.validate()
         self.metrics = Metrics()
+        self.grammars = Grammars(tokenizer, model.cfg.vocab_size, model.cfg.eos_ids)
         self.auto_block = config.defaults.replace(mode="auto").resolve(model).block_size
         if costs is not None:
             costs.upto(self.auto_block)  # covers the auto block, or says it does not
@@ -134,7 +136,8 @@ class Server:
                 f"when it started, up to block {self.auto_block} (serve with --block-size for more)",
                 "block_size",
             )
-        cfg = make_config(body, max(prompts, key=len), mode, self.model, self.config, rows=len(prompts) * body.n)
+        grammar = await asyncio.to_thread(compile_grammar, body, self.grammars)  # a large schema takes a while
+        cfg = make_config(body, max(prompts, key=len), mode, self.model, self.config, len(prompts) * body.n, grammar)
         if body.tridlm_trace and not body.stream:
             raise APIError(400, "tridlm_trace needs stream: true", "tridlm_trace")
         echo = getattr(body, "echo", False)

@@ -15,6 +15,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 from tridlm.decode import GenerationConfig
+from tridlm.grammar import Grammar, GrammarError, Grammars
 from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig, is_loopback
 from tridlm.serve.protocol import APIError
@@ -135,16 +136,34 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
+def compile_grammar(body, grammars: Grammars) -> Grammar | None:
+    """The request's structured output (``constraint``) compiled, or a 400 naming what is wrong with it."""
+    asked = body.constraint()
+    if asked is None:
+        return None
+    field, kind, source = asked
+    try:
+        return grammars.compile(kind, source)
+    except GrammarError as e:
+        raise APIError(400, str(e), field) from None
+
+
 def make_config(
-    body, ids: list[int], mode: str, model: TriModel, config: ServerConfig, rows: int | None = None
+    body,
+    ids: list[int],
+    mode: str,
+    model: TriModel,
+    config: ServerConfig,
+    rows: int | None = None,
+    grammar: Grammar | None = None,
 ) -> GenerationConfig:
     """The request's decoding config over the server's defaults, resolved for the model, with max_tokens
     checked against the room the (longest) prompt leaves in the context; ``rows``: the request's choices over all its
-    prompts (default ``n``)."""
+    prompts (default ``n``); ``grammar``: its structured output (``compile_grammar``)."""
     if not ids:
         raise APIError(400, "the prompt is empty", "prompt")
     try:
-        cfg = body.generation_config(config.defaults, mode, max_tokens=1).resolve(model)
+        cfg = body.generation_config(config.defaults, mode, max_tokens=1, grammar=grammar).resolve(model)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     room = cfg.room(model, len(ids))

@@ -48,6 +48,7 @@ class Job:
             c.top_k,
             c.top_p,
             c.logprobs,
+            c.grammar,
             alone,
             self.trace,
             self.tenant if c.pipelined else None,

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, Row, summarize
 from tridlm.decode.config import MAX_TOP_LOGPROBS
+from tridlm.grammar import Grammar
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's own limits
 MAX_COMPLETION_LOGPROBS = 5  # and those of log-probabilities: completions' logprobs (chat's top_logprobs: 20)
@@ -39,6 +40,27 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None  # always enforced here: the output is constrained to the schema either way
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _with_json_schema(cls, schema, info):
+        if schema is not None and info.data.get("type") != "json_schema":
+            raise ValueError("json_schema goes with type json_schema")
+        return schema
+
+
 class _Request(BaseModel):
     # strict: "0.5" is not a temperature; extra="forbid": a misspelt knob is an error, not ignored.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -65,6 +87,11 @@ class _Request(BaseModel):
     spec_variant: Literal[SPEC_VARIANTS] | None = None
     lookup: bool | None = None  # prompt-lookup candidates (auto and pipelined spec; default on there)
     tridlm_trace: bool = False  # streaming only: per-step decoding events in each chunk's "tridlm_trace"
+    # Structured output (``tridlm.grammar``): OpenAI's response_format, or (as vLLM and SGLang take them) a regular
+    # expression or a Lark grammar the output must match; at most one.
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -88,15 +115,37 @@ class _Request(BaseModel):
         """How many most likely alternatives each token's log-probability comes with; None: no log-probabilities."""
         raise NotImplementedError
 
+    def constraint(self) -> tuple[str, str, object] | None:
+        """(the field, the grammar kind, its source) of the structured output asked for; None: free text."""
+        asked = [f for f in ("response_format", "regex", "grammar") if getattr(self, f) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            asked.remove("response_format")
+        if len(asked) > 1:
+            raise APIError(400, f"at most one of response_format, regex and grammar, got {' and '.join(asked)}")
+        if not asked:
+            return None
+        if asked[0] == "regex":
+            return "regex", "regex", self.regex
+        if asked[0] == "grammar":
+            return "grammar", "lark", self.grammar
+        form = self.response_format
+        if form.type == "json_object":
+            return "response_format", "json_object", None
+        if form.json_schema is None or form.json_schema.schema_ is None:
+            raise APIError(400, "response_format json_schema needs json_schema.schema", "response_format")
+        return "response_format", "json_schema", form.json_schema.schema_
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def generation_config(self, defaults: GenerationConfig, mode: str, max_tokens: int) -> GenerationConfig:
+    def generation_config(
+        self, defaults: GenerationConfig, mode: str, max_tokens: int, grammar: Grammar | None = None
+    ) -> GenerationConfig:
         """Our config: the request's values over the server's defaults, validated once. ``mode`` is the one the
-        request runs in."""
+        request runs in, ``grammar`` the compiled ``constraint``."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        changes = {"mode": mode, "max_tokens": max_tokens, "stop": stop, "seed": self.seed}
+        changes = {"mode": mode, "max_tokens": max_tokens, "stop": stop, "seed": self.seed, "grammar": grammar}
         changes["logprobs"] = self.alternatives()
         knobs = ("temperature", "top_p", "top_k", "block_size", "max_steps_per_block", "spec_variant", "lookup")
         for name in knobs:
