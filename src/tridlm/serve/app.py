@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -33,13 +32,12 @@ from tridlm.serve.protocol import (
     ChatRequest,
     CompletionRequest,
     choice,
-    delta_choice,
     ending,
     envelope,
-    event,
     new_id,
     usage_of,
 )
+from tridlm.serve.streaming import sse
 from tridlm.serve.worker import Worker
 from tridlm.tokenizer import TextStream, Tokenizer
 
@@ -164,7 +162,8 @@ class Server:
         finish = Finisher(self.metrics, endpoint, mode, job)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self.sse(job, answer, rid, include_usage, finish), media_type="text/event-stream")
+            events = sse(self.config.served_model_name, self.tokenizer, job, answer, rid, include_usage, finish)
+            return StreamingResponse(events, media_type="text/event-stream")
         try:
             rows = await collect(job, request)
         except APIError as e:
@@ -178,57 +177,6 @@ class Server:
         )
         choices = [choice(kind, i, text, ending(r), lp) for i, ((text, lp), r) in enumerate(zip(texts, rows))]
         return envelope(kind, rid, self.config.served_model_name, choices, usage_of(rows, mode))
-
-    async def sse(self, job: Job, answer: Answer, rid, include_usage, finish) -> AsyncIterator[str]:
-        kind = answer.kind
-        chunk_kind, name = (
-            ("chat.completion.chunk" if kind == "chat.completion" else kind),
-            self.config.served_model_name,
-        )
-        texts = [TextStream(self.tokenizer, job.cfg.stop) for _ in job.prompts]
-        try:
-            if kind == "chat.completion":
-                for i in range(len(job.prompts)):
-                    yield event(
-                        envelope(
-                            chunk_kind,
-                            rid,
-                            name,
-                            [{"index": i, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}],
-                        )
-                    )
-            echoed = not answer.echo
-            while True:
-                item = await job.events.get()
-                for i in range(len(job.prompts)) if not echoed and item[0] != "error" else ():  # scored by now
-                    text, logprobs = answer.head(i)
-                    yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, text, logprobs=logprobs)]))
-                echoed = True
-                if item[0] == "trace":
-                    yield event({**envelope(chunk_kind, rid, name, []), "tridlm_trace": answer.trace(*item[1:])})
-                    continue
-                if item[0] == "tokens":
-                    _, i, tokens, entries = item
-                    delta, logprobs = await detokenize(texts[i], tokens), answer.delta(i, tokens, entries)
-                    if delta or logprobs:
-                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, delta, logprobs=logprobs)]))
-                    continue
-                if item[0] == "done":
-                    rows = item[1]
-                    for i, r in enumerate(rows):
-                        tail = await detokenize(texts[i], [], final=True)
-                        yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, tail, ending(r))]))
-                    if include_usage:
-                        yield event(envelope(chunk_kind, rid, name, [], usage_of(rows, job.cfg.mode)))
-                    finish(rows)
-                else:
-                    yield event(APIError(500, item[1], kind="server_error").body())
-                    finish(None, "500")
-                break
-            yield "data: [DONE]\n\n"
-        finally:
-            job.cancelled.set()
-            finish(None, "499")  # the client went away mid-stream (no-op after a normal end)
 
 
 def serve(model: TriModel, tokenizer: Tokenizer, config: ServerConfig, costs: CostCurve | None = None) -> None:
@@ -314,17 +262,6 @@ def create_app(
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat)
     return app
-
-
-INLINE_TOKENS = 16  # a stream chunk this short is detokenized on the event loop (a thread hop costs more)
-
-
-async def detokenize(text: TextStream, tokens: list[int], final: bool = False) -> str:
-    """The text a stream's new tokens add (``TextStream.push``: linear in them): inline for a few tokens, off
-    the event loop for more."""
-    if len(tokens) <= INLINE_TOKENS:
-        return text.push(tokens, final)
-    return await asyncio.to_thread(text.push, tokens, final)
 
 
 async def collect(job: Job, request: Request):
