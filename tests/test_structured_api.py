@@ -98,3 +98,84 @@ def test_what_cannot_be_constrained_is_a_400_naming_it(server, body, message):
     r = httpx.post(server + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 8, **body}, timeout=60)
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     assert httpx.get(server + "/health", timeout=10).status_code == 200  # and the server goes on
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The local time in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+WEATHER_ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+def calls(message) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or ()]
+
+
+def test_required_tool_calls_parse_and_their_arguments_are_valid_in_every_exact_mode(client):
+    replies = {
+        mode: chat(client, mode, WEATHER_ASK, tools=[WEATHER, TIME], tool_choice="required").choices[0]
+        for mode in ("ar", "spec", "auto")
+    }
+    ar = replies["ar"]
+    assert ar.finish_reason == "tool_calls" and ar.message.content is None and calls(ar.message)
+    for name, arguments in calls(ar.message):
+        schema = {"get_weather": WEATHER, "get_time": TIME}[name]["function"]["parameters"]
+        jsonschema.validate(arguments, schema)
+    assert all(c.id.startswith("call_") and c.type == "function" for c in ar.message.tool_calls)
+    assert calls(replies["spec"].message) == calls(replies["auto"].message) == calls(ar.message)
+    stream = chat(client, "auto", WEATHER_ASK, tools=[WEATHER, TIME], tool_choice="required", stream=True)
+    deltas = [c.choices[0] for c in stream if c.choices]
+    streamed = [d.delta.tool_calls for d in deltas if d.delta.tool_calls]
+    assert len(streamed) == 1 and deltas[-1].finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed[0]] == calls(ar.message)
+
+
+def test_a_named_function_or_one_call_is_what_the_request_gets(client):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    reply = chat(client, "auto", WEATHER_ASK, tools=[WEATHER, TIME], tool_choice=named).choices[0]
+    assert reply.finish_reason == "tool_calls" and [name for name, _ in calls(reply.message)] == ["get_time"]
+    one = chat(client, "ar", WEATHER_ASK, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    assert len(one.choices[0].message.tool_calls) == 1
+
+
+def test_auto_answers_or_calls_and_a_tool_result_is_read_back(client):
+    reply = chat(client, "auto", WEATHER_ASK, tools=[WEATHER]).choices[0]
+    assert (reply.finish_reason == "tool_calls") == bool(reply.message.tool_calls)
+    assert reply.message.tool_calls or isinstance(reply.message.content, str)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [
+        *WEATHER_ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees celsius and sunny"},
+    ]
+    answer = chat(client, "spec", history, tools=[WEATHER], tool_choice="none").choices[0]
+    assert answer.finish_reason in ("stop", "length") and answer.message.content and not answer.message.tool_calls
+
+
+def test_what_tools_cannot_do_is_a_400(server):
+    named = {"type": "function", "function": {"name": "nope"}}
+    for body, message in (
+        ({"tools": [WEATHER], "tool_choice": named}, "names function 'nope'"),
+        ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "tools and a structured output"),
+        ({"tools": [WEATHER, WEATHER]}, "tool function names must be distinct"),
+        ({"messages": [{"role": "assistant", "content": None}]}, "a message needs content"),
+    ):
+        r = httpx.post(server + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 8, **body}, timeout=60)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text

@@ -14,15 +14,18 @@ from __future__ import annotations
 import itertools
 
 from tridlm.serve.jobs import Job
+from tridlm.serve.protocol import choice, delta_choice, ending
+from tridlm.serve.tools import ToolUse
 from tridlm.tokenizer import Tokenizer
 
 
 class Answer:
     """The shape of one request's choices (``kind``: "chat.completion" or "text_completion")."""
 
-    def __init__(self, kind: str, tokenizer: Tokenizer, job: Job, echo: bool):
+    def __init__(self, kind: str, tokenizer: Tokenizer, job: Job, echo: bool, tools: ToolUse | None = None):
+        """``tools``: the request's tools where the reply may call them (its text is then held to the end, parsed)."""
         self.kind, self.tokenizer, self.job = kind, tokenizer, job
-        self.echo = echo
+        self.echo, self.tools = echo, tools
         self.logprobs = job.cfg.logprobs is not None
         texts = kind == "text_completion" and (echo or self.logprobs)  # what the echo and the offsets need
         self.prompt_texts = [tokenizer.decode(p) for p in job.prompts] if texts else None
@@ -46,6 +49,27 @@ class Answer:
             return head + text, None
         body = self.shape(row.tokens, row.logprobs, self.offsets[i])
         return head + text, self.join(head_logprobs, body) if head_logprobs else body
+
+    def choice(self, i: int, text: str, row, logprobs: dict | None) -> dict:
+        """Choice i of a whole response: its text, or the tool calls it makes."""
+        end = ending(row)
+        if self.tools is None:
+            return choice(self.kind, i, text, end, logprobs)
+        message, reason = self.tools.reply(text, row.finish_reason == "stop")
+        end = {**end, "finish_reason": reason} if reason else end
+        return choice(self.kind, i, message["content"], end, logprobs, message["tool_calls"])
+
+    def last(self, i: int, text: str, row) -> dict:
+        """Choice i's last stream chunk: the finish reason after the rest of the text (with tools, the whole reply,
+        held to the end: its content, or its tool calls as deltas)."""
+        end = ending(row)
+        if self.tools is None:
+            return delta_choice(self.kind, i, text, end)
+        message, reason = self.tools.reply(text, row.finish_reason == "stop")
+        if reason is None:
+            return delta_choice(self.kind, i, message["content"], end)
+        calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+        return {"index": i, "delta": {"tool_calls": calls}, "logprobs": None, **end, "finish_reason": reason}
 
     def delta(self, i: int, tokens: list[int], entries: list) -> dict | None:
         """A streamed chunk's log-probabilities for choice i's new ``tokens``."""

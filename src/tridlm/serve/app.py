@@ -31,13 +31,12 @@ from tridlm.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
-    choice,
-    ending,
     envelope,
     new_id,
     usage_of,
 )
 from tridlm.serve.streaming import sse
+from tridlm.serve.tools import rendered_messages
 from tridlm.serve.worker import Worker
 from tridlm.tokenizer import TextStream, Tokenizer
 
@@ -94,7 +93,8 @@ class Server:
 
     async def chat(self, request: Request):
         body = await parse(request, ChatRequest, self.config)
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        messages, use = [m.model_dump(exclude_none=True) for m in body.messages], body.tool_use()
+        messages = use.messages(messages) if use else rendered_messages(messages)  # tools in the system message
         ids = await self.encode(messages, "messages", self.tokenizer.encode_chat)
         return await self.run(request, body, [ids], "chat.completion", "/v1/chat/completions")
 
@@ -150,7 +150,7 @@ class Server:
             stream_interval_s=self.config.stream_interval_ms / 1000,
             score_prompts=echo and cfg.logprobs is not None,
         )
-        answer = Answer(kind, self.tokenizer, job, echo)
+        answer = Answer(kind, self.tokenizer, job, echo, body.tool_use() if kind == "chat.completion" else None)
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -175,7 +175,7 @@ class Server:
         texts = await asyncio.to_thread(
             lambda: [answer.whole(i, cut(self.tokenizer, r.tokens, cfg.stop), r) for i, r in enumerate(rows)]
         )
-        choices = [choice(kind, i, text, ending(r), lp) for i, ((text, lp), r) in enumerate(zip(texts, rows))]
+        choices = [answer.choice(i, text, r, lp) for i, ((text, lp), r) in enumerate(zip(texts, rows))]
         return envelope(kind, rid, self.config.served_model_name, choices, usage_of(rows, mode))
 
 

@@ -7,11 +7,12 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tridlm.decode import MODES, SPEC_VARIANTS, GenerationConfig, Row, summarize
 from tridlm.decode.config import MAX_TOP_LOGPROBS
 from tridlm.grammar import Grammar
+from tridlm.serve.tools import ToolUse
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's own limits
 MAX_COMPLETION_LOGPROBS = 5  # and those of log-probabilities: completions' logprobs (chat's top_logprobs: 20)
@@ -170,11 +171,57 @@ class CompletionRequest(_Request):
         return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) or not p else list(p)
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | None = None  # None only in an assistant's message of tool calls
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("a message needs content (only an assistant's tool calls may go without)")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; none: no arguments constrained
+    strict: bool | None = None  # always enforced here: the arguments are constrained to the schema either way
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Request):
@@ -182,6 +229,33 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = None  # OpenAI's newer name of max_tokens (it wins where both are given)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools):
+        names = [t.function.name for t in tools or ()]
+        if len(set(names)) < len(names):
+            raise ValueError("tool function names must be distinct")
+        return tools
+
+    def tool_use(self) -> ToolUse | None:
+        """How the reply may call the tools (``serve.tools``); None: it is free text."""
+        try:
+            return ToolUse.of(self)
+        except ValueError as e:
+            raise APIError(400, str(e), "tool_choice") from None
+
+    def constraint(self) -> tuple[str, str, object] | None:
+        """With tools to call, the reply's form (``ToolUse.schema``); else ``response_format``'s, as completions'."""
+        use = self.tool_use()
+        if use is None:
+            return super().constraint()
+        if super().constraint() is not None:
+            raise APIError(400, "tools and a structured output (response_format, regex, grammar) together", "tools")
+        return "tools", "json_schema", use.schema()
 
     @field_validator("top_logprobs")
     @classmethod
@@ -230,10 +304,12 @@ def ending(r) -> dict:
     return {"finish_reason": "length" if r.finish_reason == "length" else "stop"}
 
 
-def choice(kind: str, i: int, text: str, end: dict, logprobs: dict | None = None) -> dict:
-    """A response's choice; ``logprobs`` (``serve.answer``) where the request asked for them."""
+def choice(kind: str, i: int, text: str, end: dict, logprobs: dict | None = None, tool_calls=None) -> dict:
+    """A response's choice; ``logprobs`` (``serve.answer``) where the request asked for them; ``tool_calls`` (chat)
+    where the reply called tools (its ``text`` is then None)."""
     if kind == "chat.completion":
-        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, **end}
+        message = {"role": "assistant", "content": text, **({"tool_calls": tool_calls} if tool_calls else {})}
+        return {"index": i, "message": message, "logprobs": logprobs, **end}
     return {"index": i, "text": text, **end, "logprobs": logprobs}
 
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from tridlm.serve.answer import Answer
 from tridlm.serve.jobs import Job
-from tridlm.serve.protocol import APIError, delta_choice, ending, envelope, event, usage_of
+from tridlm.serve.protocol import APIError, delta_choice, envelope, event, usage_of
 from tridlm.tokenizer import TextStream, Tokenizer
 
 INLINE_TOKENS = 16  # a stream chunk this short is detokenized on the event loop (a thread hop costs more)
@@ -30,6 +30,7 @@ async def sse(
     kind = answer.kind
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
     texts = [TextStream(tokenizer, job.cfg.stop) for _ in job.prompts]
+    held = [""] * len(job.prompts)  # with tools, the reply's text until it ends (``Answer.last`` parses it)
     try:
         if kind == "chat.completion":
             for i in range(len(job.prompts)):
@@ -54,6 +55,8 @@ async def sse(
             if item[0] == "tokens":
                 _, i, tokens, entries = item
                 delta, logprobs = await detokenize(texts[i], tokens), answer.delta(i, tokens, entries)
+                if answer.tools is not None:
+                    held[i], delta = held[i] + delta, ""
                 if delta or logprobs:
                     yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, delta, logprobs=logprobs)]))
                 continue
@@ -61,7 +64,7 @@ async def sse(
                 rows = item[1]
                 for i, r in enumerate(rows):
                     tail = await detokenize(texts[i], [], final=True)
-                    yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, tail, ending(r))]))
+                    yield event(envelope(chunk_kind, rid, name, [answer.last(i, held[i] + tail, r)]))
                 if include_usage:
                     yield event(envelope(chunk_kind, rid, name, [], usage_of(rows, job.cfg.mode)))
                 finish(rows)
