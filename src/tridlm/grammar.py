@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 
 import llguidance
+import numpy as np
 import torch
 
 from tridlm.tokenizer import Tokenizer
@@ -113,12 +114,11 @@ class Constraint:
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_ids):
         self.matcher, self.vocab_size, self.eos_ids = matcher, vocab_size, frozenset(eos_ids)
-        self._bits = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
 
     def allowed(self) -> torch.Tensor:
         """(V,) bool: the tokens allowed next (EOS once the grammar is complete; only EOS once it can go no further)."""
-        packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
-        return ((packed[:, None] & self._bits) != 0).flatten()[: self.vocab_size]
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return torch.from_numpy(bits[: self.vocab_size]).view(torch.bool)
 
     def commit(self, tokens: list[int]) -> None:
         """Follow committed tokens; one the grammar does not allow is a decoder's bug."""
