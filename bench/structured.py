@@ -1,0 +1,273 @@
+"""Structured output: what a grammar costs, what ``auto`` gains under one, and tridlm beside llama-server.
+
+Requests written for this bench: extractions (a person, a review, an order: schemas of 3 to 10 fields, nested arrays
+and enums) and tool calls (two tools, the reply form ``serve.tools`` builds, its system message included), each a
+chat prompt and a JSON schema.
+
+1. In one process (the default model, int4, ``--threads``), per request and interleaved: AR without the schema, then
+   with it, and ``auto`` and spec B=8 with it: tok/s, TPF, whether the reply is valid against the schema
+   (``jsonschema``) and whether its tokens are constrained AR's. The grammar's overhead is constrained over free AR
+   tok/s (the free reply is other text, so this is a rate, per generated token).
+2. Through servers on the same GGUF and threads: `tridlm serve` (``mode`` ar and auto per request) and llama.cpp's
+   `llama-server` (bench/llamacpp.py), each given the same rendered messages and the same schema as
+   ``response_format`` json_schema, at 1 client (the requests in turn) and 8 (all at once, twice over): aggregate
+   tok/s and the share of valid replies.
+
+    .venv/bin/python bench/structured.py [--repeats 2] [--threads 2] [--out bench/results]
+
+writes OUT/structured-DATE.json and prints both tables.
+"""
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import jsonschema
+import llamacpp
+import torch
+from serve_load import free_port, start
+
+from tridlm import default_model, loading
+from tridlm.decode import GenerationConfig, generate
+from tridlm.grammar import Grammars
+from tridlm.measure import reporting
+from tridlm.serve.tools import ToolUse
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "born": {"type": "integer"}, "city": {"type": "string"}},
+    "required": ["name", "born", "city"],
+    "additionalProperties": False,
+}
+REVIEW = {
+    "type": "object",
+    "properties": {
+        "product": {"type": "string", "maxLength": 40},
+        "sentiment": {"enum": ["positive", "negative", "mixed"]},
+        "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+        "pros": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 2},
+        "cons": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 2},
+    },
+    "required": ["product", "sentiment", "stars", "pros", "cons"],
+    "additionalProperties": False,
+}
+ORDER = {
+    "type": "object",
+    "properties": {
+        "customer": {"type": "string"},
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"product": {"type": "string"}, "quantity": {"type": "integer", "minimum": 1}},
+                "required": ["product", "quantity"],
+                "additionalProperties": False,
+            },
+            "maxItems": 5,
+        },
+        "express": {"type": "boolean"},
+    },
+    "required": ["customer", "items", "express"],
+    "additionalProperties": False,
+}
+FUNCTIONS = [
+    {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "book_table",
+        "description": "Book a restaurant table.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "restaurant": {"type": "string"},
+                "people": {"type": "integer", "minimum": 1},
+                "time": {"type": "string", "pattern": "^[0-2][0-9]:[0-5][0-9]$"},
+            },
+            "required": ["restaurant", "people", "time"],
+            "additionalProperties": False,
+        },
+    },
+]
+
+
+def extraction(text: str, schema: dict) -> tuple[list[dict], dict]:
+    ask = f"Extract the information from this text as JSON.\n\n{text}"
+    return [{"role": "user", "content": ask}], schema
+
+
+def tool_call(question: str) -> tuple[list[dict], dict]:
+    use = ToolUse([{"type": "function", "function": f} for f in FUNCTIONS], "required", True)
+    return use.messages([{"role": "user", "content": question}]), use.schema()
+
+
+REQUESTS = {
+    "person": extraction("Marie Curie was born in 1867 in Warsaw and later worked in Paris.", PERSON),
+    "review": extraction(
+        "I bought the Aero 3 headphones last month. The sound is great and the battery lasts two days, but they "
+        "hurt after an hour and the case feels cheap. Three stars.",
+        REVIEW,
+    ),
+    "order": extraction(
+        "Hi, this is Tom Baker. Please send me two boxes of green tea and one teapot, as fast as possible.", ORDER
+    ),
+    "weather call": tool_call("Is it cold in Oslo right now? Tell me in celsius."),
+    "booking call": tool_call("Book a table for four at Chez Marcel at 19:30."),
+}
+MAX_TOKENS = 200
+MODES = {
+    "ar": GenerationConfig(max_tokens=MAX_TOKENS),
+    "auto": GenerationConfig(mode="auto", max_tokens=MAX_TOKENS),
+    "spec B=8": GenerationConfig(mode="spec", block_size=8, max_tokens=MAX_TOKENS),
+}
+
+
+def valid(text: str, schema: dict) -> bool:
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (json.JSONDecodeError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def in_process(model, tok, repeats: int) -> list[dict]:
+    grammars = Grammars(tok, model.cfg.vocab_size, model.cfg.eos_ids)
+    runs: dict[tuple[str, str], list] = {}
+    for cfg in MODES.values():  # warm: kernels, llguidance's tokenizer, auto's kept cost curve
+        generate(model, [tok.encode("Hello")], cfg.replace(max_tokens=8, grammar=grammars.compile("json_object")))
+    for _ in range(repeats):
+        for name, (messages, schema) in REQUESTS.items():  # interleaved: drift hits every setting alike
+            ids, grammar = tok.encode_chat(messages), grammars.compile("json_schema", schema)
+            for setting, cfg in [("ar, free", MODES["ar"])] + [
+                (m, c.replace(grammar=grammar)) for m, c in MODES.items()
+            ]:
+                begin = time.perf_counter()
+                state = generate(model, [ids], cfg, detokenize=tok.decode)
+                runs.setdefault((name, setting), []).append((time.perf_counter() - begin, state))
+    rows = []
+    for (name, setting), results in runs.items():
+        seconds = statistics.median(s for s, _ in results)
+        state = results[0][1]
+        row = state.rows[0]
+        reference = runs[name, "ar"][0][1].rows[0].tokens
+        rows.append(
+            {
+                "request": name,
+                "setting": setting,
+                "tokens": len(row.tokens),
+                "tok_s": len(row.tokens) / seconds,
+                "tpf": len(row.tokens) / row.nfe if row.nfe else None,
+                "valid": valid(state.text(0), REQUESTS[name][1]),
+                "finish": row.finish_reason,
+                "same_as_constrained_ar": row.tokens == reference if setting != "ar, free" else None,
+            }
+        )
+    return rows
+
+
+def ask(http: httpx.Client, url: str, name: str, mode: str | None) -> dict:
+    messages, schema = REQUESTS[name]
+    body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
+    body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    if mode is not None:
+        body["mode"] = mode
+    begin = time.perf_counter()
+    out = http.post(url + "/v1/chat/completions", json=body, headers={"Connection": "close"}, timeout=600).json()
+    text = out["choices"][0]["message"]["content"]
+    return {
+        "tokens": out["usage"]["completion_tokens"],
+        "seconds": time.perf_counter() - begin,
+        "valid": valid(text, schema),
+    }
+
+
+def through(url: str, mode: str | None, clients: int) -> dict:
+    names = list(REQUESTS) * (1 if clients == 1 else 2)
+    begin = time.perf_counter()
+    with httpx.Client() as http, ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda n: ask(http, url, n, mode), names))
+    wall = time.perf_counter() - begin
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": tokens,
+        "tok_s": tokens / wall,
+        "valid": sum(r["valid"] for r in results) / len(results),
+    }
+
+
+def servers(threads: int) -> list[dict]:
+    gguf = default_model.gguf_path()
+    port = free_port()
+    cmd = [sys.executable, "-m", "tridlm", "serve", "--port", str(port), "--threads", str(threads)]
+    running = {"tridlm": (start(cmd, port), f"http://127.0.0.1:{port}")}
+    binary = llamacpp.build("llama-server")
+    if binary is not None:
+        port = free_port()
+        cmd = [str(binary), "-m", str(gguf), "--port", str(port), "-t", str(threads), "-np", "8", "-c", str(8 * 2048)]
+        running["llama-server"] = (start(cmd, port), f"http://127.0.0.1:{port}")
+    rows = []
+    try:
+        for clients in (1, 8):
+            for server, mode in (("tridlm", "ar"), ("tridlm", "auto"), ("llama-server", None)):
+                if server in running:
+                    rows.append({"server": server, "mode": mode, **through(running[server][1], mode, clients)})
+    finally:
+        for proc, _ in running.values():
+            proc.terminate()
+            proc.wait(30)
+    return rows if binary is not None else rows + [{"server": "llama-server", "missing": "could not be built"}]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parts", default="in-process,servers")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = loading.open_model(dtype="int4")
+    report = {"command": "python " + " ".join(sys.argv), "machine": reporting.machine(model)}
+    if "in-process" in args.parts:
+        report["in_process"] = rows = in_process(model, tok, args.repeats)
+        print("| request | setting | tokens | tok/s | TPF | valid | = constrained AR |")
+        for r in rows:
+            tpf = f"{r['tpf']:.2f}" if r["tpf"] else "-"
+            print(
+                f"| {r['request']} | {r['setting']} | {r['tokens']} | {r['tok_s']:.1f} | {tpf} | {r['valid']} "
+                f"| {r['same_as_constrained_ar']} |"
+            )
+    if "servers" in args.parts:
+        report["servers"] = rows = servers(args.threads)
+        print("| server | mode | clients | requests | tok/s | valid |")
+        for r in rows:
+            if "missing" in r:
+                print(f"| {r['server']} | missing: {r['missing']} |")
+                continue
+            print(
+                f"| {r['server']} | {r['mode'] or '-'} | {r['clients']} | {r['requests']} | {r['tok_s']:.1f} "
+                f"| {r['valid']:.0%} |"
+            )
+    out = Path(args.out) / f"structured-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
