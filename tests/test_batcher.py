@@ -138,7 +138,7 @@ def test_auto_rows_speculate_in_the_batch_and_keep_ar_tokens(small_vocab_model):
 
 
 def test_the_batch_plan_takes_candidates_while_they_pay():
-    from tridlm.decode.batcher import plan_rows
+    from tridlm.decode.batch_plan import plan_rows
 
     flat = {t: 1.0 for t in range(1, 40)}.get  # a step costs the same whatever its width: take everything
     assert plan_rows([[0.9, 0.5], [], [0.2]], flat) == [2, 0, 1]

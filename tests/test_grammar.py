@@ -138,3 +138,32 @@ def test_a_bad_grammar_is_refused_with_what_is_wrong(tiny_model, char_tokenizer,
 def test_diffusion_refuses_a_grammar(tiny_model, char_tokenizer):
     with pytest.raises(ValueError, match="diffusion does not decode under a grammar"):
         GenerationConfig(mode="diffusion", grammar=grammar(char_tokenizer, tiny_model, "regex", "a+"))
+
+
+def test_constrained_rows_in_the_continuous_batch_get_their_tokens_beside_free_ones(tiny_model, char_tokenizer):
+    """Rows joining a running batch at different steps, constrained and free, AR (greedy and seeded sampling) and auto:
+    each gets the tokens it gets decoded alone; constrained auto rows take the grammar's forced tokens in a step."""
+    from tridlm.decode import DecodeState
+    from tridlm.decode.batcher import Batcher
+
+    g = grammar(char_tokenizer, tiny_model, "regex", PATTERN)
+    cfgs = [
+        GenerationConfig(max_tokens=50, grammar=g),
+        GenerationConfig(max_tokens=30),
+        GenerationConfig(mode="auto", block_size=8, max_tokens=50, grammar=g),
+        GenerationConfig(mode="auto", block_size=8, max_tokens=30),
+        GenerationConfig(max_tokens=50, grammar=g, temperature=0.8, seed=5),
+    ]
+    prompts = [[5, 9, 11], [7] * 12, [4, 8, 15, 16], [3, 30, 31, 6], [12, 13]]
+    batcher, states, steps = Batcher(tiny_model, 3, 128, costs=COSTS), [], 0
+    while len(states) < len(cfgs) or batcher.slots:
+        if len(states) < len(cfgs) and batcher.free and steps % 2 == 0:
+            k, cfg = len(states), cfgs[len(states)]
+            states.append(DecodeState(1, cfg.resolve(tiny_model), tiny_model.cfg.eos_ids, None))
+            seed = None if cfg.seed is None else torch.Generator().manual_seed(cfg.seed)
+            batcher.admit(states[-1], 0, prompts[k], seed)
+        batcher.step()
+        steps += 1
+    for k, (cfg, state) in enumerate(zip(cfgs, states)):
+        assert state.rows[0].tokens == generate(tiny_model, [prompts[k]], cfg, costs=COSTS).rows[0].tokens, k
+    assert max(states[2].rows[0].accepted_lengths) >= 3  # forced tokens verified in one step

@@ -34,76 +34,14 @@ import torch
 
 from tridlm import masks
 from tridlm.cache import KVCache
+from tridlm.decode.batch_plan import ROOM, ChainedAcceptance, Lookahead, plan_rows
 from tridlm.decode.costs import CostCurve
 from tridlm.decode.forward import forward_block
 from tridlm.decode.lookup import AnswerHistory, NGramIndex
-from tridlm.decode.pipelined import Acceptance
+from tridlm.decode.pipelined import FORCED
 from tridlm.decode.spec import accept
 from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
-
-ROOM = 15  # the most candidates a row verifies in one step
-
-
-@dataclass
-class Lookahead:
-    """An ``auto`` row's speculation: its text's n-gram index, its tenant's earlier answers, its acceptance."""
-
-    lookup: NGramIndex
-    history: AnswerHistory | None
-    acceptance: Acceptance  # the row's own
-    learned: Acceptance  # what it started from and adds to: its tenant's, or the batch's
-    room: int  # candidates per step at most
-
-    def offer(self, prompt: list[int], tokens: list[int], left: int) -> tuple[str, list[int]]:
-        """(source and match length, candidates) for what follows ``tokens`` (the last one is the pending token),
-        at most ``left`` of them; ("", []) when nothing matches."""
-        self.lookup.extend(tokens[len(self.lookup.tokens) - len(prompt) :])
-        room = min(self.room, left)
-        if room < 1:
-            return "", []
-        (n, found), source = self.lookup.propose(room), "lookup"
-        if self.history is not None:
-            earlier = self.history.follow(self.lookup.tokens, room)
-            if earlier[0] > n:
-                (n, found), source = earlier, "history"
-        return (f"{source}{n}", found) if found else ("", [])
-
-
-class ChainedAcceptance(Acceptance):
-    """Running acceptance whose depths borrow from the depth before: the chance that candidate j + 1 is accepted once
-    1..j were is (hits + 2 r) / (tries + 2) with r that of depth j (1/2 before the first). A batch pays for every
-    candidate it verifies, so a depth it has never tried must not look worse than the one before it, or it is never
-    tried (one request alone tries deeper ones for free: ``Acceptance``'s flat prior of 1 in 2)."""
-
-    def __init__(self, depth: int, prior: Acceptance | None = None):
-        super().__init__(depth, (0.0, 0.0) if prior is None else prior)
-
-    def expected(self, source: str, m: int) -> list[tuple[float, float]]:
-        out, gain, alive, rate = [(0.0, 1.0)], 0.0, 1.0, 0.5
-        for h, t in zip(*(c[:m] for c in self._counts(source))):
-            rate = (h + 2 * rate) / (t + 2)
-            alive *= rate
-            gain += alive
-            out.append((gain, alive))
-        return out
-
-
-def plan_rows(offers: list[list[float]], cost) -> list[int]:
-    """How many of its candidates each row verifies: ``offers[i]`` lists, per candidate of row i, the chance that it
-    and those before it are all accepted (non-increasing); ``cost(t)`` is a step's relative cost for t tokens. The
-    candidates are taken likeliest first, as many as give the most expected tokens per unit of cost."""
-    rows = len(offers)
-    order = sorted(((chance, i) for i, chances in enumerate(offers) for chance in chances), key=lambda c: -c[0])
-    gain, best, best_rate = float(rows), 0, rows / cost(rows)
-    for taken, (chance, _) in enumerate(order, 1):
-        gain += chance
-        if gain / cost(rows + taken) > best_rate + 1e-9:
-            best, best_rate = taken, gain / cost(rows + taken)
-    counts = [0] * rows
-    for _, i in order[:best]:
-        counts[i] += 1
-    return counts
 
 
 @dataclass
@@ -126,6 +64,16 @@ class Filling:
     index: int  # its slot in the pool, past the running rows' (slots 0..n-1)
     ahead: Lookahead | None = None
     done: int = 0  # prompt tokens in the cache so far
+
+
+def _grammatical(s: Slot, source: str, candidates: list[int]) -> tuple[str, list[int]]:
+    """Under the row's grammar, its candidates up to the first the grammar refuses, or the tokens the grammar forces
+    where they are more (certain: ``Acceptance.certain``)."""
+    if s.state.constraints is None:
+        return source, candidates
+    candidates = s.state.candidates(s.row, candidates)
+    forced = s.state.forced(s.row, s.ahead.room)
+    return (FORCED, forced) if len(forced) > len(candidates) else (source if candidates else "", candidates)
 
 
 class Batcher:
@@ -206,6 +154,7 @@ class Batcher:
             room = min(ROOM, cfg.block_size - 1)
             learned = self.acceptance if learned is None else learned
             ahead = Lookahead(NGramIndex(prompt), history, ChainedAcceptance(ROOM, learned), learned, room)
+            ahead.acceptance.certain(FORCED)
         fill = Filling(state, row, generator, list(prompt), i, ahead)
         if len(prompt) > self.prefill_chunk:
             self.filling.append(fill)
@@ -234,6 +183,7 @@ class Batcher:
         self._move(fill.index, len(self.slots))
         state = fill.state
         state.prefill_s = time.perf_counter() - state.start  # its last row's, for a request of several
+        logits = state.masked_row(fill.row, logits)  # under a grammar, only what it allows
         token = int(state.cfg.sampler.next_token(logits, fill.generator)[0])
         state.emit(fill.row, [token], logits)
         if not state.rows[fill.row].done:
@@ -278,16 +228,19 @@ class Batcher:
             state.count_forward()
         greedy = logits[:, 0].argmax(-1).tolist()
         for i, s in enumerate(self.slots):
-            sampler = s.state.cfg.sampler
+            sampler, constrained = s.state.cfg.sampler, s.state.constraints is not None
+            # Under a grammar, the row's logits masked along its candidates; an unconstrained row pays nothing.
+            mine = s.state.masked_row(s.row, logits[i, : 1 + len(chosen[i])], chosen[i]) if constrained else logits[i]
             if chosen[i]:
-                accepted = self._verify(s, tokens[i : i + 1, : 1 + len(chosen[i])], logits[i : i + 1], sources[i])
+                accepted = self._verify(s, tokens[i : i + 1, : 1 + len(chosen[i])], mine[None], sources[i])
+            elif sampler.greedy:
+                s.pending, accepted = int(mine[0].argmax()) if constrained else greedy[i], []
             else:
-                s.pending = greedy[i] if sampler.greedy else int(sampler.next_token(logits[i, :1], s.generator)[0])
-                accepted = []
+                s.pending, accepted = int(sampler.next_token(mine[:1], s.generator)[0]), []
             self.cache.lengths[i] = start[i] + 1 + len(accepted)
             if s.ahead is not None:
                 s.state.rows[s.row].accepted_lengths.append(1 + len(accepted))
-            s.state.emit(s.row, [*accepted, s.pending], logits[i, : 1 + len(accepted)])
+            s.state.emit(s.row, [*accepted, s.pending], mine[: 1 + len(accepted)])
         self._leave()
 
     def _candidates(self) -> tuple[list[str], list[list[int]]]:
@@ -297,6 +250,7 @@ class Batcher:
             if s.ahead is not None:
                 row = s.state.rows[s.row]
                 offers[i] = s.ahead.offer(row.prompt, row.tokens, row.max_tokens - len(row.tokens) - 1)
+                offers[i] = _grammatical(s, *offers[i])
         if not any(c for _, c in offers):
             return [""] * len(offers), [[] for _ in offers]
         chances = [

@@ -81,8 +81,8 @@ class Acceptance:
         return self.hits[source], self.tries[source]
 
     def certain(self, source: str) -> None:
-        """A source whose candidates are always accepted (the grammar's forced tokens)."""
-        self.hits[source], self.tries[source] = [1.0] * self.depth, [1.0] * self.depth
+        """A source whose candidates are always accepted (the grammar's forced tokens): counts no evidence outweighs."""
+        self.hits[source], self.tries[source] = [1e9] * self.depth, [1e9] * self.depth
 
     def update(self, source: str, offered: int, accepted: int) -> None:
         for j in range(min(accepted + 1, offered)):

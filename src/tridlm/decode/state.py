@@ -108,26 +108,33 @@ class DecodeState:
     def _constrained(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if not r.done] if self.constraints is not None else []
 
+    def masked_row(self, i: int, logits: torch.Tensor, drafts: Sequence[int] = ()) -> torch.Tensor:
+        """Row i's logits (n, V) of the token after its committed ones and after each of ``drafts`` (n - 1 of them,
+        none committed), -inf where its grammar refuses the token there: what constrained AR would choose from.
+        Unchanged without a grammar or once the row is done."""
+        if self.constraints is None or self.rows[i].done:
+            return logits
+        allowed = self.constraints[i].along(list(drafts)[: len(logits) - 1]).to(logits.device)
+        return logits.masked_fill(~allowed, float("-inf"))
+
     def masked(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) for each row's next token, -inf where its grammar refuses the token."""
+        """Logits (B, V) for each row's next token, masked (``masked_row``)."""
         rows = self._constrained()
         if not rows:
             return logits
         logits = logits.clone()
         for i in rows:
-            logits[i].masked_fill_(~self.constraints[i].allowed().to(logits.device), float("-inf"))
+            logits[i : i + 1] = self.masked_row(i, logits[i : i + 1])
         return logits
 
     def masked_along(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
-        """Verify logits (B, n, V) of [pending, drafts (B, n-1)], each position masked by what the grammar allows after
-        the drafts before it: what constrained AR would choose from there."""
+        """Verify logits (B, n, V) of [pending, drafts (B, n-1)], each row masked (``masked_row``)."""
         rows = self._constrained()
         if not rows:
             return logits
         logits = logits.clone()
         for i in rows:
-            allowed = self.constraints[i].along(drafts[i].tolist()).to(logits.device)
-            logits[i].masked_fill_(~allowed, float("-inf"))
+            logits[i] = self.masked_row(i, logits[i], drafts[i].tolist())
         return logits
 
     def restrict_drafts(self, drafts: torch.Tensor, q: torch.Tensor, sampler, generator) -> None:

@@ -5,7 +5,7 @@ another's drafts, trace or counts."""
 from __future__ import annotations
 
 from tridlm.decode import AnswerHistory
-from tridlm.decode.batcher import ROOM, ChainedAcceptance
+from tridlm.decode.batch_plan import ROOM, ChainedAcceptance
 
 
 class Tenants:

@@ -111,14 +111,13 @@ class Worker:
             self._cond.notify()
 
     def continuous(self, job: Job, idle: bool = False) -> bool:
-        """Whether a job's rows join the running batch: AR, or auto unless the server is ``idle``; untraced,
-        unconstrained (a grammar's rows decode in static batches), each row fitting a slot, and unseeded or of one
-        choice (a seeded request's choices draw from one generator, as a static batch does)."""
+        """Whether a job's rows join the running batch: AR, or auto unless the server is ``idle``; untraced, each row
+        fitting a slot, and unseeded or of one choice (a seeded request's choices draw from one generator, as a
+        static batch does)."""
         c = job.cfg
         return (
             (c.mode == "ar" or (c.mode == "auto" and not idle))
             and not job.trace
-            and c.grammar is None
             and (c.seed is None or len(job.prompts) == 1)
             and len(job.prompts) <= self.batcher.max_rows
             and all(self.batcher.fits(len(p), c.max_tokens) for p in job.prompts)
