@@ -5,9 +5,10 @@ and enums) and tool calls (two tools, the reply form ``serve.tools`` builds, its
 chat prompt and a JSON schema.
 
 1. In one process (the default model, int4, ``--threads``), per request and interleaved: AR without the schema, then
-   with it, and ``auto`` and spec B=8 with it: tok/s, TPF, whether the reply is valid against the schema
-   (``jsonschema``) and whether its tokens are constrained AR's. The grammar's overhead is constrained over free AR
-   tok/s (the free reply is other text, so this is a rate, per generated token).
+   with it, and ``auto`` and spec B=8 with it: tok/s with the prefill and decode tok/s after the first token (the
+   replies differ in length, the prompts are long beside some of them), TPF, whether the reply is valid against the
+   schema (``jsonschema``) and whether its tokens are constrained AR's. The grammar's overhead is constrained over
+   free AR decode tok/s (the free reply is other text: a rate per generated token).
 2. Through servers on the same GGUF and threads: `tridlm serve` (``mode`` ar and auto per request) and llama.cpp's
    `llama-server` (bench/llamacpp.py), each given the same rendered messages and the same schema as
    ``response_format`` json_schema, at 1 client (the requests in turn) and 8 (all at once, twice over): aggregate
@@ -162,6 +163,9 @@ def in_process(model, tok, repeats: int) -> list[dict]:
         seconds = statistics.median(s for s, _ in results)
         state = results[0][1]
         row = state.rows[0]
+        decode = statistics.median(
+            (len(r.tokens) - 1) / (r.last_token_s - r.first_token_s) for r in (s.rows[0] for _, s in results)
+        )
         reference = runs[name, "ar"][0][1].rows[0].tokens
         rows.append(
             {
@@ -169,6 +173,7 @@ def in_process(model, tok, repeats: int) -> list[dict]:
                 "setting": setting,
                 "tokens": len(row.tokens),
                 "tok_s": len(row.tokens) / seconds,
+                "decode_tok_s": decode,
                 "tpf": len(row.tokens) / row.nfe if row.nfe else None,
                 "valid": valid(state.text(0), REQUESTS[name][1]),
                 "finish": row.finish_reason,
@@ -245,12 +250,12 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "machine": reporting.machine(model)}
     if "in-process" in args.parts:
         report["in_process"] = rows = in_process(model, tok, args.repeats)
-        print("| request | setting | tokens | tok/s | TPF | valid | = constrained AR |")
+        print("| request | setting | tokens | tok/s | decode tok/s | TPF | valid | = constrained AR |")
         for r in rows:
             tpf = f"{r['tpf']:.2f}" if r["tpf"] else "-"
             print(
-                f"| {r['request']} | {r['setting']} | {r['tokens']} | {r['tok_s']:.1f} | {tpf} | {r['valid']} "
-                f"| {r['same_as_constrained_ar']} |"
+                f"| {r['request']} | {r['setting']} | {r['tokens']} | {r['tok_s']:.1f} | {r['decode_tok_s']:.1f} "
+                f"| {tpf} | {r['valid']} | {r['same_as_constrained_ar']} |"
             )
     if "servers" in args.parts:
         report["servers"] = rows = servers(args.threads)
