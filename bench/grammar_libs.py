@@ -1,7 +1,7 @@
 """Which constrained-decoding library: llguidance, xgrammar and outlines-core side by side on this CPU with the default
 model's tokenizer (what docs/design.md's choice rests on).
 
-For each JSON schema (a small object, a nested order with arrays and enums, and the reply form of two tools that
+For each JSON schema of bench/structured.py (a small object, a nested order, and the reply form of two tools that
 ``serve.tools`` builds) and each library that imports: the compile time, then the per-token cost of the mask along a
 valid output (its compact JSON, tokenized), each step computing the next mask into a bitmask (outlines-core: the
 allowed list) and advancing by the next token, which must be allowed. Libraries missing here are reported as such
@@ -20,61 +20,20 @@ import sys
 import time
 from pathlib import Path
 
+import structured
 import torch
 
 from tridlm import loading
 from tridlm.measure import reporting
-from tridlm.serve.tools import ToolUse
 
-PERSON = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}},
-    "required": ["name", "age", "city"],
-    "additionalProperties": False,
-}
-ORDER = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{4}$"},
-        "status": {"enum": ["pending", "shipped", "delivered"]},
-        "items": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}},
-                "required": ["sku", "qty"],
-                "additionalProperties": False,
-            },
-        },
-        "total": {"type": "number"},
-    },
-    "required": ["id", "status", "items", "total"],
-    "additionalProperties": False,
-}
-WEATHER = {
-    "name": "get_weather",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-}
-TIME = {"name": "get_time", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
-TOOLS = ToolUse([{"type": "function", "function": WEATHER}, {"type": "function", "function": TIME}], "auto", True)
-CASES = {
-    "person": (PERSON, {"name": "Ada Lovelace", "age": 36, "city": "London"}),
+CASES = {  # bench/structured.py's schemas, each with a valid value
+    "person": (structured.PERSON, {"name": "Ada Lovelace", "born": 1815, "city": "London"}),
     "order": (
-        ORDER,
-        {
-            "id": "AB1234",
-            "status": "shipped",
-            "items": [{"sku": "pen-blue", "qty": 3}, {"sku": "notebook", "qty": 1}],
-            "total": 12.5,
-        },
+        structured.ORDER,
+        {"customer": "Tom Baker", "items": [{"product": "green tea", "quantity": 2}], "express": True},
     ),
     "tool call": (
-        TOOLS.schema(),
+        structured.REQUESTS["weather call"][1],
         {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}]},
     ),
 }
