@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from tridlm import masks
-from tridlm.decode import GenerationConfig, generate
+from tridlm.decode import DecodeState, GenerationConfig, generate, stream
 from tridlm.grammar import GrammarError, Grammars
 from tridlm.presets import preset, random_model
 from tridlm.tokenizer import Tokenizer
@@ -100,7 +100,7 @@ def test_sampled_constrained_output_is_distributed_as_constrained_ar(cfg):
     assert max(state.stats()["accepted_hist"]) >= 2  # drafts were accepted, not only resampled
 
 
-def test_json_schema_output_is_valid_in_every_exact_mode(default_model):
+def test_json_schema_output_is_valid_in_every_mode(default_model):
     model, tok = default_model
     schema = {
         "type": "object",
@@ -118,6 +118,10 @@ def test_json_schema_output_is_valid_in_every_exact_mode(default_model):
             generate(model, [prompt], cfg.replace(max_tokens=60, grammar=g), costs=COSTS).rows[0].tokens
             == ar.rows[0].tokens
         )
+    diffusion = generate(
+        model, [prompt], GenerationConfig(mode="diffusion", max_tokens=60, grammar=g), detokenize=tok.decode
+    )
+    assert set(json.loads(diffusion.text(0))) == {"name", "age", "city"}  # its own answer, in the schema's form
 
 
 @pytest.mark.parametrize(
@@ -135,15 +139,40 @@ def test_a_bad_grammar_is_refused_with_what_is_wrong(tiny_model, char_tokenizer,
         grammar(char_tokenizer, tiny_model, kind, source)
 
 
-def test_diffusion_refuses_a_grammar(tiny_model, char_tokenizer):
-    with pytest.raises(ValueError, match="diffusion does not decode under a grammar"):
-        GenerationConfig(mode="diffusion", grammar=grammar(char_tokenizer, tiny_model, "regex", "a+"))
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GenerationConfig(mode="diffusion", block_size=4),
+        GenerationConfig(mode="diffusion", block_size=8, threshold=None),
+        GenerationConfig(mode="diffusion", block_size=6, temperature=0.9, seed=3),
+    ],
+    ids=["B4", "B8-one-per-step", "B6-sampled"],
+)
+def test_diffusion_commits_only_what_the_grammar_accepts_in_order(tiny_model, char_tokenizer, prompts, cfg):
+    g = grammar(char_tokenizer, tiny_model, "regex", PATTERN)
+    got = generate(tiny_model, prompts, cfg.replace(max_tokens=60, grammar=g), detokenize=char_tokenizer.decode)
+    for i, row in enumerate(got.rows):
+        assert row.finish_reason == "stop" and re.fullmatch(PATTERN, got.text(i)), got.text(i)
+    if cfg.sampler.greedy:  # a sampled batch shares one generator among its rows
+        alone = [generate(tiny_model, [p], cfg.replace(max_tokens=60, grammar=g)) for p in prompts]
+        assert [s.rows[0].tokens for s in alone] == tokens(got)  # batch == single
+
+
+def test_diffusion_commits_the_grammars_forced_tokens_at_once(tiny_model, char_tokenizer):
+    g = grammar(char_tokenizer, tiny_model, "regex", r"abcdefghij[0-9]")
+    cfg = GenerationConfig(mode="diffusion", block_size=8, max_tokens=20, grammar=g)
+    state = DecodeState(1, cfg, tiny_model.cfg.eos_ids, char_tokenizer.decode, trace=True)
+    events = [
+        e for _ in stream(tiny_model, [[5, 6, 7]], cfg, state=state) for _, row in state.take_trace() for e in row
+    ]
+    assert re.fullmatch(r"abcdefghij[0-9]", state.text(0))
+    # "a" from the prefill; its block's forced "bcdefgh" all certain in the first denoising step
+    assert events[0]["type"] == "denoise" and events[0]["new"] == list(range(1, 8)), events[0]
 
 
 def test_constrained_rows_in_the_continuous_batch_get_their_tokens_beside_free_ones(tiny_model, char_tokenizer):
     """Rows joining a running batch at different steps, constrained and free, AR (greedy and seeded sampling) and auto:
     each gets the tokens it gets decoded alone; constrained auto rows take the grammar's forced tokens in a step."""
-    from tridlm.decode import DecodeState
     from tridlm.decode.batcher import Batcher
 
     g = grammar(char_tokenizer, tiny_model, "regex", PATTERN)

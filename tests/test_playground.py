@@ -196,9 +196,9 @@ def test_page_says_what_went_wrong_and_stays_usable(page, server):
     page.fill("#schema", "{not json")
     state = submit(page, "ar")
     assert state["state"] == "error" and "The JSON schema is not JSON" in page.inner_text("#status")
-    page.fill("#schema", '{"type": "object"}')
+    page.fill("#schema", '{"$ref": "#/nowhere"}')
     state = submit(page, "diffusion")  # a structured request the server refuses: its message on the page
-    assert state["state"] == "error" and "diffusion does not decode under a grammar" in page.inner_text("#status")
+    assert state["state"] == "error" and "invalid json_schema" in page.inner_text("#status")
     page.fill("#schema", "")
     busy = {"error": {"message": "server busy: 64 requests queued; retry later", "type": "rate_limit_error"}}
     page.route("**/v1/chat/completions", lambda route: route.fulfill(status=429, json=busy))

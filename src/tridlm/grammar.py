@@ -159,22 +159,24 @@ class Constraint:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}, which it allowed: {self.error}")
 
-    def pick(self, probs: torch.Tensor, choose) -> torch.Tensor:
+    def pick(self, probs: torch.Tensor, choose) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draft tokens one after another from ``probs`` (n, V), each from its distribution restricted to what the
         grammar allows after the ones before (renormalised; all of the allowed where none of them has mass):
-        ``choose(probs (V,)) -> token``. Returns (tokens (n,), the restricted distributions (n, V)); commits nothing."""
+        ``choose(probs (V,)) -> token``. Returns (tokens (n,), the restricted distributions (n, V), what the grammar
+        allowed at each slot (n, V) bool); commits nothing."""
         tokens, restricted = [], probs.clone()
+        allowed_at = torch.ones(probs.shape, dtype=torch.bool)
         for j in range(len(probs)):
-            allowed = self.allowed()
+            allowed = allowed_at[j] = self.allowed()
             if not allowed.any():  # past the end (after EOS): drafts there are never committed
                 break
-            p = probs[j].masked_fill(~allowed, 0.0)
+            p = probs[j].masked_fill(~allowed.to(probs.device), 0.0)
             total = p.sum()
-            restricted[j] = p / total if total > 0 else allowed.float() / allowed.sum()
+            restricted[j] = p / total if total > 0 else allowed.to(p) / allowed.sum()
             tokens.append(int(choose(restricted[j])))
             if tokens[-1] in self.eos_ids:  # nothing follows EOS (and llguidance cannot roll it back)
                 break
             self._follow(tokens[-1])
         self.matcher.rollback(len(tokens) - (tokens[-1] in self.eos_ids))
         tokens += [tokens[-1]] * (len(probs) - len(tokens))
-        return torch.tensor(tokens, device=probs.device), restricted
+        return torch.tensor(tokens, device=probs.device), restricted, allowed_at.to(probs.device)

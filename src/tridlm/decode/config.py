@@ -77,8 +77,6 @@ class GenerationConfig:
             bad("max_tokens", "expected a positive integer")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             bad("logprobs", f"expected an integer in [0, {MAX_TOP_LOGPROBS}]")
-        if self.grammar is not None and self.mode == "diffusion":
-            bad("mode", "diffusion does not decode under a grammar (structured output) yet: use ar, spec or auto")
         if any(not s for s in self.stop):
             bad("stop", "stop strings must be non-empty")
         return self

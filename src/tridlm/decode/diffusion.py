@@ -2,7 +2,8 @@
 
 Each block [pending token, MASK x (n-1)] is denoised by bidirectional forwards over the read-only cache,
 committing the most confident positions (never the MASK token itself), then one causal pass writes
-its KV and predicts the next block's first token.
+its KV and predicts the next block's first token. Under a grammar (``GenerationConfig.grammar``) a row commits in order,
+only tokens the grammar accepts (``DecodeState.restrict_block``, ``in_order``): the tokens it forces are certain at once.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ def diffusion(
             probs = unmasking_distribution(sampler, logits, model.cfg.mask_id)
             state.count_forward()
             pred = sampler.pick(probs, generator)  # (B, n): logit i predicts token i, no shift
+            if state.constraints is not None:  # only what the grammar accepts, in order
+                state.restrict_block(masked, logits, probs, pred, sampler, generator)
             conf = probs.gather(-1, pred[..., None])[..., 0]
             chosen = masked if step == max_steps - 1 else select(conf, masked)
+            if state.constraints is not None:
+                chosen = state.in_order(chosen, masked)
             block = torch.where(chosen, pred, block)
             if cfg.logprobs is not None:
                 by = torch.where(chosen[..., None], logits, logits if by is None else by)
@@ -64,11 +69,12 @@ def diffusion(
             logits_index=torch.full((len(block), 1), n - 1, device=block.device),
         )
         state.count_forward()
-        pending = sampler.next_token(logits[:, 0], generator)
+        logits = state.masked(logits[:, 0])  # under a grammar, only what it allows
+        pending = sampler.next_token(logits, generator)
         for i, t in enumerate(pending.tolist()):
             if state.trace:
                 state.note(i, {"type": "commit", "token": t})
-            state.emit(i, [t], logits[i, :1])
+            state.emit(i, [t], logits[i : i + 1])
         yield state.flush()
 
 
