@@ -3,7 +3,7 @@
 Each block [pending token, MASK x (n-1)] is denoised by bidirectional forwards over the read-only cache,
 committing the most confident positions (never the MASK token itself), then one causal pass writes
 its KV and predicts the next block's first token. Under a grammar (``GenerationConfig.grammar``) a row commits in order,
-only tokens the grammar accepts (``DecodeState.restrict_block``, ``in_order``): the tokens it forces are certain at once.
+only tokens the grammar accepts (``DecodeState.restrict_block``, ``in_order``): a token it forces is certain at once.
 """
 
 from __future__ import annotations
