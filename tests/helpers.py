@@ -16,6 +16,39 @@ from tridlm import masks
 from tridlm.decode import CostCurve, GenerationConfig
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+# A ChatML template that renders tools and writes calls in <tool_call> tags (the Hermes form, as Qwen 2.5's does).
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+
+You may call one or more functions. Their signatures, within <tools></tools> tags:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+
+For each call, return a JSON object with the function's name and arguments within <tool_call></tool_call> tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{% for message in messages %}
+{% if message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.role != 'system' %}<|im_start|>{{ message.role }}
+{{ message.content }}
+{%- for call in message.tool_calls or [] %}
+{{ '\n<tool_call>\n' }}{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
 # A CPU-like curve: a few tokens cost little more than one, so auto drafts where candidates are at hand.
 COSTS = CostCurve(
     verify={n: 1 + 0.05 * (n - 1) for n in range(1, 9)}, draft={n: 1 + 0.08 * (n - 1) for n in range(1, 9)}

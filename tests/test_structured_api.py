@@ -4,6 +4,7 @@ ones, and a 400 naming the problem for what cannot be done."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -143,10 +144,24 @@ def test_required_tool_calls_parse_and_their_arguments_are_valid_in_every_exact_
     assert all(c.id.startswith("call_") and c.type == "function" for c in ar.message.tool_calls)
     assert calls(replies["spec"].message) == calls(replies["auto"].message) == calls(ar.message)
     stream = chat(client, "auto", WEATHER_ASK, tools=[WEATHER, TIME], tool_choice="required", stream=True)
+    assert streamed_calls(stream) == [(c.function.name, c.function.arguments) for c in ar.message.tool_calls]
+
+
+def streamed_calls(stream) -> list[tuple[str, str]]:
+    """A stream's tool calls as an OpenAI client joins them: by index, the first delta with the id and name, then the
+    arguments' pieces; checked to come as they are written (more deltas than calls) and to end the stream."""
     deltas = [c.choices[0] for c in stream if c.choices]
-    streamed = [d.delta.tool_calls for d in deltas if d.delta.tool_calls]
-    assert len(streamed) == 1 and deltas[-1].finish_reason == "tool_calls"
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed[0]] == calls(ar.message)
+    pieces = [c for d in deltas for c in d.delta.tool_calls or ()]
+    calls = {}
+    for piece in pieces:
+        if piece.id:
+            assert piece.index not in calls and piece.function.name and piece.type == "function"
+            calls[piece.index] = [piece.function.name, piece.function.arguments or ""]
+        else:
+            assert piece.function.name is None
+            calls[piece.index][1] += piece.function.arguments
+    assert deltas[-1].finish_reason == "tool_calls" and len(pieces) > len(calls)
+    return [tuple(calls[k]) for k in sorted(calls)]
 
 
 def test_a_named_function_or_one_call_is_what_the_request_gets(client):
@@ -177,7 +192,30 @@ def test_what_tools_cannot_do_is_a_400(server):
         ({"tools": [WEATHER], "tool_choice": named}, "names function 'nope'"),
         ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "tools and a structured output"),
         ({"tools": [WEATHER, WEATHER]}, "tool function names must be distinct"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "parameters must be a JSON schema of type object",
+        ),
         ({"messages": [{"role": "assistant", "content": None}]}, "a message needs content"),
     ):
         r = httpx.post(server + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 8, **body}, timeout=60)
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_a_template_that_renders_tools_is_answered_in_its_own_tags(default_model):
+    """A template in the Hermes form (``helpers.HERMES_TEMPLATE``) gets the tools and writes calls in its tags: the
+    calls parse and are valid, the same in every exact mode and streamed; under ``auto`` the model may answer."""
+    from helpers import HERMES_TEMPLATE
+
+    model, tokenizer = default_model
+    with running(model, dataclasses.replace(tokenizer, chat_template=HERMES_TEMPLATE), max_batch=8) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        replies = [chat(client, mode, WEATHER_ASK, tools=[WEATHER], tool_choice="required") for mode in ("ar", "auto")]
+        ar = replies[0].choices[0]
+        assert ar.finish_reason == "tool_calls" and calls(ar.message) == calls(replies[1].choices[0].message)
+        for name, arguments in calls(ar.message):
+            jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+        stream = chat(client, "auto", WEATHER_ASK, tools=[WEATHER], tool_choice="required", stream=True)
+        assert streamed_calls(stream) == [(c.function.name, c.function.arguments) for c in ar.message.tool_calls]
+        answer = chat(client, "auto", WEATHER_ASK, tools=[WEATHER]).choices[0]  # this model answers in words here
+        assert answer.finish_reason == "stop" and answer.message.content and not answer.message.tool_calls

@@ -3,6 +3,7 @@ a conversation with earlier calls and their results rendered for the chat templa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,22 +16,22 @@ ADD = {"name": "add", "description": "Add two numbers.", "parameters": {"type": 
 SHOUT = {"name": "shout", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}
 
 
-def use(choice="auto", parallel=True) -> ToolUse:
-    return ToolUse([{"type": "function", "function": f} for f in (ADD, SHOUT)], choice, parallel)
+def use(choice="auto", parallel=True, tagged=False) -> ToolUse:
+    return ToolUse([{"type": "function", "function": f} for f in (ADD, SHOUT)], choice, parallel, tagged)
 
 
 def test_the_reply_schema_follows_tool_choice():
-    auto = use().schema()
-    assert [set(branch["properties"]) for branch in auto["anyOf"]] == [{"tool_calls"}, {"response"}]
-    required = use("required", parallel=False).schema()
+    kind, auto = use().constraint()
+    assert kind == "json_schema" and [set(b["properties"]) for b in auto["anyOf"]] == [{"tool_calls"}, {"response"}]
+    required = use("required", parallel=False).constraint()[1]
     calls = required["properties"]["tool_calls"]
     assert calls["maxItems"] == 1 and [c["properties"]["name"] for c in calls["items"]["anyOf"]] == [
         {"const": "add"},
         {"const": "shout"},
     ]
-    named = use({"type": "function", "function": {"name": "shout"}}).schema()["properties"]["tool_calls"]
-    assert named["maxItems"] == 1 and [c["properties"]["name"]["const"] for c in named["items"]["anyOf"]] == ["shout"]
-    assert named["items"]["anyOf"][0]["properties"]["arguments"] == SHOUT["parameters"]
+    named = use({"type": "function", "function": {"name": "shout"}}).constraint()[1]["properties"]["tool_calls"]
+    assert named["maxItems"] == 1 and named["items"]["properties"]["name"]["const"] == "shout"
+    assert named["items"]["properties"]["arguments"] == SHOUT["parameters"]
     with pytest.raises(ValueError, match="names function 'nope'"):
         use({"type": "function", "function": {"name": "nope"}})
 
@@ -53,7 +54,8 @@ def test_a_conversation_with_calls_and_results_renders_for_the_template():
         {"role": "assistant", "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "4"},
     ]
-    rendered = use().messages(messages)
+    rendered, tools = use().messages(messages)
+    assert tools is None  # in the system message
     assert rendered[0]["role"] == "system" and rendered[0]["content"].startswith("Be brief.\n\nYou can call")
     assert (
         json.dumps({"name": "add", "description": ADD["description"], "parameters": ADD["parameters"]})
@@ -76,3 +78,38 @@ def test_tools_and_a_structured_output_together_are_refused():
         body.constraint()
     none = body.model_copy(update={"tool_choice": "none", "regex": None})
     assert none.tool_use() is None and none.constraint() is None
+
+
+def test_a_template_that_renders_tools_gets_them_and_earlier_calls_in_its_tags(chat_tokenizer):
+    from helpers import HERMES_TEMPLATE
+
+    hermes = dataclasses.replace(chat_tokenizer, chat_template=HERMES_TEMPLATE)
+    assert hermes.renders_tool_calls and not chat_tokenizer.renders_tool_calls
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}
+    messages = [
+        {"role": "user", "content": "2 + 2 < 5?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+    ]
+    tagged = use(tagged=True)
+    rendered, tools = tagged.messages(messages)
+    text = hermes.render_chat(rendered, tools=tools)
+    assert json.dumps({"type": "function", "function": ADD}) in text  # the tools as the template writes them
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>' in text  # unescaped, in its tags
+    assert "<tool_response>\n4\n</tool_response>" in text and "You can call" not in text
+    assert tagged.constraint()[0] == "lark"
+
+
+def test_calls_are_read_from_a_reply_as_it_grows():
+    text = '{"tool_calls": [{"name": "add", "arguments": {"a": {"name": "x", "arguments": 1}}}, {"name": "shout", "ar'
+    first, *rest = use().calls(text)
+    assert (first.name, first.arguments, first.complete) == ("add", '{"a": {"name": "x", "arguments": 1}}', True)
+    assert rest == []  # the second call's name is not written yet; a call inside arguments is not a call
+    grown = use().calls(text + 'guments": {"text": "a}\\"b')[1]
+    assert (grown.name, grown.arguments, grown.complete) == ("shout", '{"text": "a}\\"b', False)
+    assert use().calls('{"response": "{\\"name\\": ...') is None
+    tagged = '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{"name": "add", "argu'
+    assert [(c.name, c.arguments) for c in use(tagged=True).calls(tagged)] == [("add", '{"a": 1}')]
+    message, reason = use(tagged=True).reply(tagged.split("\n<tool_call>\n{")[0], finished=True)
+    assert reason == "tool_calls" and message["tool_calls"][0]["function"] == {"name": "add", "arguments": '{"a": 1}'}
+    assert use(tagged=True).reply("It is 4.", finished=True) == ({"content": "It is 4.", "tool_calls": None}, None)

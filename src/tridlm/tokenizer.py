@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2.meta
 import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -17,11 +18,28 @@ _GPT2_PRE = {"smollm", "gpt2", "default"}
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
+_ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+
+def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False) -> str:
+    """``tojson`` as Hugging Face gives it to chat templates (tools, arguments): JSON as written, where jinja's own
+    escapes ``<``, ``>``, ``&`` and ``'`` for HTML."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+_ENV.filters["tojson"] = _tojson
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled(template: str) -> jinja2.Template:
     """A chat template compiled once (compiling costs milliseconds, far more than rendering)."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template)
+    return _ENV.from_string(template)
+
+
+@functools.lru_cache(maxsize=16)
+def _reads(template: str) -> frozenset[str]:
+    """The variables a chat template reads (``messages``, ``tools``, ...)."""
+    return frozenset(jinja2.meta.find_undeclared_variables(_ENV.parse(template)))
 
 
 @dataclass
@@ -159,8 +177,16 @@ class Tokenizer:
         """Text of ids without special tokens."""
         return self.backend.decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to OpenAI-style messages."""
+    @property
+    def renders_tool_calls(self) -> bool:
+        """Whether the chat template renders the tools it is given (``tools``) and has calls written in
+        ``<tool_call>`` tags (the Hermes form, ``serve.tools``)."""
+        return (
+            bool(self.chat_template) and "tools" in _reads(self.chat_template) and "<tool_call>" in self.chat_template
+        )
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
+        """The chat template applied to OpenAI-style messages; ``tools`` (OpenAI's) for a template that renders them."""
         if not self.chat_template:
             raise ValueError("this model has no chat template")
         for m in messages:
@@ -169,7 +195,7 @@ class Tokenizer:
         special = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.eos_id)}
         try:
             return _compiled(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **special
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **special
             )
         except jinja2.TemplateError as e:  # the template's own raise_exception(), or what the sandbox refuses
             raise ValueError(f"the chat template refused these messages: {e}") from None
@@ -177,8 +203,8 @@ class Tokenizer:
     def _token(self, i: int | None) -> str:
         return "" if i is None else self.backend.id_to_token(i)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.encode(self.render_chat(messages))
+    def encode_chat(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, tools=tools))
 
 
 def _llama_cpp_pre(pre: dict | None) -> str | None:

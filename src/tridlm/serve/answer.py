@@ -15,7 +15,7 @@ import itertools
 
 from tridlm.serve.jobs import Job
 from tridlm.serve.protocol import choice, delta_choice, ending
-from tridlm.serve.tools import ToolUse
+from tridlm.serve.tools import ToolUse, new_id, wire
 from tridlm.tokenizer import Tokenizer
 
 
@@ -26,6 +26,7 @@ class Answer:
         """``tools``: the request's tools where the reply may call them (its text is then held to the end, parsed)."""
         self.kind, self.tokenizer, self.job = kind, tokenizer, job
         self.echo, self.tools = echo, tools
+        self.sent = [[] for _ in job.prompts]  # with tools, each choice's streamed calls: [id, arguments' characters]
         self.logprobs = job.cfg.logprobs is not None
         texts = kind == "text_completion" and (echo or self.logprobs)  # what the echo and the offsets need
         self.prompt_texts = [tokenizer.decode(p) for p in job.prompts] if texts else None
@@ -60,16 +61,28 @@ class Answer:
         return choice(self.kind, i, message["content"], end, logprobs, message["tool_calls"])
 
     def last(self, i: int, text: str, row) -> dict:
-        """Choice i's last stream chunk: the finish reason after the rest of the text (with tools, the whole reply,
-        held to the end: its content, or its tool calls as deltas)."""
+        """Choice i's last stream chunk: the finish reason after the rest of the text (with tools, ``text`` is the
+        whole reply: its content, held to the end, or the rest of its calls)."""
         end = ending(row)
         if self.tools is None:
             return delta_choice(self.kind, i, text, end)
         message, reason = self.tools.reply(text, row.finish_reason == "stop")
-        if reason is None:
+        if reason is None and not self.sent[i]:
             return delta_choice(self.kind, i, message["content"], end)
-        calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-        return {"index": i, "delta": {"tool_calls": calls}, "logprobs": None, **end, "finish_reason": reason}
+        return {**self.tool_delta(i, text), **end, "finish_reason": reason or end["finish_reason"]}
+
+    def tool_delta(self, i: int, text: str) -> dict:
+        """A stream chunk's choice with what choice i's reply so far adds to its streamed calls: a new call's id and
+        name (OpenAI's first delta of a call), then its arguments' text as it grows."""
+        deltas, sent = [], self.sent[i]
+        for k, call in enumerate(self.tools.calls(text) or ()):
+            if k == len(sent):
+                sent.append([new_id(), 0])
+                deltas.append({"index": k, **wire(call, sent[k][0])})
+            elif len(call.arguments) > sent[k][1]:
+                deltas.append({"index": k, "function": {"arguments": call.arguments[sent[k][1] :]}})
+            sent[k][1] = len(call.arguments)
+        return {"index": i, "delta": {"tool_calls": deltas} if deltas else {}, "logprobs": None, "finish_reason": None}
 
     def delta(self, i: int, tokens: list[int], entries: list) -> dict | None:
         """A streamed chunk's log-probabilities for choice i's new ``tokens``."""

@@ -48,6 +48,7 @@ class Server:
         self.model, self.tokenizer, self.config = model, tokenizer, config.validate()
         self.metrics = Metrics()
         self.grammars = Grammars(tokenizer, model.cfg.vocab_size, model.cfg.eos_ids)
+        self.tagged_calls = tokenizer.renders_tool_calls  # tools in the template's own form (``serve.tools``)
         self.auto_block = config.defaults.replace(mode="auto").resolve(model).block_size
         if costs is not None:
             costs.upto(self.auto_block)  # covers the auto block, or says it does not
@@ -93,10 +94,10 @@ class Server:
 
     async def chat(self, request: Request):
         body = await parse(request, ChatRequest, self.config)
-        messages, use = [m.model_dump(exclude_none=True) for m in body.messages], body.tool_use()
-        messages = use.messages(messages) if use else rendered_messages(messages)  # tools in the system message
-        ids = await self.encode(messages, "messages", self.tokenizer.encode_chat)
-        return await self.run(request, body, [ids], "chat.completion", "/v1/chat/completions")
+        messages, use = [m.model_dump(exclude_none=True) for m in body.messages], body.tool_use(self.tagged_calls)
+        messages, tools = use.messages(messages) if use else (rendered_messages(messages), None)
+        ids = await self.encode(messages, "messages", lambda m: self.tokenizer.encode_chat(m, tools))
+        return await self.run(request, body, [ids], "chat.completion", "/v1/chat/completions", use)
 
     async def encode(self, text, field: str, encode) -> list[int]:
         """Token ids of a prompt or of chat messages, off the event loop (tokenizing a long text takes a while),
@@ -121,7 +122,8 @@ class Server:
                 code="context_length_exceeded",
             )
 
-    async def run(self, request: Request, body, prompts: list[list[int]], kind: str, endpoint: str):
+    async def run(self, request: Request, body, prompts: list[list[int]], kind: str, endpoint: str, tools=None):
+        """Decode a request's prompts (``tools``: a chat's ``ToolUse``, which forms its reply) and answer it."""
         mode = body.mode or self.config.default_mode
         if len(prompts) * body.n > self.config.max_batch:
             raise APIError(
@@ -134,7 +136,7 @@ class Server:
                 f"when it started, up to block {self.auto_block} (serve with --block-size for more)",
                 "block_size",
             )
-        grammar = await asyncio.to_thread(compile_grammar, body, self.grammars)  # a large schema takes a while
+        grammar = await asyncio.to_thread(compile_grammar, body, self.grammars, tools)  # a large schema takes a while
         cfg = make_config(body, max(prompts, key=len), mode, self.model, self.config, len(prompts) * body.n, grammar)
         if body.tridlm_trace and not body.stream:
             raise APIError(400, "tridlm_trace needs stream: true", "tridlm_trace")
@@ -150,7 +152,7 @@ class Server:
             stream_interval_s=self.config.stream_interval_ms / 1000,
             score_prompts=echo and cfg.logprobs is not None,
         )
-        answer = Answer(kind, self.tokenizer, job, echo, body.tool_use() if kind == "chat.completion" else None)
+        answer = Answer(kind, self.tokenizer, job, echo, tools)
         try:
             self.worker.submit(job)
         except QueueFull:

@@ -19,6 +19,7 @@ from tridlm.grammar import Grammar, GrammarError, Grammars
 from tridlm.model import TriModel
 from tridlm.serve.config import ServerConfig, is_loopback
 from tridlm.serve.protocol import APIError
+from tridlm.serve.tools import ToolUse
 
 OPEN_PATHS = ("/health", "/")  # liveness, and the playground's static page (it holds no data; it sends the key itself)
 
@@ -136,9 +137,12 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
-def compile_grammar(body, grammars: Grammars) -> Grammar | None:
-    """The request's structured output (``constraint``) compiled, or a 400 naming what is wrong with it."""
+def compile_grammar(body, grammars: Grammars, tools: ToolUse | None = None) -> Grammar | None:
+    """The request's structured output (``constraint``), or with ``tools`` the reply's form, compiled; or a 400 naming
+    what is wrong with it."""
     asked = body.constraint()
+    if tools is not None:
+        asked = ("tools", *tools.constraint())
     if asked is None:
         return None
     field, kind, source = asked

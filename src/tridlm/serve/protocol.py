@@ -206,6 +206,13 @@ class FunctionDefinition(BaseModel):
     parameters: dict | None = None  # a JSON schema; none: no arguments constrained
     strict: bool | None = None  # always enforced here: the arguments are constrained to the schema either way
 
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, parameters):
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON schema of type object")
+        return parameters
+
 
 class Tool(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -241,21 +248,21 @@ class ChatRequest(_Request):
             raise ValueError("tool function names must be distinct")
         return tools
 
-    def tool_use(self) -> ToolUse | None:
-        """How the reply may call the tools (``serve.tools``); None: it is free text."""
+    def tool_use(self, tagged: bool = False) -> ToolUse | None:
+        """How the reply may call the tools (``serve.tools``; ``tagged``: in the chat template's tags); None: it is
+        free text."""
         try:
-            return ToolUse.of(self)
+            return ToolUse.of(self, tagged)
         except ValueError as e:
             raise APIError(400, str(e), "tool_choice") from None
 
     def constraint(self) -> tuple[str, str, object] | None:
-        """With tools to call, the reply's form (``ToolUse.schema``); else ``response_format``'s, as completions'."""
-        use = self.tool_use()
-        if use is None:
-            return super().constraint()
-        if super().constraint() is not None:
+        """``response_format``'s form, as completions'; none may be asked with tools to call (``ToolUse.constraint``
+        forms the reply then)."""
+        asked = super().constraint()
+        if asked is not None and self.tool_use() is not None:
             raise APIError(400, "tools and a structured output (response_format, regex, grammar) together", "tools")
-        return "tools", "json_schema", use.schema()
+        return asked
 
     @field_validator("top_logprobs")
     @classmethod
