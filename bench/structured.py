@@ -111,8 +111,9 @@ def extraction(text: str, schema: dict) -> tuple[list[dict], dict]:
 
 
 def tool_call(question: str) -> tuple[list[dict], dict]:
-    use = ToolUse([{"type": "function", "function": f} for f in FUNCTIONS], "required", True)
-    return use.messages([{"role": "user", "content": question}]), use.schema()
+    use = ToolUse([{"type": "function", "function": f} for f in FUNCTIONS], "required", True)  # our form (SmolLM2's
+    messages, _ = use.messages([{"role": "user", "content": question}])  # template renders no tools)
+    return messages, use.constraint()[1]
 
 
 REQUESTS = {

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import re
+import threading
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from tridlm import masks
 from tridlm.decode import DecodeState, GenerationConfig, generate, stream
-from tridlm.grammar import GrammarError, Grammars
+from tridlm.grammar import Constraint, GrammarError, Grammars
 from tridlm.presets import preset, random_model
 from tridlm.tokenizer import Tokenizer
 
@@ -33,8 +34,18 @@ def grammar(tokenizer, model, kind, source=None):
     return Grammars(tokenizer, model.cfg.vocab_size, [tokenizer.eos_id]).compile(kind, source)
 
 
+def masks_computed_on(monkeypatch) -> list[str]:
+    """The names of the threads that compute grammar masks from now on (``Constraint.along``)."""
+    threads, along = [], Constraint.along
+    monkeypatch.setattr(
+        Constraint, "along", lambda c, t: threads.append(threading.current_thread().name) or along(c, t)
+    )
+    return threads
+
+
 @pytest.mark.parametrize("cfg", EXACT, ids=lambda c: c.row.label)
-def test_constrained_exact_modes_give_constrained_ars_tokens(tiny_model, char_tokenizer, prompts, cfg):
+def test_constrained_exact_modes_give_constrained_ars_tokens(tiny_model, char_tokenizer, prompts, cfg, monkeypatch):
+    threads = masks_computed_on(monkeypatch)
     g = grammar(char_tokenizer, tiny_model, "regex", PATTERN)
     ar_cfg = GenerationConfig(max_tokens=60, grammar=g)
     ar = generate(tiny_model, prompts, ar_cfg, detokenize=char_tokenizer.decode)
@@ -44,6 +55,7 @@ def test_constrained_exact_modes_give_constrained_ars_tokens(tiny_model, char_to
         assert row.finish_reason == "stop" and re.fullmatch(PATTERN, ar.text(i)), ar.text(i)
     alone = [generate(tiny_model, [p], cfg.replace(max_tokens=60, grammar=g), costs=COSTS) for p in prompts]
     assert [s.rows[0].tokens for s in alone] == tokens(ar)  # batch == single
+    assert threads and set(threads) == {"tridlm-grammar_0"}  # every mask computed while its forward ran
 
 
 def test_unconstrained_output_differs_so_the_grammar_is_what_holds_it(tiny_model, char_tokenizer, prompts):
@@ -170,7 +182,9 @@ def test_diffusion_commits_the_grammars_forced_tokens_at_once(tiny_model, char_t
     assert events[0]["type"] == "denoise" and events[0]["new"] == list(range(1, 8)), events[0]
 
 
-def test_constrained_rows_in_the_continuous_batch_get_their_tokens_beside_free_ones(tiny_model, char_tokenizer):
+def test_constrained_rows_in_the_continuous_batch_get_their_tokens_beside_free_ones(
+    tiny_model, char_tokenizer, monkeypatch
+):
     """Rows joining a running batch at different steps, constrained and free, AR (greedy and seeded sampling) and auto:
     each gets the tokens it gets decoded alone; constrained auto rows take the grammar's forced tokens in a step."""
     from tridlm.decode.batcher import Batcher
@@ -184,6 +198,7 @@ def test_constrained_rows_in_the_continuous_batch_get_their_tokens_beside_free_o
         GenerationConfig(max_tokens=50, grammar=g, temperature=0.8, seed=5),
     ]
     prompts = [[5, 9, 11], [7] * 12, [4, 8, 15, 16], [3, 30, 31, 6], [12, 13]]
+    threads = masks_computed_on(monkeypatch)
     batcher, states, steps = Batcher(tiny_model, 3, 128, costs=COSTS), [], 0
     while len(states) < len(cfgs) or batcher.slots:
         if len(states) < len(cfgs) and batcher.free and steps % 2 == 0:
@@ -196,3 +211,4 @@ def test_constrained_rows_in_the_continuous_batch_get_their_tokens_beside_free_o
     for k, (cfg, state) in enumerate(zip(cfgs, states)):
         assert state.rows[0].tokens == generate(tiny_model, [prompts[k]], cfg, costs=COSTS).rows[0].tokens, k
     assert max(states[2].rows[0].accepted_lengths) >= 3  # forced tokens verified in one step
+    assert threads and set(threads) == {"tridlm-grammar_0"}  # every mask beside its forward

@@ -175,6 +175,8 @@ class Batcher:
         view = self.cache.rows(fill.index, fill.index + 1)
         tokens = torch.tensor([fill.prompt[fill.done : end]], device=self.model.device)
         index = torch.tensor([[end - fill.done - 1]], device=self.model.device)
+        if end == len(fill.prompt):
+            fill.state.prefetch(rows=[fill.row])  # the first token's mask, beside the last chunk's forward
         logits = forward_block(self.model, view, tokens, masks.causal, write=True, logits_index=index)[:, 0]
         self.cache.lengths[fill.index] = view.lengths[0]
         fill.done = end
@@ -223,6 +225,7 @@ class Batcher:
             padding = torch.tensor([[j > len(c) for j in range(width)] for c in chosen], device=tokens.device)
         view = self.cache.rows(0, n)
         start = view.lengths.clone()
+        self._prefetch(chosen)
         logits = forward_block(self.model, view, tokens, masks.causal, write=True, padding=padding)  # (n, width, V)
         for state in {id(s.state): s.state for s in self.slots}.values():
             state.count_forward()
@@ -242,6 +245,15 @@ class Batcher:
                 s.state.rows[s.row].accepted_lengths.append(1 + len(accepted))
             s.state.emit(s.row, [*accepted, s.pending], mine[: 1 + len(accepted)])
         self._leave()
+
+    def _prefetch(self, chosen: list[list[int]]) -> None:
+        """Each constrained row's masks along its candidates, computed beside the forward (``DecodeState.prefetch``)."""
+        by_state: dict[int, tuple] = {}
+        for s, c in zip(self.slots, chosen):
+            if s.state.constraints is not None:
+                by_state.setdefault(id(s.state), (s.state, {}))[1][s.row] = c
+        for state, drafts in by_state.values():
+            state.prefetch(drafts, rows=list(drafts))
 
     def _candidates(self) -> tuple[list[str], list[list[int]]]:
         """Each running row's source and the candidates the plan verifies this step (none for AR rows)."""

@@ -56,6 +56,7 @@ def spec(
     while not state.all_done:
         start = cache.lengths
         block, q = draft(model, cache, pending, state, generator)
+        state.prefetch(block[:, 1:])  # under a grammar, the masks along the drafts beside the verify
         logits = forward_block(model, cache, block, masks.causal, write=True)
         state.count_forward()
         pending, _ = settle(cache, state, start, block, logits, q, generator)
@@ -115,6 +116,7 @@ def spec_quadratic(
     while not state.all_done:
         start = cache.lengths
         tokens = torch.cat([block, torch.full((rows, n * n), model.cfg.mask_id, device=block.device)], dim=1)
+        state.prefetch(block[:, 1:])
         logits = forward_block(model, cache, tokens, mask_fn, write=n, adapter=mask_rows, offsets=offsets)
         state.count_forward()
         bonus, k = settle(cache, state, start, block, logits[:, :n], q, generator)  # the verifying draft rows
