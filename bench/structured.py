@@ -5,23 +5,28 @@ and enums) and tool calls (two tools, the reply form ``serve.tools`` builds, its
 chat prompt and a JSON schema.
 
 1. In one process (the default model, int4, ``--threads``), per request and interleaved: AR without the schema, then
-   with it, and ``auto`` and spec B=8 with it: tok/s with the prefill and decode tok/s after the first token (the
-   replies differ in length, the prompts are long beside some of them), TPF, whether the reply is valid against the
-   schema (``jsonschema``) and whether its tokens are constrained AR's. The grammar's overhead is constrained over
-   free AR decode tok/s (the free reply is other text: a rate per generated token).
-2. Through servers on the same GGUF and threads: `tridlm serve` (``mode`` ar and auto per request) and llama.cpp's
+   with it, and ``auto``, spec B=8 and diffusion B=4 (threshold 0.9) with it: tok/s with the prefill and decode tok/s
+   after the first token (the replies differ in length, the prompts are long beside some of them), TPF, whether the
+   reply is valid against the schema (``jsonschema``) and whether its tokens are constrained AR's. The grammar's
+   overhead is constrained over free AR decode tok/s (the free reply is other text: a rate per generated token).
+2. Masks beside the forward against after it (``DecodeState.prefetch`` off), in one process, interleaved in pairs:
+   the requests of 1 in AR and ``auto`` and a batch of 8 of them under ``json_object``; the time ratio per pair.
+3. Through servers on the same GGUF and threads: `tridlm serve` (``mode`` ar and auto per request) and llama.cpp's
    `llama-server` (bench/llamacpp.py), each given the same rendered messages and the same schema as
-   ``response_format`` json_schema, at 1 client (the requests in turn) and 8 (all at once, twice over): aggregate
-   tok/s and the share of valid replies.
+   ``response_format`` json_schema, each warmed by one request first, at 1 client (the requests in turn) and 8 (all
+   at once, twice over): aggregate tok/s and the share of valid replies. Each run and copy of the requests is its own
+   tridlm tenant (API key), so that no request is verified from an earlier answer to it.
 
-    .venv/bin/python bench/structured.py [--repeats 2] [--threads 2] [--out bench/results]
+    .venv/bin/python bench/structured.py [--repeats 2] [--threads 2] [--parts in-process,beside,servers]
 
-writes OUT/structured-DATE.json and prints both tables.
+writes OUT/structured-DATE.json and prints its tables.
 """
 
 import argparse
 import datetime
+import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -35,7 +40,7 @@ import torch
 from serve_load import free_port, start
 
 from tridlm import default_model, loading
-from tridlm.decode import GenerationConfig, generate
+from tridlm.decode import DecodeState, GenerationConfig, generate
 from tridlm.grammar import Grammars
 from tridlm.measure import reporting
 from tridlm.serve.tools import ToolUse
@@ -134,6 +139,7 @@ MODES = {
     "ar": GenerationConfig(max_tokens=MAX_TOKENS),
     "auto": GenerationConfig(mode="auto", max_tokens=MAX_TOKENS),
     "spec B=8": GenerationConfig(mode="spec", block_size=8, max_tokens=MAX_TOKENS),
+    "diffusion B=4": GenerationConfig(mode="diffusion", block_size=4, max_tokens=MAX_TOKENS),  # valid, not AR's
 }
 
 
@@ -184,14 +190,43 @@ def in_process(model, tok, repeats: int) -> list[dict]:
     return rows
 
 
-def ask(http: httpx.Client, url: str, name: str, mode: str | None) -> dict:
+def beside(model, tok, pairs: int) -> dict:
+    """Decode time with the grammar's masks computed beside the forward over that without (``prefetch`` a no-op)."""
+    grammars = Grammars(tok, model.cfg.vocab_size, model.cfg.eos_ids)
+    cases = {name: ([tok.encode_chat(m)], grammars.compile("json_schema", s)) for name, (m, s) in REQUESTS.items()}
+    batch = [tok.encode_chat(m) for m, _ in REQUESTS.values()]
+    cases["batch of 8, json_object"] = ((batch * 2)[:8], grammars.compile("json_object"))
+    prefetch, times, rows = DecodeState.prefetch, {}, []
+    try:
+        for pair in range(pairs):
+            for (name, (ids, grammar)), mode in itertools.product(cases.items(), ("ar", "auto")):
+                for label in ("beside", "after") if pair % 2 == 0 else ("after", "beside"):
+                    DecodeState.prefetch = prefetch if label == "beside" else lambda *args, **kwargs: None
+                    begin = time.perf_counter()
+                    state = generate(model, ids, MODES[mode].replace(grammar=grammar))
+                    times.setdefault((name, mode, label), []).append(time.perf_counter() - begin)
+                    times.setdefault((name, mode, "tokens"), []).append([r.tokens for r in state.rows])
+    finally:
+        DecodeState.prefetch = prefetch
+    for name, mode in itertools.product(cases, ("ar", "auto")):
+        ratios = [a / b for a, b in zip(times[name, mode, "after"], times[name, mode, "beside"])]
+        same = all(t == times[name, mode, "tokens"][0] for t in times[name, mode, "tokens"])
+        rows.append(
+            {"request": name, "mode": mode, "ratios": ratios, "median": statistics.median(ratios), "same": same}
+        )
+    geomean = math.exp(statistics.fmean(math.log(r["median"]) for r in rows))
+    return {"rows": rows, "geometric_mean": geomean}
+
+
+def ask(http: httpx.Client, url: str, name: str, mode: str | None, key: str) -> dict:
     messages, schema = REQUESTS[name]
     body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
     body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
     if mode is not None:
         body["mode"] = mode
     begin = time.perf_counter()
-    out = http.post(url + "/v1/chat/completions", json=body, headers={"Connection": "close"}, timeout=600).json()
+    headers = {"Connection": "close", "Authorization": f"Bearer {key}"}
+    out = http.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=600).json()
     text = out["choices"][0]["message"]["content"]
     return {
         "tokens": out["usage"]["completion_tokens"],
@@ -200,11 +235,20 @@ def ask(http: httpx.Client, url: str, name: str, mode: str | None) -> dict:
     }
 
 
+def keys(mode: str | None, clients: int) -> list[str]:
+    """A tenant (API key) per run and copy of the requests: no answer is verified from an earlier one's (tridlm keeps
+    earlier answers per tenant as candidates), so each request is new to the server."""
+    return [f"{mode}-{clients}-{copy}" for copy in range(COPIES[clients])]
+
+
+COPIES = {1: 1, 8: 2}  # 1 client: the requests in turn; 8: ten at once
+
+
 def through(url: str, mode: str | None, clients: int) -> dict:
-    names = list(REQUESTS) * (1 if clients == 1 else 2)
+    asked = [(name, key) for key in keys(mode, clients) for name in REQUESTS]
     begin = time.perf_counter()
     with httpx.Client() as http, ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda n: ask(http, url, n, mode), names))
+        results = list(pool.map(lambda a: ask(http, url, a[0], mode, a[1]), asked))
     wall = time.perf_counter() - begin
     tokens = sum(r["tokens"] for r in results)
     return {
@@ -220,6 +264,9 @@ def servers(threads: int) -> list[dict]:
     gguf = default_model.gguf_path()
     port = free_port()
     cmd = [sys.executable, "-m", "tridlm", "serve", "--port", str(port), "--threads", str(threads)]
+    for mode, clients in itertools.product(("ar", "auto"), COPIES):
+        cmd += [arg for key in keys(mode, clients) for arg in ("--api-key", key)]
+    cmd += ["--api-key", "warm"]
     running = {"tridlm": (start(cmd, port), f"http://127.0.0.1:{port}")}
     binary = llamacpp.build("llama-server")
     if binary is not None:
@@ -228,6 +275,9 @@ def servers(threads: int) -> list[dict]:
         running["llama-server"] = (start(cmd, port), f"http://127.0.0.1:{port}")
     rows = []
     try:
+        with httpx.Client() as http:  # first requests: llguidance's view of the tokenizer, kernels, caches
+            for server, (_, url) in running.items():
+                ask(http, url, "person", "ar" if server == "tridlm" else None, "warm")
         for clients in (1, 8):
             for server, mode in (("tridlm", "ar"), ("tridlm", "auto"), ("llama-server", None)):
                 if server in running:
@@ -243,7 +293,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--parts", default="in-process,servers")
+    ap.add_argument("--parts", default="in-process,beside,servers")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -258,6 +308,13 @@ def main() -> None:
                 f"| {r['request']} | {r['setting']} | {r['tokens']} | {r['tok_s']:.1f} | {r['decode_tok_s']:.1f} "
                 f"| {tpf} | {r['valid']} | {r['same_as_constrained_ar']} |"
             )
+    if "beside" in args.parts:
+        report["beside"] = found = beside(model, tok, 2 * args.repeats + 2)
+        print("| request | mode | after / beside, median of pairs | min | max | tokens the same |")
+        for r in found["rows"]:
+            spread = f"{min(r['ratios']):.3f} | {max(r['ratios']):.3f}"
+            print(f"| {r['request']} | {r['mode']} | {r['median']:.3f} | {spread} | {r['same']} |")
+        print(f"geometric mean of the medians: {found['geometric_mean']:.3f}")
     if "servers" in args.parts:
         report["servers"] = rows = servers(args.threads)
         print("| server | mode | clients | requests | tok/s | valid |")

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,10 @@ def test_stream_prints_the_same_text(tiny_checkpoint, capsys):
         (["--top-p", "1.5"], "invalid top_p=1.5"),
         (["--model", "/nonexistent"], "not a checkpoint directory"),
         (["--json", "--stream"], "not allowed with argument"),
+        (["--regex", "[a-"], "unclosed character class"),
+        (["--regex", "a+", "--json-object"], "not allowed with argument"),
+        (["--json-schema", "/nonexistent/schema.json"], "No such file or directory"),
+        (["--json-schema", '{"$ref": "#/nowhere"}'], "invalid json_schema"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tiny_checkpoint, args, message):
@@ -95,6 +100,15 @@ def test_bad_arguments_exit_2_with_one_line(tiny_checkpoint, args, message):
     result = run_cli(*argv)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["ar", "auto", "diffusion"])
+def test_generate_holds_the_output_to_a_grammar(tiny_checkpoint, mode, tmp_path, capsys):
+    (tmp_path / "answer.lark").write_text('start: "the " ANIMAL " is " /[a-z]{2,8}/ "."\nANIMAL: "cat" | "dog"\n')
+    common = ["generate", "abc", "--model", str(tiny_checkpoint), "--mode", mode, "--max-tokens", "40"]
+    for shape in (["--regex", r"the (cat|dog) is [a-z]{2,8}\."], ["--lark", str(tmp_path / "answer.lark")]):
+        main([*common, *shape])
+        assert re.fullmatch(r"the (cat|dog) is [a-z]{2,8}\.", capsys.readouterr().out.strip())
 
 
 def test_block_size_defaults_per_device_and_mode(tiny_checkpoint, capsys):

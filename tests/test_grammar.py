@@ -7,6 +7,8 @@ import dataclasses
 import itertools
 import json
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -110,6 +112,28 @@ def test_sampled_constrained_output_is_distributed_as_constrained_ar(cfg):
     stat, dof = chi_square(samples, expected, 6)
     assert scipy_stats.chi2.sf(stat, dof) > 1e-3
     assert max(state.stats()["accepted_hist"]) >= 2  # drafts were accepted, not only resampled
+
+
+@pytest.mark.slow
+def test_masks_beside_the_forward_start_no_second_openmp_team():
+    """The thread that computes masks beside the forward runs no torch: torch called from a second thread starts a
+    second OpenMP team, whose threads then contend with the forward's for the cores (AR decode ran at half its speed
+    in every later forward of the process). Counted in a fresh process: the constrained decode adds that one thread."""
+    script = """
+import os, torch
+from tridlm import loading
+from tridlm.decode import GenerationConfig, generate
+from tridlm.grammar import Grammars
+torch.set_num_threads(2)
+model, tok = loading.open_model(dtype="int4")
+generate(model, [tok.encode("Hello")], GenerationConfig(max_tokens=4))
+before = len(os.listdir("/proc/self/task"))
+grammar = Grammars(tok, model.cfg.vocab_size, model.cfg.eos_ids).compile("json_object")
+generate(model, [tok.encode("Hello")], GenerationConfig(mode="auto", max_tokens=12, grammar=grammar))
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split()[-1] == "1", out.stdout + out.stderr
 
 
 def test_json_schema_output_is_valid_in_every_mode(default_model):

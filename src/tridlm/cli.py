@@ -50,6 +50,11 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print text as tokens are committed")
     out.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and counts")
+    shape = p.add_argument_group("structured output, in every mode (tridlm.grammar)").add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE|JSON", help="the output is JSON valid against this schema")
+    shape.add_argument("--json-object", action="store_true", help="the output is one JSON object")
+    shape.add_argument("--regex", metavar="PATTERN", help="the whole output matches this regular expression")
+    shape.add_argument("--lark", metavar="FILE", help="the output follows this Lark grammar (llguidance's dialect)")
     _generation_options(p)
 
 

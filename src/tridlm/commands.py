@@ -36,6 +36,7 @@ def generate(args) -> None:
 
     cfg = _fill(GenerationConfig, args)
     model, tok = _open(args)
+    cfg = cfg.replace(grammar=_grammar(args, model, tok))
     ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     text = TextStream(tok, cfg.stop)
     on_tokens = (lambda _, t: print(text.push(t), end="", flush=True)) if args.stream else None
@@ -63,6 +64,21 @@ def generate(args) -> None:
         )
     else:
         print(state.text(0))
+
+
+def _grammar(args, model, tok):
+    """The structured output ``generate``'s flags ask for, compiled (a ``GrammarError`` names what is wrong with it);
+    None: free text."""
+    from tridlm.grammar import Grammars
+
+    flags = {"json_schema": args.json_schema, "json_object": args.json_object, "regex": args.regex, "lark": args.lark}
+    kind = next((k for k, v in flags.items() if v), None)
+    if kind is None:
+        return None
+    source = None if kind == "json_object" else flags[kind]
+    if kind == "lark" or (kind == "json_schema" and not source.lstrip().startswith("{")):
+        source = Path(source).read_text()  # a file (FileNotFoundError names it)
+    return Grammars(tok, model.cfg.vocab_size, model.cfg.eos_ids).compile(kind, source)
 
 
 def eval_task(args) -> None:

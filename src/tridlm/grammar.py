@@ -117,8 +117,11 @@ class Constraint:
 
     def allowed(self) -> torch.Tensor:
         """(V,) bool: the tokens allowed next (EOS once the grammar is complete; only EOS once it can go no further)."""
+        return torch.from_numpy(self._allowed())
+
+    def _allowed(self) -> np.ndarray:
         bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        return torch.from_numpy(bits[: self.vocab_size]).view(torch.bool)
+        return bits[: self.vocab_size].view(np.bool_)
 
     def commit(self, tokens: list[int]) -> None:
         """Follow committed tokens; one the grammar does not allow is a decoder's bug."""
@@ -138,13 +141,15 @@ class Constraint:
         """The tokens the grammar forces next (each the only one allowed), at most ``most``."""
         return self.matcher.compute_ff_tokens()[:most]
 
-    def along(self, tokens: list[int]) -> torch.Tensor:
+    def along(self, tokens: list[int]) -> np.ndarray:
         """(len(tokens) + 1, V) bool: the tokens allowed next after each prefix of ``tokens`` (none of them committed);
-        past the first token the grammar refuses, every row allows everything (a verify stops there anyway)."""
-        out = torch.ones(len(tokens) + 1, self.vocab_size, dtype=torch.bool)
+        past the first token the grammar refuses, every row allows everything (a verify stops there anyway). A numpy
+        array, with no torch call: it is computed beside the forward (``DecodeState.prefetch``), and torch called from
+        a second thread starts a second OpenMP team, whose threads then contend with the forward's for the cores."""
+        out = np.ones((len(tokens) + 1, self.vocab_size), dtype=np.bool_)
         taken = 0
         for j in range(len(tokens) + 1):
-            allowed = self.allowed()
+            allowed = self._allowed()
             if not allowed.any():  # past the end (after EOS): nothing is committed there
                 break
             out[j] = allowed

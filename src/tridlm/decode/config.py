@@ -44,8 +44,9 @@ class GenerationConfig:
     # Not a CLI flag: the API's logprobs / top_logprobs. Each generated token's log-probability under the logits
     # that committed it (``decode.state``), with this many most likely alternatives; None: not recorded.
     logprobs: int | None = None
-    # Not a CLI flag: the API's response_format / regex / grammar. Every token is chosen among those the grammar allows
-    # (``tridlm.grammar``); None: unconstrained.
+    # Compiled from the API's response_format / regex / grammar / tools, or ``generate``'s --json-schema /
+    # --json-object / --regex / --lark. Every token is chosen among those the grammar allows (``tridlm.grammar``);
+    # None: unconstrained.
     grammar: Grammar | None = None
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tridlm.decode.metrics import summarize
@@ -72,7 +73,7 @@ class DecodeState:
         # Under a grammar (the config's), each row's matcher, following its committed tokens (``emit``)
         self.constraints = [cfg.grammar.start() for _ in range(n_rows)] if cfg.grammar is not None else None
         self._ahead: Future | None = None  # masks being computed beside a forward (``prefetch``)
-        self._ready: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}  # row -> (its drafts, their masks)
+        self._ready: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}  # row -> (its drafts, their masks)
 
     @property
     def all_done(self) -> bool:
@@ -149,7 +150,7 @@ class DecodeState:
         self._join()
         ready = self._ready.pop(i, None)
         allowed = ready[1] if ready is not None and ready[0] == path else self._grammar(i).along(list(path))
-        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
 
     def masked(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) for each row's next token, masked (``masked_row``)."""
