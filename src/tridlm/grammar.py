@@ -85,11 +85,16 @@ class Grammars:
             else:
                 text = llguidance.LLMatcher.grammar_from_lark(source)
         except (ValueError, TypeError) as e:
-            raise GrammarError(f"invalid {kind}: {e}") from None
+            raise GrammarError(f"invalid {kind}: {_one_line(e)}") from None
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, self.tokens)
         if failed:
-            raise GrammarError(f"invalid {kind}: {messages[0].strip()}")
+            raise GrammarError(f"invalid {kind}: {_one_line(messages[0])}")
         return Grammar(kind, source, text, self.tokens, self.vocab_size)
+
+
+def _one_line(message) -> str:
+    """llguidance's message on one line (it draws a caret under the spot over several)."""
+    return " ".join(str(message).split())
 
 
 class _TokenTexts:
