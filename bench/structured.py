@@ -8,7 +8,8 @@ chat prompt and a JSON schema.
    with it, and ``auto``, spec B=8 and diffusion B=4 (threshold 0.9) with it: tok/s with the prefill and decode tok/s
    after the first token (the replies differ in length, the prompts are long beside some of them), TPF, whether the
    reply is valid against the schema (``jsonschema``) and whether its tokens are constrained AR's. The grammar's
-   overhead is constrained over free AR decode tok/s (the free reply is other text: a rate per generated token).
+   overhead is constrained over free AR decode tok/s, the free reply held to the constrained one's length (it is
+   other text: a rate per generated token, over as many tokens of context).
 2. Masks beside the forward against after it (``DecodeState.prefetch`` off), in one process, interleaved in pairs:
    the requests of 1 in AR and ``auto`` and a batch of 8 of them under ``json_object``; the time ratio per pair.
 3. Through servers on the same GGUF and threads: `tridlm serve` (``mode`` ar and auto per request) and llama.cpp's
@@ -19,7 +20,7 @@ chat prompt and a JSON schema.
 
     .venv/bin/python bench/structured.py [--repeats 2] [--threads 2] [--parts in-process,beside,servers]
 
-writes OUT/structured-DATE.json and prints its tables.
+writes OUT/structured-DATE.json (structured-tN-DATE.json at another thread count) and prints its tables.
 """
 
 import argparse
@@ -159,9 +160,10 @@ def in_process(model, tok, repeats: int) -> list[dict]:
     for _ in range(repeats):
         for name, (messages, schema) in REQUESTS.items():  # interleaved: drift hits every setting alike
             ids, grammar = tok.encode_chat(messages), grammars.compile("json_schema", schema)
-            for setting, cfg in [("ar, free", MODES["ar"])] + [
-                (m, c.replace(grammar=grammar)) for m, c in MODES.items()
-            ]:
+            settings = [(m, c.replace(grammar=grammar)) for m, c in MODES.items()] + [("ar, free", MODES["ar"])]
+            for setting, cfg in settings:
+                if setting == "ar, free":  # as many tokens as constrained AR wrote (fewer where it stops first)
+                    cfg = cfg.replace(max_tokens=len(runs[name, "ar"][-1][1].rows[0].tokens))
                 begin = time.perf_counter()
                 state = generate(model, [ids], cfg, detokenize=tok.decode)
                 runs.setdefault((name, setting), []).append((time.perf_counter() - begin, state))
@@ -326,7 +328,8 @@ def main() -> None:
                 f"| {r['server']} | {r['mode'] or '-'} | {r['clients']} | {r['requests']} | {r['tok_s']:.1f} "
                 f"| {r['valid']:.0%} |"
             )
-    out = Path(args.out) / f"structured-{datetime.date.today().isoformat()}.json"
+    threads = "" if args.threads == 2 else f"-t{args.threads}"  # the default: 2 threads, the CI machine's cores
+    out = Path(args.out) / f"structured{threads}-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("wrote", out)
