@@ -10,15 +10,13 @@ chat prompt and a JSON schema.
    reply is valid against the schema (``jsonschema``) and whether its tokens are constrained AR's. The grammar's
    overhead is constrained over free AR decode tok/s, the free reply held to the constrained one's length (it is
    other text: a rate per generated token, over as many tokens of context).
-2. Masks beside the forward against after it (``DecodeState.prefetch`` off), in one process, interleaved in pairs:
-   the requests of 1 in AR and ``auto`` and a batch of 8 of them under ``json_object``; the time ratio per pair.
-3. Through servers on the same GGUF and threads: `tridlm serve` (``mode`` ar and auto per request) and llama.cpp's
+2. Through servers on the same GGUF and threads: `tridlm serve` (``mode`` ar and auto per request) and llama.cpp's
    `llama-server` (bench/llamacpp.py), each given the same rendered messages and the same schema as
    ``response_format`` json_schema, each warmed by one request first, at 1 client (the requests in turn) and 8 (all
    at once, twice over): aggregate tok/s and the share of valid replies. Each run and copy of the requests is its own
    tridlm tenant (API key), so that no request is verified from an earlier answer to it.
 
-    .venv/bin/python bench/structured.py [--repeats 2] [--threads 2] [--parts in-process,beside,servers]
+    .venv/bin/python bench/structured.py [--repeats 2] [--threads 2] [--parts in-process,servers]
 
 writes OUT/structured-DATE.json (structured-tN-DATE.json at another thread count) and prints its tables.
 """
@@ -27,7 +25,6 @@ import argparse
 import datetime
 import itertools
 import json
-import math
 import statistics
 import sys
 import time
@@ -41,7 +38,7 @@ import torch
 from serve_load import free_port, start
 
 from tridlm import default_model, loading
-from tridlm.decode import DecodeState, GenerationConfig, generate
+from tridlm.decode import GenerationConfig, generate
 from tridlm.grammar import Grammars
 from tridlm.measure import reporting
 from tridlm.serve.tools import ToolUse
@@ -192,34 +189,6 @@ def in_process(model, tok, repeats: int) -> list[dict]:
     return rows
 
 
-def beside(model, tok, pairs: int) -> dict:
-    """Decode time with the grammar's masks computed beside the forward over that without (``prefetch`` a no-op)."""
-    grammars = Grammars(tok, model.cfg.vocab_size, model.cfg.eos_ids)
-    cases = {name: ([tok.encode_chat(m)], grammars.compile("json_schema", s)) for name, (m, s) in REQUESTS.items()}
-    batch = [tok.encode_chat(m) for m, _ in REQUESTS.values()]
-    cases["batch of 8, json_object"] = ((batch * 2)[:8], grammars.compile("json_object"))
-    prefetch, times, rows = DecodeState.prefetch, {}, []
-    try:
-        for pair in range(pairs):
-            for (name, (ids, grammar)), mode in itertools.product(cases.items(), ("ar", "auto")):
-                for label in ("beside", "after") if pair % 2 == 0 else ("after", "beside"):
-                    DecodeState.prefetch = prefetch if label == "beside" else lambda *args, **kwargs: None
-                    begin = time.perf_counter()
-                    state = generate(model, ids, MODES[mode].replace(grammar=grammar))
-                    times.setdefault((name, mode, label), []).append(time.perf_counter() - begin)
-                    times.setdefault((name, mode, "tokens"), []).append([r.tokens for r in state.rows])
-    finally:
-        DecodeState.prefetch = prefetch
-    for name, mode in itertools.product(cases, ("ar", "auto")):
-        ratios = [a / b for a, b in zip(times[name, mode, "after"], times[name, mode, "beside"])]
-        same = all(t == times[name, mode, "tokens"][0] for t in times[name, mode, "tokens"])
-        rows.append(
-            {"request": name, "mode": mode, "ratios": ratios, "median": statistics.median(ratios), "same": same}
-        )
-    geomean = math.exp(statistics.fmean(math.log(r["median"]) for r in rows))
-    return {"rows": rows, "geometric_mean": geomean}
-
-
 def ask(http: httpx.Client, url: str, name: str, mode: str | None, key: str) -> dict:
     messages, schema = REQUESTS[name]
     body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
@@ -295,7 +264,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--parts", default="in-process,beside,servers")
+    ap.add_argument("--parts", default="in-process,servers")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -310,13 +279,6 @@ def main() -> None:
                 f"| {r['request']} | {r['setting']} | {r['tokens']} | {r['tok_s']:.1f} | {r['decode_tok_s']:.1f} "
                 f"| {tpf} | {r['valid']} | {r['same_as_constrained_ar']} |"
             )
-    if "beside" in args.parts:
-        report["beside"] = found = beside(model, tok, 2 * args.repeats + 2)
-        print("| request | mode | after / beside, median of pairs | min | max | tokens the same |")
-        for r in found["rows"]:
-            spread = f"{min(r['ratios']):.3f} | {max(r['ratios']):.3f}"
-            print(f"| {r['request']} | {r['mode']} | {r['median']:.3f} | {spread} | {r['same']} |")
-        print(f"geometric mean of the medians: {found['geometric_mean']:.3f}")
     if "servers" in args.parts:
         report["servers"] = rows = servers(args.threads)
         print("| server | mode | clients | requests | tok/s | valid |")

@@ -146,24 +146,35 @@ class Constraint:
         """The tokens the grammar forces next (each the only one allowed), at most ``most``."""
         return self.matcher.compute_ff_tokens()[:most]
 
-    def along(self, tokens: list[int]) -> np.ndarray:
-        """(len(tokens) + 1, V) bool: the tokens allowed next after each prefix of ``tokens`` (none of them committed);
-        past the first token the grammar refuses, every row allows everything (a verify stops there anyway). A numpy
-        array, with no torch call: it is computed beside the forward (``DecodeState.prefetch``), and torch called from
-        a second thread starts a second OpenMP team, whose threads then contend with the forward's for the cores."""
-        out = np.ones((len(tokens) + 1, self.vocab_size), dtype=np.bool_)
+    def along(self, tokens: list[int], ranked=None) -> list[np.ndarray | int | None]:
+        """What the grammar allows next after each prefix of ``tokens`` (none of them committed), one entry per
+        position: the mask, (V,) bool; or, given ``ranked`` (``ranked[j]``: a greedy choice's candidates at position
+        j, the unmasked logits' best tokens, best first), the first of them the grammar allows where one is, the mask
+        not computed (a mask costs 20-170 us, most of it reading the tokenizer's trie back into a cache the forward
+        emptied; checking one token costs a few). None past the first token the grammar refuses, or past one that is
+        not the greedy choice, or after EOS: a verify stops there."""
+        out: list[np.ndarray | int | None] = [None] * (len(tokens) + 1)
         taken = 0
         for j in range(len(tokens) + 1):
-            allowed = self._allowed()
-            if not allowed.any():  # past the end (after EOS): nothing is committed there
+            nxt = tokens[j] if j < len(tokens) else None
+            choice = next((t for t in ranked[j] if self._allows(t)), None) if ranked is not None else None
+            if choice is not None:
+                out[j], ok = choice, nxt == choice
+            else:
+                allowed = self._allowed()
+                if not allowed.any():  # past the end (after EOS): nothing is committed there
+                    break
+                out[j], ok = allowed, nxt is not None and bool(allowed[nxt])
+            if not ok or nxt in self.eos_ids:  # nothing follows EOS
                 break
-            out[j] = allowed
-            if j == len(tokens) or not allowed[tokens[j]] or tokens[j] in self.eos_ids:  # nothing follows EOS
-                break
-            self._follow(tokens[j])
+            self._follow(nxt)
             taken += 1
         self.matcher.rollback(taken)
         return out
+
+    def _allows(self, token: int) -> bool:
+        """Whether ``token`` may come next (EOS: where the grammar is complete; llguidance validates no EOS)."""
+        return self.matcher.is_accepting() if token in self.eos_ids else self.valid([token]) == 1
 
     def _follow(self, token: int) -> None:
         if not self.matcher.consume_token(token):

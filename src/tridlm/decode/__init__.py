@@ -70,7 +70,6 @@ def stream(
     # A row's last cycle may commit up to a block past its max_tokens; a batch's finished rows stay put but still
     # ride along in its later forwards, each writing up to a block more: room for both.
     max_len = max(len(p) + row.max_tokens for p, row in zip(prompts, state.rows)) + 2 * cfg.block_size + 1
-    state.prefetch()  # under a grammar, the first token's masks beside the prefill
     cache, logits = prefill(model, prompts, max_len)
     state.prefill_s = time.perf_counter() - state.start
     sampler = cfg.sampler

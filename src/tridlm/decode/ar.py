@@ -33,7 +33,6 @@ def ar_step(
     """One causal forward of every row's pending token: caches it and emits the next, which it returns.
     ``event``: what a trace records for the step, given its token."""
     sampler = state.cfg.sampler
-    state.prefetch()  # under a grammar, the next token's masks beside the forward
     logits = forward_block(model, cache, pending[:, None], masks.causal, write=True)  # (B, 1, V)
     state.count_forward()
     logits = state.masked(logits[:, -1])  # under a grammar, only what it allows

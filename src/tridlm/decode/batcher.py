@@ -42,6 +42,7 @@ from tridlm.decode.pipelined import FORCED
 from tridlm.decode.spec import accept
 from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
+from tridlm.sampling import argmax
 
 
 @dataclass
@@ -175,8 +176,6 @@ class Batcher:
         view = self.cache.rows(fill.index, fill.index + 1)
         tokens = torch.tensor([fill.prompt[fill.done : end]], device=self.model.device)
         index = torch.tensor([[end - fill.done - 1]], device=self.model.device)
-        if end == len(fill.prompt):
-            fill.state.prefetch(rows=[fill.row])  # the first token's mask, beside the last chunk's forward
         logits = forward_block(self.model, view, tokens, masks.causal, write=True, logits_index=index)[:, 0]
         self.cache.lengths[fill.index] = view.lengths[0]
         fill.done = end
@@ -225,11 +224,10 @@ class Batcher:
             padding = torch.tensor([[j > len(c) for j in range(width)] for c in chosen], device=tokens.device)
         view = self.cache.rows(0, n)
         start = view.lengths.clone()
-        self._prefetch(chosen)
         logits = forward_block(self.model, view, tokens, masks.causal, write=True, padding=padding)  # (n, width, V)
         for state in {id(s.state): s.state for s in self.slots}.values():
             state.count_forward()
-        greedy = logits[:, 0].argmax(-1).tolist()
+        greedy = argmax(logits[:, 0]).tolist()
         for i, s in enumerate(self.slots):
             sampler, constrained = s.state.cfg.sampler, s.state.constraints is not None
             # Under a grammar, the row's logits masked along its candidates; an unconstrained row pays nothing.
@@ -237,7 +235,7 @@ class Batcher:
             if chosen[i]:
                 accepted = self._verify(s, tokens[i : i + 1, : 1 + len(chosen[i])], mine[None], sources[i])
             elif sampler.greedy:
-                s.pending, accepted = int(mine[0].argmax()) if constrained else greedy[i], []
+                s.pending, accepted = int(argmax(mine[0])) if constrained else greedy[i], []
             else:
                 s.pending, accepted = int(sampler.next_token(mine[:1], s.generator)[0]), []
             self.cache.lengths[i] = start[i] + 1 + len(accepted)
@@ -245,15 +243,6 @@ class Batcher:
                 s.state.rows[s.row].accepted_lengths.append(1 + len(accepted))
             s.state.emit(s.row, [*accepted, s.pending], mine[: 1 + len(accepted)])
         self._leave()
-
-    def _prefetch(self, chosen: list[list[int]]) -> None:
-        """Each constrained row's masks along its candidates, computed beside the forward (``DecodeState.prefetch``)."""
-        by_state: dict[int, tuple] = {}
-        for s, c in zip(self.slots, chosen):
-            if s.state.constraints is not None:
-                by_state.setdefault(id(s.state), (s.state, {}))[1][s.row] = c
-        for state, drafts in by_state.values():
-            state.prefetch(drafts, rows=list(drafts))
 
     def _candidates(self) -> tuple[list[str], list[list[int]]]:
         """Each running row's source and the candidates the plan verifies this step (none for AR rows)."""

@@ -273,7 +273,6 @@ def pipelined(
         tokens = torch.cat([block, torch.full((rows, r), mask_id or 0, device=block.device)], dim=1)
         adapter = (torch.arange(1 + m + r, device=block.device) > m).expand(rows, -1) if r else False
         start = cache.lengths
-        state.prefetch(block[:, 1:])  # under a grammar, the masks along the candidates beside the forward
         logits = forward_block(
             model, cache, tokens, functools.partial(masks.verify_then_draft, verify=1 + m), write=1 + m, adapter=adapter
         )

@@ -16,7 +16,7 @@ from tridlm.cache import KVCache
 from tridlm.decode.forward import forward_block, masked_block, unmasking_distribution
 from tridlm.decode.state import DecodeState
 from tridlm.model import TriModel
-from tridlm.sampling import Sampler, draw
+from tridlm.sampling import Sampler, argmax, draw
 
 
 def accept(
@@ -31,7 +31,7 @@ def accept(
     drafts = block[:, 1:]  # (B, n-1)
     rows = torch.arange(block.shape[0], device=block.device)
     if sampler.greedy:
-        best = p.argmax(-1)  # (B, n): AR's token after each prefix
+        best = argmax(p)  # (B, n): AR's token after each prefix
         k = (best[:, :-1] == drafts).long().cumprod(-1).sum(-1)  # length of the accepted prefix
         return k, best[rows, k]
     p_x = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
@@ -56,7 +56,6 @@ def spec(
     while not state.all_done:
         start = cache.lengths
         block, q = draft(model, cache, pending, state, generator)
-        state.prefetch(block[:, 1:])  # under a grammar, the masks along the drafts beside the verify
         logits = forward_block(model, cache, block, masks.causal, write=True)
         state.count_forward()
         pending, _ = settle(cache, state, start, block, logits, q, generator)
@@ -116,7 +115,6 @@ def spec_quadratic(
     while not state.all_done:
         start = cache.lengths
         tokens = torch.cat([block, torch.full((rows, n * n), model.cfg.mask_id, device=block.device)], dim=1)
-        state.prefetch(block[:, 1:])
         logits = forward_block(model, cache, tokens, mask_fn, write=n, adapter=mask_rows, offsets=offsets)
         state.count_forward()
         bonus, k = settle(cache, state, start, block, logits[:, :n], q, generator)  # the verifying draft rows

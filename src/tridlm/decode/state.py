@@ -3,19 +3,16 @@ SPEC 2 as they accrue, and the trace events of each step."""
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from tridlm.decode.metrics import summarize
+from tridlm.sampling import argmax
 from tridlm.tokenizer import stop_index
-
-# Computes grammar masks while a forward runs (``DecodeState.prefetch``): llguidance releases the GIL as it computes.
-_BESIDE = ThreadPoolExecutor(1, thread_name_prefix="tridlm-grammar")
 
 
 @dataclass
@@ -72,8 +69,6 @@ class DecodeState:
         self._events: list[list[dict]] = [[] for _ in range(n_rows)]
         # Under a grammar (the config's), each row's matcher, following its committed tokens (``emit``)
         self.constraints = [cfg.grammar.start() for _ in range(n_rows)] if cfg.grammar is not None else None
-        self._ahead: Future | None = None  # masks being computed beside a forward (``prefetch``)
-        self._ready: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}  # row -> (its drafts, their masks)
 
     @property
     def all_done(self) -> bool:
@@ -106,8 +101,7 @@ class DecodeState:
             elif len(row.tokens) >= row.max_tokens:
                 row.finish_reason = "length"
         if self.constraints is not None:
-            self._grammar(i).commit(row.tokens[before:])
-            self._ready.pop(i, None)  # masks computed before these tokens
+            self.constraints[i].commit(row.tokens[before:])
         if self.cfg.logprobs is not None and len(row.tokens) > before:
             self._record(row, row.tokens[before:], logits)
 
@@ -116,68 +110,51 @@ class DecodeState:
     def _constrained(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if not r.done] if self.constraints is not None else []
 
-    def prefetch(
-        self, drafts: Mapping | Sequence | torch.Tensor | None = None, rows: Sequence[int] | None = None
-    ) -> None:
-        """Start computing, on a worker thread, the masks the next ``masked_row`` calls ask for: each constrained
-        row's (those of ``rows``, default all) along its drafts (``drafts[i]``: the candidates its forward verifies;
-        none: the next token's mask alone), so that they are computed while the forward runs. Anything else that reads
-        a row's grammar waits for them first; a call that asks for other drafts computes its own."""
-        live = [i for i in self._constrained() if rows is None or i in rows]
-        if not live:
-            return
-        self._join()
-        paths = {i: () if drafts is None else tuple(int(t) for t in drafts[i]) for i in live}
-        self._ahead = _BESIDE.submit(lambda: {i: (p, self.constraints[i].along(list(p))) for i, p in paths.items()})
-
-    def _join(self) -> None:
-        if self._ahead is not None:
-            self._ready.update(self._ahead.result())
-            self._ahead = None
-
-    def _grammar(self, i: int):
-        """Row i's matcher, once masks being computed beside a forward are in."""
-        self._join()
-        return self.constraints[i]
-
     def masked_row(self, i: int, logits: torch.Tensor, drafts: Sequence[int] = ()) -> torch.Tensor:
         """Row i's logits (n, V) of the token after its committed ones and after each of ``drafts`` (n - 1 of them,
         none committed), -inf where its grammar refuses the token there: what constrained AR would choose from.
-        Unchanged without a grammar or once the row is done."""
+        Unchanged without a grammar or once the row is done. A greedy choice without log-probabilities to record
+        reads only the argmax, so there a position whose best token the grammar allows is left as it is, and one whose
+        next best the grammar allows keeps only that token (``Constraint.along``): the same argmax, fewer masks."""
         if self.constraints is None or self.rows[i].done:
             return logits
-        path = tuple(int(t) for t in drafts)[: len(logits) - 1]
-        self._join()
-        ready = self._ready.pop(i, None)
-        allowed = ready[1] if ready is not None and ready[0] == path else self._grammar(i).along(list(path))
-        return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
+        ranked = _Greedy(logits) if self.cfg.sampler.greedy and self.cfg.logprobs is None else None
+        out = logits
+        for j, entry in enumerate(self.constraints[i].along([int(t) for t in drafts][: len(logits) - 1], ranked)):
+            if entry is None or (isinstance(entry, int) and entry == ranked.best[j]):  # the argmax itself: as it is
+                continue
+            out = logits.clone() if out is logits else out
+            if isinstance(entry, int):
+                out[j].fill_(-math.inf)
+                out[j, entry] = logits[j, entry]
+            else:
+                out[j].masked_fill_(~torch.from_numpy(entry).to(logits.device), -math.inf)
+        return out
 
     def masked(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) for each row's next token, masked (``masked_row``)."""
-        rows = self._constrained()
-        if not rows:
-            return logits
-        logits = logits.clone()
-        for i in rows:
-            logits[i : i + 1] = self.masked_row(i, logits[i : i + 1])
-        return logits
+        return self._each_row(logits, lambda i: self.masked_row(i, logits[i : i + 1])[0])
 
     def masked_along(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         """Verify logits (B, n, V) of [pending, drafts (B, n-1)], each row masked (``masked_row``)."""
-        rows = self._constrained()
-        if not rows:
-            return logits
-        logits = logits.clone()
-        for i in rows:
-            logits[i] = self.masked_row(i, logits[i], drafts[i].tolist())
-        return logits
+        return self._each_row(logits, lambda i: self.masked_row(i, logits[i], drafts[i].tolist()))
+
+    def _each_row(self, logits: torch.Tensor, mask_row) -> torch.Tensor:
+        """``logits`` with each constrained row i as ``mask_row(i)`` gives it, copied only where a row changed."""
+        out = logits
+        for i in self._constrained():
+            row = mask_row(i)
+            if row.data_ptr() != logits[i].data_ptr():  # masked (a new tensor), not the row itself
+                out = logits.clone() if out is logits else out
+                out[i] = row
+        return out
 
     def restrict_drafts(self, drafts: torch.Tensor, q: torch.Tensor, sampler, generator) -> None:
         """In place: each constrained row's drafts (B, n) drawn again from their distributions ``q`` (B, n, V)
         restricted to what the grammar allows after the drafts before (``q`` becomes what they were drawn from), so
         that no draft falls outside the grammar and the grammar's forced tokens are drafted."""
         for i in self._constrained():
-            drafts[i], q[i], _ = self._grammar(i).pick(q[i], lambda p: sampler.pick(p, generator))
+            drafts[i], q[i], _ = self.constraints[i].pick(q[i], lambda p: sampler.pick(p, generator))
 
     def restrict_block(self, masked, logits, probs, pred, sampler, generator) -> None:
         """Diffusion under a grammar, in place: each constrained row's predictions (``pred``) from its first masked
@@ -187,7 +164,7 @@ class DecodeState:
         for i in self._constrained():
             if masked[i].any():
                 p = int(masked[i].long().argmax())
-                pred[i, p:], probs[i, p:], allowed = self._grammar(i).pick(
+                pred[i, p:], probs[i, p:], allowed = self.constraints[i].pick(
                     probs[i, p:], lambda q: sampler.pick(q, generator)
                 )
                 logits[i, p:] = logits[i, p:].masked_fill(~allowed, float("-inf"))
@@ -206,11 +183,11 @@ class DecodeState:
 
     def candidates(self, i: int, tokens: list[int]) -> list[int]:
         """Row i's candidate tokens up to the first its grammar refuses (all of them without a grammar)."""
-        return tokens[: self._grammar(i).valid(tokens)] if self.constraints is not None else tokens
+        return tokens[: self.constraints[i].valid(tokens)] if self.constraints is not None else tokens
 
     def forced(self, i: int, most: int) -> list[int]:
         """The tokens row i's grammar forces next, at most ``most`` (none without a grammar)."""
-        return self._grammar(i).forced(most) if self.constraints is not None and not self.rows[i].done else []
+        return self.constraints[i].forced(most) if self.constraints is not None and not self.rows[i].done else []
 
     def _record(self, row: Row, tokens: list[int], logits: torch.Tensor | None) -> None:
         if logits is None:
@@ -274,3 +251,26 @@ class DecodeState:
             "prefill_s": self.prefill_s,
             **summarize(self.rows, wall),
         }
+
+
+RANKED = 8  # the most candidates a greedy choice tries before a mask is computed (``DecodeState.masked_row``)
+
+
+class _Greedy:
+    """A greedy choice's candidates at each position of ``logits`` (n, V), best first (``Constraint.along``'s
+    ``ranked``): the argmax; then, where the grammar refuses it, the next best tokens as far as each is strictly above
+    the next (the first of them the grammar allows is the argmax of the masked logits; at a tie the lower index would
+    be, so the candidates stop there)."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits, self.best = logits, argmax(logits).tolist()
+
+    def __getitem__(self, j: int) -> Iterator[int]:
+        yield self.best[j]
+        top = self.logits[j].topk(min(RANKED, self.logits.shape[-1]))
+        values, indices = top.values.tolist(), top.indices.tolist()
+        for r in range(len(values) - 1):
+            if values[r] == values[r + 1]:
+                return
+            if indices[r] != self.best[j]:
+                yield indices[r]
