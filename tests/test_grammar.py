@@ -128,6 +128,10 @@ def test_json_schema_output_is_valid_in_every_mode(default_model):
     ar = generate(model, [prompt], GenerationConfig(max_tokens=60, grammar=g), detokenize=tok.decode)
     person = json.loads(ar.text(0))
     assert set(person) == {"name", "age", "city"} and isinstance(person["age"], int)
+    # every mask computed (log-probabilities are over the masked logits): the greedy shortcut's tokens, where the
+    # grammar forces keys and punctuation (the mask then allows only their canonical tokens)
+    full = generate(model, [prompt], GenerationConfig(max_tokens=60, grammar=g, logprobs=0))
+    assert full.rows[0].tokens == ar.rows[0].tokens
     for cfg in EXACT:
         assert (
             generate(model, [prompt], cfg.replace(max_tokens=60, grammar=g), costs=COSTS).rows[0].tokens

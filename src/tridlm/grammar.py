@@ -157,7 +157,7 @@ class Constraint:
         taken = 0
         for j in range(len(tokens) + 1):
             nxt = tokens[j] if j < len(tokens) else None
-            choice = next((t for t in ranked[j] if self._allows(t)), None) if ranked is not None else None
+            choice = self._greedy(ranked[j]) if ranked is not None else None
             if choice is not None:
                 out[j], ok = choice, nxt == choice
             else:
@@ -171,6 +171,13 @@ class Constraint:
             taken += 1
         self.matcher.rollback(taken)
         return out
+
+    def _greedy(self, candidates) -> int | None:
+        """The first of ``candidates`` the mask would allow, without computing it: where the grammar forces text, the
+        mask allows only the first token of its canonical tokenization (checking a token alone would also pass others
+        that spell the text differently); elsewhere a token passes alone as it passes in the mask."""
+        forced = self.matcher.compute_ff_tokens()
+        return forced[0] if forced else next((t for t in candidates if self._allows(t)), None)
 
     def _allows(self, token: int) -> bool:
         """Whether ``token`` may come next (EOS: where the grammar is complete; llguidance validates no EOS)."""
