@@ -176,6 +176,9 @@ def test_auto_answers_or_calls_and_a_tool_result_is_read_back(client):
     reply = chat(client, "auto", WEATHER_ASK, tools=[WEATHER]).choices[0]
     assert (reply.finish_reason == "tool_calls") == bool(reply.message.tool_calls)
     assert reply.message.tool_calls or isinstance(reply.message.content, str)
+    streamed = [c.choices[0].delta for c in chat(client, "auto", WEATHER_ASK, tools=[WEATHER], stream=True)]
+    if reply.message.content is not None:  # our form's answer: the response string's text, streamed as it is written
+        assert "".join(d.content or "" for d in streamed) == reply.message.content
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     history = [
         *WEATHER_ASK,
@@ -219,3 +222,7 @@ def test_a_template_that_renders_tools_is_answered_in_its_own_tags(default_model
         assert streamed_calls(stream) == [(c.function.name, c.function.arguments) for c in ar.message.tool_calls]
         answer = chat(client, "auto", WEATHER_ASK, tools=[WEATHER]).choices[0]  # this model answers in words here
         assert answer.finish_reason == "stop" and answer.message.content and not answer.message.tool_calls
+        streamed = [c.choices[0].delta for c in chat(client, "auto", WEATHER_ASK, tools=[WEATHER], stream=True)]
+        pieces = [d.content for d in streamed if d.content]
+        assert "".join(pieces) == answer.message.content and len(pieces) > 1  # as it is written
+        assert not any(d.tool_calls for d in streamed)

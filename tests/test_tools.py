@@ -113,3 +113,16 @@ def test_calls_are_read_from_a_reply_as_it_grows():
     message, reason = use(tagged=True).reply(tagged.split("\n<tool_call>\n{")[0], finished=True)
     assert reason == "tool_calls" and message["tool_calls"][0]["function"] == {"name": "add", "arguments": '{"a": 1}'}
     assert use(tagged=True).reply("It is 4.", finished=True) == ({"content": "It is 4.", "tool_calls": None}, None)
+
+
+def test_an_answer_is_read_as_it_grows():
+    ours, tagged = use(), use(tagged=True)
+    grown = [
+        '{"resp',
+        '{"response": "It is \\',
+        '{"response": "It is \\"4\\u00',
+        '{"response": "It is \\"4\\u00b0\\"."}',
+    ]
+    assert [ours.answer(t) for t in grown] == [None, "It is ", 'It is "4', 'It is "4\u00b0".']
+    assert ours.answer('{"tool_calls": [') is None and ours.reply(grown[2], finished=False)[0]["content"] == 'It is "4'
+    assert [tagged.answer(t) for t in ("", "<tool", "<tool_call>\n{", "It")] == [None, None, None, "It"]

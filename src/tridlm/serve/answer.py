@@ -27,6 +27,7 @@ class Answer:
         self.kind, self.tokenizer, self.job = kind, tokenizer, job
         self.echo, self.tools = echo, tools
         self.sent = [[] for _ in job.prompts]  # with tools, each choice's streamed calls: [id, arguments' characters]
+        self.said = [0] * len(job.prompts)  # and the characters of its answer streamed
         self.logprobs = job.cfg.logprobs is not None
         texts = kind == "text_completion" and (echo or self.logprobs)  # what the echo and the offsets need
         self.prompt_texts = [tokenizer.decode(p) for p in job.prompts] if texts else None
@@ -62,18 +63,22 @@ class Answer:
 
     def last(self, i: int, text: str, row) -> dict:
         """Choice i's last stream chunk: the finish reason after the rest of the text (with tools, ``text`` is the
-        whole reply: its content, held to the end, or the rest of its calls)."""
+        whole reply: the rest of its answer, or of its calls)."""
         end = ending(row)
         if self.tools is None:
             return delta_choice(self.kind, i, text, end)
         message, reason = self.tools.reply(text, row.finish_reason == "stop")
         if reason is None and not self.sent[i]:
-            return delta_choice(self.kind, i, message["content"], end)
-        return {**self.tool_delta(i, text), **end, "finish_reason": reason or end["finish_reason"]}
+            return delta_choice(self.kind, i, message["content"][self.said[i] :], end)
+        return {**self.reply_delta(i, text), **end, "finish_reason": reason or end["finish_reason"]}
 
-    def tool_delta(self, i: int, text: str) -> dict:
-        """A stream chunk's choice with what choice i's reply so far adds to its streamed calls: a new call's id and
-        name (OpenAI's first delta of a call), then its arguments' text as it grows."""
+    def reply_delta(self, i: int, text: str) -> dict:
+        """A stream chunk's choice with what choice i's reply so far adds: to its answer's text, or to its streamed
+        calls (a new call's id and name, OpenAI's first delta of a call, then its arguments' text as it grows)."""
+        answer = self.tools.answer(text)
+        if answer is not None:
+            new, self.said[i] = answer[self.said[i] :], len(answer)
+            return delta_choice(self.kind, i, new)
         deltas, sent = [], self.sent[i]
         for k, call in enumerate(self.tools.calls(text) or ()):
             if k == len(sent):

@@ -30,7 +30,7 @@ async def sse(
     kind = answer.kind
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
     texts = [TextStream(tokenizer, job.cfg.stop) for _ in job.prompts]
-    held = [""] * len(job.prompts)  # with tools, the reply's text so far (its calls stream as they come)
+    held = [""] * len(job.prompts)  # with tools, the reply's text so far (its answer or calls stream as they come)
     try:
         if kind == "chat.completion":
             for i in range(len(job.prompts)):
@@ -57,9 +57,9 @@ async def sse(
                 delta, logprobs = await detokenize(texts[i], tokens), answer.delta(i, tokens, entries)
                 if answer.tools is not None:
                     held[i], delta = held[i] + delta, ""
-                    calls = answer.tool_delta(i, held[i])
-                    if calls["delta"]:
-                        yield event(envelope(chunk_kind, rid, name, [calls]))
+                    said = answer.reply_delta(i, held[i])
+                    if said["delta"]:
+                        yield event(envelope(chunk_kind, rid, name, [said]))
                 if delta or logprobs:
                     yield event(envelope(chunk_kind, rid, name, [delta_choice(kind, i, delta, logprobs=logprobs)]))
                 continue

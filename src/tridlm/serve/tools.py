@@ -12,9 +12,10 @@ Each call is ``{"name": ..., "arguments": {...}}`` (compact JSON), in one of two
 
 The reply is constrained to its form (``tridlm.grammar``): to calls alone where ``tool_choice`` is ``required`` or
 names a function, to one call where it names one or ``parallel_tool_calls`` is false, and each call's arguments to its
-function's ``parameters`` schema; so every call parses and its arguments are valid. ``calls`` reads the calls from the
-reply's text as it grows (a stream sends each call's name, then its arguments as they come); each call's
-``arguments`` are the JSON text the model wrote. With ``tool_choice`` ``none`` the tools are not offered.
+function's ``parameters`` schema; so every call parses and its arguments are valid. ``calls`` and ``answer`` read the
+calls or the answer from the reply's text as it grows (a stream sends each call's name, then its arguments, or the
+answer's text, as they come); each call's ``arguments`` are the JSON text the model wrote. With ``tool_choice``
+``none`` the tools are not offered.
 """
 
 from __future__ import annotations
@@ -137,26 +138,40 @@ class ToolUse:
             at = end
         return out
 
+    def answer(self, text: str) -> str | None:
+        """The answer in a reply so far (under ``tool_choice`` auto), as far as it is written; None where the reply
+        calls tools or cannot be known yet not to."""
+        if self.tagged:
+            return None if text.startswith(TAG) or TAG.startswith(text) else text
+        opening = '{"' + RESPONSE + '": "'
+        return _string_so_far(text[len(opening) :]) if text.startswith(opening) else None
+
     def reply(self, text: str, finished: bool) -> tuple[dict, str | None]:
         """The assistant message (``content`` and ``tool_calls``) of a reply, and the finish reason it implies
-        (``tool_calls``; None: the row's own). A reply cut short (max_tokens, a stop string) is its text as content."""
+        (``tool_calls``; None: the row's own). A reply cut short (max_tokens, a stop string) is its answer so far as
+        content, or its text where it was a call."""
         calls = self.calls(text) if finished else None
         if calls and all(c.complete for c in calls):
             return {"content": None, "tool_calls": [wire(c, new_id()) for c in calls]}, "tool_calls"
-        return {"content": self._content(text) if finished else text, "tool_calls": None}, None
-
-    def _content(self, text: str) -> str:
-        """A finished reply's answer: in our form, the ``response`` (the text where a stop string cut it short)."""
-        if self.tagged:
-            return text
-        try:
-            return json.loads(text)[RESPONSE]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return text
+        answer = self.answer(text)
+        return {"content": text if answer is None else answer, "tool_calls": None}, None
 
 
 def _only(properties: dict) -> dict:
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+def _string_so_far(body: str) -> str:
+    """The text of a JSON string whose body (after its opening quote) is written up to here: up to its closing quote,
+    or to its last whole character (an escape cut short, or half of a surrogate pair, waits for the rest)."""
+    k = 0
+    while k < len(body) and body[k] != '"':
+        size = (6 if body[k + 1 : k + 2] == "u" else 2) if body[k] == "\\" else 1
+        if k + size > len(body):
+            break
+        k += size
+    text = json.loads(f'"{body[:k]}"')
+    return text[:-1] if text and "\ud800" <= text[-1] <= "\udbff" else text
 
 
 def _json_end(text: str, start: int) -> int | None:
