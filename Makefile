@@ -84,6 +84,7 @@ bench: setup $(LLAMACPP)
 	$(BIN)/python bench/auto_floor.py --out bench/results
 	$(BIN)/python bench/grammar_libs.py --out bench/results
 	$(BIN)/python bench/structured.py --out bench/results
+	$(BIN)/python bench/grammar_step.py --out bench/results
 
 # Task scores of every mode and precision (HumanEval 164, GSM8K 100; README "Task scores"; HumanEval runs the
 # model's code, in tridlm.measure.sandbox, hence --allow-code-execution): writes

@@ -150,7 +150,7 @@ class Constraint:
         """What the grammar allows next after each prefix of ``tokens`` (none of them committed), one entry per
         position: the mask, (V,) bool; or, given ``ranked`` (``ranked[j]``: a greedy choice's candidates at position
         j, the unmasked logits' best tokens, best first), the first of them the grammar allows where one is, the mask
-        not computed (a mask costs 20-170 us, most of it reading the tokenizer's trie back into a cache the forward
+        not computed (a mask costs 14-177 us, most of it reading the tokenizer's trie back into a cache the forward
         emptied; checking one token costs a few). None past the first token the grammar refuses, or past one that is
         not the greedy choice, or after EOS: a verify stops there."""
         out: list[np.ndarray | int | None] = [None] * (len(tokens) + 1)
