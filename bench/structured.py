@@ -212,13 +212,13 @@ def ask(http: httpx.Client, url: str, name: str, mode: str | None, key: str) -> 
     }
 
 
+COPIES = {1: 1, 8: 2}  # 1 client: the requests in turn; 8: ten at once
+
+
 def keys(mode: str | None, clients: int) -> list[str]:
     """A tenant (API key) per run and copy of the requests: no answer is verified from an earlier one's (tridlm keeps
     earlier answers per tenant as candidates), so each request is new to the server."""
     return [f"{mode}-{clients}-{copy}" for copy in range(COPIES[clients])]
-
-
-COPIES = {1: 1, 8: 2}  # 1 client: the requests in turn; 8: ten at once
 
 
 def through(url: str, mode: str | None, clients: int) -> dict:

@@ -40,12 +40,9 @@ def diffusion(
             probs = unmasking_distribution(sampler, logits, model.cfg.mask_id)
             state.count_forward()
             pred = sampler.pick(probs, generator)  # (B, n): logit i predicts token i, no shift
-            if state.constraints is not None:  # only what the grammar accepts, in order
-                state.restrict_block(masked, logits, probs, pred, sampler, generator)
+            state.restrict_block(masked, logits, probs, pred, sampler, generator)  # under a grammar: what it accepts
             conf = probs.gather(-1, pred[..., None])[..., 0]
-            chosen = masked if step == max_steps - 1 else select(conf, masked)
-            if state.constraints is not None:
-                chosen = state.in_order(chosen, masked)
+            chosen = state.in_order(masked if step == max_steps - 1 else select(conf, masked), masked)  # and in order
             block = torch.where(chosen, pred, block)
             if cfg.logprobs is not None:
                 by = torch.where(chosen[..., None], logits, logits if by is None else by)

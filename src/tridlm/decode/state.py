@@ -157,21 +157,21 @@ class DecodeState:
             drafts[i], q[i], _ = self.constraints[i].pick(q[i], lambda p: sampler.pick(p, generator))
 
     def restrict_block(self, masked, logits, probs, pred, sampler, generator) -> None:
-        """Diffusion under a grammar, in place: each constrained row's predictions (``pred``) from its first masked
-        slot on (all later ones are masked: it commits in order, ``in_order``) drawn one after another from their
-        distributions restricted to what the grammar allows after the ones before (``probs`` becomes those
-        distributions, so a token the grammar forces has confidence 1; ``logits`` are masked likewise)."""
+        """Diffusion under a grammar (nothing without one), in place: each constrained row's predictions (``pred``)
+        from its first masked slot on (all later ones are masked: it commits in order, ``in_order``) drawn one after
+        another from their distributions restricted to what the grammar allows after the ones before (``probs``
+        becomes those distributions, so a token the grammar forces has confidence 1; ``logits`` are masked likewise)."""
         for i in self._constrained():
             if masked[i].any():
                 p = int(masked[i].long().argmax())
                 pred[i, p:], probs[i, p:], allowed = self.constraints[i].pick(
                     probs[i, p:], lambda q: sampler.pick(q, generator)
                 )
-                logits[i, p:] = logits[i, p:].masked_fill(~allowed, float("-inf"))
+                logits[i, p:] = logits[i, p:].masked_fill(~allowed, -math.inf)
 
     def in_order(self, chosen: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Diffusion under a grammar: each constrained row's chosen slots (B, n) cut to a run from its first masked
-        slot, which is always taken (a grammar checks tokens in order)."""
+        slot, which is always taken (a grammar checks tokens in order); unchanged without one."""
         rows = self._constrained()
         if not rows:
             return chosen
