@@ -50,8 +50,9 @@ quick: setup
 	$(BIN)/python -m pytest -q -m "not slow and not server and not ddp"
 
 # llama.cpp for the bench's baseline: llama-cpp-python builds it from source (about 10 minutes on 2 cores).
+# Built in an isolated environment of its own (its build backend, scikit-build-core, is not in .venv).
 $(LLAMACPP): $(STAMP)
-	$(PIP) install -c constraints.txt --no-build-isolation -e '.[llamacpp]'
+	$(PIP) install -c constraints.txt llama-cpp-python
 	touch $(LLAMACPP)
 
 # The standard suite on 2 CPU cores (float32, where spec == AR exactly), beside transformers and llama.cpp;

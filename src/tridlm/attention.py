@@ -87,16 +87,24 @@ def _in_place(
 
 
 def attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, row_exact: bool, bias=None
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    row_exact: bool,
+    bias=None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """q (B, n, H, D) over keys, values (B, KV, P + n, D) under mask (B, 1, n, P + n) -> (B, n, H * D).
-    ``bias``: a callable giving ``attention_bias`` for the torch row-exact path (built once per forward)."""
+    """q (B, n, H, D) over keys, values (B, KV, P + n, D) under mask (B, 1, n, P + n) -> (B, n, H * D) in ``dtype``
+    (default: q's). ``bias``: a callable giving ``attention_bias`` for the torch row-exact path (built once per
+    forward)."""
     B, n = q.shape[:2]
+    dtype = dtype or q.dtype
     if row_exact:
-        o = kernels.attend(q, keys, values, mask[:, 0])
-        return o if o is not None else row_exact_attention(q, keys, values, bias())
+        o = kernels.attend(q, keys, values, mask[:, 0], dtype)
+        return o if o is not None else row_exact_attention(q, keys, values, bias()).to(dtype)
     with sdpa_kernel(SDPA_BACKENDS):
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=True
         )
-    return o.transpose(1, 2).reshape(B, n, -1)
+    return o.transpose(1, 2).reshape(B, n, -1).to(dtype)

@@ -77,11 +77,11 @@ def load_model(
         module_name, _, attr = ours.rpartition(".")
         module = model.get_submodule(module_name)
         if precision is not None and ours == "encoder.embed_tokens.weight" and tensor.shape[1] % quant.GROUP == 0:
-            model.encoder.embed_tokens = projection.packed_embedding(tensor.to(dtype))
+            model.encoder.embed_tokens = projection.packed_embedding(tensor)  # from the file's values
             del tensor
             quant.release_free_memory()
         elif precision is not None and isinstance(module, Linear) and attr == "weight":
-            module.pack(projection.packed(module_name, tensor.to(dtype), precision))
+            module.pack(projection.packed(module_name, tensor, precision))
             del tensor
             quant.release_free_memory()  # the float copy and the packing's temporaries, before the next tensor
         else:

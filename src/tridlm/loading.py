@@ -21,8 +21,8 @@ DTYPE_CHOICES = (*DTYPES, *quant.WEIGHT_PRECISIONS, "auto")
 
 
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """The float dtype of a precision name: activations and unquantized weights (bfloat16 for the int8 and
-    int4 weight precisions); "auto" is bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    """The float dtype of a precision name: activations and unquantized weights (``quant.ACTIVATIONS`` for the
+    int8 and int4 weight precisions); "auto" is bfloat16 on CUDA and on CPUs with native bf16, else float32."""
     if name == "auto":
         return fast_dtype(device)
     if name in quant.WEIGHT_PRECISIONS:

@@ -19,6 +19,7 @@ from tridlm import attention, kernels, rope
 from tridlm.cache import KVCache
 from tridlm.native import NativeLayers
 from tridlm.projection import Adapters, Linear, LoraGroup, project
+from tridlm.quant import KEYS_VALUES
 from tridlm.rope import RopeConfig
 
 
@@ -75,6 +76,7 @@ class Pass:
     plan: attention.Plan = attention.Plan()  # how the layers attend (``attention.plan``)
     heads: tuple[int, int] = (1, 1)  # key/value heads, and query heads per key/value head
     padding: torch.Tensor | None = None  # (B, n) current tokens that only make the rows equally long
+    kv_dtype: torch.dtype | None = None  # queries, keys and values attend in it (the cache's); None: the activations'
 
     @functools.cached_property
     def bias(self) -> torch.Tensor:
@@ -110,11 +112,15 @@ class Attention(nn.Module):
         k = k.reshape(B, n, self.n_kv_heads, self.head_dim)  # (B, n, KV, D)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, p.cos, p.sin), rope.apply(k, p.cos, p.sin)
-        if p.q_scale is not None:
-            q = q * p.q_scale
+        # queries, keys and values in the dtype the cache keeps, cached or not (cached == uncached)
+        kv = p.kv_dtype or x.dtype
+        if p.q_scale is None:
+            q = rope.apply(q, p.cos, p.sin, kv)
+        else:
+            q = (rope.apply(q, p.cos, p.sin) * p.q_scale).to(kv)
+        k, v = rope.apply(k, p.cos, p.sin, kv), v.to(kv)
         keys, values = self.keys_values(k.transpose(1, 2), v.reshape(B, n, self.n_kv_heads, -1).transpose(1, 2), p)
-        o = attention.attend(q, keys, values, p.mask, p.plan.row_exact, lambda: p.bias).to(x.dtype)  # (B, n, H * D)
+        o = attention.attend(q, keys, values, p.mask, p.plan.row_exact, lambda: p.bias, x.dtype)  # (B, n, H * D)
         return project(o, (self.o_proj,), None, self.o_lora, p.adapter)[0]
 
     def keys_values(self, k: torch.Tensor, v: torch.Tensor, p: Pass) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,10 +209,16 @@ class TriModel(nn.Module):
         """The activations' dtype (that of the float weights; low-bit layers and tables run in it too)."""
         return self.encoder.norm.weight.dtype
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """What keys and values are kept and attended in: ``quant.KEYS_VALUES`` where the weights are low-bit,
+        else the activations' dtype."""
+        return KEYS_VALUES if self.diffusion_head.packed is not None else self.dtype
+
     def new_cache(self, batch: int, max_len: int, static: bool = False) -> KVCache:
         c = self.cfg
         return KVCache(
-            c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=self.dtype, device=self.device, static=static
+            c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=self.kv_dtype, device=self.device, static=static
         )
 
     def forward(
@@ -256,6 +268,7 @@ class TriModel(nn.Module):
             attention.plan(cache, positions, mask.shape[-1] - tokens.shape[1], write, key_slots),
             (self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads),
             padding,
+            self.kv_dtype,
         )
         return self._head(self._layers(x, p), adapter, logits_index, padding)
 

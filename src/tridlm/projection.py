@@ -174,12 +174,11 @@ def fuse_packed(model) -> None:
 
 
 def quantize(model, precision: str) -> None:
-    """Give every projection and the output head of a bfloat16 ``model`` ``precision`` weights (in place),
-    except those already packed, and its embedding a Q8_0 table (shared with the head where the model ties them)."""
+    """Give every projection and the output head of a float ``model`` ``precision`` weights (in place), packed
+    from their own values, except those already packed, and its embedding a Q8_0 table (shared with the head where
+    the model ties them); what stays float (norms, biases, adapters) then computes in ``ACTIVATIONS``."""
     if precision not in WEIGHT_PRECISIONS:
         raise ValueError(f"invalid weight precision {precision!r}: expected one of {', '.join(WEIGHT_PRECISIONS)}")
-    if model.dtype != ACTIVATIONS:
-        raise ValueError(f"{precision} weights run with {ACTIVATIONS} activations; cast the model first")
     embedding = model.encoder.embed_tokens
     if isinstance(embedding, nn.Embedding) and embedding.weight.shape[1] % GROUP == 0:
         model.encoder.embed_tokens = packed_embedding(embedding.weight)
@@ -188,6 +187,7 @@ def quantize(model, precision: str) -> None:
         if isinstance(module, Linear) and module.packed is None:
             module.pack(packed(name, module.weight, precision))
     fuse_packed(model)
+    model.to(ACTIVATIONS)
 
 
 def packed(name: str, weight: torch.Tensor, precision: str) -> Int4Weight | Q8Table | Int8Weight:
@@ -199,7 +199,7 @@ def packed(name: str, weight: torch.Tensor, precision: str) -> Int4Weight | Q8Ta
 
 
 def packed_embedding(weight: torch.Tensor) -> Q8Embedding:
-    """A float embedding table as Q8_0 rows (half a bfloat16 table's bytes), looked up in the activations' dtype."""
+    """A float embedding table as Q8_0 rows (half a bfloat16 table's bytes), looked up in ``ACTIVATIONS``."""
     return Q8Embedding(Q8Table.from_float(weight), ACTIVATIONS)
 
 

@@ -22,7 +22,13 @@ from tridlm import kernels
 WEIGHT_PRECISIONS = ("int8", "int4")
 GROUP = 32  # int4 group size: GGUF's Q4_1 block
 LANES = 16  # output channels per tile of the int4 kernel's layout
-ACTIVATIONS = torch.bfloat16  # torch's CPU int4/int8 kernels are fast in bfloat16 only (10x slower in float32)
+# What a model with low-bit weights computes in, as llama.cpp does: activations, norms and the residual stream in
+# float32, keys and values (the cache, the queries that read it) in float16; the weights' rounding is then the only
+# one that matters (docs/measurements.md, "Activations of low-bit models": bfloat16 activations were a third less
+# faithful to the float32 model than llama.cpp on the same file).
+ACTIVATIONS = torch.float32
+KEYS_VALUES = torch.float16
+TORCH_KERNELS = torch.bfloat16  # where our kernels cannot be built: torch's int4/int8 kernels are fast in it only
 
 
 class Int8Weight:
@@ -78,7 +84,7 @@ class Int8Weight:
         if y is None:
             if not hasattr(self, "q"):
                 self.q = self.unpack().contiguous()
-            y = torch.ops.aten._weight_int8pack_mm(rows.to(ACTIVATIONS), self.q, self.scale.to(ACTIVATIONS))
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(TORCH_KERNELS), self.q, self.scale.to(TORCH_KERNELS))
             y = y.to(rows.dtype)
         return y[:, : self.shape[0]].reshape(*x.shape[:-1], -1)
 
@@ -176,13 +182,13 @@ class Int4Weight:
 
     def _torch_int4(self, rows: torch.Tensor) -> torch.Tensor:
         """torch's packed int4 kernel on the same codes, packed on first use; torch computes
-        (q - 8) * scale + zero, so zero = m + 8 d, laid out (K / 32, N, 2) in the activations' dtype."""
+        (q - 8) * scale + zero, so zero = m + 8 d, laid out (K / 32, N, 2) in ``TORCH_KERNELS``."""
         if not hasattr(self, "_torch_packed"):
             q, d, m = self.unpack()
             self._torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            self._torch_scales = torch.stack([d.T, (m + 8 * d).T], dim=-1).to(ACTIVATIONS).contiguous()
+            self._torch_scales = torch.stack([d.T, (m + 8 * d).T], dim=-1).to(TORCH_KERNELS).contiguous()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            rows.to(ACTIVATIONS), self._torch_packed, GROUP, self._torch_scales
+            rows.to(TORCH_KERNELS), self._torch_packed, GROUP, self._torch_scales
         ).to(rows.dtype)
 
 
@@ -259,8 +265,8 @@ class Q8Table:
         y = kernels.int8_linear(rows, self.codes, self.scales)
         if y is None:
             if not hasattr(self, "_dense"):
-                self._dense = self.dequantize().to(ACTIVATIONS)
-            y = F.linear(rows.to(ACTIVATIONS), self._dense).to(rows.dtype)
+                self._dense = self.dequantize().to(TORCH_KERNELS)
+            y = F.linear(rows.to(TORCH_KERNELS), self._dense).to(rows.dtype)
         return y[:, : self.shape[0]].reshape(*x.shape[:-1], -1)
 
 

@@ -87,11 +87,14 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: f
     return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
-def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rotate (B, n, heads, D) by the half-split convention of Hugging Face Llama weights: x * cos +
-    [-x2, x1] * sin, where ``sin`` comes signed from ``cos_sin``, so [x2, x1] is one ``roll``."""
-    fused = kernels.rope(x, cos, sin)
-    return fused if fused is not None else x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    [-x2, x1] * sin, where ``sin`` comes signed from ``cos_sin``, so [x2, x1] is one ``roll``; the result in
+    ``dtype`` (default: x's)."""
+    fused = kernels.rope(x, cos, sin, dtype)
+    if fused is not None:
+        return fused
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(dtype or x.dtype)
 
 
 def query_scale(positions: torch.Tensor, rope: RopeConfig, dtype: torch.dtype) -> torch.Tensor | None:

@@ -172,17 +172,20 @@ def _usable(*tensors: torch.Tensor):
     return _module()
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
     """softmax(q k^T / sqrt(D) over allowed keys) v (zeros for a row that may attend to no key), or None
     where the kernel does not apply (see the module's docstring; also a head size it is not compiled for).
 
-    q (B, n, H, D); k, v (B, KV, P, D) with contiguous rows; mask (B, n, P) bool -> (B, n, H * D).
+    q (B, n, H, D); k, v (B, KV, P, D) with contiguous rows, all of one dtype; mask (B, n, P) bool -> (B, n, H * D)
+    in ``dtype``: q's (None) or float32.
     """
     B, n, H, D = q.shape
     module = _usable(q, k, v)
-    if module is None or D not in HEAD_SIZES:
+    if module is None or D not in HEAD_SIZES or dtype not in (None, q.dtype, torch.float32):
         return None
-    return module.attend(q, k, v, mask.contiguous(), D**-0.5).view(B, n, H * D)
+    return module.attend(q, k, v, mask.contiguous(), D**-0.5, dtype == torch.float32).view(B, n, H * D)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -202,12 +205,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     return module.silu_mul(gate, up)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-    """``tridlm.rope.apply``: x (B, n, heads, D), cos and signed sin (B, n, 1, D)."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """``tridlm.rope.apply``: x (B, n, heads, D), cos and signed sin (B, n, 1, D); the result in ``dtype`` (default:
+    x's), rounded once."""
     module = _usable(x)
     if module is None or x.shape[-1] % 32 or x.stride(-1) != 1 or cos.dtype != x.dtype:
         return None
-    return module.rope(x, cos, sin)
+    return module.rope(x, cos, sin, dtype)
 
 
 class Adapter(NamedTuple):

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <optional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -68,21 +70,34 @@ inline void store(c10::BFloat16* p, vf x) {  // round to nearest even
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
 #endif
 }
-inline void store(c10::Half* p, vf x) {
+inline void store(c10::Half* p, vf x) {  // round to nearest even, as c10::Half's conversion does
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(bits<__m512>(x), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
+  __m256 half[2];
+  std::memcpy(half, &x, sizeof x);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(half[0], _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(half[1], _MM_FROUND_TO_NEAREST_INT));
+#else
   float f[W];
   store(f, x);
   for (int64_t l = 0; l < W; ++l) p[l] = static_cast<c10::Half>(f[l]);
+#endif
 }
 
-// Calls fn(T{}) with T the tensor's element type: float32, bfloat16 or float16.
+// Calls fn(T{}) with T the element type: float32, bfloat16 or float16.
 template <typename Fn>
-void dispatch(const torch::Tensor& t, const char* name, Fn fn) {
-  switch (t.scalar_type()) {
+void dispatch(at::ScalarType type, const char* name, Fn fn) {
+  switch (type) {
     case torch::kFloat: fn(float{}); break;
     case torch::kBFloat16: fn(c10::BFloat16{}); break;
     case torch::kHalf: fn(c10::Half{}); break;
-    default: TORCH_CHECK(false, name, ": float32, bfloat16 or float16 only, not ", t.scalar_type());
+    default: TORCH_CHECK(false, name, ": float32, bfloat16 or float16 only, not ", type);
   }
+}
+template <typename Fn>
+void dispatch(const torch::Tensor& t, const char* name, Fn fn) {
+  dispatch(t.scalar_type(), name, fn);
 }
 
 // exp(x) for x <= 0, lane by lane (Cephes' single-precision polynomial, about 1 ulp).
@@ -110,8 +125,8 @@ struct Strides {
 // lanes, a template parameter so that a query head and its output stay in registers.
 // tokens: where the queries are a chosen few of the B * n (ascending indices b * n + i), q holds those rows only
 // (query r at q + r * qs.j) and so does the output; nullptr: all of them.
-template <typename T, int64_t C>
-void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, int64_t B, int64_t n, int64_t H,
+template <typename T, typename O, int64_t C>
+void attend_rows(const T* q, const T* k, const T* v, const bool* mask, O* out, int64_t B, int64_t n, int64_t H,
                  int64_t KV, int64_t P, Strides qs, Strides ks, Strides vs, Strides ms, float scale,
                  const int64_t* tokens, int64_t queries) {
   constexpr int64_t GROUP = 4;  // query heads that share each key and value load
@@ -180,7 +195,7 @@ void attend_rows(const T* q, const T* k, const T* v, const bool* mask, T* out, i
             for (int64_t c = 0; c < C; ++c) acc[g][c] += w[g][j] * value[c];
         }
         for (int64_t g = 0; g < heads; ++g) {
-          T* orow = out + (r * H + kv * G + g0 + g) * C * W;
+          O* orow = out + (r * H + kv * G + g0 + g) * C * W;
           for (int64_t c = 0; c < C; ++c) store(orow + c * W, acc[g][c] / total[g]);
         }
       }
@@ -344,10 +359,11 @@ void int8_tile(const uint8_t* codes, const S* scales, const QuantizedRows& x, in
 }  // namespace
 
 // q (B, n, H, D); k, v (B, KV, P, D), each with its last dimension contiguous; mask (B, n, P) bool, true where
-// a query may attend -> (B, n, H, D) in q's dtype; a row with no allowed key gets zeros. With ``tokens`` (int64
-// indices b * n + i, ascending, non-empty), q is (1, T, H, D): those T queries only, and so is the result.
+// a query may attend -> (B, n, H, D) in q's dtype or float32 (``to_float``); a row with no allowed key gets zeros.
+// With ``tokens`` (int64 indices b * n + i, ascending, non-empty), q is (1, T, H, D): those T queries only, and so
+// is the result.
 torch::Tensor attend_tokens(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale,
-                            const torch::Tensor& tokens) {
+                            const torch::Tensor& tokens, bool to_float) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 3, "attend: bad ranks");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && mask.device().is_cpu(),
               "attend: CPU tensors only");
@@ -363,20 +379,26 @@ torch::Tensor attend_tokens(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
               "attend: shapes disagree");
   TORCH_CHECK(!chosen || tokens.scalar_type() == torch::kLong, "attend: tokens must be int64");
   TORCH_CHECK(D == 64 || D == 128 || D == 256, "attend: head sizes 64, 128 and 256 only, not ", D);
-  auto out = torch::zeros(q.sizes(), q.options());
+  auto out = torch::zeros(q.sizes(), q.options().dtype(to_float ? torch::kFloat : q.scalar_type()));
   dispatch(q, "attend", [&](auto zero) {
     using T = decltype(zero);
-    auto rows = D == 64 ? attend_rows<T, 4> : D == 128 ? attend_rows<T, 8> : attend_rows<T, 16>;
-    rows(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), mask.data_ptr<bool>(), out.data_ptr<T>(), B, n, H, KV, P,
-         {q.stride(0), q.stride(2), q.stride(1)}, {k.stride(0), k.stride(1), k.stride(2)},
-         {v.stride(0), v.stride(1), v.stride(2)}, {mask.stride(0), 0, mask.stride(1)}, static_cast<float>(scale),
-         chosen ? tokens.data_ptr<int64_t>() : nullptr, queries);
+    auto run = [&](auto* o) {
+      using O = std::remove_pointer_t<decltype(o)>;
+      auto rows = D == 64 ? attend_rows<T, O, 4> : D == 128 ? attend_rows<T, O, 8> : attend_rows<T, O, 16>;
+      rows(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), mask.data_ptr<bool>(), o, B, n, H, KV, P,
+           {q.stride(0), q.stride(2), q.stride(1)}, {k.stride(0), k.stride(1), k.stride(2)},
+           {v.stride(0), v.stride(1), v.stride(2)}, {mask.stride(0), 0, mask.stride(1)}, static_cast<float>(scale),
+           chosen ? tokens.data_ptr<int64_t>() : nullptr, queries);
+    };
+    if (to_float) run(out.data_ptr<float>());
+    else run(out.data_ptr<T>());
   });
   return out;
 }
 
-torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
-  return attend_tokens(q, k, v, mask, scale, torch::empty({0}, torch::kLong));
+torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale,
+                     bool to_float) {
+  return attend_tokens(q, k, v, mask, scale, torch::empty({0}, torch::kLong), to_float);
 }
 
 // x (..., dim) with contiguous rows, weight (dim,) -> weight * (x / sqrt(mean(x^2) + eps)), the normalized x
@@ -415,30 +437,33 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 }
 
 // x (B, n, heads, D) with contiguous rows; cos, sin (B, n, 1, D), sin signed as rope.cos_sin makes it
-// -> x * cos + [x2, x1] * sin, contiguous (B, n, heads, D).
-torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+// -> x * cos + [x2, x1] * sin, contiguous (B, n, heads, D), in ``dtype`` (default: x's), rounded once.
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::optional<at::ScalarType> dtype) {
   TORCH_CHECK(x.dim() == 4 && cos.dim() == 4 && x.stride(3) == 1, "rope: bad ranks or strides");
   const int64_t B = x.size(0), n = x.size(1), heads = x.size(2), D = x.size(3), half = D / 2;
   TORCH_CHECK(half % W == 0, "rope: the head size must be a multiple of 32");
   TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "rope: mixed dtypes");
   cos = cos.expand({B, n, 1, D}).contiguous();
   sin = sin.expand({B, n, 1, D}).contiguous();
-  auto out = torch::empty({B, n, heads, D}, x.options());
+  auto out = torch::empty({B, n, heads, D}, x.options().dtype(dtype.value_or(x.scalar_type())));
   dispatch(x, "rope", [&](auto zero) {
     using T = decltype(zero);
-    const T* src = x.data_ptr<T>();
-    T* dst = out.data_ptr<T>();
-    at::parallel_for(0, B * n * heads, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / (n * heads), i = r / heads % n, h = r % heads;
-        const T* xr = src + b * x.stride(0) + i * x.stride(1) + h * x.stride(2);
-        const T* cr = cos.data_ptr<T>() + (b * n + i) * D;
-        const T* sr = sin.data_ptr<T>() + (b * n + i) * D;
-        for (int64_t c = 0; c < D; c += W) {
-          const int64_t partner = (c + half) % D;
-          store(dst + r * D + c, load(xr + c) * load(cr + c) + load(xr + partner) * load(sr + c));
+    dispatch(out, "rope", [&](auto out_zero) {
+      using O = decltype(out_zero);
+      const T* src = x.data_ptr<T>();
+      O* dst = out.data_ptr<O>();
+      at::parallel_for(0, B * n * heads, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / (n * heads), i = r / heads % n, h = r % heads;
+          const T* xr = src + b * x.stride(0) + i * x.stride(1) + h * x.stride(2);
+          const T* cr = cos.data_ptr<T>() + (b * n + i) * D;
+          const T* sr = sin.data_ptr<T>() + (b * n + i) * D;
+          for (int64_t c = 0; c < D; c += W) {
+            const int64_t partner = (c + half) % D;
+            store(dst + r * D + c, load(xr + c) * load(cr + c) + load(xr + partner) * load(sr + c));
+          }
         }
-      }
+      });
     });
   });
   return out;
@@ -628,16 +653,30 @@ std::vector<torch::Tensor> repack_q4_1(torch::Tensor blocks, int64_t n, int64_t 
 }
 
 // Copy the current tokens' keys or values, x (B, n, KV, D) with the last dimension contiguous, into one layer's cache
-// buffer (B, KV, S, D): token i of row b to slot slots[b, i], or prefix + i where slots is empty. With ``tokens``
-// (indices b * n + i of the full n), x is (1, T, KV, D): those tokens only.
+// buffer (B, KV, S, D), in its dtype: token i of row b to slot slots[b, i], or prefix + i where slots is empty. With
+// ``tokens`` (indices b * n + i of the full n), x is (1, T, KV, D): those tokens only.
 void store_slots(const torch::Tensor& x, torch::Tensor cache, const torch::Tensor& slots, int64_t prefix,
                  const torch::Tensor& tokens, int64_t n_full) {
-  const int64_t B = x.size(0), n = x.size(1), KV = x.size(2), D = x.size(3), bytes = D * x.element_size();
-  TORCH_CHECK(x.scalar_type() == cache.scalar_type() && x.stride(3) == 1 && cache.stride(3) == 1,
-              "decode_layers: the cache's dtype or layout disagrees");
+  const int64_t B = x.size(0), n = x.size(1), KV = x.size(2), D = x.size(3);
+  TORCH_CHECK(x.stride(3) == 1 && cache.stride(3) == 1 && D % W == 0, "decode_layers: the cache's layout disagrees");
+  // one row of D elements, converted to the cache's dtype where it has another (rounded to nearest even)
+  std::function<void(char*, const char*)> copy_row = [&](char* to, const char* from) {
+    std::memcpy(to, from, D * x.element_size());
+  };
+  if (x.scalar_type() != cache.scalar_type())
+    dispatch(x, "decode_layers", [&](auto zero) {
+      dispatch(cache, "decode_layers", [&](auto cache_zero) {
+        using T = decltype(zero);
+        using C = decltype(cache_zero);
+        copy_row = [D](char* to, const char* from) {
+          for (int64_t c = 0; c < D; c += W)
+            store(reinterpret_cast<C*>(to) + c, load(reinterpret_cast<const T*>(from) + c));
+        };
+      });
+    });
   const auto* src = static_cast<const char*>(x.data_ptr());
   auto* dst = static_cast<char*>(cache.data_ptr());
-  const int64_t e = x.element_size();
+  const int64_t e = x.element_size(), ce = cache.element_size();
   for (int64_t bb = 0; bb < B; ++bb)
     for (int64_t ii = 0; ii < n; ++ii) {
       const int64_t token = tokens.numel() ? tokens.data_ptr<int64_t>()[ii] : bb * n_full + ii;
@@ -645,8 +684,8 @@ void store_slots(const torch::Tensor& x, torch::Tensor cache, const torch::Tenso
       const int64_t slot = slots.numel() ? slots.data_ptr<int64_t>()[token] : prefix + i;
       TORCH_CHECK(0 <= slot && slot < cache.size(2), "decode_layers: cache slot out of range");
       for (int64_t h = 0; h < KV; ++h)
-        std::memcpy(dst + (b * cache.stride(0) + h * cache.stride(1) + slot * cache.stride(2)) * e,
-                    src + (bb * x.stride(0) + ii * x.stride(1) + h * x.stride(2)) * e, bytes);
+        copy_row(dst + (b * cache.stride(0) + h * cache.stride(1) + slot * cache.stride(2)) * ce,
+                 src + (bb * x.stride(0) + ii * x.stride(1) + h * x.stride(2)) * e);
     }
 }
 
@@ -656,8 +695,8 @@ void store_slots(const torch::Tensor& x, torch::Tensor cache, const torch::Tenso
 // q/k/v codes and scales, the o codes and scales, the post-attention norm, the fused gate/up codes and scales, the
 // down codes and scales (10 tensors); adapters: none, or per layer the kernel form (a, bt, spans) of the q/k/v, o,
 // gate/up and down adapters (12 tensors, an empty a where a projection has none), applied to the token rows ``rows``
-// (B * n bools, or empty for all); kc, vc (layers, B, KV, S, D) the cache buffers, the current keys and values
-// stored at slots (B, n) int64, or at prefix + i where slots is empty, then attended in place over the first
+// (B * n bools, or empty for all); kc, vc (layers, B, KV, S, D) the cache buffers, in the dtype queries, keys and
+// values attend in (the model's ``kv_dtype``), the current keys and values stored at slots (B, n) int64, or at prefix + i where slots is empty, then attended in place over the first
 // prefix + n slots; cos, sin (B, n, 1, D); mask (B, n, prefix + n) bool. tokens: the indices among the B * n
 // tokens of those to compute (int64, ascending; empty: all): the others are padding, which no token attends to;
 // their rows of the result are x's, and their cache slots are left alone. Every kernel
@@ -695,12 +734,15 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* w = weights.data() + 10 * l;
     auto qkv = linear(rms_norm(x, w[0], eps), dim, l, 0).view({Bq, nq, -1});
-    auto q = rope(qkv.narrow(2, 0, heads * D).view({Bq, nq, heads, D}), cos, sin);
-    auto k = rope(qkv.narrow(2, heads * D, KV * D).view({Bq, nq, KV, D}), cos, sin);
+    // queries and keys rotated into the cache's dtype, values converted as they are stored; the attention's output
+    // in the activations' dtype where that is float32 (else the cache's, as the modules' path has it)
+    auto q = rope(qkv.narrow(2, 0, heads * D).view({Bq, nq, heads, D}), cos, sin, kc.scalar_type());
+    auto k = rope(qkv.narrow(2, heads * D, KV * D).view({Bq, nq, KV, D}), cos, sin, kc.scalar_type());
     auto v = qkv.narrow(2, (heads + KV) * D, KV * D).view({Bq, nq, KV, D});
     store_slots(k, kc[l], slots, prefix, tokens, n);
     store_slots(v, vc[l], slots, prefix, tokens, n);
-    auto o = attend_tokens(q, kc[l].narrow(2, 0, prefix + n), vc[l].narrow(2, 0, prefix + n), mask, scale, tokens);
+    auto o = attend_tokens(q, kc[l].narrow(2, 0, prefix + n), vc[l].narrow(2, 0, prefix + n), mask, scale, tokens,
+                           x.scalar_type() == torch::kFloat);
     x = x + linear(o, heads * D, l, 1).narrow(1, 0, dim);
     auto gate_up = linear(rms_norm(x, w[5], eps), dim, l, 2);
     auto hidden = silu_mul(gate_up.narrow(1, 0, F), gate_up.narrow(1, F, F));
