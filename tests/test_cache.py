@@ -1,7 +1,9 @@
+import copy
+
 import pytest
 import torch
 
-from tridlm import masks
+from tridlm import masks, projection
 from tridlm.decode.forward import forward_block, prefill
 
 
@@ -11,9 +13,22 @@ def full_forward(model, seq: list[int]) -> torch.Tensor:
     return model(x, torch.arange(len(seq))[None], masks.causal(torch.zeros(1, dtype=torch.long), len(seq), 0))[0]
 
 
+@pytest.fixture(scope="module")
+def int4_model(tiny_model):
+    """The tiny model with int4 weights: float32 activations, keys and values kept in float16."""
+    model = copy.deepcopy(tiny_model)
+    projection.quantize(model, "int4")
+    assert model.dtype == torch.float32 and model.new_cache(1, 8).k.dtype == torch.float16
+    return model
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("step", [1, 3])
-def test_cached_equals_uncached_ragged_batch(tiny_model, prompts, step):
+@pytest.mark.parametrize("weights", ["float32", "int4"])
+def test_cached_equals_uncached_ragged_batch(tiny_model, int4_model, prompts, step, weights):
+    """Also where the cache keeps keys and values in another dtype than the activations (int4): the uncached
+    forward rounds them as the cache does."""
+    tiny_model = int4_model if weights == "int4" else tiny_model
     g = torch.Generator().manual_seed(1)
     conts = [torch.randint(4, 64, (9,), generator=g).tolist() for _ in prompts]
     cache, last = prefill(tiny_model, prompts, max_len=64)

@@ -56,6 +56,23 @@ def test_attend_row_is_independent_of_other_rows_and_trailing_keys(dtype):
         assert torch.equal(kernels.attend(q[b : b + 1], k[b : b + 1], v[b : b + 1], mask[b : b + 1]), both[b : b + 1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.inference_mode()
+def test_attention_in_float32_is_its_output_before_rounding_and_rope_rounds_once(dtype):
+    """What a low-bit model does (queries, keys and values in the cache's dtype, activations in float32): the
+    attention's float32 output is the same row's output before its rounding to the inputs' dtype, and rope into
+    another dtype is rope in float32 rounded once."""
+    q, k, v, mask = _inputs(dtype)
+    wide = kernels.attend(q, k, v, mask, torch.float32)
+    assert wide.dtype == torch.float32 and torch.equal(wide.to(dtype), kernels.attend(q, k, v, mask))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 9, 64, generator=gen)
+    inv_freq, factor = rope.inv_freq_and_attention_factor(rope.RopeConfig(), 64)
+    cos, sin = rope.cos_sin(torch.arange(6).view(2, 3) * 31, inv_freq, factor, torch.float32)
+    rounded = kernels.rope(x, cos, sin, dtype)
+    assert rounded.dtype == dtype and torch.equal(rounded, kernels.rope(x, cos, sin).to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
 def test_rms_norm_and_rope_match_their_torch_forms(dtype, monkeypatch):
