@@ -1,10 +1,11 @@
 """Our tri-mode GGUF export read by an independent engine, llama.cpp (llama-cpp-python), beside tridlm.
 
-    .venv/bin/python bench/gguf_interop.py [--tokens 40] [--out bench/results]
+    .venv/bin/python bench/gguf_interop.py [--tokens 64] [--code 36] [--out bench/results]
 
-Agreement: the float32 model's greedy answers (``--tokens`` each) to 24 held-out requests (the 12 packaged chat
-prompts and the first 12 HumanEval problems) are fed back teacher-forced, and at each answer position the top-1 next
-token of each engine is compared: tridlm int4 vs float32, llama.cpp vs float32, tridlm vs llama.cpp, on
+Agreement (faithfulness): the float32 model's greedy answers (``--tokens`` each) to held-out requests (the 12
+packaged chat prompts and the first ``--code`` HumanEval problems) are fed back teacher-forced, and at each answer
+position the top-1 next token of each engine is compared (tridlm int4 vs float32, llama.cpp vs float32, tridlm vs
+llama.cpp), and each engine's KL divergence from the float32 model's distribution, on
 
 - ``original``: the default model's GGUF file as llama.cpp's tools wrote it;
 - ``export``: ``tridlm convert default OUT.gguf --dtype int4`` (its Q4_1 codes and Q8_0 table kept);
@@ -38,16 +39,25 @@ from tridlm.presets import preset, random_model
 from tridlm.rope import RopeConfig
 
 
-def requests(tok) -> list[list[int]]:
+def requests(tok, code: int) -> list[list[int]]:
+    """The 12 packaged chat prompts and the first ``code`` HumanEval problems."""
     chat = harness.load_prompts(None, tok)
-    code = [tok.encode_chat([{"role": "user", "content": p.request}]) for p in evaluate.TASKS["humaneval"]().problems()]
-    return chat[:12] + code[:12]
+    problems = evaluate.TASKS["humaneval"]().problems()[:code]
+    return chat[:12] + [tok.encode_chat([{"role": "user", "content": p.request}]) for p in problems]
 
 
-def tridlm_top1(model, prompts, answers) -> np.ndarray:
-    return np.concatenate(
-        [harness.answer_logprobs(model, p, a).argmax(-1).numpy() for p, a in zip(prompts, answers, strict=True)]
-    )
+def tridlm_logprobs(model, prompts, answers) -> torch.Tensor:
+    """(positions, vocab) float32 log-probabilities at every answer position, teacher-forced."""
+    return torch.cat([harness.answer_logprobs(model, p, a) for p, a in zip(prompts, answers, strict=True)])
+
+
+def kl_per_position(reference: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(reference || logprobs) at each position (rows of log-probabilities)."""
+    return (reference.exp() * (reference - logprobs)).sum(-1)
+
+
+def mean_and_se(x: torch.Tensor) -> dict:
+    return {"mean": float(x.mean()), "standard_error": float(x.std() / len(x) ** 0.5)}
 
 
 def llamacpp_logits(path: Path, sequences: list[list[int]], first: list[int]) -> list[np.ndarray]:
@@ -80,27 +90,34 @@ def hf_llama(directory: Path) -> Path:
 
 
 def agreement(args, work: Path) -> dict:
+    """Per file: each engine's top-1 agreement with the float32 model and its KL(float32 || engine), the
+    per-position difference of the two KLs (tridlm minus llama.cpp) with its standard error."""
     reference, tok = open_model(None, "float32", adapter="none")
-    prompts = requests(tok)
+    prompts = requests(tok, args.code)
     cfg = GenerationConfig(max_tokens=args.tokens)
     answers = [r.tokens for r in generate(reference, prompts, cfg, eos_ids=[]).rows]
-    want = tridlm_top1(reference, prompts, answers)
+    want = tridlm_logprobs(reference, prompts, answers)
     files = {"original": loading.default_model.gguf_path(), "export": work / "export.gguf"}
     loading.convert(None, files["export"], "int4")
     files["hf-llama"] = work / "hf-llama.gguf"
     loading.convert(hf_llama(work / "hf"), files["hf-llama"], "int4")
     rows = {}
     for name, path in files.items():
-        ours = tridlm_top1(open_model(path, "int4", adapter="none")[0], prompts, answers)
+        ours = tridlm_logprobs(open_model(path, "int4", adapter="none")[0], prompts, answers)
         logits = llamacpp_logits(path, [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts])
-        theirs = np.concatenate([x.argmax(-1) for x in logits])
+        theirs = torch.log_softmax(torch.from_numpy(np.concatenate(logits)).float(), -1)
+        kl_ours, kl_theirs = kl_per_position(want, ours), kl_per_position(want, theirs)
+        top = (want.argmax(-1), ours.argmax(-1), theirs.argmax(-1))
         rows[name] = {
             "positions": len(want),
-            "tridlm_vs_float32": float((ours == want).mean()),
-            "llamacpp_vs_float32": float((theirs == want).mean()),
-            "tridlm_vs_llamacpp": float((ours == theirs).mean()),
+            "tridlm_vs_float32": float((top[1] == top[0]).float().mean()),
+            "llamacpp_vs_float32": float((top[2] == top[0]).float().mean()),
+            "tridlm_vs_llamacpp": float((top[1] == top[2]).float().mean()),
+            "kl_tridlm": mean_and_se(kl_ours),
+            "kl_llamacpp": mean_and_se(kl_theirs),
+            "kl_tridlm_minus_llamacpp": mean_and_se(kl_ours - kl_theirs),
         }
-        print(name, {k: round(v, 4) for k, v in rows[name].items()})
+        print(name, json.dumps(rows[name]))
     return rows
 
 
@@ -138,7 +155,8 @@ def nld(work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=40)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens of each float32 answer")
+    parser.add_argument("--code", type=int, default=36, help="HumanEval problems beside the 12 chat prompts")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
