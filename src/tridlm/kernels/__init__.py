@@ -205,7 +205,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     return module.silu_mul(gate, up)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+def rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
     """``tridlm.rope.apply``: x (B, n, heads, D), cos and signed sin (B, n, 1, D); the result in ``dtype`` (default:
     x's), rounded once."""
     module = _usable(x)
