@@ -130,6 +130,7 @@ def main() -> None:
         "results": results,
     }
     out = Path(args.out) / f"scale-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 

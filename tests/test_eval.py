@@ -160,3 +160,18 @@ def test_eval_command_prints_one_json_line(tmp_path, monkeypatch, capsys, tiny_m
     with pytest.raises(SystemExit) as e:
         main(["eval", "echo", "--limit", "0", "--runs", str(tmp_path)])
     assert e.value.code == 2 and "invalid limit=0" in capsys.readouterr().err
+
+
+def test_a_low_bit_run_is_keyed_by_the_dtypes_it_computes_in(tiny_model):
+    """Answers decoded in other numerics (bfloat16 activations, before float32) must not resume as this run's."""
+    import copy
+
+    from tridlm import projection
+
+    packed = copy.deepcopy(tiny_model)
+    projection.quantize(packed, "int4")
+    gen = GenerationConfig(max_tokens=4)
+    low_bit = evaluate.run_settings("gsm8k", packed, "tiny", "int4", None, gen, 1)
+    assert (low_bit["activations"], low_bit["keys_values"]) == ("float32", "float16")
+    float_run = evaluate.run_settings("gsm8k", tiny_model, "tiny", "float32", None, gen, 1)
+    assert "activations" not in float_run  # float runs keep their keys: their numerics did not move

@@ -25,6 +25,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from tridlm import quant
 from tridlm.decode import CostCurve, GenerationConfig, Row, generate, modes, summarize
 from tridlm.measure import sandbox
 from tridlm.model import TriModel
@@ -150,12 +153,15 @@ def run_settings(
     gen: GenerationConfig,
     batch_size: int,
 ) -> dict:
-    """Everything that decides a run's answers: the key of its JSONL file."""
+    """Everything that decides a run's answers: the key of its JSONL file. Low-bit precisions also name the dtypes
+    they compute in (activations, keys and values), so that answers decoded in other numerics do not resume."""
     g = gen.resolve(model)
+    numerics = {"activations": _name(model.dtype), "keys_values": _name(model.kv_dtype)}
     return {
         "task": task,
         "model": model_name,
         "precision": precision,
+        **(numerics if precision in quant.WEIGHT_PRECISIONS else {}),
         "adapter": adapter or "own",
         "mode": g.mode,
         "spec_variant": g.spec_variant if g.mode == "spec" else None,
@@ -170,6 +176,10 @@ def run_settings(
         "batch_size": batch_size,
         **({"lookup": g.lookup} if g.pipelined else {}),
     }
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _mode(settings: dict) -> str:
