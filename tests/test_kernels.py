@@ -309,6 +309,49 @@ def test_every_variant_this_cpu_runs_passes_the_kernel_and_low_bit_tests():
         assert run.returncode == 0 and " passed" in run.stdout, (variant, run.stdout[-3000:], run.stderr[-2000:])
 
 
+def test_the_fma_variants_give_the_same_logits_bit_for_bit(tmp_path):
+    """The AVX-512, AVX-VNNI and AVX2 builds compute every value in the same order with the same fused
+    multiply-adds, so the default model's prefill and AR steps (native layers: float32 activations, float16 keys and
+    values) give the same logits on each; ``portable`` has no FMA and rounds every product (it may differ)."""
+    import os
+    import subprocess
+    import sys
+
+    variants = [v for v in kernels.runnable() if v != "portable"]
+    if len(variants) < 2:
+        pytest.skip("this CPU runs one FMA variant only")
+    code = """
+import sys, torch
+from tridlm import masks
+from tridlm.decode.forward import forward_block
+from tridlm.loading import open_model
+torch.set_num_threads(2)
+model, tok = open_model(None, "int4")
+with torch.inference_mode():
+    cache = model.new_cache(1, 64)
+    prompt = torch.tensor([tok.encode("Write a haiku about autumn leaves, please, in English.")])
+    out = [forward_block(model, cache, prompt, masks.causal, write=True)]
+    for _ in range(8):
+        out.append(forward_block(model, cache, out[-1][:, -1:].argmax(-1), masks.causal, write=True))
+torch.save(out, sys.argv[1])
+"""
+    logits = {}
+    for variant in variants:
+        path = tmp_path / f"{variant}.pt"
+        run = subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            env={**os.environ, "TRIDLM_CPU_ISA": variant},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, (variant, run.stderr[-2000:])
+        logits[variant] = torch.load(path)
+    first, *others = variants
+    for variant in others:
+        assert all(torch.equal(a, b) for a, b in zip(logits[first], logits[variant], strict=True)), (first, variant)
+
+
 def test_a_forced_variant_must_be_known_and_runnable(monkeypatch):
     monkeypatch.setenv("TRIDLM_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="expected one of avx512, avxvnni, avx2, portable"):

@@ -447,7 +447,11 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 }
 
 // x (B, n, heads, D) with contiguous rows; cos, sin (B, n, 1, D), sin signed as rope.cos_sin makes it
-// -> x * cos + [x2, x1] * sin, contiguous (B, n, heads, D), in ``dtype`` (default: x's), rounded once.
+// -> x * cos + [x2, x1] * sin, contiguous (B, n, heads, D), in ``dtype`` (default: x's), rounded once. Both products
+// rounded before the sum: the compiler fused one or the other into the add by instruction set (the AVX2 and AVX-512
+// builds' keys differed in their last bits).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::optional<at::ScalarType> dtype) {
   TORCH_CHECK(x.dim() == 4 && cos.dim() == 4 && x.stride(3) == 1, "rope: bad ranks or strides");
   const int64_t B = x.size(0), n = x.size(1), heads = x.size(2), D = x.size(3), half = D / 2;
@@ -478,6 +482,7 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::o
   });
   return out;
 }
+#pragma GCC pop_options
 
 // The adapter arguments of int4_linear and lora_add (see Lora); an empty a means none.
 static Lora lora_args(const torch::Tensor& a, const torch::Tensor& bt, const torch::Tensor& spans,
